@@ -1,0 +1,23 @@
+"""Reptile (Nichol et al., 2018): adapt each task with k steps of SGD or Adam (beta1 = 0), then move
+the meta-parameters towards the adapted ones. The update sent to the parameter server is
+theta - phi; its SGD outer step with learning rate epsilon gives theta + epsilon * mean(phi - theta)."""
+
+from __future__ import annotations
+
+import torch
+
+from distmeta.algorithms.base import MetaAlgorithm
+
+
+class Reptile(MetaAlgorithm):
+    first_order = True
+
+    def chunk_update(self, theta, tasks):
+        support_x, support_y, query_x, query_y = tasks
+        per_task = self.per_task(theta, len(support_x))
+        adapted = self.adapted(per_task, support_x, support_y, self.cfg.inner_steps, create_graph=False)
+        with torch.no_grad():
+            update = {name: (per_task[name] - adapted[name]).sum(0) for name in theta}
+            metrics = self.scores(self.forward(per_task, query_x), query_y, "_before")
+            metrics |= self.scores(self.forward(adapted, query_x), query_y, "_after")
+        return update, {name: values.sum() for name, values in metrics.items()}

@@ -1,0 +1,274 @@
+"""Typed configuration: dataclasses, YAML files, ``key=value`` overrides, validation.
+
+A run is fully described by one ``Config``. Every field is checked before anything starts, and
+an unknown key or a bad value is rejected with the valid choices named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class TaskConfig:
+    source: str = "sinusoid"  # sinusoid | synthetic (see distmeta.tasks.SOURCES)
+    ways: int = 5  # classes per episode (classification)
+    shots: int = 10  # support examples per class (per task for regression)
+    queries: int = 10  # query examples per class (per task for regression)
+    # synthetic classification source only
+    num_classes: int = 200
+    image_size: int = 28
+    channels: int = 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # mlp | conv4
+    hidden: list[int] = field(default_factory=lambda: [40, 40])  # mlp
+    filters: int = 64  # conv4
+    downsample: str = "max_pool"  # conv4: max_pool | stride
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "maml"  # maml | fomaml | reptile (see distmeta.algorithms.ALGORITHMS)
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    inner_optimizer: str = "sgd"  # sgd | adam (Adam with beta1 = 0, first-order algorithms only)
+    implementation: str = "auto"  # auto (measured per device) | vmap | loop
+
+
+@dataclass
+class MetaOptimizerConfig:
+    name: str = "adam"  # adam | sgd (Reptile's outer step is sgd on theta - phi)
+    lr: float = 1e-3
+    final_lr: float | None = None  # anneal linearly to this by the last step; None keeps lr
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # None: embedded local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT"
+    engine: str = "compiled"  # compiled (Ray compiled graph) | tasks (plain actor calls)
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    num_task_generators: int = 1
+    prefetch_batches: int = 8  # task batches generated ahead of the workers
+    max_inflight_steps: int = 4  # steps submitted ahead of the step whose metrics the driver reads
+    step_timeout_s: float = 600.0  # a step (or its submission) taking longer fails the run
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    meta_batch_size: int = 25
+    seed: int = 0
+    dtype: str = "float32"  # float32 | float64
+    log_every: int = 20  # TensorBoard scalars, averaged over this many steps
+    print_every_s: float = 5.0
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    eval_every: int = 500  # 0: no evaluation during training
+    eval_tasks: int = 100
+
+
+@dataclass
+class EvalConfig:
+    num_tasks: int = 600
+    shots: list[int] = field(default_factory=lambda: [5, 10, 20])  # empty: the training shots
+    inner_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
+    queries: int = 100
+    seed: int = 1234  # held-out tasks come from their own stream, not the training one
+    divergence_factor: float = 10.0  # a task diverged if its loss ends above this times its start
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logdir: str = "runs"
+    run_name: str = ""  # empty: <algorithm>-<source>-<timestamp>
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        from distmeta.algorithms import ALGORITHMS
+        from distmeta.models import MODEL_NAMES
+        from distmeta.tasks import SOURCES
+
+        _choice("task.source", self.task.source, SOURCES)
+        _choice("cluster.engine", self.cluster.engine, ("compiled", "tasks"))
+        _choice("model.name", self.model.name, MODEL_NAMES)
+        _choice("model.downsample", self.model.downsample, ("max_pool", "stride"))
+        _choice("algorithm.name", self.algorithm.name, ALGORITHMS)
+        _choice("algorithm.inner_optimizer", self.algorithm.inner_optimizer, ("sgd", "adam"))
+        _choice("algorithm.implementation", self.algorithm.implementation, ("auto", "vmap", "loop"))
+        _choice("meta_optimizer.name", self.meta_optimizer.name, ("adam", "sgd"))
+        _choice("train.dtype", self.train.dtype, ("float32", "float64"))
+        for name, value, low in [
+            ("task.ways", self.task.ways, 2),
+            ("task.shots", self.task.shots, 1),
+            ("task.queries", self.task.queries, 1),
+            ("task.num_classes", self.task.num_classes, 2),
+            ("task.image_size", self.task.image_size, 1),
+            ("task.channels", self.task.channels, 1),
+            ("model.filters", self.model.filters, 1),
+            ("algorithm.inner_steps", self.algorithm.inner_steps, 1),
+            ("cluster.num_workers", self.cluster.num_workers, 1),
+            ("cluster.num_task_generators", self.cluster.num_task_generators, 1),
+            ("cluster.prefetch_batches", self.cluster.prefetch_batches, 1),
+            ("cluster.max_inflight_steps", self.cluster.max_inflight_steps, 1),
+            ("train.steps", self.train.steps, 1),
+            ("train.meta_batch_size", self.train.meta_batch_size, 1),
+            ("train.log_every", self.train.log_every, 1),
+            ("train.checkpoint_every", self.train.checkpoint_every, 0),
+            ("train.eval_every", self.train.eval_every, 0),
+            ("train.eval_tasks", self.train.eval_tasks, 1),
+            ("eval.num_tasks", self.eval.num_tasks, 2),
+            ("eval.queries", self.eval.queries, 1),
+        ]:
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        for name, value in [
+            ("algorithm.inner_lr", self.algorithm.inner_lr),
+            ("meta_optimizer.lr", self.meta_optimizer.lr),
+            ("train.print_every_s", self.train.print_every_s),
+            ("cluster.step_timeout_s", self.cluster.step_timeout_s),
+            ("eval.divergence_factor", self.eval.divergence_factor),
+        ]:
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.meta_optimizer.final_lr is not None and self.meta_optimizer.final_lr < 0:
+            raise ConfigError(f"meta_optimizer.final_lr must be >= 0, got {self.meta_optimizer.final_lr}")
+        if self.cluster.gpus_per_worker < 0 or self.cluster.cpus_per_worker <= 0:
+            raise ConfigError("cluster.gpus_per_worker must be >= 0 and cluster.cpus_per_worker > 0")
+        if self.cluster.num_workers > self.train.meta_batch_size:
+            raise ConfigError(
+                f"cluster.num_workers ({self.cluster.num_workers}) exceeds train.meta_batch_size "
+                f"({self.train.meta_batch_size}): every worker needs at least one task per step"
+            )
+        if any(k < 1 for k in self.eval.shots) or not self.eval.inner_steps or min(self.eval.inner_steps) < 0:
+            raise ConfigError("eval.shots must be >= 1 and eval.inner_steps a non-empty list of counts >= 0")
+        if self.model.hidden and min(self.model.hidden) < 1:
+            raise ConfigError(f"model.hidden sizes must be >= 1, got {self.model.hidden}")
+        if self.algorithm.inner_optimizer == "adam" and not ALGORITHMS[self.algorithm.name].first_order:
+            raise ConfigError(
+                f"algorithm.inner_optimizer=adam needs a first-order algorithm (fomaml, reptile), "
+                f"not {self.algorithm.name}: differentiating through Adam's square root is unstable"
+            )
+        source_kind = SOURCES[self.task.source].kind
+        expected_model = "mlp" if source_kind == "regression" else "conv4"
+        if self.model.name != expected_model:
+            raise ConfigError(
+                f"task.source={self.task.source} is {source_kind}; use model.name={expected_model}, "
+                f"not {self.model.name}"
+            )
+        if self.cluster.address is not None and not _valid_address(self.cluster.address):
+            raise ConfigError(
+                f"cluster.address={self.cluster.address!r} is not 'auto', 'HOST:PORT' or 'ray://HOST:PORT'"
+            )
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then a YAML file, then ``section.key=value`` overrides; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated ``Config`` from its ``to_dict()`` form (as stored in checkpoints)."""
+    return _build(Config, data, "").validate()
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {where}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {', '.join(fields)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, kind, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, path: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, path)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and value is None:
+        raise ConfigError(f"{path} must be a string, got null")
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{path} must be {kind.__name__}, got {value!r}")
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _valid_address(address: str) -> bool:
+    if address == "auto":
+        return True
+    host_port = address.removeprefix("ray://")
+    host, sep, port = host_port.rpartition(":")
+    return bool(sep and host and port.isdigit())

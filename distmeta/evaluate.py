@@ -1,0 +1,125 @@
+"""Evaluation on held-out tasks: adapt, score after each inner step, and summarise honestly.
+
+Means come with a 95% confidence interval, the median, and the number of tasks whose adaptation
+diverged (a single diverging task can swamp a mean). Held-out tasks come in chunks, each rebuilt
+from (eval seed, split, chunk index); ``evaluate`` runs them in this process, ``train.py`` runs the
+same chunks as Ray tasks across the cluster, and both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distmeta.config import Config, ConfigError, config_from_dict
+from distmeta.runtime.worker import Worker
+from distmeta.tasks import SOURCES, build_source, task_rng
+
+CHUNK_TASKS = 100
+
+
+@dataclass
+class EvalRow:
+    shots: int
+    steps: int
+    metric: str  # "mse" (regression) or "accuracy" (classification)
+    mean: float
+    ci95: float
+    median: float
+    diverged: int
+    tasks: int
+
+
+def evaluation_chunks(cfg: Config, num_tasks: int | None = None) -> list[tuple[int, int, int]]:
+    """(shots, chunk index, tasks in chunk). Chunk i holds the same task functions for every shots
+    value, so K = 5, 10, 20 are compared on the same tasks."""
+    num_tasks = num_tasks or cfg.eval.num_tasks
+    shots_list = (
+        cfg.eval.shots if SOURCES[cfg.task.source].kind == "regression" and cfg.eval.shots else [cfg.task.shots]
+    )
+    sizes = [min(CHUNK_TASKS, num_tasks - start) for start in range(0, num_tasks, CHUNK_TASKS)]
+    return [(shots, index, size) for shots in shots_list for index, size in enumerate(sizes)]
+
+
+def summarize(cfg: Config, trajectories: dict[int, list[dict[str, np.ndarray]]]) -> list[EvalRow]:
+    """``trajectories[shots]``: chunks of per-task metrics ``[T, steps + 1]`` -> one row per (shots, steps)."""
+    regression = SOURCES[cfg.task.source].kind == "regression"
+    rows = []
+    for shots, chunks in trajectories.items():
+        loss = np.concatenate([c["loss"] for c in chunks])
+        values = loss if regression else np.concatenate([c["accuracy"] for c in chunks])
+        for steps in cfg.eval.inner_steps:
+            diverged = ~np.isfinite(loss[:, steps]) | (loss[:, steps] > cfg.eval.divergence_factor * loss[:, 0])
+            finite = values[np.isfinite(values[:, steps]), steps]
+            ci95 = 1.96 * finite.std(ddof=1) / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
+            rows.append(
+                EvalRow(
+                    shots=shots,
+                    steps=steps,
+                    metric="mse" if regression else "accuracy",
+                    mean=float(finite.mean()) if len(finite) else float("nan"),
+                    ci95=float(ci95),
+                    median=float(np.median(finite)) if len(finite) else float("nan"),
+                    diverged=int(diverged.sum()),
+                    tasks=len(loss),
+                )
+            )
+    return rows
+
+
+def evaluate_chunk(
+    cfg: Config, flat_params: np.ndarray, split: str, chunks: list[tuple[int, int, int]], device: str | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Per-task query metrics after 0..max(eval.inner_steps) inner steps, for each chunk."""
+    worker = Worker(cfg, device=torch.device(device) if device else None)
+    source = build_source(cfg.task)
+    steps = max(cfg.eval.inner_steps)
+    results = []
+    for shots, index, size in chunks:
+        tasks = source.sample(task_rng(cfg.eval.seed, split, index), size, split, shots, cfg.eval.queries)
+        results.append(worker.evaluate(flat_params, tasks, steps))
+    return results
+
+
+def evaluate(cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu") -> list[EvalRow]:
+    """Evaluate meta-parameters in this process (no Ray)."""
+    chunks = evaluation_chunks(cfg)
+    return summarize(cfg, group_by_shots(chunks, evaluate_chunk(cfg, flat_params, split, chunks, device)))
+
+
+def group_by_shots(chunks: list[tuple[int, int, int]], results: list[dict]) -> dict[int, list[dict]]:
+    trajectories: dict[int, list] = {}
+    for (shots, _, _), result in zip(chunks, results):
+        trajectories.setdefault(shots, []).append(result)
+    return trajectories
+
+
+def load_checkpoint(path: str | Path) -> tuple[Config, np.ndarray, dict]:
+    """(config, flat meta-parameters, the whole checkpoint) from a file written by the parameter server."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist (runs write them under <logdir>/<run>/checkpoints/)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({err}); it may be truncated or not a checkpoint"
+        ) from None
+    if not isinstance(state, dict) or "params" not in state or "config" not in state:
+        raise ConfigError(f"{path} is not a distmeta checkpoint (no params/config entries)")
+    return config_from_dict(state["config"]), state["params"].numpy(), state
+
+
+def format_rows(rows: list[EvalRow]) -> str:
+    header = ("shots", "steps", "metric", "mean", "± 95% CI", "median", "diverged", "tasks")
+    lines = ["{:>5} {:>5}  {:<8} {:>9} {:>9} {:>9} {:>8} {:>6}".format(*header)]
+    for r in rows:
+        lines.append(
+            f"{r.shots:>5} {r.steps:>5}  {r.metric:<8} {r.mean:>9.4f} {r.ci95:>9.4f} {r.median:>9.4f} "
+            f"{r.diverged:>8} {r.tasks:>6}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Models: the MAML paper's sinusoid MLP and the Conv4 backbone used for few-shot images.
+
+Models are plain ``nn.Module``s. Algorithms never call them directly: they run them with
+``torch.func.functional_call`` on a dict of (possibly adapted, per-task) parameters, so a model
+must keep no state that changes in ``forward``. That is why BatchNorm uses batch statistics only
+(``track_running_stats=False``), as in MAML's reference implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distmeta.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a task source feeds a model: input shape of one example and the output width."""
+
+    input_shape: tuple[int, ...]
+    output_dim: int
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network, 1-40-40-1 for sinusoid regression (Finn et al., 2017)."""
+
+    def __init__(self, in_features: int, hidden: list[int], out_features: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Conv4(nn.Module):
+    """Four blocks of [3x3 conv, BatchNorm, ReLU, 2x2 max-pool or stride 2], then a linear head.
+
+    Omniglot: 64 filters on 1x28x28. mini-ImageNet: 32 filters on 3x84x84 with max-pooling.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, filters: int, out_features: int, downsample: str):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(4):
+            stride = 2 if downsample == "stride" else 1
+            blocks += [
+                nn.Conv2d(channels, filters, kernel_size=3, stride=stride, padding=1),
+                nn.BatchNorm2d(filters, track_running_stats=False),
+                nn.ReLU(),
+            ]
+            if downsample == "max_pool":
+                blocks.append(nn.MaxPool2d(2))
+                size //= 2
+            else:
+                size = (size + 1) // 2
+            channels = filters
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(filters * size * size, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    if cfg.name == "mlp":
+        (in_features,) = spec.input_shape
+        return MLP(in_features, list(cfg.hidden), spec.output_dim)
+    if cfg.name == "conv4":
+        channels, height, width = spec.input_shape
+        if height != width:
+            raise ValueError(f"conv4 expects square images, got {height}x{width}")
+        return Conv4(channels, height, cfg.filters, spec.output_dim, cfg.downsample)
+    raise ValueError(f"unknown model {cfg.name!r}; choose one of {MODEL_NAMES}")
+
+
+MODEL_NAMES = ("mlp", "conv4")

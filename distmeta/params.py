@@ -1,0 +1,40 @@
+"""Meta-parameters as one flat, contiguous vector.
+
+Parameters and updates cross Ray's object store as a single numpy buffer (zero-copy, one
+allocation), and the parameter server's optimizer works on one tensor. ``ParamLayout`` maps that
+vector to the named, shaped views that ``torch.func.functional_call`` needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ParamLayout:
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = dict(shapes)
+        self.sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
+        self.size = sum(self.sizes.values())
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamLayout:
+        return cls({name: tuple(p.shape) for name, p in model.named_parameters()})
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views into ``flat`` (no copies)."""
+        if flat.numel() != self.size:
+            raise ValueError(f"flat parameter vector has {flat.numel()} values, the model needs {self.size}")
+        views = torch.split(flat, list(self.sizes.values()))
+        return {name: view.view(self.shapes[name]) for name, view in zip(self.shapes, views)}
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[name].reshape(-1) for name in self.shapes])
+
+
+def initial_parameters(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The model's own initialisation, flattened in layout order."""
+    layout = ParamLayout.of(model)
+    return layout.flatten(dict(model.named_parameters())).detach().to(dtype).contiguous()

@@ -1,0 +1,64 @@
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster by address.
+Resources are checked before any actor is created, so a request the cluster cannot satisfy fails
+at once with what the cluster has, instead of waiting forever."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import ray
+
+from distmeta.config import ClusterConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def connect(cluster: ClusterConfig) -> bool:
+    """Start or attach to Ray; returns True if this call started an embedded instance."""
+    if ray.is_initialized():
+        started = False
+    elif cluster.address is None:
+        needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
+        cores = os.cpu_count() or 1
+        if needed > cores:
+            log.warning("%d worker CPUs requested on a %d-core machine: workers will share cores", needed, cores)
+        ray.init(num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING)
+        started = True
+    else:
+        try:
+            ray.init(address=cluster.address, logging_level=logging.WARNING)
+        except Exception as err:
+            raise ClusterError(
+                f"cannot connect to a Ray cluster at {cluster.address!r}: {err}\n"
+                "Start one with `ray start --head` (it prints the address), pass --address auto on a node "
+                "of the cluster, or drop --address to run on an embedded local Ray."
+            ) from None
+        started = False
+    check_resources(cluster)
+    return started
+
+
+def check_resources(cluster: ClusterConfig) -> None:
+    total = ray.cluster_resources()
+    for resource, per_worker in (("GPU", cluster.gpus_per_worker), ("CPU", cluster.cpus_per_worker)):
+        needed = cluster.num_workers * per_worker
+        have = total.get(resource, 0.0)
+        if needed > have + 1e-9:
+            raise ConfigError(
+                f"{cluster.num_workers} workers x {per_worker:g} {resource} = {needed:g} {resource}s, but the Ray "
+                f"cluster has {have:g} (resources: {_describe(total)}). Lower cluster.num_workers or "
+                f"cluster.{resource.lower()}s_per_worker, or add nodes."
+            )
+
+
+def _describe(resources: dict) -> str:
+    keys = [k for k in ("CPU", "GPU", "memory") if k in resources]
+    return ", ".join(
+        f"{k}={resources[k]:g}" if k != "memory" else f"memory={resources[k] / 2**30:.1f}GiB" for k in keys
+    )

@@ -1,0 +1,12 @@
+"""The message that drives one training step through the actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepControl:
+    step: int
+    checkpoint: str | None = None  # the parameter server writes a checkpoint here after this step
+    publish: bool = False  # the parameter server returns the parameters with this step's metrics

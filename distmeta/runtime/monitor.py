@@ -1,0 +1,144 @@
+"""Monitor: turns the parameter server's per-step metrics into TensorBoard scalars and a console
+progress line (step, losses, tasks/s, ETA).
+
+Step-time breakdown, from wall-clock stamps taken by the generator, the workers and the server:
+  step         time between the ends of two consecutive updates
+  data_wait    how long a worker, ready to start (parameters in, previous step done), still waited
+               for its batch to exist
+  compute      the slowest worker's compute time (the critical path)
+  aggregate    the parameter server's aggregation and optimizer step
+  coordination the rest: Ray scheduling and transfers
+Stamps from different nodes assume synchronised clocks (NTP), as Ray's own timeline does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+from distmeta.config import Config
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout):
+        self.cfg, self.out = cfg, out
+        self.writer = SummaryWriter(str(run_dir))
+        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", start_step)
+        self.sums: dict[str, float] = defaultdict(float)  # train/* per step, the rest per timed step
+        self.steps = self.timed_steps = 0
+        self.prev_apply_end: float | None = None
+        self.prev_worker_end: dict[int, float] = {}
+        self.last_print = time.time()
+        self.recent_steps: list[float] = []
+        self.latest: dict = {}
+
+    def record(self, m: dict) -> None:
+        """One step's metrics from ``ParameterServer.apply``."""
+        step = m["step"] + 1  # parameters after this many updates
+        for name, value in m["train"].items():
+            self.sums[f"train/{name}"] += value
+        self.sums["train/lr"] += m["lr"]
+        self.steps += 1
+        if self.prev_apply_end is not None:
+            step_s = m["apply_finished"] - self.prev_apply_end
+            aggregate_s = m["apply_finished"] - m["apply_started"]
+            compute = {w["rank"]: w["finished"] - w["started"] for w in m["workers"]}
+            data_wait_s = max(
+                max(0.0, w["produced_at"] - max(self.prev_apply_end, self.prev_worker_end.get(w["rank"], 0.0)))
+                for w in m["workers"]
+            )
+            compute_s = max(compute.values())
+            breakdown = {
+                "step_s": step_s,
+                "data_wait_s": data_wait_s,
+                "compute_s": compute_s,
+                "aggregate_s": aggregate_s,
+                "coordination_s": max(0.0, step_s - data_wait_s - compute_s - aggregate_s),
+            }
+            for name, value in breakdown.items():
+                self.sums[f"time/{name}"] += value
+            for rank, seconds in compute.items():
+                self.sums[f"workers/{rank}/compute_s"] += seconds
+            self.sums["throughput/tasks"] += m["num_tasks"]
+            self.recent_steps = [*self.recent_steps[-199:], step_s]
+            self.timed_steps += 1
+        self.prev_apply_end = m["apply_finished"]
+        self.prev_worker_end = {w["rank"]: w["finished"] for w in m["workers"]}
+        self.latest = {**m["train"], "step": step}
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+            self._flush(step)
+        if time.time() - self.last_print >= self.cfg.train.print_every_s or step == self.cfg.train.steps:
+            self._print(step)
+
+    def _flush(self, step: int) -> None:
+        for name, total in self.sums.items():
+            if name == "throughput/tasks":
+                self.writer.add_scalar("throughput/tasks_per_s", total / self.sums["time/step_s"], step)
+            elif name.startswith("train/"):
+                self.writer.add_scalar(name, total / self.steps, step)
+            else:
+                self.writer.add_scalar(name, total / self.timed_steps, step)
+        self.sums.clear()
+        self.steps = self.timed_steps = 0
+
+    def _print(self, step: int) -> None:
+        self.last_print = time.time()
+        total = self.cfg.train.steps
+        step_s = sum(self.recent_steps) / max(1, len(self.recent_steps))
+        tasks_per_s = self.cfg.train.meta_batch_size / step_s if step_s else float("nan")
+        eta = _duration((total - step) * step_s)
+        m = self.latest
+        line = f"step {step}/{total} | loss {m['loss_before']:.4f} -> {m['loss_after']:.4f}"
+        if "accuracy_after" in m:
+            line += f" | acc {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f}"
+        line += f" | {tasks_per_s:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
+        print(line, file=self.out, flush=True)
+
+    def log_eval(self, step: int, prefix: str, rows) -> None:
+        write_eval_scalars(self.writer, step, prefix, rows)
+
+    def close(self, final_rows=None) -> None:
+        """Write the hyperparameters with the final evaluation as their metrics, then close."""
+        final_rows = final_rows or []
+        flat = _flatten(self.cfg.to_dict())
+        metrics = {f"hparams/{r.metric}_shots{r.shots}_steps{r.steps}": r.mean for r in final_rows}
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, self.latest.get("step", 0))
+        experiment, session_start, session_end = hparams(flat, metrics)
+        for summary in (experiment, session_start, session_end):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.close()
+
+
+def write_eval_scalars(writer: SummaryWriter, step: int, prefix: str, rows) -> None:
+    for r in rows:
+        tag = f"{prefix}/{r.metric}_shots{r.shots}_steps{r.steps}"
+        writer.add_scalar(tag, r.mean, step)
+        writer.add_scalar(tag + "_ci95", r.ci95, step)
+        writer.add_scalar(tag + "_median", r.median, step)
+        writer.add_scalar(tag + "_diverged", r.diverged, step)
+    writer.flush()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"section.key": scalar}; lists become JSON strings (hparams takes scalars)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) or value is None else value
+    return flat
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

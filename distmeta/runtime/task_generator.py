@@ -1,0 +1,70 @@
+"""Task generation: an actor that builds each step's meta-batch ahead of the workers.
+
+The batch of step t depends only on (seed, t), so a step's data is the same whatever the number
+of generators or workers, and resuming needs only the next step (the cursor). A background thread
+fills a bounded queue (``prefetch_batches`` steps deep) with the slices of the workers this
+generator serves, so by the time a worker asks for step t, its tasks are usually ready.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from distmeta.config import Config
+from distmeta.runtime.control import StepControl
+from distmeta.tasks import TaskBatch, build_source, task_rng
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` tasks over ``parts`` workers, sizes differing by at most one."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+class TaskGenerator:
+    def __init__(self, cfg: Config, shares: list[int], ranks: list[int], start_step: int = 0, prefetch: bool = True):
+        """Serve workers ``ranks`` their ``shares[rank]`` tasks of every step from ``start_step`` on."""
+        self.cfg, self.shares, self.ranks = cfg, shares, ranks
+        self.source = build_source(cfg.task)
+        bounds = [0]
+        for share in shares:
+            bounds.append(bounds[-1] + share)
+        self.bounds = {rank: (bounds[rank], bounds[rank + 1]) for rank in ranks}
+        self.ready: queue.Queue = queue.Queue(maxsize=cfg.cluster.prefetch_batches)
+        self.current_step, self.current = -1, {}
+        self.next_step = start_step
+        if prefetch:
+            threading.Thread(target=self._produce, daemon=True, name="task-prefetch").start()
+
+    def build(self, step: int) -> dict[int, TaskBatch]:
+        """The slices of step ``step``'s meta-batch for this generator's workers."""
+        task = self.cfg.task
+        rng = task_rng(self.cfg.train.seed, "train", step)
+        batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries)
+        batch.produced_at = time.time()
+        return {rank: batch.slice(*self.bounds[rank]) for rank in self.ranks}
+
+    def _produce(self) -> None:
+        step = self.next_step
+        while True:
+            try:
+                item = (step, self.build(step))
+            except Exception as err:
+                item = (step, err)
+            self.ready.put(item)  # blocks while the queue is full: the bound on prefetching
+            if isinstance(item[1], Exception):
+                return
+            step += 1
+
+    def batch_for(self, control: StepControl, rank: int) -> TaskBatch:
+        """Worker ``rank``'s tasks for ``control.step``; steps must be asked for in order."""
+        if control.step != self.current_step:
+            step, slices = self.ready.get()
+            if isinstance(slices, Exception):
+                raise slices
+            if step != control.step:
+                raise RuntimeError(f"task generator produced step {step} but step {control.step} was asked for")
+            self.current_step, self.current = step, slices
+        return self.current[rank]

@@ -1,0 +1,80 @@
+"""Worker: adapts its share of each step's meta-batch on its own device and returns one update.
+
+A plain class, so the same code runs in-process (benchmarks, tests) and as a Ray actor (training).
+The update it returns is the SUM over its tasks plus the task count; the parameter server divides
+by the total, so a step's result does not depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from distmeta.algorithms import build_algorithm, fastest_implementation
+from distmeta.config import Config
+from distmeta.models import build_model
+from distmeta.params import ParamLayout
+from distmeta.runtime.control import StepControl
+from distmeta.tasks import TaskBatch, build_source
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def worker_device(gpus: float, cpus: float) -> torch.device:
+    """The GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES, so it is cuda:0), else the CPU with
+    torch threads limited to this worker's CPU share so workers do not oversubscribe cores."""
+    if gpus > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"this worker was given {gpus} GPU(s) by Ray but torch {torch.__version__} sees no CUDA device; "
+                "install a CUDA build of torch on the worker nodes, or set cluster.gpus_per_worker=0"
+            )
+        return torch.device("cuda")
+    torch.set_num_threads(max(1, int(cpus)))
+    return torch.device("cpu")
+
+
+class Worker:
+    def __init__(self, cfg: Config, rank: int = 0, device: torch.device | None = None):
+        self.cfg, self.rank = cfg, rank
+        self.device = device or worker_device(cfg.cluster.gpus_per_worker, cfg.cluster.cpus_per_worker)
+        self.dtype = DTYPES[cfg.train.dtype]
+        source = build_source(cfg.task)
+        model = build_model(cfg.model, source.spec).to(self.device, self.dtype)
+        self.layout = ParamLayout.of(model)
+        self.algorithm = build_algorithm(cfg.algorithm, model, source.kind)
+        self.implementation = cfg.algorithm.implementation
+
+    def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.layout.unflatten(torch.tensor(flat, device=self.device, dtype=self.dtype))
+
+    def compute(self, control: StepControl, flat_params: np.ndarray, tasks: TaskBatch) -> dict:
+        started = time.time()
+        params = self._params(flat_params)
+        task_tensors = tasks.to_torch(self.device, self.dtype)
+        if self.implementation == "auto":
+            self.implementation, timings = fastest_implementation(self.algorithm, params, task_tensors)
+            log.info("worker %d: %s is fastest on %s (%s)", self.rank, self.implementation, self.device, timings)
+        update, metrics = self.algorithm.batch_update(params, task_tensors, self.implementation)
+        return {
+            "step": control.step,
+            "rank": self.rank,
+            "update": self.layout.flatten(update).detach().cpu().numpy(),
+            "num_tasks": len(tasks),
+            "metrics": metrics,
+            "implementation": self.implementation,
+            "produced_at": tasks.produced_at,
+            "started": started,
+            "finished": time.time(),
+        }
+
+    def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: int) -> dict[str, np.ndarray]:
+        """Per-task query metrics after 0..``steps`` inner steps, ``[T, steps + 1]`` each."""
+        trajectory = self.algorithm.batch_trajectory(
+            self._params(flat_params), tasks.to_torch(self.device, self.dtype), steps
+        )
+        return {name: values.cpu().numpy() for name, values in trajectory.items()}

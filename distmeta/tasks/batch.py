@@ -1,0 +1,49 @@
+"""TaskBatch: the unit that flows from the task generator to the workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TaskBatch:
+    """A batch of T tasks as numpy arrays with a leading task axis.
+
+    Images travel as uint8 (4x smaller than float32); ``to_torch`` converts them on the worker's
+    device. Numpy arrays inside the dataclass cross Ray's object store without copies.
+    """
+
+    support_x: np.ndarray  # [T, S, *input_shape]
+    support_y: np.ndarray  # [T, S] class labels, or [T, S, out] regression targets
+    query_x: np.ndarray  # [T, Q, *input_shape]
+    query_y: np.ndarray
+    produced_at: float = 0.0  # wall-clock time the generator finished it (for the data-wait metric)
+
+    def __len__(self) -> int:
+        return len(self.support_x)
+
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        return replace(
+            self,
+            support_x=self.support_x[start:stop],
+            support_y=self.support_y[start:stop],
+            query_x=self.query_x[start:stop],
+            query_y=self.query_y[start:stop],
+        )
+
+    def to_torch(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(support_x, support_y, query_x, query_y) on ``device``; uint8 images scaled to [0, 1]."""
+        return tuple(_to_tensor(a, device, dtype) for a in (self.support_x, self.support_y, self.query_x, self.query_y))
+
+
+def _to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # np.array(copy) because arrays from the object store are read-only and torch wants writable ones.
+    tensor = torch.from_numpy(np.array(array, copy=True)).to(device, non_blocking=True)
+    if tensor.dtype == torch.uint8:
+        return tensor.to(dtype) / 255.0
+    if tensor.is_floating_point():
+        return tensor.to(dtype)
+    return tensor.long()

@@ -1,0 +1,158 @@
+"""The meta-training driver, top to bottom.
+
+    task generators --tasks--> workers --updates--> parameter server --metrics--> monitor
+                                  ^                        |
+                                  +------ parameters ------+
+
+Each step is one ``StepControl`` message pushed through the actors by an engine (a compiled Ray
+graph by default, see runtime/engine.py). The driver submits up to ``max_inflight_steps`` steps
+ahead of the metrics it reads, so it never sits on the critical path; the meaning stays
+synchronous: step t's update uses exactly the parameters after step t - 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+
+from distmeta.config import Config
+from distmeta.evaluate import EvalRow, evaluate_chunk, evaluation_chunks, format_rows, group_by_shots, summarize
+from distmeta.models import build_model
+from distmeta.params import initial_parameters
+from distmeta.runtime.cluster import connect
+from distmeta.runtime.control import StepControl
+from distmeta.runtime.engine import ENGINES, result
+from distmeta.runtime.monitor import Monitor
+from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.task_generator import TaskGenerator, split_evenly
+from distmeta.runtime.worker import DTYPES, Worker
+from distmeta.tasks import build_source
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    final_metrics: dict
+    eval_rows: list[EvalRow]
+    train_s: float  # the training steps alone: from the first submission to the last update
+    wall_s: float  # everything: actors, training, checkpoint, final evaluation
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
+    started = time.time()
+    run_dir = run_dir or Path(cfg.logdir) / run_name(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started_ray = connect(cfg.cluster)
+    try:
+        return _train(cfg, run_dir, started)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
+    c, t = cfg.cluster, cfg.train
+
+    # Initial meta-parameters: the model's own initialisation under the run's seed.
+    torch.manual_seed(t.seed)
+    initial = initial_parameters(build_model(cfg.model, build_source(cfg.task).spec), DTYPES[t.dtype])
+
+    # The actors. Workers hold the compute resources; the server and the generators are light.
+    shares = split_evenly(t.meta_batch_size, c.num_workers)
+    server = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, initial.numpy())
+    workers = [
+        ray.remote(Worker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker).remote(cfg, rank)
+        for rank in range(c.num_workers)
+    ]
+    num_generators = min(c.num_task_generators, c.num_workers)
+    generators = [
+        ray.remote(TaskGenerator).options(num_cpus=0).remote(cfg, shares, list(range(g, c.num_workers, num_generators)))
+        for g in range(num_generators)
+    ]
+    engine = ENGINES[c.engine](server, workers, generators, c.max_inflight_steps, c.step_timeout_s)
+    monitor = Monitor(run_dir, cfg)
+    print(
+        f"run {run_dir} | {c.engine} engine, {c.num_workers} worker(s) with {shares} tasks | {t.steps} steps",
+        flush=True,
+    )
+
+    def checkpoint_path(step: int) -> str:
+        return str(run_dir / "checkpoints" / f"step_{step:08d}.pt")
+
+    def handle(metrics: dict) -> None:
+        monitor.record(metrics)
+        if "params" in metrics:  # a snapshot for validation, evaluated off the critical path
+            evaluations.append((metrics["step"] + 1, _submit_evaluation(cfg, metrics["params"], "val", t.eval_tasks)))
+
+    train_started = time.time()
+    in_flight: deque = deque()
+    evaluations: deque[tuple[int, list]] = deque()
+    try:
+        for step in range(t.steps):
+            done = step + 1
+            control = StepControl(
+                step,
+                checkpoint=checkpoint_path(done) if t.checkpoint_every and done % t.checkpoint_every == 0 else None,
+                publish=bool(t.eval_every and done % t.eval_every == 0),
+            )
+            in_flight.append(engine.submit(control))
+            while len(in_flight) > c.max_inflight_steps:
+                handle(result(in_flight.popleft(), c.step_timeout_s))
+            while evaluations and _ready(evaluations[0][1]):
+                at, pending = evaluations.popleft()
+                monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
+        while in_flight:
+            handle(result(in_flight.popleft(), c.step_timeout_s))
+    finally:
+        engine.close()
+    train_s = time.time() - train_started
+    for at, pending in evaluations:
+        monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
+
+    checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
+    final_params = ray.get(server.parameters.remote())
+    for actor in [*workers, *generators]:  # hand their resources to the final evaluation
+        ray.kill(actor)
+    print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
+    rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True))
+    monitor.log_eval(t.steps, "test", rows)
+    print(format_rows(rows), flush=True)
+    monitor.close(rows)
+    wall = time.time() - started
+    print(f"done in {wall:.1f} s ({train_s:.1f} s training); TensorBoard logs in {run_dir}", flush=True)
+    return TrainResult(run_dir, checkpoint, monitor.latest, rows, train_s, wall)
+
+
+def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):
+    """Evaluation chunks as Ray tasks: during training at zero CPUs in the background, at the end
+    with the workers' resources (their actors are gone by then). Returns (chunks, result refs)."""
+    c = cfg.cluster
+    chunks = evaluation_chunks(cfg, num_tasks)
+    gpus = c.gpus_per_worker if final else 0
+    remote = ray.remote(evaluate_chunk).options(num_cpus=c.cpus_per_worker if final else 0, num_gpus=gpus)
+    params_ref = ray.put(params)
+    parts = c.num_workers if final else 1
+    groups = [chunks[i::parts] for i in range(parts) if chunks[i::parts]]
+    return [(group, remote.remote(cfg, params_ref, split, group, "cuda" if gpus else "cpu")) for group in groups]
+
+
+def _collect_evaluation(cfg: Config, pending: list) -> list[EvalRow]:
+    chunks = [chunk for group, _ in pending for chunk in group]
+    results = [r for part in ray.get([ref for _, ref in pending]) for r in part]
+    return summarize(cfg, group_by_shots(chunks, results))
+
+
+def _ready(pending: list) -> bool:
+    refs = [ref for _, ref in pending]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return len(ready) == len(refs)
