@@ -72,14 +72,14 @@ class ClusterConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 20000
     meta_batch_size: int = 25
     seed: int = 0
     dtype: str = "float32"  # float32 | float64
     log_every: int = 20  # TensorBoard scalars, averaged over this many steps
     print_every_s: float = 5.0
     checkpoint_every: int = 0  # 0: only the final checkpoint
-    eval_every: int = 500  # 0: no evaluation during training
+    eval_every: int = 2000  # 0: no evaluation during training
     eval_tasks: int = 100
 
 
@@ -221,7 +221,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -252,6 +252,11 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and value is None:
         raise ConfigError(f"{path} must be a string, got null")
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):

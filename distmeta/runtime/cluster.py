@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 
 import ray
 
@@ -31,6 +32,7 @@ def connect(cluster: ClusterConfig) -> bool:
         ray.init(num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING)
         started = True
     else:
+        _check_reachable(cluster.address)
         try:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
         except Exception as err:
@@ -42,6 +44,21 @@ def connect(cluster: ClusterConfig) -> bool:
         started = False
     check_resources(cluster)
     return started
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a dead HOST:PORT: ray.init itself retries for minutes."""
+    if address == "auto":
+        return  # Ray finds the local cluster's address itself and fails at once if there is none
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterError(
+            f"nothing answers at {address!r} ({err}). Check the head node's address and port "
+            "(`ray status` on the head node shows it; the default GCS port is 6379, Ray Client's is 10001), "
+            "or drop --address to run on an embedded local Ray."
+        ) from None
 
 
 def check_resources(cluster: ClusterConfig) -> None:

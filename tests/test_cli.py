@@ -1,0 +1,142 @@
+"""launch.py and the distmeta command as a user runs them: subprocesses on an embedded local Ray."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args, env, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+@pytest.mark.slow
+def test_launch_trains_evaluates_and_the_loss_falls(tmp_path, cli_env):
+    out = run(
+        [
+            "launch.py",
+            "--steps",
+            "1200",
+            "--logdir",
+            str(tmp_path),
+            "run_name=e2e",
+            "train.log_every=100",
+            "train.eval_every=600",
+            "train.print_every_s=1",
+            "eval.num_tasks=200",
+        ],
+        cli_env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 1200/1200" in out.stdout and "tasks/s" in out.stdout and "ETA" in out.stdout
+    run_dir = tmp_path / "e2e"
+    loss = scalars(run_dir, "train/loss_after")
+    assert sorted(loss) == list(range(100, 1201, 100))
+    assert loss[1200] < 0.6 * loss[100], loss  # meta-learning happened
+    assert set(scalars(run_dir, "val/mse_shots10_steps1")) == {600, 1200}
+    test_mse = scalars(run_dir, "test/mse_shots10_steps10")[1200]
+    assert test_mse < scalars(run_dir, "test/mse_shots10_steps1")[1200]  # more adaptation steps help
+    checkpoint = run_dir / "checkpoints" / "final.pt"
+    assert torch.load(checkpoint, weights_only=False)["step"] == 1200
+
+    # evaluation from the checkpoint alone, two ways, same held-out tasks -> same numbers as training's
+    evaluated = run(["launch.py", "--eval-only", "--checkpoint", str(checkpoint), "eval.num_tasks=200"], cli_env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    row = next(line.split() for line in evaluated.stdout.splitlines() if line.split()[:3] == ["10", "10", "mse"])
+    assert float(row[3]) == pytest.approx(test_mse, rel=1e-4)
+    assert scalars(run_dir, "eval_only_test/mse_shots10_steps10")[1200] == pytest.approx(test_mse, rel=1e-4)
+    command = run(
+        ["-m", "distmeta", "evaluate", "--checkpoint", str(checkpoint), "--split", "val", "eval.num_tasks=50"], cli_env
+    )
+    assert command.returncode == 0 and "50" in command.stdout, command.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "launch.py",
+            "--tensorboard",
+            "--steps",
+            "200",
+            "--logdir",
+            str(tmp_path),
+            "run_name=tb",
+            "train.log_every=50",
+            "train.eval_every=0",
+            "eval.num_tasks=20",
+        ],
+        cwd=ROOT,
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url, deadline = None, time.time() + 240
+        for line in process.stdout:
+            if line.startswith("TensorBoard at "):
+                url = line.split()[2]
+            if "still serving" in line or time.time() > deadline:
+                break
+        assert url and process.poll() is None, "launch.py did not print a TensorBoard URL and keep serving"
+        expected = scalars(tmp_path / "tb", "train/loss_after")
+        query = f"{url.rstrip('/')}/data/plugin/scalars/scalars?run=tb&tag=train/loss_after"
+        served = {}
+        for _ in range(60):  # TensorBoard loads event files in the background: 404 until it has the run
+            try:
+                with urllib.request.urlopen(query, timeout=10) as response:
+                    served = {step: value for _, step, value in json.load(response)}
+            except urllib.error.HTTPError as err:
+                assert err.code == 404, err
+            if set(served) == set(expected):
+                break
+            time.sleep(1)
+        assert sorted(served) == [50, 100, 150, 200]
+        assert all(served[s] == pytest.approx(expected[s], rel=1e-6) for s in expected)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["algorithm.inner_lrr=0.1"], "did you mean algorithm.inner_lr"),
+        (["--config", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
+        (["--num-workers", "0"], "cluster.num_workers must be >= 1"),
+        (["--address", "127.0.0.1:9"], "nothing answers at '127.0.0.1:9'"),
+        (["--eval-only"], "--eval-only needs --checkpoint"),
+        (["--eval-only", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_the_reason(args, message, cli_env):
+    started = time.time()
+    out = run(["launch.py", *args], cli_env, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert time.time() - started < 60  # nothing waits on a bad input
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path, cli_env):
+    bad = tmp_path / "final.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = run(["launch.py", "--eval-only", "--checkpoint", str(bad)], cli_env)
+    assert out.returncode == 2 and f"checkpoint {bad} cannot be read" in out.stderr

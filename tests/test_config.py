@@ -1,0 +1,72 @@
+import pytest
+
+from distmeta.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_the_sinusoid_maml_job():
+    cfg = load_config()
+    assert (cfg.task.source, cfg.model.name, cfg.algorithm.name) == ("sinusoid", "mlp", "maml")
+    assert cfg.model.hidden == [40, 40] and cfg.cluster.address is None
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "algorithm:\n  name: reptile\n  inner_steps: 5\n  inner_optimizer: adam\nmeta_optimizer:\n  name: sgd\n"
+    )
+    cfg = load_config(
+        path, ["algorithm.inner_lr=2e-2", "meta_optimizer.final_lr=0", "eval.shots=[5]", "cluster.address=null"]
+    )
+    assert cfg.algorithm.name == "reptile" and cfg.algorithm.inner_steps == 5
+    assert cfg.algorithm.inner_lr == 0.02 and isinstance(cfg.meta_optimizer.final_lr, float)
+    assert cfg.eval.shots == [5] and cfg.cluster.address is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.inner_lrr=0.1", "did you mean algorithm.inner_lr"),
+        ("trian.steps=5", "valid keys here: task, model, algorithm"),
+        ("algorithm.name=mamll", "choose one of: maml, fomaml, reptile"),
+        ("algorithm.implementation=fast", "choose one of: auto, vmap, loop"),
+        ("cluster.engine=threads", "choose one of: compiled, tasks"),
+        ("train.steps=0", "train.steps must be >= 1"),
+        ("train.steps=ten", "train.steps must be int"),
+        ("train.steps=true", "train.steps must be int"),
+        ("algorithm.inner_lr=-1", "algorithm.inner_lr must be > 0"),
+        ("cluster.num_workers=30", "exceeds train.meta_batch_size"),
+        ("algorithm.inner_optimizer=adam", "needs a first-order algorithm"),
+        ("model.name=conv4", "use model.name=mlp"),
+        ("cluster.address=localhost", "not 'auto', 'HOST:PORT'"),
+        ("steps", "not of the form section.key=value"),
+        ("train=5", "train must be a mapping"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert isinstance(load_config(path), Config)
+
+
+def test_round_trip_through_dict():
+    from distmeta.config import config_from_dict
+
+    cfg = load_config(None, ["algorithm.name=fomaml", "eval.inner_steps=[0, 3]"])
+    assert config_from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,154 @@
+"""The Ray runtime on a real local Ray: results independent of the worker count and the engine,
+equal to the same math in one process; TensorBoard holds the run; bad updates and impossible
+resource requests stop the run with a clear error."""
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distmeta.config import ConfigError, load_config
+from distmeta.models import build_model
+from distmeta.params import initial_parameters
+from distmeta.runtime.control import StepControl
+from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.task_generator import TaskGenerator
+from distmeta.runtime.worker import Worker
+from distmeta.tasks import build_source
+from distmeta.train import train
+
+
+def small(*overrides):
+    return load_config(
+        None,
+        [
+            "train.steps=12",
+            "train.meta_batch_size=6",
+            "train.dtype=float64",
+            "train.eval_every=0",
+            "train.log_every=4",
+            "eval.num_tasks=20",
+            "eval.shots=[5]",
+            "eval.inner_steps=[1]",
+            "algorithm.implementation=vmap",
+            "cluster.prefetch_batches=3",
+            *overrides,
+        ],
+    )
+
+
+def in_process(cfg):
+    """The same math without Ray: one worker, one generator, one server, in a plain loop."""
+    torch.manual_seed(cfg.train.seed)
+    initial = initial_parameters(build_model(cfg.model, build_source(cfg.task).spec), torch.float64).numpy()
+    generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
+    worker, server = Worker(cfg, device=torch.device("cpu")), ParameterServer(cfg, initial)
+    history = []
+    for step in range(cfg.train.steps):
+        control = StepControl(step)
+        history.append(server.apply(control, worker.compute(control, server.parameters(), generator.build(step)[0])))
+    return server.parameters().copy(), history
+
+
+def saved_params(result):
+    return torch.load(result.checkpoint, weights_only=False)["params"].numpy()
+
+
+ALGORITHMS = {
+    "maml": ["algorithm.name=maml", "algorithm.inner_lr=0.01"],
+    "reptile": [
+        "algorithm.name=reptile",
+        "algorithm.inner_steps=3",
+        "algorithm.inner_lr=0.02",
+        "meta_optimizer.name=sgd",
+        "meta_optimizer.lr=1.0",
+        "meta_optimizer.final_lr=0.1",
+    ],
+}
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_path, algorithm):
+    expected, _ = in_process(small(*ALGORITHMS[algorithm]))
+    assert not np.allclose(
+        expected, initial_parameters(build_model(small().model, build_source(small().task).spec), torch.float64).numpy()
+    )
+    for workers, engine, implementation in [
+        (1, "compiled", "vmap"),
+        (2, "compiled", "vmap"),
+        (3, "compiled", "loop"),
+        (2, "tasks", "vmap"),
+    ]:
+        cfg = small(
+            *ALGORITHMS[algorithm],
+            f"cluster.num_workers={workers}",
+            f"cluster.engine={engine}",
+            f"algorithm.implementation={implementation}",
+        )
+        result = train(cfg, tmp_path / f"{workers}-{engine}")
+        np.testing.assert_allclose(
+            saved_params(result), expected, rtol=1e-10, atol=1e-12, err_msg=f"{workers} workers, {engine}"
+        )
+
+
+def test_checkpoint_holds_parameters_optimizer_step_and_config(ray_local, tmp_path):
+    cfg = small("train.checkpoint_every=5")
+    result = train(cfg, tmp_path / "run")
+    final = torch.load(result.checkpoint, weights_only=False)
+    assert final["step"] == 12 and final["config"] == cfg.to_dict()
+    assert final["optimizer"]["state"][0]["step"].item() == 12  # Adam's moments came along
+    middle = torch.load(tmp_path / "run" / "checkpoints" / "step_00000010.pt", weights_only=False)
+    assert middle["step"] == 10
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "final.pt",
+        "step_00000005.pt",
+        "step_00000010.pt",
+    ]
+
+
+def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
+    cfg = small("cluster.num_workers=2", "train.eval_every=6", "train.eval_tasks=10")
+    result = train(cfg, tmp_path / "run")
+    _, history = in_process(cfg)
+    events = EventAccumulator(str(result.run_dir))
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    # training metrics: the mean over each logging window, equal to the same math in one process
+    for end in (4, 8, 12):
+        window = history[end - 4 : end]
+        for name in ("loss_before", "loss_after"):
+            assert scalars[f"train/{name}"][end] == pytest.approx(np.mean([m["train"][name] for m in window]), rel=1e-6)
+        assert scalars["train/lr"][end] == pytest.approx(1e-3)
+    # the step-time breakdown and throughput, per window
+    for tag in (
+        "time/step_s",
+        "time/compute_s",
+        "time/aggregate_s",
+        "time/data_wait_s",
+        "time/coordination_s",
+        "workers/0/compute_s",
+        "workers/1/compute_s",
+        "throughput/tasks_per_s",
+    ):
+        assert set(scalars[tag]) == {4, 8, 12}, tag
+        assert all(v >= 0 for v in scalars[tag].values()), tag
+    assert all(v > 0 for v in scalars["time/compute_s"].values())
+    # validation during training, the final test evaluation, and the config as text and hparams
+    assert set(scalars["val/mse_shots5_steps1"]) == {6, 12}
+    (row,) = result.eval_rows
+    assert scalars["test/mse_shots5_steps1"][12] == pytest.approx(row.mean, rel=1e-6)
+    assert scalars["test/mse_shots5_steps1_diverged"][12] == row.diverged
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "inner_lr: 0.01" in text and "num_workers: 2" in text
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
+
+
+def test_a_non_finite_update_is_rejected_and_reported(ray_local, tmp_path):
+    cfg = small("train.dtype=float32", "algorithm.inner_lr=1e38", "cluster.num_workers=2")
+    with pytest.raises(FloatingPointError, match=r"worker \d sent a non-finite update at step 0; it was not applied"):
+        train(cfg, tmp_path / "run")
+
+
+def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
+    with pytest.raises(ConfigError, match=r"1 GPUs, but the Ray cluster has 0 .*CPU=4"):
+        train(small("cluster.gpus_per_worker=1"), tmp_path / "run")
