@@ -60,7 +60,7 @@ class MetaOptimizerConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = None  # None: embedded local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT"
-    engine: str = "compiled"  # compiled (Ray compiled graph) | tasks (plain actor calls)
+    engine: str = "auto"  # auto | compiled (Ray compiled graph) | tasks (plain actor calls); runtime/engine.py
     num_workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
@@ -68,6 +68,10 @@ class ClusterConfig:
     prefetch_batches: int = 8  # task batches generated ahead of the workers
     max_inflight_steps: int = 4  # steps submitted ahead of the step whose metrics the driver reads
     step_timeout_s: float = 600.0  # a step (or its submission) taking longer fails the run
+    # Embedded Ray only: run the driver at the actors' CPU priority (Ray starts them at nice 15).
+    # The driver busy-waits for compiled-graph results; at nice 0 it would preempt the workers it
+    # waits for whenever cores are scarce (-17% step time on 2 cores).
+    renice_driver: bool = True
 
 
 @dataclass
@@ -114,7 +118,7 @@ class Config:
         from distmeta.tasks import SOURCES
 
         _choice("task.source", self.task.source, SOURCES)
-        _choice("cluster.engine", self.cluster.engine, ("compiled", "tasks"))
+        _choice("cluster.engine", self.cluster.engine, ("auto", "compiled", "tasks"))
         _choice("model.name", self.model.name, MODEL_NAMES)
         _choice("model.downsample", self.model.downsample, ("max_pool", "stride"))
         _choice("algorithm.name", self.algorithm.name, ALGORITHMS)

@@ -26,7 +26,7 @@ from distmeta.models import build_model
 from distmeta.params import initial_parameters
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.engine import ENGINES, result
+from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.monitor import Monitor
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator, split_evenly
@@ -40,6 +40,7 @@ class TrainResult:
     checkpoint: Path
     final_metrics: dict
     eval_rows: list[EvalRow]
+    tasks_per_s: float  # steady state, all steps but the first
     train_s: float  # the training steps alone: from the first submission to the last update
     wall_s: float  # everything: actors, training, checkpoint, final evaluation
 
@@ -79,12 +80,32 @@ def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
         ray.remote(TaskGenerator).options(num_cpus=0).remote(cfg, shares, list(range(g, c.num_workers, num_generators)))
         for g in range(num_generators)
     ]
-    engine = ENGINES[c.engine](server, workers, generators, c.max_inflight_steps, c.step_timeout_s)
+    try:
+        train_s, monitor, evaluations = _run_steps(cfg, run_dir, server, workers, generators, shares)
+        checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
+        final_params = ray.get(server.parameters.remote())
+    finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
+        for actor in [server, *workers, *generators]:
+            ray.kill(actor)
+    for at, pending in evaluations:
+        monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
+    print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
+    rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True))
+    monitor.log_eval(t.steps, "test", rows)
+    print(format_rows(rows), flush=True)
+    monitor.close(rows)
+    wall = time.time() - started
+    print(f"done in {wall:.1f} s ({train_s:.1f} s training); TensorBoard logs in {run_dir}", flush=True)
+    return TrainResult(run_dir, checkpoint, monitor.latest, rows, monitor.tasks_per_s, train_s, wall)
+
+
+def _run_steps(cfg: Config, run_dir: Path, server, workers, generators, shares):
+    """The training loop proper; returns (seconds, monitor, validations still running)."""
+    c, t = cfg.cluster, cfg.train
+    engine_name = choose_engine(c)
+    engine = ENGINES[engine_name](server, workers, generators, c.max_inflight_steps, c.step_timeout_s)
     monitor = Monitor(run_dir, cfg)
-    print(
-        f"run {run_dir} | {c.engine} engine, {c.num_workers} worker(s) with {shares} tasks | {t.steps} steps",
-        flush=True,
-    )
+    print(f"run {run_dir} | {engine_name} engine | {c.num_workers} worker(s), tasks {shares} | {t.steps} steps")
 
     def checkpoint_path(step: int) -> str:
         return str(run_dir / "checkpoints" / f"step_{step:08d}.pt")
@@ -94,7 +115,7 @@ def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
         if "params" in metrics:  # a snapshot for validation, evaluated off the critical path
             evaluations.append((metrics["step"] + 1, _submit_evaluation(cfg, metrics["params"], "val", t.eval_tasks)))
 
-    train_started = time.time()
+    started = time.time()
     in_flight: deque = deque()
     evaluations: deque[tuple[int, list]] = deque()
     try:
@@ -107,30 +128,15 @@ def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
             )
             in_flight.append(engine.submit(control))
             while len(in_flight) > c.max_inflight_steps:
-                handle(result(in_flight.popleft(), c.step_timeout_s))
+                handle(engine.result(in_flight.popleft(), c.step_timeout_s))
             while evaluations and _ready(evaluations[0][1]):
                 at, pending = evaluations.popleft()
                 monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
         while in_flight:
-            handle(result(in_flight.popleft(), c.step_timeout_s))
+            handle(engine.result(in_flight.popleft(), c.step_timeout_s))
     finally:
         engine.close()
-    train_s = time.time() - train_started
-    for at, pending in evaluations:
-        monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
-
-    checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
-    final_params = ray.get(server.parameters.remote())
-    for actor in [*workers, *generators]:  # hand their resources to the final evaluation
-        ray.kill(actor)
-    print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
-    rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True))
-    monitor.log_eval(t.steps, "test", rows)
-    print(format_rows(rows), flush=True)
-    monitor.close(rows)
-    wall = time.time() - started
-    print(f"done in {wall:.1f} s ({train_s:.1f} s training); TensorBoard logs in {run_dir}", flush=True)
-    return TrainResult(run_dir, checkpoint, monitor.latest, rows, train_s, wall)
+    return time.time() - started, monitor, evaluations
 
 
 def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):

@@ -29,7 +29,7 @@ def test_yaml_then_overrides(tmp_path):
         ("trian.steps=5", "valid keys here: task, model, algorithm"),
         ("algorithm.name=mamll", "choose one of: maml, fomaml, reptile"),
         ("algorithm.implementation=fast", "choose one of: auto, vmap, loop"),
-        ("cluster.engine=threads", "choose one of: compiled, tasks"),
+        ("cluster.engine=threads", "choose one of: auto, compiled, tasks"),
         ("train.steps=0", "train.steps must be >= 1"),
         ("train.steps=ten", "train.steps must be int"),
         ("train.steps=true", "train.steps must be int"),

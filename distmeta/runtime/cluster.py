@@ -14,6 +14,7 @@ import ray
 from distmeta.config import ClusterConfig, ConfigError
 
 log = logging.getLogger(__name__)
+ACTOR_NICENESS = 15  # what Ray gives its worker processes
 
 
 class ClusterError(RuntimeError):
@@ -31,6 +32,8 @@ def connect(cluster: ClusterConfig) -> bool:
             log.warning("%d worker CPUs requested on a %d-core machine: workers will share cores", needed, cores)
         ray.init(num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING)
         started = True
+        if cluster.renice_driver and hasattr(os, "nice"):
+            os.nice(max(0, ACTOR_NICENESS - os.nice(0)))
     else:
         _check_reachable(cluster.address)
         try:

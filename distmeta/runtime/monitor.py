@@ -38,6 +38,7 @@ class Monitor:
         self.last_print = time.time()
         self.recent_steps: list[float] = []
         self.latest: dict = {}
+        self.total_tasks = self.total_step_s = 0.0  # every timed step of the run, for tasks_per_s
 
     def record(self, m: dict) -> None:
         """One step's metrics from ``ParameterServer.apply``."""
@@ -67,6 +68,8 @@ class Monitor:
             for rank, seconds in compute.items():
                 self.sums[f"workers/{rank}/compute_s"] += seconds
             self.sums["throughput/tasks"] += m["num_tasks"]
+            self.total_tasks += m["num_tasks"]
+            self.total_step_s += step_s
             self.recent_steps = [*self.recent_steps[-199:], step_s]
             self.timed_steps += 1
         self.prev_apply_end = m["apply_finished"]
@@ -100,6 +103,11 @@ class Monitor:
             line += f" | acc {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f}"
         line += f" | {tasks_per_s:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
         print(line, file=self.out, flush=True)
+
+    @property
+    def tasks_per_s(self) -> float:
+        """Steady-state throughput: all steps but the first (which includes start-up)."""
+        return self.total_tasks / self.total_step_s if self.total_step_s else float("nan")
 
     def log_eval(self, step: int, prefix: str, rows) -> None:
         write_eval_scalars(self.writer, step, prefix, rows)
