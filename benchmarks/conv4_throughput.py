@@ -5,6 +5,7 @@ same cores:
   in-process loop / vmap   Worker.compute + ParameterServer.apply in one process, torch using all cores
   ray 1 worker             the full system (launch.py's code path), one worker with all cores
   ray 2 workers            the full system, two workers with half the cores each
+(the engine is cluster.engine=auto's choice; it is printed with each row)
 
     python benchmarks/conv4_throughput.py [--steps 30] [--device cpu|cuda] [--in-process-only]
 """
@@ -22,6 +23,7 @@ from distmeta.config import load_config
 from distmeta.models import build_model
 from distmeta.params import initial_parameters
 from distmeta.runtime.control import StepControl
+from distmeta.runtime.engine import choose_engine
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator
 from distmeta.runtime.worker import Worker
@@ -76,8 +78,9 @@ def main() -> None:
     if not args.in_process_only:
         for workers in (1, 2):
             name = f"ray {workers} worker{'s' if workers > 1 else ''}"
-            results[name] = on_ray(load_config(CONFIG, ["eval.inner_steps=[1]"]), workers, args.steps, args.logdir)
-            print(f"{name:>22}: {results[name]:8.1f} tasks/s", flush=True)
+            cfg = load_config(CONFIG, ["eval.inner_steps=[1]"])
+            results[name] = on_ray(cfg, workers, args.steps, args.logdir)
+            print(f"{name:>22}: {results[name]:8.1f} tasks/s ({choose_engine(cfg.cluster)} engine)", flush=True)
         best = max(v for k, v in results.items() if k.startswith("in-process"))
         for workers in (1, 2):
             name = f"ray {workers} worker{'s' if workers > 1 else ''}"
