@@ -78,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from distmeta.train import run_name, train
 
-    flags = [
-        f"{key}={_yaml_value(getattr(args, name))}" for name, key in FLAGS.items() if getattr(args, name) is not None
-    ]
-    cfg = load_config(args.config, flags + args.overrides)
+    flags = {key: getattr(args, name) for name, key in FLAGS.items() if getattr(args, name) is not None}
+    cfg = load_config(args.config, args.overrides, settings=flags)
     run_dir = Path(cfg.logdir) / run_name(cfg)
     server = _start_tensorboard(cfg.logdir) if args.tensorboard else None
     train(cfg, run_dir)
@@ -98,17 +96,14 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str]) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from distmeta.config import config_from_dict
     from distmeta.evaluate import evaluate, format_rows, load_checkpoint
     from distmeta.runtime.monitor import write_eval_scalars
 
     cfg, params, state = load_checkpoint(checkpoint)
-    if overrides:
-        bad = [o for o in overrides if not o.startswith("eval.")]
-        if bad:
-            raise ConfigError(f"evaluation overrides must be eval.* fields, got {bad}")
-        cfg = load_config(None, _as_overrides(cfg.to_dict()) + overrides)
-    cfg = config_from_dict(cfg.to_dict())
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"evaluation overrides must be eval.* fields, got {bad}")
+    cfg = load_config(None, overrides, base=cfg.to_dict())
     path = Path(checkpoint)
     print(f"evaluating {path} (step {state['step']}) on {cfg.eval.num_tasks} {split} tasks", flush=True)
     rows = evaluate(cfg, params, split=split, device=device)
@@ -117,22 +112,6 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str]) ->
     with SummaryWriter(str(run_dir)) as writer:
         write_eval_scalars(writer, state["step"], f"eval_only_{split}", rows)
     return 0
-
-
-def _as_overrides(tree: dict, prefix: str = "") -> list[str]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items += _as_overrides(value, f"{prefix}{key}.")
-        else:
-            items.append(f"{prefix}{key}={_yaml_value(value)}")
-    return items
-
-
-def _yaml_value(value) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _start_tensorboard(logdir: str) -> str:

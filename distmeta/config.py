@@ -6,6 +6,7 @@ an unknown key or a bad value is rejected with the valid choices named.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -191,31 +192,53 @@ class Config:
         return self
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then a YAML file, then ``section.key=value`` overrides; validated."""
-    data: dict[str, Any] = {}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults (or ``base``, e.g. a checkpoint's config), then a YAML file, then ``settings``
+    ({"section.key": value}, e.g. from command-line flags), then ``section.key=value`` overrides
+    (values in YAML syntax); validated."""
+    data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        _merge(data, loaded)
+    for key, value in (settings or {}).items():
+        _set(data, key, value, key)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        *parents, leaf = key.strip().split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "", item)
     return config_from_dict(data)
+
+
+def _set(data: dict, dotted: str, value: Any, origin: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {origin!r}: {part} is not a section")
+    node[leaf] = value
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

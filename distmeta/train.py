@@ -5,7 +5,7 @@
                                   +------ parameters ------+
 
 Each step is one ``StepControl`` message pushed through the actors by an engine (a compiled Ray
-graph by default, see runtime/engine.py). The driver submits up to ``max_inflight_steps`` steps
+graph or chained actor calls, see runtime/engine.py). The driver submits up to ``max_inflight_steps`` steps
 ahead of the metrics it reads, so it never sits on the critical path; the meaning stays
 synchronous: step t's update uses exactly the parameters after step t - 1.
 """
