@@ -110,3 +110,26 @@ def test_the_server_publishes_parameters_and_writes_checkpoints_on_request(tmp_p
     saved = torch.load(path, weights_only=False)
     assert saved["step"] == 1 and torch.equal(saved["params"], torch.from_numpy(server.parameters()))
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
+    from distmeta.algorithms import fastest_implementation
+    from distmeta.runtime.task_generator import TaskGenerator
+    from distmeta.runtime.worker import Worker
+
+    cfg = load_config(None, ["train.meta_batch_size=8"])
+    worker = Worker(cfg, device=torch.device("cpu"))
+    tasks = TaskGenerator(cfg, [8], [0], prefetch=False).build(0)[0]
+    flat = initial_parameters(worker.algorithm.model, torch.float32).numpy()
+    chosen, timings = fastest_implementation(
+        worker.algorithm, worker._params(flat), tasks.to_torch(worker.device, torch.float32)
+    )
+    assert set(timings) == {"vmap", "loop"} and chosen == min(timings, key=timings.get)
+    assert worker.implementation == "auto"
+    first = worker.compute(StepControl(0), flat, tasks)
+    assert worker.implementation in ("vmap", "loop") and first["implementation"] == worker.implementation
+    other = "loop" if worker.implementation == "vmap" else "vmap"
+    expected, _ = worker.algorithm.batch_update(
+        worker._params(flat), tasks.to_torch(worker.device, torch.float32), other
+    )
+    np.testing.assert_allclose(first["update"], worker.layout.flatten(expected).numpy(), rtol=1e-4, atol=1e-6)
