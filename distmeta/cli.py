@@ -63,14 +63,27 @@ def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
     return _guard(lambda: _train(args))
 
 
+def data_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Build Arrow shards from a dataset.")
+    build = parser.add_subparsers(dest="action", required=True).add_parser("build", help="dataset -> shards")
+    datasets = build.add_subparsers(dest="dataset", required=True)
+    omniglot = datasets.add_parser("omniglot", help="the official Omniglot zips (or their folders) -> 28x28 shards")
+    omniglot.add_argument("--src", required=True, help="folder holding images_background.zip and images_evaluation.zip")
+    omniglot.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train", "evaluate"}
+    commands = {"train", "evaluate", "data"}
     if not argv or argv[0] not in commands:
         print(f"usage: distmeta {{{','.join(sorted(commands))}}} [options]  (distmeta COMMAND --help)", file=sys.stderr)
         return 2
     if argv[0] == "train":
         return launch_main(argv[1:], prog="distmeta train")
+    if argv[0] == "data":
+        args = data_parser("distmeta data").parse_args(argv[1:])
+        return _guard(lambda: _build_data(args))
     args = evaluate_parser("distmeta evaluate").parse_args(argv[1:])
     return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides))
 
@@ -114,6 +127,15 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str]) ->
     return 0
 
 
+def _build_data(args: argparse.Namespace) -> int:
+    from distmeta.data.omniglot import build_omniglot
+
+    started = time.time()
+    path = build_omniglot(args.src, args.out)
+    print(f"{path} written in {time.time() - started:.1f} s")
+    return 0
+
+
 def _start_tensorboard(logdir: str) -> str:
     from tensorboard import program
 
@@ -126,12 +148,13 @@ def _start_tensorboard(logdir: str) -> str:
 
 
 def _guard(run) -> int:
+    from distmeta.data.shards import ShardError
     from distmeta.runtime.cluster import ClusterError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run()
-    except (ConfigError, ClusterError) as err:
+    except (ConfigError, ClusterError, ShardError) as err:
         return _fail(str(err))
 
 

@@ -24,10 +24,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class TaskConfig:
-    source: str = "sinusoid"  # sinusoid | synthetic (see distmeta.tasks.SOURCES)
+    source: str = "sinusoid"  # sinusoid | synthetic | shards (see distmeta.tasks.SOURCES)
     ways: int = 5  # classes per episode (classification)
     shots: int = 10  # support examples per class (per task for regression)
     queries: int = 10  # query examples per class (per task for regression)
+    # shards source only: a directory written by `distmeta data build`
+    shards: str = ""
+    split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | lake)
+    rotations: bool = True  # training classes also rotated by 90, 180, 270 degrees, as new classes
     # synthetic classification source only
     num_classes: int = 200
     image_size: int = 28
@@ -119,6 +123,8 @@ class Config:
         from distmeta.tasks import SOURCES
 
         _choice("task.source", self.task.source, SOURCES)
+        if self.task.source == "shards" and not self.task.shards:
+            raise ConfigError("task.source=shards needs task.shards=DIR, a folder written by `distmeta data build`")
         _choice("cluster.engine", self.cluster.engine, ("auto", "compiled", "tasks"))
         _choice("model.name", self.model.name, MODEL_NAMES)
         _choice("model.downsample", self.model.downsample, ("max_pool", "stride"))

@@ -24,3 +24,23 @@ def cli_env():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+@pytest.fixture(scope="session")
+def omniglot_src():
+    """The official Omniglot zips: ../shared/data/omniglot beside the repo (always there in CI), or
+    $DISTMETA_SHARED/data/omniglot."""
+    shared = Path(os.environ.get("DISTMETA_SHARED", ROOT.parent / "shared"))
+    src = shared / "data" / "omniglot"
+    if not (src / "images_background.zip").is_file():
+        pytest.skip(f"no Omniglot zips at {src}: set DISTMETA_SHARED to the folder that holds data/omniglot")
+    return src
+
+
+@pytest.fixture(scope="session")
+def omniglot_shards(omniglot_src, tmp_path_factory):
+    from distmeta.data.omniglot import build_omniglot
+
+    out = tmp_path_factory.mktemp("omniglot")
+    build_omniglot(omniglot_src, out, progress=lambda message: None)
+    return out

@@ -14,6 +14,7 @@ import numpy as np
 
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
+from distmeta.tasks.episodes import ShardEpisodes
 from distmeta.tasks.sinusoid import Sinusoid
 from distmeta.tasks.synthetic import SyntheticClasses
 
@@ -27,7 +28,7 @@ class TaskSource(Protocol):
     def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int) -> TaskBatch: ...
 
 
-SOURCES = {"sinusoid": Sinusoid, "synthetic": SyntheticClasses}
+SOURCES = {"sinusoid": Sinusoid, "synthetic": SyntheticClasses, "shards": ShardEpisodes}
 
 # Disjoint random streams: training batches come from (seed, TRAIN, step), held-out evaluation
 # tasks from (eval seed, EVAL, index), so evaluation never sees a training task's randomness.

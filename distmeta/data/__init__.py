@@ -1,0 +1,1 @@
+"""Datasets on disk: Arrow shards (``shards.py``) and the ingest that writes them (``omniglot.py``)."""

@@ -1,0 +1,86 @@
+"""Omniglot (Lake et al., 2015) -> shards: 1,623 characters x 20 drawings, 105x105 -> 28x28.
+
+Reads the official ``images_background.zip`` / ``images_evaluation.zip`` (or the folders they unpack
+to). Images are resized with Lanczos antialiasing (Pillow) and inverted so strokes are bright
+(255) on a dark background, as few-shot papers feed them. Splits written to the manifest:
+
+  maml/train, maml/val, maml/test      the MAML (cbfinn) split: the 1,623 characters shuffled with a
+                                       fixed seed; 1,100 train + 100 validation (1,200 in all) and 423 test
+  lake/train, lake/test                background (964 characters) vs evaluation (659) alphabets
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distmeta.data.shards import ClassImages, ShardError, write_shards
+
+PARTS = ("images_background", "images_evaluation")
+SIZE = 28
+SPLIT_SEED = 1
+
+
+def read_part(src: Path, part: str) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
+    """{(alphabet, character): [(file name, png bytes)]} from ``part``.zip or the folder ``part``."""
+    characters: dict[tuple[str, str], list[tuple[str, bytes]]] = defaultdict(list)
+    archive, folder = src / f"{part}.zip", src / part
+    if archive.is_file():
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                pieces = name.split("/")
+                if len(pieces) == 4 and pieces[0] == part and pieces[3]:
+                    characters[(pieces[1], pieces[2])].append((name, z.read(name)))
+    elif folder.is_dir():
+        for path in folder.glob("*/*/*"):
+            if path.is_file():
+                characters[(path.parent.parent.name, path.parent.name)].append((str(path), path.read_bytes()))
+    else:
+        raise ShardError(
+            f"neither {archive} nor {folder} exists: --src must hold the official Omniglot zips "
+            f"({', '.join(p + '.zip' for p in PARTS)}) or the folders they unpack to"
+        )
+    if not characters:
+        raise ShardError(f"{archive if archive.is_file() else folder} holds no alphabet/character/drawing files")
+    return characters
+
+
+def to_image(name: str, data: bytes) -> np.ndarray:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # Pillow raises many types for a bad file
+        raise ShardError(f"{name} is not an image Pillow can read ({err}); remove it from the dataset") from None
+    small = image.convert("L").resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    return 255 - np.asarray(small, dtype=np.uint8)  # strokes bright
+
+
+def build_omniglot(src: str | Path, out: str | Path, progress=print) -> Path:
+    src, out = Path(src), Path(out)
+    classes: list[ClassImages] = []
+    part_of: list[str] = []
+    for part in PARTS:
+        characters = read_part(src, part)
+        for (alphabet, character), files in sorted(characters.items()):
+            images = np.stack([to_image(name, data) for name, data in sorted(files)])[:, None]
+            classes.append(ClassImages(f"{alphabet}/{character}", alphabet, images))
+            part_of.append(part)
+        progress(f"{part}: {len(characters)} characters, {sum(len(f) for f in characters.values())} images")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(classes)).tolist()
+    splits = {
+        "maml/train": sorted(order[:1100]),
+        "maml/val": sorted(order[1100:1200]),
+        "maml/test": sorted(order[1200:]),
+        "lake/train": [i for i, p in enumerate(part_of) if p == PARTS[0]],
+        "lake/test": [i for i, p in enumerate(part_of) if p == PARTS[1]],
+    }
+    if len(classes) != 1623:
+        progress(f"warning: {len(classes)} characters, the official Omniglot has 1,623; the maml split sizes assume it")
+    path = write_shards(out, classes, splits, dataset="omniglot", source=str(src))
+    progress(f"wrote {len(classes)} classes to {out}")
+    return path

@@ -1,0 +1,108 @@
+"""N-way K-shot episodes from Arrow shards (see distmeta/data/shards.py).
+
+A whole batch of episodes is drawn with a few vectorised random draws and gathered with one fancy
+index per shard, so only the episodes' bytes are copied out of the memory-mapped files. Within an
+episode classes do not repeat and labels are a random permutation. With ``task.rotations`` the
+training split gains each class rotated by 90, 180 and 270 degrees as three new classes (Santoro
+et al., 2016; Finn et al., 2017).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distmeta.data.shards import ShardedDataset, ShardError
+from distmeta.models import DataSpec
+from distmeta.tasks.batch import TaskBatch
+
+ROTATIONS = 4
+
+
+def distinct_choices(rng: np.random.Generator, rows: int, k: int, n: int) -> np.ndarray:
+    """[rows, k] integers in [0, n), distinct within each row, each row a uniform random k-subset in
+    random order. Draws with replacement and redraws the rare rows with a repeat: for k << n this
+    is much cheaper than ranking n random keys per row."""
+    if k > n // 4:  # repeats are common: rank random keys instead
+        return np.argsort(rng.random((rows, n)), axis=1)[:, :k]
+    picks = rng.integers(0, n, (rows, k))
+    while True:
+        ordered = np.sort(picks, axis=1)
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+        if not repeated.any():
+            return picks
+        picks[repeated] = rng.integers(0, n, (int(repeated.sum()), k))
+
+
+class ShardEpisodes:
+    kind = "classification"
+
+    def __init__(self, root: str, scheme: str, ways: int, rotations: bool, verify: bool = True):
+        self.data = ShardedDataset(root, verify=verify)
+        self.ways, self.rotations = ways, rotations
+        self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=ways)
+        classes = self.data.classes
+        self.shard = np.array([c["shard"] for c in classes])
+        self.first_row = np.array([c["first_row"] for c in classes])
+        self.rows = np.array([c["rows"] for c in classes])
+        self.pools = {split: self.data.split(f"{scheme}/{split}") for split in ("train", "val", "test")}
+
+    @classmethod
+    def from_config(cls, cfg) -> ShardEpisodes:
+        if not cfg.shards:
+            raise ShardError("task.source=shards needs task.shards=DIR (build it with `distmeta data build ...`)")
+        source = cls(cfg.shards, cfg.split_scheme, cfg.ways, cfg.rotations)
+        source.check("train", cfg.shots, cfg.queries)
+        return source
+
+    def check(self, split: str, shots: int, queries: int) -> None:
+        """Raise, naming the split or class, if ``split`` cannot give ways x (shots + queries) episodes."""
+        pool = self.pools[split]
+        classes = len(pool) * (ROTATIONS if self.rotations and split == "train" else 1)
+        if self.ways > classes:
+            raise ShardError(f"task.ways={self.ways} but split {split!r} has only {classes} classes; lower task.ways")
+        small = [self.data.classes[c] for c in pool if self.rows[c] < shots + queries]
+        if small:
+            c = small[0]
+            raise ShardError(
+                f"class {c['name']!r} has {c['rows']} images, fewer than task.shots + task.queries = {shots + queries} "
+                f"({len(small)} such classes in split {split!r}); lower shots or queries"
+            )
+
+    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int) -> TaskBatch:
+        pool = self.pools[split]
+        rotate = self.rotations and split == "train"
+        choices = len(pool) * (ROTATIONS if rotate else 1)
+        picked = distinct_choices(rng, num_tasks, self.ways, choices)  # [T, N], in random order: the label
+        classes, rotation = pool[picked % len(pool)], picked // len(pool)
+        # K + Q distinct rows of each chosen class.
+        per_class = shots + queries
+        row_keys = rng.random((num_tasks, self.ways, int(self.rows[classes].max())))
+        row_keys[np.arange(row_keys.shape[-1]) >= self.rows[classes][..., None]] = np.inf
+        chosen = np.argpartition(row_keys, per_class - 1, axis=-1)[..., :per_class]
+        # argpartition promises no order within the chosen rows; ordering them by key makes the support/query
+        # split a uniformly random one by construction
+        chosen = np.take_along_axis(chosen, np.argsort(np.take_along_axis(row_keys, chosen, -1), -1), -1)
+        rows = chosen + self.first_row[classes][..., None]
+        shards = self.shard[classes]
+        if (shards == shards.flat[0]).all():  # the usual case: one fancy index, one copy
+            images = self.data.images(shards.flat[0])[rows]
+        else:
+            images = np.empty((num_tasks, self.ways, per_class, *self.data.image_shape), np.uint8)
+            for shard in np.unique(shards):
+                mask = shards == shard
+                images[mask] = self.data.images(shard)[rows[mask]]
+        if rotate:
+            for k in range(1, ROTATIONS):
+                mask = rotation == k
+                images[mask] = np.rot90(images[mask], k, axes=(-2, -1))
+        labels = np.broadcast_to(np.arange(self.ways)[None, :, None], (num_tasks, self.ways, per_class))
+
+        def flat(a: np.ndarray) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...]
+            return np.ascontiguousarray(a.reshape(num_tasks, -1, *a.shape[3:]))
+
+        return TaskBatch(
+            flat(images[:, :, :shots]),
+            flat(labels[:, :, :shots]).astype(np.int64),
+            flat(images[:, :, shots:]),
+            flat(labels[:, :, shots:]).astype(np.int64),
+        )
