@@ -22,6 +22,23 @@ class TaskBatch:
     query_y: np.ndarray
     produced_at: float = 0.0  # wall-clock time the generator finished it (for the data-wait metric)
 
+    @classmethod
+    def from_episodes(cls, images: np.ndarray, shots: int) -> TaskBatch:
+        """From images ``[T, N, K + Q, ...]`` (task, class, example): class i gets label i, the first
+        ``shots`` examples of each class are the support set, the rest the query set."""
+        num_tasks, ways, per_class = images.shape[:3]
+        labels = np.broadcast_to(np.arange(ways)[None, :, None], (num_tasks, ways, per_class))
+
+        def flat(a: np.ndarray) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...], class-major
+            return np.ascontiguousarray(a.reshape(num_tasks, -1, *a.shape[3:]))
+
+        return cls(
+            flat(images[:, :, :shots]),
+            flat(labels[:, :, :shots]).astype(np.int64),
+            flat(images[:, :, shots:]),
+            flat(labels[:, :, shots:]).astype(np.int64),
+        )
+
     def __len__(self) -> int:
         return len(self.support_x)
 

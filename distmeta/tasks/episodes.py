@@ -95,14 +95,4 @@ class ShardEpisodes:
             for k in range(1, ROTATIONS):
                 mask = rotation == k
                 images[mask] = np.rot90(images[mask], k, axes=(-2, -1))
-        labels = np.broadcast_to(np.arange(self.ways)[None, :, None], (num_tasks, self.ways, per_class))
-
-        def flat(a: np.ndarray) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...]
-            return np.ascontiguousarray(a.reshape(num_tasks, -1, *a.shape[3:]))
-
-        return TaskBatch(
-            flat(images[:, :, :shots]),
-            flat(labels[:, :, :shots]).astype(np.int64),
-            flat(images[:, :, shots:]),
-            flat(labels[:, :, shots:]).astype(np.int64),
-        )
+        return TaskBatch.from_episodes(images, shots)

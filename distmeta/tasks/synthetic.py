@@ -46,14 +46,4 @@ class SyntheticClasses:
         images = self.templates[classes][:, :, None]  # [T, N, 1, C, H, W]
         noise = rng.normal(0.0, _NOISE, size=(num_tasks, self.ways, per_class, *self.templates.shape[1:]))
         images = np.clip(images + noise, 0, 255).astype(np.uint8)  # [T, N, K+Q, C, H, W]
-        labels = np.broadcast_to(np.arange(self.ways)[None, :, None], (num_tasks, self.ways, per_class))
-
-        def flat(a: np.ndarray) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...]
-            return np.ascontiguousarray(a.reshape(num_tasks, -1, *a.shape[3:]))
-
-        return TaskBatch(
-            flat(images[:, :, :shots]),
-            flat(labels[:, :, :shots]).astype(np.int64),
-            flat(images[:, :, shots:]),
-            flat(labels[:, :, shots:]).astype(np.int64),
-        )
+        return TaskBatch.from_episodes(images, shots)
