@@ -80,10 +80,17 @@ def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
         ray.remote(TaskGenerator).options(num_cpus=0).remote(cfg, shares, list(range(g, c.num_workers, num_generators)))
         for g in range(num_generators)
     ]
+    roles = {"parameter server": server, **{f"worker {r}": w for r, w in enumerate(workers)}}
+    roles |= {f"task generator {g}": generator for g, generator in enumerate(generators)}
     try:
         train_s, monitor, evaluations = _run_steps(cfg, run_dir, server, workers, generators, shares)
         checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
         final_params = ray.get(server.parameters.remote())
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+        dead = [role for role, actor in roles.items() if not _alive(actor)]
+        if not dead:
+            raise
+        raise ActorLost(f"training stopped: {', '.join(dead)} died ({type(err).__name__}); see the Ray logs") from err
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
         for actor in [server, *workers, *generators]:
             ray.kill(actor)
@@ -137,6 +144,18 @@ def _run_steps(cfg: Config, run_dir: Path, server, workers, generators, shares):
     finally:
         engine.close()
     return time.time() - started, monitor, evaluations
+
+
+class ActorLost(RuntimeError):
+    """An actor of the run died; the message names which."""
+
+
+def _alive(actor, timeout_s: float = 10.0) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
 
 
 def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):

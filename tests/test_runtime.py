@@ -152,3 +152,34 @@ def test_a_non_finite_update_is_rejected_and_reported(ray_local, tmp_path):
 def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"1 GPUs, but the Ray cluster has 0 .*CPU=4"):
         train(small("cluster.gpus_per_worker=1"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("engine", ["compiled", "tasks"])
+def test_a_task_generator_that_dies_is_reported_to_the_driver(ray_local, tmp_path, engine):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from distmeta.train import ActorLost
+
+    killed = {}
+
+    def kill_the_generator():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            for process in psutil.process_iter(["cmdline"]):
+                if any("TaskGenerator" in part for part in process.info["cmdline"] or []):
+                    time.sleep(3)  # let training get going
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed["at"] = time.time()
+                    return
+            time.sleep(0.2)
+
+    threading.Thread(target=kill_the_generator, daemon=True).start()
+    cfg = small(f"cluster.engine={engine}", "train.steps=1000000", "train.dtype=float32")
+    with pytest.raises(ActorLost, match="task generator 0 died"):
+        train(cfg, tmp_path / "run")
+    assert time.time() - killed["at"] < 30  # reported, not hung
