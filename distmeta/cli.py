@@ -70,6 +70,12 @@ def data_parser(prog: str) -> argparse.ArgumentParser:
     omniglot = datasets.add_parser("omniglot", help="the official Omniglot zips (or their folders) -> 28x28 shards")
     omniglot.add_argument("--src", required=True, help="folder holding images_background.zip and images_evaluation.zip")
     omniglot.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    folder = datasets.add_parser("folder", help="a class-per-folder image dataset -> shards")
+    folder.add_argument("--src", required=True, help="ROOT/{train,val,test}/<class>/, or ROOT/<class>/ with --splits")
+    folder.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    folder.add_argument("--image-size", type=int, required=True, help="images are resized to N x N")
+    folder.add_argument("--splits", help='JSON file {"train": [classes], "val": [...], "test": [...]}')
+    folder.add_argument("--channels", type=int, choices=(1, 3), help="default: 1 if every image is grayscale, else 3")
     return parser
 
 
@@ -128,10 +134,14 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str]) ->
 
 
 def _build_data(args: argparse.Namespace) -> int:
+    from distmeta.data.folder import build_folder
     from distmeta.data.omniglot import build_omniglot
 
     started = time.time()
-    path = build_omniglot(args.src, args.out)
+    if args.dataset == "omniglot":
+        path = build_omniglot(args.src, args.out)
+    else:
+        path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels)
     print(f"{path} written in {time.time() - started:.1f} s")
     return 0
 

@@ -11,14 +11,13 @@ to). Images are resized with Lanczos antialiasing (Pillow) and inverted so strok
 
 from __future__ import annotations
 
-import io
 import zipfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from distmeta.data.images import load_image
 from distmeta.data.shards import ClassImages, ShardError, write_shards
 
 PARTS = ("images_background", "images_evaluation")
@@ -51,13 +50,7 @@ def read_part(src: Path, part: str) -> dict[tuple[str, str], list[tuple[str, byt
 
 
 def to_image(name: str, data: bytes) -> np.ndarray:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as err:  # Pillow raises many types for a bad file
-        raise ShardError(f"{name} is not an image Pillow can read ({err}); remove it from the dataset") from None
-    small = image.convert("L").resize((SIZE, SIZE), Image.Resampling.LANCZOS)
-    return 255 - np.asarray(small, dtype=np.uint8)  # strokes bright
+    return 255 - load_image(name, data, SIZE, "L")[0]  # strokes bright
 
 
 def build_omniglot(src: str | Path, out: str | Path, progress=print) -> Path:

@@ -1,0 +1,81 @@
+"""Any class-per-folder image dataset -> shards (mini-ImageNet, CIFAR-FS, tiered-ImageNet, your own).
+
+Two layouts:
+  ROOT/train/<class>/<image>, ROOT/val/<class>/..., ROOT/test/<class>/...   splits by folder
+  ROOT/<class>/<image> with --splits FILE, a JSON {"train": [classes], "val": [...], "test": [...]}
+
+Images are resized to image_size x image_size with Lanczos antialiasing and stored as RGB, or as
+grayscale when every image is grayscale (or when ``channels`` says so). The manifest's splits are
+``default/train``, ``default/val``, ``default/test`` (``task.split_scheme=default``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distmeta.data.images import load_image
+from distmeta.data.shards import ClassImages, ShardError, write_shards
+
+SPLITS = ("train", "val", "test")
+
+
+def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]]:
+    """(split, class folder) pairs, in a fixed order."""
+    if splits_file is None:
+        if not all((src / split).is_dir() for split in SPLITS):
+            raise ShardError(
+                f"{src} has no train/ val/ test/ folders; either lay the classes out as ROOT/<split>/<class>/ "
+                'or pass --splits FILE (JSON: {"train": [classes], "val": [...], "test": [...]})'
+            )
+        return [(split, d) for split in SPLITS for d in sorted((src / split).iterdir()) if d.is_dir()]
+    try:
+        assignment = json.loads(Path(splits_file).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ShardError(f"split file {splits_file} cannot be read as JSON ({err})") from None
+    unknown = set(assignment) - set(SPLITS)
+    if unknown:
+        raise ShardError(f"split file {splits_file} names splits {sorted(unknown)}; use {', '.join(SPLITS)}")
+    pairs = []
+    for split in SPLITS:
+        for name in assignment.get(split, []):
+            if not (src / name).is_dir():
+                raise ShardError(f"split file {splits_file} lists class {name!r}, but {src / name} is not a folder")
+            pairs.append((split, src / name))
+    return pairs
+
+
+def build_folder(
+    src: str | Path,
+    out: str | Path,
+    image_size: int,
+    splits_file: str | Path | None = None,
+    channels: int | None = None,
+    progress=print,
+) -> Path:
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ShardError(f"--src {src} is not a folder")
+    pairs = _class_folders(src, Path(splits_file) if splits_file else None)
+    if not pairs:
+        raise ShardError(f"no class folders found under {src}")
+    files = {folder: sorted(p for p in folder.iterdir() if p.is_file()) for _, folder in pairs}
+    for folder, members in files.items():
+        if not members:
+            raise ShardError(f"class folder {folder} holds no images; remove it or add images")
+    if channels is None:  # grayscale only if every image is
+        grayscale = all(Image.open(p).mode in ("1", "L", "LA", "I;16") for members in files.values() for p in members)
+        channels = 1 if grayscale else 3
+    mode = "L" if channels == 1 else "RGB"
+    classes, splits = [], {f"default/{split}": [] for split in SPLITS}
+    for split, folder in pairs:
+        images = np.stack([load_image(str(p), p.read_bytes(), image_size, mode) for p in files[folder]])
+        splits[f"default/{split}"].append(len(classes))
+        classes.append(ClassImages(f"{split}/{folder.name}" if splits_file is None else folder.name, split, images))
+    progress(f"{len(classes)} classes, {sum(len(c.images) for c in classes)} images, {channels} channel(s)")
+    path = write_shards(out, classes, splits, dataset="folder", source=str(src))
+    progress(f"wrote {out}")
+    return path

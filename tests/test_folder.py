@@ -1,0 +1,105 @@
+"""`distmeta data build folder`: class-per-folder datasets, both layouts, RGB and grayscale."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distmeta.config import load_config
+from distmeta.data.folder import build_folder
+from distmeta.data.shards import ShardedDataset, ShardError
+from distmeta.tasks import build_source, task_rng
+
+
+def make_class(folder, seed, count=6, size=(40, 30), mode="RGB"):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+            folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}"
+        )
+
+
+def test_split_folders_become_splits_and_images_are_resized(tmp_path):
+    for split, classes in (("train", 6), ("val", 2), ("test", 3)):
+        for c in range(classes):
+            make_class(tmp_path / "src" / split / f"n{split}{c}", seed=hash((split, c)) % 1000)
+    build_folder(tmp_path / "src", tmp_path / "out", image_size=16, progress=lambda m: None)
+    data = ShardedDataset(tmp_path / "out")
+    assert data.image_shape == (3, 16, 16)
+    assert {name: len(m) for name, m in data.splits.items()} == {
+        "default/train": 6,
+        "default/val": 2,
+        "default/test": 3,
+    }
+    first = data.classes[0]
+    original = Image.open(tmp_path / "src" / "train" / "ntrain0" / "000.jpg").convert("RGB")
+    expected = np.asarray(original.resize((16, 16), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(data.images(first["shard"])[first["first_row"]], expected)
+    cfg = load_config(
+        None,
+        [
+            "task.source=shards",
+            "model.name=conv4",
+            f"task.shards={tmp_path / 'out'}",
+            "task.split_scheme=default",
+            "task.ways=3",
+            "task.shots=1",
+            "task.queries=2",
+            "task.rotations=false",
+        ],
+    )
+    batch = build_source(cfg.task).sample(task_rng(0, "test", 0), 4, "test", 1, 2)
+    assert batch.support_x.shape == (4, 3, 3, 16, 16)
+
+
+def test_a_split_file_and_grayscale_detection(tmp_path):
+    for c in range(4):
+        make_class(tmp_path / "src" / f"class{c}", seed=c, mode="L")
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["class0", "class1"], "val": ["class2"], "test": ["class3"]}))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distmeta",
+            "data",
+            "build",
+            "folder",
+            "--src",
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "out"),
+            "--image-size",
+            "12",
+            "--splits",
+            str(splits),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    data = ShardedDataset(tmp_path / "out")
+    assert data.image_shape == (1, 12, 12)
+    assert [data.classes[i]["name"] for i in data.split("default/train")] == ["class0", "class1"]
+
+
+def test_bad_folder_datasets_are_named(tmp_path):
+    with pytest.raises(ShardError, match="has no train/ val/ test/ folders"):
+        build_folder(tmp_path, tmp_path / "out", 8, progress=lambda m: None)
+    make_class(tmp_path / "src" / "a", seed=0)
+    (tmp_path / "src" / "a" / "labels.csv").write_text("not,an,image")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a"], "test": ["b"]}))
+    with pytest.raises(ShardError, match="lists class 'b'"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a"]}))
+    with pytest.raises(ShardError, match="labels.csv is not an image Pillow can read"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    (tmp_path / "split.json").write_text(json.dumps({"training": ["a"]}))
+    with pytest.raises(ShardError, match=r"names splits \['training'\]"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
