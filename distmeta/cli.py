@@ -65,8 +65,14 @@ def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
 
 def data_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Build Arrow shards from a dataset.")
-    build = parser.add_subparsers(dest="action", required=True).add_parser("build", help="dataset -> shards")
-    datasets = build.add_subparsers(dest="dataset", required=True)
+    actions = parser.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser("fetch", help="download a dataset, verify it, build shards")
+    fetched = fetch.add_subparsers(dest="dataset", required=True).add_parser(
+        "omniglot", help="the official Omniglot zips (md5-checked) -> 28x28 shards"
+    )
+    fetched.add_argument("--out", required=True, help="output folder; the zips are kept in OUT/downloads")
+    fetched.add_argument("--mirror", help="base URL that serves the two zips instead of the official GitHub one")
+    datasets = actions.add_parser("build", help="dataset -> shards").add_subparsers(dest="dataset", required=True)
     omniglot = datasets.add_parser("omniglot", help="the official Omniglot zips (or their folders) -> 28x28 shards")
     omniglot.add_argument("--src", required=True, help="folder holding images_background.zip and images_evaluation.zip")
     omniglot.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
@@ -135,10 +141,12 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str]) ->
 
 def _build_data(args: argparse.Namespace) -> int:
     from distmeta.data.folder import build_folder
-    from distmeta.data.omniglot import build_omniglot
+    from distmeta.data.omniglot import OFFICIAL_URL, build_omniglot, fetch_omniglot
 
     started = time.time()
-    if args.dataset == "omniglot":
+    if args.action == "fetch":
+        path = fetch_omniglot(args.out, url=args.mirror or OFFICIAL_URL)
+    elif args.dataset == "omniglot":
         path = build_omniglot(args.src, args.out)
     else:
         path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels)

@@ -30,8 +30,11 @@ class TaskConfig:
     queries: int = 10  # query examples per class (per task for regression)
     # shards source only: a directory written by `distmeta data build`
     shards: str = ""
-    split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | lake)
+    split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | vinyals | lake)
     rotations: bool = True  # training classes also rotated by 90, 180, 270 degrees, as new classes
+    # shards up to this size are memory-mapped (fastest); larger ones are read with pread, so a task
+    # generator's resident memory stays flat however large the dataset (see data/shards.py)
+    map_shards_mb: int = 256
     # synthetic classification source only
     num_classes: int = 200
     image_size: int = 28
@@ -52,6 +55,9 @@ class AlgorithmConfig:
     inner_lr: float = 0.01
     inner_steps: int = 1
     inner_optimizer: str = "sgd"  # sgd | adam (Adam with beta1 = 0, first-order algorithms only)
+    # examples per inner step, cycling through the support set (one shot of every class before the
+    # next, as Reptile's mini-batches); 0: the whole support set every step
+    inner_batch_size: int = 0
     implementation: str = "auto"  # auto (measured per device) | vmap | loop
 
 
@@ -95,8 +101,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_tasks: int = 600
-    shots: list[int] = field(default_factory=lambda: [5, 10, 20])  # empty: the training shots
+    shots: list[int] = field(default_factory=list)  # support examples (per class); empty: task.shots
     inner_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
+    inner_batch_size: int = 0  # as algorithm.inner_batch_size, at test
     queries: int = 100
     seed: int = 1234  # held-out tasks come from their own stream, not the training one
     divergence_factor: float = 10.0  # a task diverged if its loss ends above this times its start
@@ -140,8 +147,11 @@ class Config:
             ("task.num_classes", self.task.num_classes, 2),
             ("task.image_size", self.task.image_size, 1),
             ("task.channels", self.task.channels, 1),
+            ("task.map_shards_mb", self.task.map_shards_mb, 0),
             ("model.filters", self.model.filters, 1),
             ("algorithm.inner_steps", self.algorithm.inner_steps, 1),
+            ("algorithm.inner_batch_size", self.algorithm.inner_batch_size, 0),
+            ("eval.inner_batch_size", self.eval.inner_batch_size, 0),
             ("cluster.num_workers", self.cluster.num_workers, 1),
             ("cluster.num_task_generators", self.cluster.num_task_generators, 1),
             ("cluster.prefetch_batches", self.cluster.prefetch_batches, 1),

@@ -38,9 +38,7 @@ def evaluation_chunks(cfg: Config, num_tasks: int | None = None) -> list[tuple[i
     """(shots, chunk index, tasks in chunk). Chunk i holds the same task functions for every shots
     value, so K = 5, 10, 20 are compared on the same tasks."""
     num_tasks = num_tasks or cfg.eval.num_tasks
-    shots_list = (
-        cfg.eval.shots if SOURCES[cfg.task.source].kind == "regression" and cfg.eval.shots else [cfg.task.shots]
-    )
+    shots_list = cfg.eval.shots or [cfg.task.shots]
     sizes = [min(CHUNK_TASKS, num_tasks - start) for start in range(0, num_tasks, CHUNK_TASKS)]
     return [(shots, index, size) for shots in shots_list for index, size in enumerate(sizes)]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
-from distmeta.config import Config
+from distmeta.config import Config, ConfigError
 from distmeta.evaluate import EvalRow, evaluate_chunk, evaluation_chunks, format_rows, group_by_shots, summarize
 from distmeta.models import build_model
 from distmeta.params import initial_parameters
@@ -29,7 +29,7 @@ from distmeta.runtime.control import StepControl
 from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.monitor import Monitor
 from distmeta.runtime.parameter_server import ParameterServer
-from distmeta.runtime.task_generator import TaskGenerator, split_evenly
+from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
 from distmeta.runtime.worker import DTYPES, Worker
 from distmeta.tasks import build_source
 
@@ -52,21 +52,35 @@ def run_name(cfg: Config) -> str:
 def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
     started = time.time()
     run_dir = run_dir or Path(cfg.logdir) / run_name(cfg)
+    source = _checked_source(cfg)  # bad data fails here, before Ray starts
     run_dir.mkdir(parents=True, exist_ok=True)
     started_ray = connect(cfg.cluster)
     try:
-        return _train(cfg, run_dir, started)
+        return _train(cfg, source.spec, run_dir, started)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
+def _checked_source(cfg: Config):
+    source = build_source(cfg.task)
+    needed = ["train", "test", *(["val"] if cfg.train.eval_every else [])]
+    missing = [split for split in needed if split not in source.splits]
+    if missing:
+        raise ConfigError(
+            f"task source {cfg.task.source} has no {' or '.join(missing)} split (it has {', '.join(source.splits)}); "
+            + ("set train.eval_every=0 or " if missing == ["val"] else "")
+            + "choose another task.split_scheme"
+        )
+    return source
+
+
+def _train(cfg: Config, spec, run_dir: Path, started: float) -> TrainResult:
     c, t = cfg.cluster, cfg.train
 
     # Initial meta-parameters: the model's own initialisation under the run's seed.
     torch.manual_seed(t.seed)
-    initial = initial_parameters(build_model(cfg.model, build_source(cfg.task).spec), DTYPES[t.dtype])
+    initial = initial_parameters(build_model(cfg.model, spec), DTYPES[t.dtype])
 
     # The actors. Workers hold the compute resources; the server and the generators are light.
     shares = split_evenly(t.meta_batch_size, c.num_workers)
@@ -75,15 +89,13 @@ def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
         ray.remote(Worker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker).remote(cfg, rank)
         for rank in range(c.num_workers)
     ]
-    num_generators = min(c.num_task_generators, c.num_workers)
-    generators = [
-        ray.remote(TaskGenerator).options(num_cpus=0).remote(cfg, shares, list(range(g, c.num_workers, num_generators)))
-        for g in range(num_generators)
-    ]
+    blocks = generator_blocks(c.num_workers, c.num_task_generators)
+    generators = [ray.remote(TaskGenerator).options(num_cpus=0).remote(cfg, shares, ranks) for ranks in blocks]
+    feeds = [generator for generator, ranks in zip(generators, blocks) for _ in ranks]  # the generator of each rank
     roles = {"parameter server": server, **{f"worker {r}": w for r, w in enumerate(workers)}}
     roles |= {f"task generator {g}": generator for g, generator in enumerate(generators)}
     try:
-        train_s, monitor, evaluations = _run_steps(cfg, run_dir, server, workers, generators, shares)
+        train_s, monitor, evaluations = _run_steps(cfg, run_dir, server, workers, feeds, shares)
         checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
         final_params = ray.get(server.parameters.remote())
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
@@ -106,11 +118,11 @@ def _train(cfg: Config, run_dir: Path, started: float) -> TrainResult:
     return TrainResult(run_dir, checkpoint, monitor.latest, rows, monitor.tasks_per_s, train_s, wall)
 
 
-def _run_steps(cfg: Config, run_dir: Path, server, workers, generators, shares):
+def _run_steps(cfg: Config, run_dir: Path, server, workers, feeds, shares):
     """The training loop proper; returns (seconds, monitor, validations still running)."""
     c, t = cfg.cluster, cfg.train
     engine_name = choose_engine(c)
-    engine = ENGINES[engine_name](server, workers, generators, c.max_inflight_steps, c.step_timeout_s)
+    engine = ENGINES[engine_name](server, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
     monitor = Monitor(run_dir, cfg)
     print(f"run {run_dir} | {engine_name} engine | {c.num_workers} worker(s), tasks {shares} | {t.steps} steps")
 

@@ -90,13 +90,14 @@ def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
         text=True,
     )
     try:
-        url, deadline = None, time.time() + 240
+        url, deadline, output = None, time.time() + 240, []
         for line in process.stdout:
+            output.append(line)
             if line.startswith("TensorBoard at "):
                 url = line.split()[2]
             if "still serving" in line or time.time() > deadline:
                 break
-        assert url and process.poll() is None, "launch.py did not print a TensorBoard URL and keep serving"
+        assert url and process.poll() is None, "launch.py did not keep serving TensorBoard:\n" + "".join(output[-40:])
         expected = scalars(tmp_path / "tb", "train/loss_after")
         query = f"{url.rstrip('/')}/data/plugin/scalars/scalars?run=tb&tag=train/loss_after"
         served = {}

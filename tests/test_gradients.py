@@ -33,21 +33,30 @@ def setup(kind: str, num_tasks: int = 3, seed: int = 0):
     return model, theta, tasks, loss_fn, "regression" if kind == "mlp" else "classification"
 
 
-def reference_adapt(model, params, x, y, loss_fn, steps, lr, create_graph):
-    for _ in range(steps):
+def minibatch(x, y, step, batch):
+    """Inner step ``step``'s examples: the next ``batch`` of the support set, wrapping around."""
+    if not batch:
+        return x, y
+    index = [(step * batch + j) % len(x) for j in range(batch)]
+    return x[index], y[index]
+
+
+def reference_adapt(model, params, x, y, loss_fn, steps, lr, create_graph, batch=0):
+    for step in range(steps):
+        bx, by = minibatch(x, y, step, batch)
         grads = torch.autograd.grad(
-            loss_fn(functional_call(model, params, (x,)), y), list(params.values()), create_graph=create_graph
+            loss_fn(functional_call(model, params, (bx,)), by), list(params.values()), create_graph=create_graph
         )
         params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
     return params
 
 
-def reference_meta_gradient(model, theta, tasks, loss_fn, steps, lr, first_order):
+def reference_meta_gradient(model, theta, tasks, loss_fn, steps, lr, first_order, batch=0):
     """Sum over tasks, one task at a time. First order: the query gradient at the adapted point."""
     leaf = {n: p.clone().requires_grad_() for n, p in theta.items()}
     total = {n: torch.zeros_like(p) for n, p in theta.items()}
     for sx, sy, qx, qy in zip(*tasks):
-        adapted = reference_adapt(model, leaf, sx, sy, loss_fn, steps, lr, create_graph=not first_order)
+        adapted = reference_adapt(model, leaf, sx, sy, loss_fn, steps, lr, create_graph=not first_order, batch=batch)
         if first_order:
             adapted = {n: p.detach().requires_grad_() for n, p in adapted.items()}
             wrt = list(adapted.values())
@@ -102,11 +111,12 @@ def test_maml_meta_gradient_matches_finite_differences(kind, implementation):
 
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
 @pytest.mark.parametrize("name", ["maml", "fomaml"])
-def test_vmap_loop_and_plain_autograd_agree(kind, name):
+@pytest.mark.parametrize("batch", [0, 4])  # 4 of 5 or 6 support examples: the mini-batches wrap around
+def test_vmap_loop_and_plain_autograd_agree(kind, name, batch):
     model, theta, tasks, loss_fn, task_kind = setup(kind, num_tasks=4)
-    cfg = AlgorithmConfig(name=name, inner_lr=0.1, inner_steps=3)
+    cfg = AlgorithmConfig(name=name, inner_lr=0.1, inner_steps=3, inner_batch_size=batch)
     algorithm = build_algorithm(cfg, model, task_kind)
-    reference = reference_meta_gradient(model, theta, tasks, loss_fn, 3, 0.1, first_order=name == "fomaml")
+    reference = reference_meta_gradient(model, theta, tasks, loss_fn, 3, 0.1, name == "fomaml", batch)
     vmapped, vmap_metrics = algorithm.batch_update(theta, tasks, "vmap")
     looped, loop_metrics = algorithm.batch_update(theta, tasks, "loop")
     assert rel(vmapped, reference) < TOL
@@ -145,27 +155,29 @@ def test_reptile_sgd_delta_by_hand(kind, implementation):
 
 
 @pytest.mark.parametrize("implementation", ["vmap", "loop"])
-def test_reptile_adam_matches_torch_adam_with_beta1_zero(implementation):
+@pytest.mark.parametrize("batch", [0, 4])  # Reptile's own setting: Adam on mini-batches of the support set
+def test_reptile_adam_matches_torch_adam_with_beta1_zero(implementation, batch):
     model, theta, tasks, loss_fn, task_kind = setup("conv4")
-    cfg = AlgorithmConfig(name="reptile", inner_lr=0.01, inner_steps=5, inner_optimizer="adam")
+    cfg = AlgorithmConfig(name="reptile", inner_lr=0.01, inner_steps=5, inner_optimizer="adam", inner_batch_size=batch)
     update, _ = build_algorithm(cfg, model, task_kind).batch_update(theta, tasks, implementation)
     expected = {n: torch.zeros_like(p) for n, p in theta.items()}
     for sx, sy, _qx, _qy in zip(*tasks):
         params = {n: p.clone().requires_grad_() for n, p in theta.items()}
         optimizer = torch.optim.Adam(params.values(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
-        for _ in range(5):
+        for step in range(5):
+            bx, by = minibatch(sx, sy, step, batch)
             optimizer.zero_grad()
-            loss_fn(functional_call(model, params, (sx,)), sy).backward()
+            loss_fn(functional_call(model, params, (bx,)), by).backward()
             optimizer.step()
         expected = {n: expected[n] + theta[n] - params[n].detach() for n in theta}
     assert rel(update, expected) < TOL
 
 
-@pytest.mark.parametrize("name", ["maml", "reptile"])
-def test_evaluation_trajectory_matches_a_plain_loop(name):
+@pytest.mark.parametrize("name, batch", [("maml", 0), ("reptile", 0), ("reptile", 4)])
+def test_evaluation_trajectory_matches_a_plain_loop(name, batch):
     model, theta, tasks, loss_fn, task_kind = setup("conv4")
     algorithm = build_algorithm(AlgorithmConfig(name=name, inner_lr=0.3, inner_steps=1), model, task_kind)
-    trajectory = algorithm.batch_trajectory(theta, tasks, steps=3)
+    trajectory = algorithm.batch_trajectory(theta, tasks, steps=3, batch_size=batch)
     assert trajectory["loss"].shape == (3, 4) and trajectory["accuracy"].shape == (3, 4)
     for t, (sx, sy, qx, qy) in enumerate(zip(*tasks)):
         params = {n: p.clone().requires_grad_() for n, p in theta.items()}
@@ -175,7 +187,8 @@ def test_evaluation_trajectory_matches_a_plain_loop(name):
             assert trajectory["loss"][t, step].item() == pytest.approx(loss_fn(output, qy).item(), rel=1e-10)
             accuracy = (output.argmax(-1) == qy).double().mean().item()
             assert trajectory["accuracy"][t, step].item() == pytest.approx(accuracy)
-            params = reference_adapt(model, params, sx, sy, loss_fn, 1, 0.3, create_graph=False)
+            bx, by = minibatch(sx, sy, step, batch)
+            params = reference_adapt(model, params, bx, by, loss_fn, 1, 0.3, create_graph=False)
             params = {n: p.detach().requires_grad_() for n, p in params.items()}
 
 

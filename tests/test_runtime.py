@@ -73,17 +73,18 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
     assert not np.allclose(
         expected, initial_parameters(build_model(small().model, build_source(small().task).spec), torch.float64).numpy()
     )
-    for workers, engine, implementation in [
-        (1, "compiled", "vmap"),
-        (2, "compiled", "vmap"),
-        (3, "compiled", "loop"),
-        (2, "tasks", "vmap"),
+    for workers, engine, implementation, generators in [
+        (1, "compiled", "vmap", 1),
+        (2, "compiled", "vmap", 1),
+        (3, "compiled", "loop", 2),
+        (3, "tasks", "vmap", 2),
     ]:
         cfg = small(
             *ALGORITHMS[algorithm],
             f"cluster.num_workers={workers}",
             f"cluster.engine={engine}",
             f"algorithm.implementation={implementation}",
+            f"cluster.num_task_generators={generators}",
         )
         result = train(cfg, tmp_path / f"{workers}-{engine}")
         np.testing.assert_allclose(
@@ -167,11 +168,17 @@ def test_a_task_generator_that_dies_is_reported_to_the_driver(ray_local, tmp_pat
 
     killed = {}
 
+    def ours(process) -> bool:  # started by this test's Ray (its raylet is our child), not another run's
+        try:
+            return os.getpid() in [parent.pid for parent in process.parents()]
+        except psutil.NoSuchProcess:
+            return False
+
     def kill_the_generator():
         deadline = time.time() + 60
         while time.time() < deadline and not killed:
             for process in psutil.process_iter(["cmdline"]):
-                if any("TaskGenerator" in part for part in process.info["cmdline"] or []):
+                if any("TaskGenerator" in part for part in process.info["cmdline"] or []) and ours(process):
                     time.sleep(3)  # let training get going
                     try:
                         os.kill(process.pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,10 +26,23 @@ def test_ingest_writes_all_of_omniglot_with_its_splits(omniglot_shards):
     assert len(data.classes) == 1623 and all(c["rows"] == 20 for c in data.classes)
     assert data.image_shape == (1, 28, 28)
     sizes = {name: len(members) for name, members in data.splits.items()}
-    assert sizes == {"maml/train": 1100, "maml/val": 100, "maml/test": 423, "lake/train": 964, "lake/test": 659}
-    maml = [set(data.split(f"maml/{s}").tolist()) for s in ("train", "val", "test")]
-    assert not (maml[0] & maml[1] or maml[0] & maml[2] or maml[1] & maml[2])
+    assert sizes == {
+        **{"maml/train": 1100, "maml/val": 100, "maml/test": 423},
+        **{"vinyals/train": 1028, "vinyals/val": 172, "vinyals/test": 423},
+        **{"lake/train": 964, "lake/test": 659},
+    }
+    for scheme in ("maml", "vinyals"):
+        train, val, test = (set(data.split(f"{scheme}/{s}").tolist()) for s in ("train", "val", "test"))
+        assert not (train & val or train & test or val & test) and len(train | val | test) == 1623
     assert len({c["group"] for c in data.classes}) == 50  # alphabets
+    # Vinyals: validation is five whole background alphabets, test the evaluation set's last 423 characters
+    names = {s: [data.classes[i]["name"] for i in data.split(f"vinyals/{s}")] for s in ("val", "test")}
+    assert {n.split("/")[0] for n in names["val"]} == {
+        *("Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)")
+    }
+    assert min(names["test"]) == "Gurmukhi/character42" and max(names["test"]) == "ULOG/character26"
+    assert "Gurmukhi/character41" in [c["name"] for c in data.classes]
+    assert set(data.split("vinyals/test")) <= set(data.split("lake/test"))
     manifest = json.loads((omniglot_shards / "manifest.json").read_text())
     assert manifest["schema"] == {
         "image": "fixed_size_binary[784]",
@@ -68,7 +82,7 @@ def test_episodes_are_n_way_k_shot_with_distinct_classes_and_permuted_labels(omn
     source = episodes(omniglot_shards, "task.ways=5", "task.shots=2", "task.queries=3")
     batch = source.sample(task_rng(0, split, 1), 6, split, 2, 3)
     assert batch.support_x.shape == (6, 10, 1, 28, 28) and batch.query_x.shape == (6, 15, 1, 28, 28)
-    pool = set(source.pools[split].tolist())
+    pool = set(source.pool(split).tolist())
     rotations = set()
     for t in range(6):
         assert sorted(batch.support_y[t].tolist()) == sorted(list(range(5)) * 2)
@@ -104,7 +118,7 @@ def test_distinct_choices_are_uniform_k_subsets_in_random_order():
         (["task.ways=5000"], "task.ways=5000 but split 'train' has only 4400 classes"),
         (["task.rotations=false", "task.ways=1101"], "split 'train' has only 1100 classes"),
         (["task.shots=10", "task.queries=15"], "has 20 images, fewer than task.shots \\+ task.queries = 25"),
-        (["task.split_scheme=vinyals"], "split 'vinyals/train' is not in"),
+        (["task.split_scheme=cbfinn"], "split 'cbfinn/train' is not in"),
     ],
 )
 def test_impossible_episodes_are_named_before_training(omniglot_shards, overrides, message):
@@ -165,3 +179,72 @@ def test_which_drawings_become_support_is_uniform(omniglot_shards):
     drawer = [(lookup[x.reshape(-1).tobytes()] % 20) for x in batch.support_x.reshape(-1, 784)]
     counts = np.bincount(drawer, minlength=20)  # 2,000 support images over the 20 drawings of a class
     assert counts.min() > 60 and counts.max() < 140
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_part_of_a_batch_is_exactly_those_tasks_of_the_whole(omniglot_shards, split):
+    source = episodes(omniglot_shards)
+    whole = source.sample(task_rng(0, split, 3), 9, split, 1, 5)
+    part = source.sample(task_rng(0, split, 3), 9, split, 1, 5, slice(3, 7))
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[3:7])
+
+
+def test_a_scheme_without_validation_can_train_only_without_validation(omniglot_shards, tmp_path):
+    from distmeta.config import ConfigError
+    from distmeta.train import train
+
+    assert episodes(omniglot_shards, "task.split_scheme=lake").splits == ("train", "test")
+    cfg = load_config(
+        None, ["task.source=shards", "model.name=conv4", f"task.shards={omniglot_shards}", "task.split_scheme=lake"]
+    )
+    with pytest.raises(ConfigError, match="has no val split .* set train.eval_every=0"):
+        train(cfg, tmp_path / "run")  # fails before Ray starts
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_large_shards_are_read_without_mapping_them_into_memory(tmp_path):
+    """Read every image of 48 MiB of shards in random batches. Mapped, the shard's pages become
+    resident in this process; above the mapping limit they are read with pread and nothing of the
+    file stays mapped, and the images are the same."""
+    from distmeta.data.shards import ClassImages, write_shards
+
+    rng = np.random.default_rng(0)
+    classes = [ClassImages(f"c{i}", "g", rng.integers(0, 256, (20, 3, 64, 64), np.uint8)) for i in range(200)]
+    write_shards(tmp_path, classes, {"all/train": list(range(200))})
+    shard = tmp_path / "shard-00000.arrow"
+    order = rng.permutation(4000).reshape(-1, 5, 8)
+    peaks = {}
+    for map_bytes in (64 << 20, 16 << 20):
+        data = ShardedDataset(tmp_path, map_bytes=map_bytes)
+        assert data.mapped == (map_bytes == 64 << 20)
+        peak = 0
+        for rows in order:
+            images = data.gather(0, rows)
+            assert images.shape == (5, 8, 3, 64, 64)
+            np.testing.assert_array_equal(images[2, 3], classes[rows[2, 3] // 20].images[rows[2, 3] % 20])
+            peak = max(peak, _mapped_kib(shard))
+        peaks[map_bytes] = peak
+        del data
+    assert peaks[64 << 20] > 40 * 1024  # mapped: nearly the whole 48 MiB file became resident
+    assert peaks[16 << 20] < 1024  # pread: only the IPC footer was ever touched through the mapping
+
+
+def test_episodes_are_the_same_mapped_or_read_with_pread(omniglot_shards):
+    mapped, read = episodes(omniglot_shards), episodes(omniglot_shards, "task.map_shards_mb=0")
+    assert mapped.data.mapped and not read.data.mapped
+    a = mapped.sample(task_rng(1, "train", 2), 8, "train", 1, 15)
+    b = read.sample(task_rng(1, "train", 2), 8, "train", 1, 15)
+    np.testing.assert_array_equal(a.support_x, b.support_x)
+    np.testing.assert_array_equal(a.query_x, b.query_x)

@@ -6,7 +6,7 @@ import torch
 
 from distmeta.config import load_config
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.task_generator import TaskGenerator, split_evenly
+from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
 from distmeta.tasks import build_source, task_rng
 
 
@@ -31,6 +31,15 @@ def test_batches_are_deterministic_per_step_and_streams_are_disjoint():
     assert not np.array_equal(a.query_y, c.query_y) and not np.array_equal(a.query_y, d.query_y)
 
 
+@pytest.mark.parametrize("source", ["sinusoid", "synthetic"])
+def test_a_part_of_a_batch_is_exactly_those_tasks_of_the_whole(source):
+    cfg = load_config(None, [f"task.source={source}", f"model.name={'mlp' if source == 'sinusoid' else 'conv4'}"])
+    whole = build_source(cfg.task).sample(task_rng(0, "train", 3), 9, "train", 2, 3)
+    part = build_source(cfg.task).sample(task_rng(0, "train", 3), 9, "train", 2, 3, slice(3, 7))
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[3:7])
+
+
 def test_synthetic_episodes_are_n_way_k_shot_with_permuted_labels():
     cfg = load_config(
         None, ["task.source=synthetic", "model.name=conv4", "task.ways=5", "task.shots=2", "task.queries=3"]
@@ -40,7 +49,7 @@ def test_synthetic_episodes_are_n_way_k_shot_with_permuted_labels():
     assert batch.support_x.shape == (64, 10, 1, 28, 28) and batch.support_x.dtype == np.uint8
     assert batch.query_y.shape == (64, 15)
     for labels in batch.support_y:
-        assert sorted(labels.tolist()) == sorted([0, 1, 2, 3, 4] * 2)
+        assert labels.tolist() == [0, 1, 2, 3, 4] * 2  # shot-major: one of each class, then the next shot
     # the same label means the same class within a task: support and query images match their class template
     templates = source.templates
     for t in range(4):
@@ -61,15 +70,22 @@ def test_uint8_images_become_unit_floats_on_the_device():
     assert sx.dtype == torch.float32 and sx.min() >= 0 and sx.max() <= 1 and sy.dtype == torch.long
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_slices_cover_the_step_batch_whatever_the_split(workers):
-    cfg = load_config(None, ["train.meta_batch_size=7"])
+@pytest.mark.parametrize("workers, generators", [(1, 1), (2, 1), (3, 1), (3, 2), (3, 3)])
+def test_slices_cover_the_step_batch_whatever_the_split(workers, generators):
+    cfg = load_config(None, ["train.meta_batch_size=7", "task.source=synthetic", "model.name=conv4"])
     whole = TaskGenerator(cfg, [7], [0], prefetch=False).build(5)[0]
     shares = split_evenly(7, workers)
     assert sum(shares) == 7 and max(shares) - min(shares) <= 1
-    generator = TaskGenerator(cfg, shares, list(range(workers)), start_step=5)
-    parts = [generator.batch_for(StepControl(5), rank) for rank in range(workers)]
-    assert np.array_equal(np.concatenate([p.query_y for p in parts]), whole.query_y)
+    blocks = generator_blocks(workers, generators)
+    assert sorted(r for block in blocks for r in block) == list(range(workers)) and len(blocks) == generators
+    parts = {}
+    for ranks in blocks:  # each generator builds only its own block's tasks
+        generator = TaskGenerator(cfg, shares, ranks, start_step=5)
+        assert generator.part.stop - generator.part.start == sum(shares[r] for r in ranks)
+        parts |= {rank: generator.batch_for(StepControl(5), rank) for rank in ranks}
+    for name in ("support_x", "query_x", "query_y"):
+        joined = np.concatenate([getattr(parts[rank], name) for rank in range(workers)])
+        np.testing.assert_array_equal(joined, getattr(whole, name))
 
 
 def test_prefetch_queue_is_bounded_and_ordered():

@@ -74,16 +74,28 @@ class MetaAlgorithm:
 
     # --- the inner loop --------------------------------------------------------------------
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool) -> Iterator[Params]:
+    def adapt(
+        self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool, batch_size: int | None = None
+    ) -> Iterator[Params]:
         """Yield the task-adapted parameters after each of ``steps`` inner steps.
 
         With ``create_graph`` the result stays differentiable with respect to ``params``
-        (second order); without it the inner gradients are constants (first order).
+        (second order); without it the inner gradients are constants (first order). Step i uses
+        support examples ``(i * batch_size + j) mod S``: the support set is shot-major (see
+        TaskBatch), so every mini-batch holds one shot of each class before the next.
+        ``batch_size`` 0 (or None: ``inner_batch_size``) uses the whole support set every step.
         """
         lr = self.cfg.inner_lr
+        size = x.shape[1]
+        batch_size = self.cfg.inner_batch_size if batch_size is None else batch_size
+        batch_size = batch_size if 0 < batch_size < size else size
         second_moment = None
         for step in range(1, steps + 1):
-            loss = self.task_losses(self.forward(params, x), y).sum()
+            if batch_size < size:
+                index = (torch.arange(batch_size, device=x.device) + (step - 1) * batch_size) % size
+                loss = self.task_losses(self.forward(params, x[:, index]), y[:, index]).sum()
+            else:
+                loss = self.task_losses(self.forward(params, x), y).sum()
             grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)))
             if self.cfg.inner_optimizer == "adam":
                 # Adam with beta1 = 0, as in the Reptile paper: the only state is the second moment.
@@ -123,14 +135,15 @@ class MetaAlgorithm:
         values = torch.stack([metric_sums[n] for n in names]).tolist()  # one device sync, not one per metric
         return update_sum, dict(zip(names, values))
 
-    def batch_trajectory(self, params: Params, tasks: Task, steps: int) -> dict[str, Tensor]:
-        """Per-task query loss (and accuracy) after 0, 1, ..., ``steps`` inner steps: [T, steps + 1]."""
+    def batch_trajectory(self, params: Params, tasks: Task, steps: int, batch_size: int = 0) -> dict[str, Tensor]:
+        """Per-task query loss (and accuracy) after 0, 1, ..., ``steps`` inner steps (mini-batches of
+        ``batch_size`` support examples; 0: all): [T, steps + 1]."""
         support_x, support_y, query_x, query_y = tasks
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
         per_task = self.per_task(theta, len(support_x))
         with torch.no_grad():
             points = [self.scores(self.forward(per_task, query_x), query_y)]
-        for adapted in self.adapt(per_task, support_x, support_y, steps, create_graph=False):
+        for adapted in self.adapt(per_task, support_x, support_y, steps, create_graph=False, batch_size=batch_size):
             with torch.no_grad():
                 points.append(self.scores(self.forward(adapted, query_x), query_y))
         return {name: torch.stack([point[name] for point in points], dim=1) for name in points[0]}

@@ -6,6 +6,10 @@ to). Images are resized with Lanczos antialiasing (Pillow) and inverted so strok
 
   maml/train, maml/val, maml/test      the MAML (cbfinn) split: the 1,623 characters shuffled with a
                                        fixed seed; 1,100 train + 100 validation (1,200 in all) and 423 test
+  vinyals/train, vinyals/val,          the Vinyals et al. (2016) split as Prototypical Networks and
+  vinyals/test                         torchmeta ship it: 1,028 / 172 / 423 characters. Test is the last
+                                       423 evaluation characters in name order (Gurmukhi/character42
+                                       on); validation is five background alphabets
   lake/train, lake/test                background (964 characters) vs evaluation (659) alphabets
 """
 
@@ -17,12 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
+from distmeta.data.download import download
 from distmeta.data.images import load_image
 from distmeta.data.shards import ClassImages, ShardError, write_shards
 
 PARTS = ("images_background", "images_evaluation")
+HOME_PAGE = "https://github.com/brendenlake/omniglot/tree/master/python"
+OFFICIAL_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+OFFICIAL_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
 SIZE = 28
 SPLIT_SEED = 1
+VINYALS_VAL_ALPHABETS = {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
+VINYALS_TEST_FROM = "Gurmukhi/character42"  # the first test character; evaluation characters from here on
 
 
 def read_part(src: Path, part: str) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
@@ -65,15 +78,38 @@ def build_omniglot(src: str | Path, out: str | Path, progress=print) -> Path:
             part_of.append(part)
         progress(f"{part}: {len(characters)} characters, {sum(len(f) for f in characters.values())} images")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(classes)).tolist()
+    vinyals = [_vinyals_split(c.name, part) for c, part in zip(classes, part_of)]
     splits = {
         "maml/train": sorted(order[:1100]),
         "maml/val": sorted(order[1100:1200]),
         "maml/test": sorted(order[1200:]),
+        **{f"vinyals/{s}": [i for i, v in enumerate(vinyals) if v == s] for s in ("train", "val", "test")},
         "lake/train": [i for i, p in enumerate(part_of) if p == PARTS[0]],
         "lake/test": [i for i, p in enumerate(part_of) if p == PARTS[1]],
     }
     if len(classes) != 1623:
-        progress(f"warning: {len(classes)} characters, the official Omniglot has 1,623; the maml split sizes assume it")
+        progress(f"warning: {len(classes)} characters, the official Omniglot has 1,623; the split sizes assume it")
     path = write_shards(out, classes, splits, dataset="omniglot", source=str(src))
     progress(f"wrote {len(classes)} classes to {out}")
     return path
+
+
+def _vinyals_split(name: str, part: str) -> str:
+    # Names sort as the split lists do: "character09" < "character42", and alphabets by name.
+    if part == PARTS[1] and name >= VINYALS_TEST_FROM:
+        return "test"
+    return "val" if part == PARTS[0] and name.split("/")[0] in VINYALS_VAL_ALPHABETS else "train"
+
+
+def fetch_omniglot(
+    out: str | Path, url: str = OFFICIAL_URL, md5: dict[str, str] = OFFICIAL_MD5, progress=print
+) -> Path:
+    """Download the official zips into ``out/downloads`` (verified by md5), then build shards in ``out``."""
+    out = Path(out)
+    fallback = (
+        f"Build from a local copy instead: put {' and '.join(p + '.zip' for p in PARTS)} (from {HOME_PAGE}) "
+        f"in a folder DIR and run `distmeta data build omniglot --src DIR --out {out}`"
+    )
+    for part in PARTS:
+        download(f"{url}/{part}.zip", out / "downloads" / f"{part}.zip", md5[part], fallback, progress)
+    return build_omniglot(out / "downloads", out, progress)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +114,16 @@ def write_shards(
 
 
 class ShardedDataset:
-    """Memory-mapped shards: ``images(shard)`` is a zero-copy [rows, C, H, W] uint8 view."""
+    """Shards opened for random access: ``gather(shard, rows)`` copies rows out.
 
-    def __init__(self, root: str | Path, verify: bool = True):
+    Shards totalling at most ``map_bytes`` are memory-mapped and gathered with one fancy index
+    (the fastest path). Larger ones are read row by row with ``pread``: the pages a process maps
+    count in its resident memory, and on current kernels a page-cache folio is mapped whole (up to
+    2 MiB for one 12 KiB image), so random episodes from mapped multi-GB shards would grow the task
+    generator's RSS towards the dataset's size. ``pread`` copies only the rows, from the page cache.
+    """
+
+    def __init__(self, root: str | Path, verify: bool = True, map_bytes: int = 256 << 20):
         self.root = Path(root)
         path = self.root / MANIFEST
         if not path.is_file():
@@ -131,11 +140,16 @@ class ShardedDataset:
                 f"distmeta reads {FORMAT!r} version {VERSION}: rebuild the shards with this version"
             )
         self.image_shape = tuple(self.manifest["image_shape"])
+        self.image_bytes = int(np.prod(self.image_shape))
         self.classes = self.manifest["classes"]
         self.splits = {name: np.asarray(members, dtype=np.int64) for name, members in self.manifest["splits"].items()}
-        self._images = [self._open(shard, verify) for shard in self.manifest["shards"]]
+        total = sum(shard["bytes"] for shard in self.manifest["shards"])
+        self.mapped = total <= map_bytes or not hasattr(os, "preadv")
+        self._images, self._files = [], []  # per shard: the mapped view; (fd, offset of row 0)
+        for shard in self.manifest["shards"]:
+            self._open(shard, verify)
 
-    def _open(self, shard: dict, verify: bool) -> np.ndarray:
+    def _open(self, shard: dict, verify: bool) -> None:
         path = self.root / shard["file"]
         if not path.is_file():
             raise ShardError(f"shard {path} is missing; copy it back or rebuild the shards")
@@ -146,18 +160,45 @@ class ShardedDataset:
         if verify and _sha256(path) != shard["sha256"]:
             raise ShardError(f"shard {path} does not match its SHA-256 in the manifest: corrupted; rebuild it")
         try:
-            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-        except pa.ArrowInvalid as err:
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            buffer = pa.py_buffer(mapped)
+            table = pa.ipc.open_file(pa.BufferReader(buffer)).read_all()
+        except (pa.ArrowInvalid, ValueError) as err:
             raise ShardError(f"shard {path} is not a readable Arrow IPC file ({err})") from None
-        expected = schema(int(np.prod(self.image_shape)))
-        if not table.schema.equals(expected) or table.num_rows != shard["rows"]:
-            raise ShardError(f"shard {path}: schema or row count differs from the manifest ({table.schema})")
-        column = table.column("image").combine_chunks()
-        data = np.frombuffer(column.buffers()[1], dtype=np.uint8, count=table.num_rows * int(np.prod(self.image_shape)))
+        column = table.column("image")
+        if (
+            not table.schema.equals(schema(self.image_bytes))
+            or table.num_rows != shard["rows"]
+            or column.num_chunks != 1
+        ):
+            raise ShardError(f"shard {path}: schema, rows or batches differ from the manifest ({table.schema})")
+        # chunk(0), not combine_chunks(): the latter copies the column into memory even for one chunk
+        images = column.chunk(0).buffers()[1]
+        self._files.append((None if self.mapped else os.open(path, os.O_RDONLY), images.address - buffer.address))
+        data = np.frombuffer(images, dtype=np.uint8, count=table.num_rows * self.image_bytes)
         data.flags.writeable = False  # a view of the memory-mapped file
-        return data.reshape(table.num_rows, *self.image_shape)
+        self._images.append(data.reshape(table.num_rows, *self.image_shape))
+
+    def gather(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        """A copy of the images at ``rows`` (any shape) of ``shard``: [*rows.shape, C, H, W] uint8."""
+        if self.mapped:
+            return self._images[shard][rows]
+        out = np.empty((*rows.shape, *self.image_shape), np.uint8)
+        fd, start = self._files[shard]
+        for row, image in zip(rows.ravel().tolist(), out.reshape(-1, self.image_bytes)):
+            if os.preadv(fd, [image], start + row * self.image_bytes) != self.image_bytes:
+                raise ShardError(f"shard {self.manifest['shards'][shard]['file']} ended early: truncated while in use?")
+        return out
+
+    def __del__(self) -> None:
+        for fd, _ in getattr(self, "_files", ()):
+            if fd is not None:
+                os.close(fd)
 
     def images(self, shard: int) -> np.ndarray:
+        """All of ``shard``'s images, a zero-copy view of the mapped file (for inspection: reading it
+        maps the pages into this process)."""
         return self._images[shard]
 
     def split(self, name: str) -> np.ndarray:

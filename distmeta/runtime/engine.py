@@ -27,11 +27,11 @@ PACE_ABOVE_S = 0.02  # shorter steps: sleeping costs more latency than the busy-
 
 
 class CompiledEngine:
-    def __init__(self, server, workers, generators, max_inflight_steps: int, timeout_s: float):
+    def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
         with InputNode() as control:
             params = server.parameters.bind(control)
             results = [
-                worker.compute.bind(control, params, generators[rank % len(generators)].batch_for.bind(control, rank))
+                worker.compute.bind(control, params, feeds[rank].batch_for.bind(control, rank))
                 for rank, worker in enumerate(workers)
             ]
             graph = server.apply.bind(control, *results)
@@ -60,15 +60,13 @@ class CompiledEngine:
 
 
 class TaskEngine:
-    def __init__(self, server, workers, generators, max_inflight_steps: int, timeout_s: float):
-        self.server, self.workers, self.generators = server, workers, generators
+    def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
+        self.server, self.workers, self.feeds = server, workers, feeds
         self.params = server.parameters.remote()
 
     def submit(self, control: StepControl):
         results = [
-            worker.compute.remote(
-                control, self.params, self.generators[rank % len(self.generators)].batch_for.remote(control, rank)
-            )
+            worker.compute.remote(control, self.params, self.feeds[rank].batch_for.remote(control, rank))
             for rank, worker in enumerate(self.workers)
         ]
         metrics = self.server.apply.remote(control, *results)

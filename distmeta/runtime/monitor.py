@@ -95,13 +95,13 @@ class Monitor:
         self.last_print = time.time()
         total = self.cfg.train.steps
         step_s = sum(self.recent_steps) / max(1, len(self.recent_steps))
-        tasks_per_s = self.cfg.train.meta_batch_size / step_s if step_s else float("nan")
-        eta = _duration((total - step) * step_s)
         m = self.latest
         line = f"step {step}/{total} | loss {m['loss_before']:.4f} -> {m['loss_after']:.4f}"
         if "accuracy_after" in m:
             line += f" | acc {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f}"
-        line += f" | {tasks_per_s:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
+        if step_s:  # none yet at the first step, which includes start-up
+            rate, eta = self.cfg.train.meta_batch_size / step_s, _duration((total - step) * step_s)
+            line += f" | {rate:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
         print(line, file=self.out, flush=True)
 
     @property

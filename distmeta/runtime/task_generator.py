@@ -3,7 +3,8 @@
 The batch of step t depends only on (seed, t), so a step's data is the same whatever the number
 of generators or workers, and resuming needs only the next step (the cursor). A background thread
 fills a bounded queue (``prefetch_batches`` steps deep) with the slices of the workers this
-generator serves, so by the time a worker asks for step t, its tasks are usually ready.
+generator serves, so by the time a worker asks for step t, its tasks are usually ready. Each
+generator serves a contiguous block of workers and builds only that block's tasks.
 """
 
 from __future__ import annotations
@@ -23,15 +24,27 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
+def generator_blocks(num_workers: int, num_generators: int) -> list[list[int]]:
+    """The workers each generator serves: contiguous blocks of ranks, as even as possible."""
+    blocks, start = [], 0
+    for size in split_evenly(num_workers, min(num_generators, num_workers)):
+        blocks.append(list(range(start, start + size)))
+        start += size
+    return blocks
+
+
 class TaskGenerator:
     def __init__(self, cfg: Config, shares: list[int], ranks: list[int], start_step: int = 0, prefetch: bool = True):
-        """Serve workers ``ranks`` their ``shares[rank]`` tasks of every step from ``start_step`` on."""
+        """Serve workers ``ranks`` (contiguous) their ``shares[rank]`` tasks of every step from ``start_step`` on."""
+        if ranks != list(range(ranks[0], ranks[-1] + 1)):
+            raise ValueError(f"a task generator serves a contiguous block of workers, not {ranks}")
         self.cfg, self.shares, self.ranks = cfg, shares, ranks
         self.source = build_source(cfg.task)
         bounds = [0]
         for share in shares:
             bounds.append(bounds[-1] + share)
-        self.bounds = {rank: (bounds[rank], bounds[rank + 1]) for rank in ranks}
+        self.part = slice(bounds[ranks[0]], bounds[ranks[-1] + 1])  # this generator's tasks of each step
+        self.bounds = {rank: (bounds[rank] - self.part.start, bounds[rank + 1] - self.part.start) for rank in ranks}
         self.ready: queue.Queue = queue.Queue(maxsize=cfg.cluster.prefetch_batches)
         self.current_step, self.current = -1, {}
         self.next_step = start_step
@@ -42,7 +55,7 @@ class TaskGenerator:
         """The slices of step ``step``'s meta-batch for this generator's workers."""
         task = self.cfg.task
         rng = task_rng(self.cfg.train.seed, "train", step)
-        batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries)
+        batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries, self.part)
         batch.produced_at = time.time()
         return {rank: batch.slice(*self.bounds[rank]) for rank in self.ranks}
 

@@ -75,6 +75,6 @@ class Worker:
     def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: int) -> dict[str, np.ndarray]:
         """Per-task query metrics after 0..``steps`` inner steps, ``[T, steps + 1]`` each."""
         trajectory = self.algorithm.batch_trajectory(
-            self._params(flat_params), tasks.to_torch(self.device, self.dtype), steps
+            self._params(flat_params), tasks.to_torch(self.device, self.dtype), steps, self.cfg.eval.inner_batch_size
         )
         return {name: values.cpu().numpy() for name, values in trajectory.items()}

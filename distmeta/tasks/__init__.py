@@ -2,8 +2,11 @@
 
 A source turns a numpy ``Generator`` into a ``TaskBatch`` of independent tasks. It is pure and
 deterministic, so the task-generation actor can rebuild the batch of any step from (seed, step)
-and a run's data does not depend on how many actors serve it. To add a dataset, write a source
-with ``kind``, ``spec`` and ``sample`` and register it in ``SOURCES``.
+and a run's data does not depend on how many actors serve it. ``part`` asks for a contiguous slice
+of the batch: the random draws still cover the whole batch (so the slice is exactly those tasks of
+the whole), but only the slice's data is built, so several generators split the work. To add a
+dataset, write a source with ``kind``, ``spec``, ``splits`` and ``sample`` and register it in
+``SOURCES``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ class TaskSource(Protocol):
     @property
     def spec(self) -> DataSpec: ...
 
-    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int) -> TaskBatch: ...
+    @property
+    def splits(self) -> tuple[str, ...]: ...  # which of "train", "val", "test" it has
+
+    def sample(
+        self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part: slice = slice(None)
+    ) -> TaskBatch:
+        """Tasks ``part`` of a batch of ``num_tasks``: equal to ``sample(...)[part]``."""
 
 
 SOURCES = {"sinusoid": Sinusoid, "synthetic": SyntheticClasses, "shards": ShardEpisodes}

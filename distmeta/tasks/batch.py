@@ -25,18 +25,21 @@ class TaskBatch:
     @classmethod
     def from_episodes(cls, images: np.ndarray, shots: int) -> TaskBatch:
         """From images ``[T, N, K + Q, ...]`` (task, class, example): class i gets label i, the first
-        ``shots`` examples of each class are the support set, the rest the query set."""
+        ``shots`` examples of each class are the support set, the rest the query set. The support
+        set is shot-major (example j has label j mod N), so any run of N support examples holds one
+        of each class: inner-loop mini-batches (``inner_batch_size``) cycle through it in order."""
         num_tasks, ways, per_class = images.shape[:3]
         labels = np.broadcast_to(np.arange(ways)[None, :, None], (num_tasks, ways, per_class))
 
-        def flat(a: np.ndarray) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...], class-major
+        def flat(a: np.ndarray, shot_major: bool) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...]
+            a = a.swapaxes(1, 2) if shot_major else a
             return np.ascontiguousarray(a.reshape(num_tasks, -1, *a.shape[3:]))
 
         return cls(
-            flat(images[:, :, :shots]),
-            flat(labels[:, :, :shots]).astype(np.int64),
-            flat(images[:, :, shots:]),
-            flat(labels[:, :, shots:]).astype(np.int64),
+            flat(images[:, :, :shots], True),
+            flat(labels[:, :, :shots], True).astype(np.int64),
+            flat(images[:, :, shots:], False),
+            flat(labels[:, :, shots:], False).astype(np.int64),
         )
 
     def __len__(self) -> int:

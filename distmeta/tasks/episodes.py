@@ -36,27 +36,34 @@ def distinct_choices(rng: np.random.Generator, rows: int, k: int, n: int) -> np.
 class ShardEpisodes:
     kind = "classification"
 
-    def __init__(self, root: str, scheme: str, ways: int, rotations: bool, verify: bool = True):
-        self.data = ShardedDataset(root, verify=verify)
-        self.ways, self.rotations = ways, rotations
+    def __init__(
+        self, root: str, scheme: str, ways: int, rotations: bool, verify: bool = True, map_shards_mb: int = 256
+    ):
+        self.data = ShardedDataset(root, verify=verify, map_bytes=map_shards_mb << 20)
+        self.scheme, self.ways, self.rotations = scheme, ways, rotations
         self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=ways)
         classes = self.data.classes
         self.shard = np.array([c["shard"] for c in classes])
         self.first_row = np.array([c["first_row"] for c in classes])
         self.rows = np.array([c["rows"] for c in classes])
-        self.pools = {split: self.data.split(f"{scheme}/{split}") for split in ("train", "val", "test")}
+        self.splits = tuple(s for s in ("train", "val", "test") if f"{scheme}/{s}" in self.data.splits)
+        self.pool("train")  # raises, naming the splits there are, if the scheme is unknown
+
+    def pool(self, split: str) -> np.ndarray:
+        """The class indices of ``split`` under this scheme."""
+        return self.data.split(f"{self.scheme}/{split}")
 
     @classmethod
     def from_config(cls, cfg) -> ShardEpisodes:
         if not cfg.shards:
             raise ShardError("task.source=shards needs task.shards=DIR (build it with `distmeta data build ...`)")
-        source = cls(cfg.shards, cfg.split_scheme, cfg.ways, cfg.rotations)
+        source = cls(cfg.shards, cfg.split_scheme, cfg.ways, cfg.rotations, map_shards_mb=cfg.map_shards_mb)
         source.check("train", cfg.shots, cfg.queries)
         return source
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Raise, naming the split or class, if ``split`` cannot give ways x (shots + queries) episodes."""
-        pool = self.pools[split]
+        pool = self.pool(split)
         classes = len(pool) * (ROTATIONS if self.rotations and split == "train" else 1)
         if self.ways > classes:
             raise ShardError(f"task.ways={self.ways} but split {split!r} has only {classes} classes; lower task.ways")
@@ -68,29 +75,31 @@ class ShardEpisodes:
                 f"({len(small)} such classes in split {split!r}); lower shots or queries"
             )
 
-    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int) -> TaskBatch:
-        pool = self.pools[split]
+    def sample(
+        self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part=slice(None)
+    ) -> TaskBatch:
+        pool = self.pool(split)
         rotate = self.rotations and split == "train"
         choices = len(pool) * (ROTATIONS if rotate else 1)
         picked = distinct_choices(rng, num_tasks, self.ways, choices)  # [T, N], in random order: the label
         classes, rotation = pool[picked % len(pool)], picked // len(pool)
-        # K + Q distinct rows of each chosen class.
+        # K + Q distinct rows of each chosen class, ordered by a random key, so which of them become
+        # the support set is uniformly random. Keys are drawn for the whole batch, used for the part.
         per_class = shots + queries
-        row_keys = rng.random((num_tasks, self.ways, int(self.rows[classes].max())))
+        row_keys = rng.random((num_tasks, self.ways, int(self.rows[classes].max())))[part]
+        classes, rotation = classes[part], rotation[part]
         row_keys[np.arange(row_keys.shape[-1]) >= self.rows[classes][..., None]] = np.inf
         chosen = np.argpartition(row_keys, per_class - 1, axis=-1)[..., :per_class]
-        # argpartition promises no order within the chosen rows; ordering them by key makes the support/query
-        # split a uniformly random one by construction
         chosen = np.take_along_axis(chosen, np.argsort(np.take_along_axis(row_keys, chosen, -1), -1), -1)
         rows = chosen + self.first_row[classes][..., None]
         shards = self.shard[classes]
-        if (shards == shards.flat[0]).all():  # the usual case: one fancy index, one copy
-            images = self.data.images(shards.flat[0])[rows]
+        if shards.size and (shards == shards.flat[0]).all():  # the usual case: one fancy index, one copy
+            images = self.data.gather(int(shards.flat[0]), rows)
         else:
-            images = np.empty((num_tasks, self.ways, per_class, *self.data.image_shape), np.uint8)
+            images = np.empty((*rows.shape, *self.data.image_shape), np.uint8)
             for shard in np.unique(shards):
                 mask = shards == shard
-                images[mask] = self.data.images(shard)[rows[mask]]
+                images[mask] = self.data.gather(int(shard), rows[mask])
         if rotate:
             for k in range(1, ROTATIONS):
                 mask = rotation == k

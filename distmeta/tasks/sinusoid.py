@@ -12,6 +12,7 @@ from distmeta.tasks.batch import TaskBatch
 class Sinusoid:
     kind = "regression"
     spec = DataSpec(input_shape=(1,), output_dim=1)
+    splits = ("train", "val", "test")
 
     def __init__(self, amplitude=(0.1, 5.0), phase=(0.0, np.pi), x_range=(-5.0, 5.0)):
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
@@ -20,10 +21,10 @@ class Sinusoid:
     def from_config(cls, cfg) -> Sinusoid:
         return cls()
 
-    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int):
-        amplitude = rng.uniform(*self.amplitude, size=(num_tasks, 1, 1))
-        phase = rng.uniform(*self.phase, size=(num_tasks, 1, 1))
-        x = rng.uniform(*self.x_range, size=(num_tasks, shots + queries, 1))
+    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part=slice(None)):
+        amplitude = rng.uniform(*self.amplitude, size=(num_tasks, 1, 1))[part]
+        phase = rng.uniform(*self.phase, size=(num_tasks, 1, 1))[part]
+        x = rng.uniform(*self.x_range, size=(num_tasks, shots + queries, 1))[part]
         y = amplitude * np.sin(x - phase)
         x, y = x.astype(np.float32), y.astype(np.float32)
         return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])

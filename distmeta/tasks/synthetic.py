@@ -37,13 +37,18 @@ class SyntheticClasses:
     def from_config(cls, cfg) -> SyntheticClasses:
         return cls(cfg.num_classes, cfg.ways, cfg.channels, cfg.image_size)
 
-    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int):
+    splits = ("train", "val", "test")
+
+    def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part=slice(None)):
         pool = self.classes[split]
         # argsort of uniform noise: N distinct classes per task, in random order, for all tasks at once.
         picks = np.argsort(rng.random((num_tasks, len(pool))), axis=1)[:, : self.ways]
-        classes = pool[picks]  # [T, N]; label i is the i-th picked class, so labels are permuted
-        per_class = shots + queries
-        images = self.templates[classes][:, :, None]  # [T, N, 1, C, H, W]
-        noise = rng.normal(0.0, _NOISE, size=(num_tasks, self.ways, per_class, *self.templates.shape[1:]))
-        images = np.clip(images + noise, 0, 255).astype(np.uint8)  # [T, N, K+Q, C, H, W]
+        classes = pool[picks][part]  # [T, N]; label i is the i-th picked class, so labels are permuted
+        # The noise is most of the work: one seed per task, so a part draws only its own tasks' noise.
+        noise_seeds = rng.integers(0, 2**63, num_tasks)[part]
+        shape = (self.ways, shots + queries, *self.templates.shape[1:])
+        noise = np.empty((len(noise_seeds), *shape))
+        for task, seed in enumerate(noise_seeds):
+            noise[task] = np.random.default_rng(seed).normal(0.0, _NOISE, shape)
+        images = np.clip(self.templates[classes][:, :, None] + noise, 0, 255).astype(np.uint8)  # [T, N, K+Q, C, H, W]
         return TaskBatch.from_episodes(images, shots)
