@@ -69,6 +69,13 @@ def summarize(cfg: Config, trajectories: dict[int, list[dict[str, np.ndarray]]])
     return rows
 
 
+def check_evaluation(cfg: Config, source, splits: list[str]) -> None:
+    """Raise before any work if ``source`` cannot give the evaluation episodes of ``splits``."""
+    for split in splits:
+        for shots in cfg.eval.shots or [cfg.task.shots]:
+            source.check(split, shots, cfg.eval.queries)
+
+
 def evaluate_chunk(
     cfg: Config, flat_params: np.ndarray, split: str, chunks: list[tuple[int, int, int]], device: str | None = None
 ) -> list[dict[str, np.ndarray]]:
@@ -85,6 +92,7 @@ def evaluate_chunk(
 
 def evaluate(cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu") -> list[EvalRow]:
     """Evaluate meta-parameters in this process (no Ray)."""
+    check_evaluation(cfg, build_source(cfg.task), [split])
     chunks = evaluation_chunks(cfg)
     return summarize(cfg, group_by_shots(chunks, evaluate_chunk(cfg, flat_params, split, chunks, device)))
 

@@ -21,7 +21,15 @@ import ray
 import torch
 
 from distmeta.config import Config, ConfigError
-from distmeta.evaluate import EvalRow, evaluate_chunk, evaluation_chunks, format_rows, group_by_shots, summarize
+from distmeta.evaluate import (
+    EvalRow,
+    check_evaluation,
+    evaluate_chunk,
+    evaluation_chunks,
+    format_rows,
+    group_by_shots,
+    summarize,
+)
 from distmeta.models import build_model
 from distmeta.params import initial_parameters
 from distmeta.runtime.cluster import connect
@@ -63,6 +71,8 @@ def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
 
 
 def _checked_source(cfg: Config):
+    """The run's task source, once every split the run samples has been checked at the sizes it
+    samples them (training, validation and test episodes)."""
     source = build_source(cfg.task)
     needed = ["train", "test", *(["val"] if cfg.train.eval_every else [])]
     missing = [split for split in needed if split not in source.splits]
@@ -72,6 +82,7 @@ def _checked_source(cfg: Config):
             + ("set train.eval_every=0 or " if missing == ["val"] else "")
             + "choose another task.split_scheme"
         )
+    check_evaluation(cfg, source, needed[1:])
     return source
 
 

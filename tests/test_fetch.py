@@ -62,3 +62,8 @@ def test_offline_fetch_says_how_to_build_from_a_local_copy(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "could not download" in error and "images_background.zip" in error
     assert f"distmeta data build omniglot --src DIR --out {tmp_path}" in error
+
+
+def test_a_missing_file_on_the_mirror_is_named(mirror, tmp_path):
+    with pytest.raises(DownloadError, match=r"answered HTTP 404 .*is the URL right\? Build from a local copy"):
+        fetch_omniglot(tmp_path, url=f"{mirror}/nothing", progress=lambda line: None)

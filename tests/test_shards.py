@@ -117,7 +117,7 @@ def test_distinct_choices_are_uniform_k_subsets_in_random_order():
     [
         (["task.ways=5000"], "task.ways=5000 but split 'train' has only 4400 classes"),
         (["task.rotations=false", "task.ways=1101"], "split 'train' has only 1100 classes"),
-        (["task.shots=10", "task.queries=15"], "has 20 images, fewer than task.shots \\+ task.queries = 25"),
+        (["task.shots=10", "task.queries=15"], "has 20 images, fewer than task.shots \\+ task.queries = 10 \\+ 15"),
         (["task.split_scheme=cbfinn"], "split 'cbfinn/train' is not in"),
     ],
 )
@@ -248,3 +248,21 @@ def test_episodes_are_the_same_mapped_or_read_with_pread(omniglot_shards):
     b = read.sample(task_rng(1, "train", 2), 8, "train", 1, 15)
     np.testing.assert_array_equal(a.support_x, b.support_x)
     np.testing.assert_array_equal(a.query_x, b.query_x)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.queries=100"], r"has 20 images, fewer than eval shots \+ eval.queries = 1 \+ 100 .* split 'test'"),
+        (["task.ways=500", "train.eval_every=0"], "task.ways=500 but split 'test' has only 423 classes"),
+        (["task.ways=200", "eval.queries=5"], "task.ways=200 but split 'val' has only 100 classes"),
+    ],
+)
+def test_impossible_evaluation_episodes_are_named_before_training(omniglot_shards, tmp_path, overrides, message):
+    from distmeta.train import train
+
+    cfg = load_config(
+        None, ["task.source=shards", "model.name=conv4", f"task.shards={omniglot_shards}", "task.shots=1", *overrides]
+    )
+    with pytest.raises(ShardError, match=message):
+        train(cfg, tmp_path / "run")  # before Ray starts: this test has no Ray

@@ -80,8 +80,8 @@ class MetaAlgorithm:
         """Yield the task-adapted parameters after each of ``steps`` inner steps.
 
         With ``create_graph`` the result stays differentiable with respect to ``params``
-        (second order); without it the inner gradients are constants (first order). Step i uses
-        support examples ``(i * batch_size + j) mod S``: the support set is shot-major (see
+        (second order); without it the inner gradients are constants (first order). Step i (from 0)
+        uses support examples ``(i * batch_size + j) mod S``: the support set is shot-major (see
         TaskBatch), so every mini-batch holds one shot of each class before the next.
         ``batch_size`` 0 (or None: ``inner_batch_size``) uses the whole support set every step.
         """

@@ -4,6 +4,7 @@ is complete and verified, with progress (size, rate, ETA), and a clear error whe
 from __future__ import annotations
 
 import hashlib
+import http.client
 import time
 import urllib.error
 import urllib.request
@@ -37,10 +38,15 @@ def download(url: str, dest: Path, md5: str, fallback: str, progress=print, time
                 if time.time() - shown >= 1.0 or done == total:
                     shown = time.time()
                     progress(_progress_line(dest.name, done, total, shown - started))
-    except (urllib.error.URLError, OSError) as err:  # URLError covers HTTP errors; OSError timeouts and resets
+    except (OSError, http.client.HTTPException) as err:
         part.unlink(missing_ok=True)
-        reason = getattr(err, "reason", err)
-        raise DownloadError(f"could not download {url} ({reason}); offline? {fallback}") from None
+        if isinstance(err, urllib.error.HTTPError):
+            problem = f"{url} answered HTTP {err.code} ({err.reason}); is the URL right?"
+        elif isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)):
+            problem = f"could not download {url} ({getattr(err, 'reason', err)}); offline?"
+        else:  # a local failure: disk full, permissions
+            problem = f"could not write {part} ({err})"
+        raise DownloadError(f"{problem} {fallback}") from None
     if digest.hexdigest() != md5:
         part.unlink()
         raise DownloadError(

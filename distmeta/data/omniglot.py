@@ -4,8 +4,9 @@ Reads the official ``images_background.zip`` / ``images_evaluation.zip`` (or the
 to). Images are resized with Lanczos antialiasing (Pillow) and inverted so strokes are bright
 (255) on a dark background, as few-shot papers feed them. Splits written to the manifest:
 
-  maml/train, maml/val, maml/test      the MAML (cbfinn) split: the 1,623 characters shuffled with a
-                                       fixed seed; 1,100 train + 100 validation (1,200 in all) and 423 test
+  maml/train, maml/val, maml/test      MAML-style, the sizes of MAML's code (cbfinn): the 1,623 characters
+                                       shuffled with our fixed seed; 1,100 train + 100 validation (1,200)
+                                       and 423 test
   vinyals/train, vinyals/val,          the Vinyals et al. (2016) split as Prototypical Networks and
   vinyals/test                         torchmeta ship it: 1,028 / 172 / 423 characters. Test is the last
                                        423 evaluation characters in name order (Gurmukhi/character42

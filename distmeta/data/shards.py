@@ -184,6 +184,8 @@ class ShardedDataset:
         """A copy of the images at ``rows`` (any shape) of ``shard``: [*rows.shape, C, H, W] uint8."""
         if self.mapped:
             return self._images[shard][rows]
+        if rows.size and not 0 <= rows.min() <= rows.max() < len(self._images[shard]):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} outside shard {shard}'s {len(self._images[shard])}")
         out = np.empty((*rows.shape, *self.image_shape), np.uint8)
         fd, start = self._files[shard]
         for row, image in zip(rows.ravel().tolist(), out.reshape(-1, self.image_bytes)):
@@ -203,7 +205,10 @@ class ShardedDataset:
 
     def split(self, name: str) -> np.ndarray:
         if name not in self.splits:
-            raise ShardError(f"split {name!r} is not in {self.root / MANIFEST}; it has: {', '.join(self.splits)}")
+            raise ShardError(
+                f"split {name!r} is not in {self.root / MANIFEST}; it has: {', '.join(self.splits)} (shards built by "
+                "an older distmeta lack newer split schemes: rebuild them with `distmeta data build ...`)"
+            )
         return self.splits[name]
 
 

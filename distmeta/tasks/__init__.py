@@ -31,6 +31,9 @@ class TaskSource(Protocol):
     @property
     def splits(self) -> tuple[str, ...]: ...  # which of "train", "val", "test" it has
 
+    def check(self, split: str, shots: int, queries: int) -> None:
+        """Raise a clear error if ``split`` cannot give episodes of this size."""
+
     def sample(
         self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part: slice = slice(None)
     ) -> TaskBatch:

@@ -33,7 +33,7 @@ class TaskBatch:
 
         def flat(a: np.ndarray, shot_major: bool) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...]
             a = a.swapaxes(1, 2) if shot_major else a
-            return np.ascontiguousarray(a.reshape(num_tasks, -1, *a.shape[3:]))
+            return np.ascontiguousarray(a.reshape(num_tasks, a.shape[1] * a.shape[2], *a.shape[3:]))
 
         return cls(
             flat(images[:, :, :shots], True),

@@ -70,9 +70,10 @@ class ShardEpisodes:
         small = [self.data.classes[c] for c in pool if self.rows[c] < shots + queries]
         if small:
             c = small[0]
+            which = "task.shots + task.queries" if split == "train" else "eval shots + eval.queries"
             raise ShardError(
-                f"class {c['name']!r} has {c['rows']} images, fewer than task.shots + task.queries = {shots + queries} "
-                f"({len(small)} such classes in split {split!r}); lower shots or queries"
+                f"class {c['name']!r} has {c['rows']} images, fewer than {which} = {shots} + {queries} "
+                f"({len(small)} such classes in split {split!r}); lower the shots or queries"
             )
 
     def sample(
@@ -86,6 +87,8 @@ class ShardEpisodes:
         # K + Q distinct rows of each chosen class, ordered by a random key, so which of them become
         # the support set is uniformly random. Keys are drawn for the whole batch, used for the part.
         per_class = shots + queries
+        if self.rows[classes].min() < per_class:  # check() should have caught it; never read past a class
+            self.check(split, shots, queries)
         row_keys = rng.random((num_tasks, self.ways, int(self.rows[classes].max())))[part]
         classes, rotation = classes[part], rotation[part]
         row_keys[np.arange(row_keys.shape[-1]) >= self.rows[classes][..., None]] = np.inf

@@ -21,6 +21,9 @@ class Sinusoid:
     def from_config(cls, cfg) -> Sinusoid:
         return cls()
 
+    def check(self, split: str, shots: int, queries: int) -> None:
+        """Any number of points can be drawn from a sine: nothing to check."""
+
     def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part=slice(None)):
         amplitude = rng.uniform(*self.amplitude, size=(num_tasks, 1, 1))[part]
         phase = rng.uniform(*self.phase, size=(num_tasks, 1, 1))[part]

@@ -37,6 +37,9 @@ class SyntheticClasses:
     def from_config(cls, cfg) -> SyntheticClasses:
         return cls(cfg.num_classes, cfg.ways, cfg.channels, cfg.image_size)
 
+    def check(self, split: str, shots: int, queries: int) -> None:
+        """Examples are generated, so any shots and queries work; the split sizes are checked at init."""
+
     splits = ("train", "val", "test")
 
     def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part=slice(None)):
