@@ -82,11 +82,10 @@ def evaluate_chunk(
     """Per-task query metrics after 0..max(eval.inner_steps) inner steps, for each chunk."""
     worker = Worker(cfg, device=torch.device(device) if device else None)
     source = build_source(cfg.task)
-    steps = max(cfg.eval.inner_steps)
     results = []
     for shots, index, size in chunks:
         tasks = source.sample(task_rng(cfg.eval.seed, split, index), size, split, shots, cfg.eval.queries)
-        results.append(worker.evaluate(flat_params, tasks, steps))
+        results.append(worker.evaluate(flat_params, tasks, cfg.eval.inner_steps))
     return results
 
 

@@ -35,7 +35,7 @@ from distmeta.params import initial_parameters
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.engine import ENGINES, choose_engine
-from distmeta.runtime.monitor import Monitor
+from distmeta.runtime.monitor import Monitor, duration
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
 from distmeta.runtime.worker import DTYPES, Worker
@@ -120,7 +120,7 @@ def _train(cfg: Config, spec, run_dir: Path, started: float) -> TrainResult:
     for at, pending in evaluations:
         monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
-    rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True))
+    rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True), progress=True)
     monitor.log_eval(t.steps, "test", rows)
     print(format_rows(rows), flush=True)
     monitor.close(rows)
@@ -182,21 +182,31 @@ def _alive(actor, timeout_s: float = 10.0) -> bool:
 
 
 def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):
-    """Evaluation chunks as Ray tasks: during training at zero CPUs in the background, at the end
-    with the workers' resources (their actors are gone by then). Returns (chunks, result refs)."""
+    """Evaluation chunks as Ray tasks: during training one task at zero CPUs in the background; at
+    the end one task per chunk with a worker's resources (their actors are gone by then), so the
+    chunks spread over the cluster and report progress. Returns [(chunks, result ref)]."""
     c = cfg.cluster
     chunks = evaluation_chunks(cfg, num_tasks)
     gpus = c.gpus_per_worker if final else 0
     remote = ray.remote(evaluate_chunk).options(num_cpus=c.cpus_per_worker if final else 0, num_gpus=gpus)
     params_ref = ray.put(params)
-    parts = c.num_workers if final else 1
-    groups = [chunks[i::parts] for i in range(parts) if chunks[i::parts]]
+    groups = [[chunk] for chunk in chunks] if final else [chunks]
     return [(group, remote.remote(cfg, params_ref, split, group, "cuda" if gpus else "cpu")) for group in groups]
 
 
-def _collect_evaluation(cfg: Config, pending: list) -> list[EvalRow]:
+def _collect_evaluation(cfg: Config, pending: list, progress: bool = False) -> list[EvalRow]:
+    refs = [ref for _, ref in pending]
+    total, started, done = sum(chunk[2] for group, _ in pending for chunk in group), time.time(), 0
+    remaining = list(refs)
+    while progress and remaining:  # progress as chunks finish: tasks, rate, ETA
+        finished, remaining = ray.wait(remaining, num_returns=1)
+        done += sum(chunk[2] for group, ref in pending if ref in finished for chunk in group)
+        rate = done / (time.time() - started)
+        print(
+            f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {duration((total - done) / rate)}", flush=True
+        )
     chunks = [chunk for group, _ in pending for chunk in group]
-    results = [r for part in ray.get([ref for _, ref in pending]) for r in part]
+    results = [r for part in ray.get(refs) for r in part]
     return summarize(cfg, group_by_shots(chunks, results))
 
 

@@ -45,6 +45,7 @@ def test_launch_trains_evaluates_and_the_loss_falls(tmp_path, cli_env):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 1200/1200" in out.stdout and "tasks/s" in out.stdout and "ETA" in out.stdout
+    assert "evaluated 100/200 tasks" in out.stdout and "evaluated 200/200 tasks" in out.stdout  # progress
     run_dir = tmp_path / "e2e"
     loss = scalars(run_dir, "train/loss_after")
     assert sorted(loss) == list(range(100, 1201, 100))

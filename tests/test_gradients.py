@@ -179,6 +179,9 @@ def test_evaluation_trajectory_matches_a_plain_loop(name, batch):
     algorithm = build_algorithm(AlgorithmConfig(name=name, inner_lr=0.3, inner_steps=1), model, task_kind)
     trajectory = algorithm.batch_trajectory(theta, tasks, steps=3, batch_size=batch)
     assert trajectory["loss"].shape == (3, 4) and trajectory["accuracy"].shape == (3, 4)
+    sparse = algorithm.batch_trajectory(theta, tasks, steps=3, batch_size=batch, score_at={0, 2})
+    assert torch.equal(sparse["loss"][:, [0, 2]], trajectory["loss"][:, [0, 2]])
+    assert sparse["loss"][:, [1, 3]].isnan().all()  # only the asked-for steps are scored
     for t, (sx, sy, qx, qy) in enumerate(zip(*tasks)):
         params = {n: p.clone().requires_grad_() for n, p in theta.items()}
         for step in range(4):

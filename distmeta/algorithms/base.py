@@ -15,6 +15,7 @@ one chunk (``vmap``) or task by task without vmap (``loop``); both are exact, an
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -135,18 +136,25 @@ class MetaAlgorithm:
         values = torch.stack([metric_sums[n] for n in names]).tolist()  # one device sync, not one per metric
         return update_sum, dict(zip(names, values))
 
-    def batch_trajectory(self, params: Params, tasks: Task, steps: int, batch_size: int = 0) -> dict[str, Tensor]:
+    def batch_trajectory(
+        self, params: Params, tasks: Task, steps: int, batch_size: int = 0, score_at: set[int] | None = None
+    ) -> dict[str, Tensor]:
         """Per-task query loss (and accuracy) after 0, 1, ..., ``steps`` inner steps (mini-batches of
-        ``batch_size`` support examples; 0: all): [T, steps + 1]."""
+        ``batch_size`` support examples; 0: all): [T, steps + 1]. With ``score_at`` only those
+        steps are scored (the query forward costs more than a 1-shot inner step); the rest are NaN."""
         support_x, support_y, query_x, query_y = tasks
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
         per_task = self.per_task(theta, len(support_x))
-        with torch.no_grad():
-            points = [self.scores(self.forward(per_task, query_x), query_y)]
-        for adapted in self.adapt(per_task, support_x, support_y, steps, create_graph=False, batch_size=batch_size):
-            with torch.no_grad():
-                points.append(self.scores(self.forward(adapted, query_x), query_y))
-        return {name: torch.stack([point[name] for point in points], dim=1) for name in points[0]}
+        score_at = set(range(steps + 1)) if score_at is None else score_at
+        adapted = self.adapt(per_task, support_x, support_y, steps, create_graph=False, batch_size=batch_size)
+        points = {}
+        for step, current in enumerate(itertools.chain([per_task], adapted)):
+            if step in score_at:
+                with torch.no_grad():
+                    points[step] = self.scores(self.forward(current, query_x), query_y)
+        names = next(iter(points.values()))
+        missing = torch.full((len(support_x),), float("nan"), dtype=query_x.dtype, device=query_x.device)
+        return {n: torch.stack([points[s][n] if s in points else missing for s in range(steps + 1)], 1) for n in names}
 
 
 def fastest_implementation(algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2) -> tuple[str, dict]:

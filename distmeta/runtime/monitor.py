@@ -100,7 +100,7 @@ class Monitor:
         if "accuracy_after" in m:
             line += f" | acc {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f}"
         if step_s:  # none yet at the first step, which includes start-up
-            rate, eta = self.cfg.train.meta_batch_size / step_s, _duration((total - step) * step_s)
+            rate, eta = self.cfg.train.meta_batch_size / step_s, duration((total - step) * step_s)
             line += f" | {rate:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
         print(line, file=self.out, flush=True)
 
@@ -146,7 +146,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -72,9 +72,14 @@ class Worker:
             "finished": time.time(),
         }
 
-    def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: int) -> dict[str, np.ndarray]:
-        """Per-task query metrics after 0..``steps`` inner steps, ``[T, steps + 1]`` each."""
+    def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> dict[str, np.ndarray]:
+        """Per-task query metrics after 0..max(``steps``) inner steps, ``[T, max + 1]`` each, scored
+        after 0 and each of ``steps`` (NaN elsewhere)."""
         trajectory = self.algorithm.batch_trajectory(
-            self._params(flat_params), tasks.to_torch(self.device, self.dtype), steps, self.cfg.eval.inner_batch_size
+            self._params(flat_params),
+            tasks.to_torch(self.device, self.dtype),
+            max(steps),
+            self.cfg.eval.inner_batch_size,
+            score_at={0, *steps},
         )
         return {name: values.cpu().numpy() for name, values in trajectory.items()}
