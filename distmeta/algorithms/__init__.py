@@ -1,5 +1,5 @@
 """Meta-learning algorithms, by name. Add one by writing a ``MetaAlgorithm`` subclass in its own
-file (a ``task_update`` method) and registering it here."""
+file (a ``chunk_update`` method) and registering it here."""
 
 from distmeta.algorithms.base import IMPLEMENTATIONS, MetaAlgorithm, fastest_implementation
 from distmeta.algorithms.maml import MAML, FirstOrderMAML
