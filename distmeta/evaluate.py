@@ -38,7 +38,7 @@ def evaluation_chunks(cfg: Config, num_tasks: int | None = None) -> list[tuple[i
     """(shots, chunk index, tasks in chunk). Chunk i holds the same task functions for every shots
     value, so K = 5, 10, 20 are compared on the same tasks."""
     num_tasks = num_tasks or cfg.eval.num_tasks
-    shots_list = cfg.eval.shots or [cfg.task.shots]
+    shots_list = eval_shots(cfg)
     sizes = [min(CHUNK_TASKS, num_tasks - start) for start in range(0, num_tasks, CHUNK_TASKS)]
     return [(shots, index, size) for shots in shots_list for index, size in enumerate(sizes)]
 
@@ -69,10 +69,15 @@ def summarize(cfg: Config, trajectories: dict[int, list[dict[str, np.ndarray]]])
     return rows
 
 
+def eval_shots(cfg: Config) -> list[int]:
+    """The support sizes evaluation uses: ``eval.shots``, or the training shots."""
+    return cfg.eval.shots or [cfg.task.shots]
+
+
 def check_evaluation(cfg: Config, source, splits: list[str]) -> None:
     """Raise before any work if ``source`` cannot give the evaluation episodes of ``splits``."""
     for split in splits:
-        for shots in cfg.eval.shots or [cfg.task.shots]:
+        for shots in eval_shots(cfg):
             source.check(split, shots, cfg.eval.queries)
 
 

@@ -157,7 +157,7 @@ class ShardedDataset:
             raise ShardError(
                 f"shard {path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']}: truncated?"
             )
-        if verify and _sha256(path) != shard["sha256"]:
+        if verify and _verified_sha256(path) != shard["sha256"]:
             raise ShardError(f"shard {path} does not match its SHA-256 in the manifest: corrupted; rebuild it")
         try:
             with open(path, "rb") as f:
@@ -210,6 +210,19 @@ class ShardedDataset:
                 "an older distmeta lack newer split schemes: rebuild them with `distmeta data build ...`)"
             )
         return self.splits[name]
+
+
+_HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> SHA-256, for this process
+
+
+def _verified_sha256(path: Path) -> str:
+    """The file's SHA-256, hashed once per process while its size and mtime stay the same: every
+    evaluation chunk and generator builds a source, and hashing 2 GB of shards takes seconds."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _sha256(path)
+    return _HASHED[key]
 
 
 def _sha256(path: Path) -> str:

@@ -86,12 +86,12 @@ class ShardEpisodes:
         classes, rotation = pool[picked % len(pool)], picked // len(pool)
         # K + Q distinct rows of each chosen class, ordered by a random key, so which of them become
         # the support set is uniformly random. Keys are drawn for the whole batch, used for the part.
-        per_class = shots + queries
-        if self.rows[classes].min() < per_class:  # check() should have caught it; never read past a class
+        per_class, class_rows = shots + queries, self.rows[classes]
+        if class_rows.min() < per_class:  # check() should have caught it; never read past a class
             self.check(split, shots, queries)
-        row_keys = rng.random((num_tasks, self.ways, int(self.rows[classes].max())))[part]
-        classes, rotation = classes[part], rotation[part]
-        row_keys[np.arange(row_keys.shape[-1]) >= self.rows[classes][..., None]] = np.inf
+        row_keys = rng.random((num_tasks, self.ways, int(class_rows.max())))[part]
+        classes, rotation, class_rows = classes[part], rotation[part], class_rows[part]
+        row_keys[np.arange(row_keys.shape[-1]) >= class_rows[..., None]] = np.inf
         chosen = np.argpartition(row_keys, per_class - 1, axis=-1)[..., :per_class]
         chosen = np.take_along_axis(chosen, np.argsort(np.take_along_axis(row_keys, chosen, -1), -1), -1)
         rows = chosen + self.first_row[classes][..., None]

@@ -15,6 +15,7 @@ _NOISE = 48.0
 
 class SyntheticClasses:
     kind = "classification"
+    splits = ("train", "val", "test")
 
     def __init__(self, num_classes: int, ways: int, channels: int, image_size: int):
         if num_classes < 2 * ways:
@@ -39,8 +40,6 @@ class SyntheticClasses:
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Examples are generated, so any shots and queries work; the split sizes are checked at init."""
-
-    splits = ("train", "val", "test")
 
     def sample(self, rng: np.random.Generator, num_tasks: int, split: str, shots: int, queries: int, part=slice(None)):
         pool = self.classes[split]
