@@ -19,9 +19,8 @@ import time
 
 import torch
 
+from distmeta.algorithms import initial_parameters
 from distmeta.config import load_config
-from distmeta.models import build_model
-from distmeta.params import initial_parameters
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.engine import choose_engine
 from distmeta.runtime.parameter_server import ParameterServer
@@ -33,8 +32,7 @@ CONFIG = "configs/omniglot_synthetic_maml.yaml"
 
 
 def in_process(cfg, implementation: str, steps: int, device: str) -> float:
-    torch.manual_seed(0)
-    initial = initial_parameters(build_model(cfg.model, build_source(cfg.task).spec), torch.float32).numpy()
+    initial = initial_parameters(cfg, build_source(cfg.task))
     generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
     worker, server = Worker(cfg, device=torch.device(device)), ParameterServer(cfg, initial)
     worker.implementation = implementation

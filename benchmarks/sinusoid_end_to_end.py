@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from distmeta.algorithms import initial_parameters
 from distmeta.config import load_config
 from distmeta.models import build_model
-from distmeta.params import initial_parameters
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator
@@ -30,8 +30,7 @@ from distmeta.train import train
 
 
 def plain_core(cfg) -> float:
-    torch.manual_seed(cfg.train.seed)
-    initial = initial_parameters(build_model(cfg.model, build_source(cfg.task).spec), torch.float32).numpy()
+    initial = initial_parameters(cfg, build_source(cfg.task))
     generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
     worker, server = Worker(cfg, device=torch.device("cpu")), ParameterServer(cfg, initial)
     start = time.perf_counter()

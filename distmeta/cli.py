@@ -45,12 +45,39 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+# Evaluation flags and the eval.* field each one sets (the rest of the protocol comes from the checkpoint).
+EVAL_FLAGS = {
+    "episodes": "eval.num_tasks",
+    "ways": "eval.ways",
+    "shots": "eval.shots",
+    "queries": "eval.queries",
+    "steps": "eval.inner_steps",
+    "seed": "eval.seed",
+    "transductive": "eval.transductive",
+}
+
+
 def evaluate_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Evaluate a checkpoint on held-out tasks.")
-    parser.add_argument("--checkpoint", required=True)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Evaluate a checkpoint on held-out tasks: mean, 95%% confidence interval, median. Unset flags "
+        "keep the checkpoint's own eval.* settings; the protocol used is printed with the results.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="e.g. runs/RUN/checkpoints/best.pt or final.pt")
     parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--episodes", type=int, help="held-out tasks (eval.num_tasks)")
+    parser.add_argument("--ways", type=int, help="classes per episode (other than training's: metric learners only)")
+    parser.add_argument("--shots", type=int, nargs="+", help="support examples per class, one or more values")
+    parser.add_argument("--queries", type=int, help="query examples per class (per task for regression)")
+    parser.add_argument("--steps", type=int, nargs="+", help="inner steps to score after, e.g. 0 1 3")
+    parser.add_argument("--seed", type=int, help="seed of the held-out task stream (eval.seed)")
+    parser.add_argument(
+        "--transductive",
+        action=argparse.BooleanOptionalAction,
+        help="batch statistics over the whole query set (default), or each query with the support set alone",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="eval.* fields, e.g. eval.num_tasks=1000")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="other eval.* fields")
     return parser
 
 
@@ -59,7 +86,7 @@ def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
     if args.eval_only:
         if not args.checkpoint:
             return _fail("--eval-only needs --checkpoint PATH")
-        return _guard(lambda: _evaluate(args.checkpoint, "test", "cpu", args.overrides))
+        return _guard(lambda: _evaluate(args.checkpoint, "test", "cpu", args.overrides, {}))
     return _guard(lambda: _train(args))
 
 
@@ -97,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
     args = evaluate_parser("distmeta evaluate").parse_args(argv[1:])
-    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides))
+    settings = {key: getattr(args, name) for name, key in EVAL_FLAGS.items() if getattr(args, name) is not None}
+    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -118,19 +146,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str]) -> int:
+def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], settings: dict) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
-    from distmeta.evaluate import evaluate, format_rows, load_checkpoint
+    from distmeta.checkpoint import load_checkpoint
+    from distmeta.evaluate import evaluate, format_rows, protocol
     from distmeta.runtime.monitor import write_eval_scalars
 
     cfg, params, state = load_checkpoint(checkpoint)
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"evaluation overrides must be eval.* fields, got {bad}")
-    cfg = load_config(None, overrides, base=cfg.to_dict())
+    cfg = load_config(None, overrides, settings=settings, base=cfg.to_dict())
     path = Path(checkpoint)
-    print(f"evaluating {path} (step {state['step']}) on {cfg.eval.num_tasks} {split} tasks", flush=True)
+    print(f"evaluating {path} (step {state['step']}, {cfg.algorithm.name})", flush=True)
+    print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
     rows = evaluate(cfg, params, split=split, device=device)
     print(format_rows(rows))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent

@@ -51,7 +51,8 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "maml"  # maml | fomaml | reptile (see distmeta.algorithms.ALGORITHMS)
+    # maml | fomaml | reptile | anil | metasgd | protonet | matchingnet (see distmeta.algorithms.ALGORITHMS)
+    name: str = "maml"
     inner_lr: float = 0.01
     inner_steps: int = 1
     inner_optimizer: str = "sgd"  # sgd | adam (Adam with beta1 = 0, first-order algorithms only)
@@ -59,6 +60,8 @@ class AlgorithmConfig:
     # next, as Reptile's mini-batches); 0: the whole support set every step
     inner_batch_size: int = 0
     implementation: str = "auto"  # auto (measured per device) | vmap | loop
+    fce: bool = False  # matchingnet: full context embeddings (LSTMs over the support set)
+    fce_steps: int = 5  # matchingnet with fce: the attention LSTM's processing steps
 
 
 @dataclass
@@ -66,6 +69,8 @@ class MetaOptimizerConfig:
     name: str = "adam"  # adam | sgd (Reptile's outer step is sgd on theta - phi)
     lr: float = 1e-3
     final_lr: float | None = None  # anneal linearly to this by the last step; None keeps lr
+    decay_every: int = 0  # or: multiply lr by decay_factor every this many steps (ProtoNets: 0.5 every 2000)
+    decay_factor: float = 0.5
 
 
 @dataclass
@@ -101,11 +106,16 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_tasks: int = 600
+    ways: int = 0  # classes per test episode; 0: task.ways (other values: metric-based learners only)
     shots: list[int] = field(default_factory=list)  # support examples (per class); empty: task.shots
-    inner_steps: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # inner steps to score after; empty: [1, 5, 10], or [0] for learners without an inner loop
+    inner_steps: list[int] = field(default_factory=list)
     inner_batch_size: int = 0  # as algorithm.inner_batch_size, at test
     queries: int = 100
     seed: int = 1234  # held-out tasks come from their own stream, not the training one
+    # True: batch statistics over the whole query set. False: each query example is passed through
+    # the network with the support set alone (Nichol et al., 2018), so queries never inform each other
+    transductive: bool = True
     divergence_factor: float = 10.0  # a task diverged if its loss ends above this times its start
 
 
@@ -151,6 +161,8 @@ class Config:
             ("model.filters", self.model.filters, 1),
             ("algorithm.inner_steps", self.algorithm.inner_steps, 1),
             ("algorithm.inner_batch_size", self.algorithm.inner_batch_size, 0),
+            ("algorithm.fce_steps", self.algorithm.fce_steps, 1),
+            ("eval.ways", self.eval.ways, 0),
             ("eval.inner_batch_size", self.eval.inner_batch_size, 0),
             ("cluster.num_workers", self.cluster.num_workers, 1),
             ("cluster.num_task_generators", self.cluster.num_task_generators, 1),
@@ -178,6 +190,10 @@ class Config:
                 raise ConfigError(f"{name} must be > 0, got {value}")
         if self.meta_optimizer.final_lr is not None and self.meta_optimizer.final_lr < 0:
             raise ConfigError(f"meta_optimizer.final_lr must be >= 0, got {self.meta_optimizer.final_lr}")
+        if self.meta_optimizer.decay_every < 0 or not 0 < self.meta_optimizer.decay_factor <= 1:
+            raise ConfigError("meta_optimizer.decay_every must be >= 0 and meta_optimizer.decay_factor in (0, 1]")
+        if self.meta_optimizer.decay_every and self.meta_optimizer.final_lr is not None:
+            raise ConfigError("set meta_optimizer.final_lr (linear annealing) or decay_every (steps), not both")
         if self.cluster.gpus_per_worker < 0 or self.cluster.cpus_per_worker <= 0:
             raise ConfigError("cluster.gpus_per_worker must be >= 0 and cluster.cpus_per_worker > 0")
         if self.cluster.num_workers > self.train.meta_batch_size:
@@ -185,8 +201,8 @@ class Config:
                 f"cluster.num_workers ({self.cluster.num_workers}) exceeds train.meta_batch_size "
                 f"({self.train.meta_batch_size}): every worker needs at least one task per step"
             )
-        if any(k < 1 for k in self.eval.shots) or not self.eval.inner_steps or min(self.eval.inner_steps) < 0:
-            raise ConfigError("eval.shots must be >= 1 and eval.inner_steps a non-empty list of counts >= 0")
+        if any(k < 1 for k in self.eval.shots) or any(k < 0 for k in self.eval.inner_steps):
+            raise ConfigError("eval.shots must be >= 1 and eval.inner_steps counts >= 0")
         if self.model.hidden and min(self.model.hidden) < 1:
             raise ConfigError(f"model.hidden sizes must be >= 1, got {self.model.hidden}")
         if self.algorithm.inner_optimizer == "adam" and not ALGORITHMS[self.algorithm.name].first_order:
@@ -195,6 +211,21 @@ class Config:
                 f"not {self.algorithm.name}: differentiating through Adam's square root is unstable"
             )
         source_kind = SOURCES[self.task.source].kind
+        algorithm = ALGORITHMS[self.algorithm.name]
+        if not algorithm.adaptive and source_kind != "classification":
+            raise ConfigError(
+                f"algorithm.name={self.algorithm.name} classifies; task.source={self.task.source} is {source_kind}"
+            )
+        if not algorithm.adaptive and any(self.eval.inner_steps):
+            raise ConfigError(
+                f"algorithm.name={self.algorithm.name} has no inner loop; set eval.inner_steps=[0] (or leave it empty)"
+            )
+        if self.eval.ways not in (0, self.task.ways) and algorithm.uses_head:
+            raise ConfigError(
+                f"eval.ways={self.eval.ways} differs from task.ways={self.task.ways}, but "
+                f"{self.algorithm.name}'s model ends in a {self.task.ways}-way head; only metric-based learners "
+                f"({', '.join(n for n, a in ALGORITHMS.items() if not a.uses_head)}) test with other ways"
+            )
         expected_model = "mlp" if source_kind == "regression" else "conv4"
         if self.model.name != expected_model:
             raise ConfigError(

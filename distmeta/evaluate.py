@@ -9,13 +9,13 @@ same chunks as Ray tasks across the cluster, and both give the same numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from distmeta.config import Config, ConfigError, config_from_dict
+from distmeta.algorithms import ALGORITHMS
+from distmeta.config import Config
 from distmeta.runtime.worker import Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
 
@@ -24,6 +24,7 @@ CHUNK_TASKS = 100
 
 @dataclass
 class EvalRow:
+    ways: int  # classes per episode; 0 for regression
     shots: int
     steps: int
     metric: str  # "mse" (regression) or "accuracy" (classification)
@@ -32,6 +33,12 @@ class EvalRow:
     median: float
     diverged: int
     tasks: int
+
+    @property
+    def tag(self) -> str:
+        """Its TensorBoard name, e.g. ``accuracy_5way_shots1_steps3`` or ``mse_shots10_steps1``."""
+        ways = f"{self.ways}way_" if self.ways else ""
+        return f"{self.metric}_{ways}shots{self.shots}_steps{self.steps}"
 
 
 def evaluation_chunks(cfg: Config, num_tasks: int | None = None) -> list[tuple[int, int, int]]:
@@ -50,12 +57,13 @@ def summarize(cfg: Config, trajectories: dict[int, list[dict[str, np.ndarray]]])
     for shots, chunks in trajectories.items():
         loss = np.concatenate([c["loss"] for c in chunks])
         values = loss if regression else np.concatenate([c["accuracy"] for c in chunks])
-        for steps in cfg.eval.inner_steps:
+        for steps in eval_steps(cfg):
             diverged = ~np.isfinite(loss[:, steps]) | (loss[:, steps] > cfg.eval.divergence_factor * loss[:, 0])
             finite = values[np.isfinite(values[:, steps]), steps]
             ci95 = 1.96 * finite.std(ddof=1) / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
             rows.append(
                 EvalRow(
+                    ways=0 if regression else cfg.eval.ways or cfg.task.ways,
                     shots=shots,
                     steps=steps,
                     metric="mse" if regression else "accuracy",
@@ -74,29 +82,60 @@ def eval_shots(cfg: Config) -> list[int]:
     return cfg.eval.shots or [cfg.task.shots]
 
 
-def check_evaluation(cfg: Config, source, splits: list[str]) -> None:
-    """Raise before any work if ``source`` cannot give the evaluation episodes of ``splits``."""
+def eval_steps(cfg: Config) -> list[int]:
+    """The inner-step counts evaluation scores after: ``eval.inner_steps``, or the algorithm's default."""
+    return cfg.eval.inner_steps or ([1, 5, 10] if ALGORITHMS[cfg.algorithm.name].adaptive else [0])
+
+
+def eval_source(cfg: Config):
+    """The task source of held-out episodes: the run's, with ``eval.ways`` classes per episode."""
+    return build_source(replace(cfg.task, ways=cfg.eval.ways or cfg.task.ways))
+
+
+def check_evaluation(cfg: Config, splits: list[str]) -> None:
+    """Raise before any work if the held-out episodes of ``splits`` cannot be built."""
+    source = eval_source(cfg)
     for split in splits:
         for shots in eval_shots(cfg):
             source.check(split, shots, cfg.eval.queries)
 
 
+def protocol(cfg: Config, split: str, num_tasks: int) -> str:
+    """The evaluation protocol in one line, printed with every result so it can be reproduced."""
+    e, a = cfg.eval, cfg.algorithm
+    line = f"protocol: {num_tasks} {split} episodes (seed {e.seed})"
+    if SOURCES[cfg.task.source].kind == "classification":
+        line += f", {e.ways or cfg.task.ways}-way, shots {eval_shots(cfg)}, {e.queries} queries per class"
+    else:
+        line += f", shots {eval_shots(cfg)}, {e.queries} queries"
+    if ALGORITHMS[a.name].adaptive:
+        batch = f"mini-batches of {e.inner_batch_size}" if e.inner_batch_size else "the whole support set"
+        line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, lr {a.inner_lr}, on {batch})"
+    if cfg.model.name == "conv4":
+        line += ", batch statistics " + (
+            "over the query set (transductive)"
+            if e.transductive
+            else "of the support set plus one query (non-transductive)"
+        )
+    return line
+
+
 def evaluate_chunk(
     cfg: Config, flat_params: np.ndarray, split: str, chunks: list[tuple[int, int, int]], device: str | None = None
 ) -> list[dict[str, np.ndarray]]:
-    """Per-task query metrics after 0..max(eval.inner_steps) inner steps, for each chunk."""
+    """Per-task query metrics after 0..max(eval_steps) inner steps, for each chunk."""
     worker = Worker(cfg, device=torch.device(device) if device else None)
-    source = build_source(cfg.task)
+    source = eval_source(cfg)
     results = []
     for shots, index, size in chunks:
         tasks = source.sample(task_rng(cfg.eval.seed, split, index), size, split, shots, cfg.eval.queries)
-        results.append(worker.evaluate(flat_params, tasks, cfg.eval.inner_steps))
+        results.append(worker.evaluate(flat_params, tasks, eval_steps(cfg)))
     return results
 
 
 def evaluate(cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu") -> list[EvalRow]:
     """Evaluate meta-parameters in this process (no Ray)."""
-    check_evaluation(cfg, build_source(cfg.task), [split])
+    check_evaluation(cfg, [split])
     chunks = evaluation_chunks(cfg)
     return summarize(cfg, group_by_shots(chunks, evaluate_chunk(cfg, flat_params, split, chunks, device)))
 
@@ -106,22 +145,6 @@ def group_by_shots(chunks: list[tuple[int, int, int]], results: list[dict]) -> d
     for (shots, _, _), result in zip(chunks, results):
         trajectories.setdefault(shots, []).append(result)
     return trajectories
-
-
-def load_checkpoint(path: str | Path) -> tuple[Config, np.ndarray, dict]:
-    """(config, flat meta-parameters, the whole checkpoint) from a file written by the parameter server."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist (runs write them under <logdir>/<run>/checkpoints/)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(
-            f"checkpoint {path} cannot be read ({err}); it may be truncated or not a checkpoint"
-        ) from None
-    if not isinstance(state, dict) or "params" not in state or "config" not in state:
-        raise ConfigError(f"{path} is not a distmeta checkpoint (no params/config entries)")
-    return config_from_dict(state["config"]), state["params"].numpy(), state
 
 
 def format_rows(rows: list[EvalRow]) -> str:

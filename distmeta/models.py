@@ -4,6 +4,10 @@ Models are plain ``nn.Module``s. Algorithms never call them directly: they run t
 ``torch.func.functional_call`` on a dict of (possibly adapted, per-task) parameters, so a model
 must keep no state that changes in ``forward``. That is why BatchNorm uses batch statistics only
 (``track_running_stats=False``), as in MAML's reference implementation.
+
+Every model is ``features`` (an embedding of width ``feature_dim``) followed by a linear ``head``.
+ANIL adapts only the head; metric-based learners (ProtoNets, Matching Networks) build the model with
+``output_dim=0``, which leaves the head out so the model returns the embedding itself.
 """
 
 from __future__ import annotations
@@ -34,15 +38,16 @@ class MLP(nn.Module):
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
-        layers.append(nn.Linear(width, out_features))
-        self.net = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = width
+        self.head = nn.Linear(width, out_features) if out_features else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.head(self.features(x))
 
 
 class Conv4(nn.Module):
-    """Four blocks of [3x3 conv, BatchNorm, ReLU, 2x2 max-pool or stride 2], then a linear head.
+    """Four blocks of [3x3 conv, BatchNorm, ReLU, 2x2 max-pool or stride 2], flattened, then a linear head.
 
     Omniglot: 64 filters on 1x28x28. mini-ImageNet: 32 filters on 3x84x84 with max-pooling.
     """
@@ -66,11 +71,12 @@ class Conv4(nn.Module):
             channels = filters
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(filters * size * size, out_features)
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.feature_dim = filters * size * size
+        self.head = nn.Linear(self.feature_dim, out_features) if out_features else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
+        return self.head(self.features(x))
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # train.dtype
 
 
 class ParamLayout:
@@ -20,8 +21,8 @@ class ParamLayout:
         self.size = sum(self.sizes.values())
 
     @classmethod
-    def of(cls, model: nn.Module) -> ParamLayout:
-        return cls({name: tuple(p.shape) for name, p in model.named_parameters()})
+    def of(cls, params: dict[str, torch.Tensor]) -> ParamLayout:
+        return cls({name: tuple(p.shape) for name, p in params.items()})
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named views into ``flat`` (no copies)."""
@@ -34,7 +35,6 @@ class ParamLayout:
         return torch.cat([tensors[name].reshape(-1) for name in self.shapes])
 
 
-def initial_parameters(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The model's own initialisation, flattened in layout order."""
-    layout = ParamLayout.of(model)
-    return layout.flatten(dict(model.named_parameters())).detach().to(dtype).contiguous()
+def flat_parameters(params: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Named parameters (e.g. an algorithm's ``initial_parameters()``) as one vector in layout order."""
+    return ParamLayout.of(params).flatten(params).detach().to(dtype).contiguous()

@@ -12,14 +12,19 @@ synchronous: step t's update uses exactly the parameters after step t - 1.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
+import distmeta
+from distmeta.algorithms import initial_parameters
+from distmeta.checkpoint import write_checkpoint
 from distmeta.config import Config, ConfigError
 from distmeta.evaluate import (
     EvalRow,
@@ -28,24 +33,24 @@ from distmeta.evaluate import (
     evaluation_chunks,
     format_rows,
     group_by_shots,
+    protocol,
     summarize,
 )
-from distmeta.models import build_model
-from distmeta.params import initial_parameters
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.monitor import Monitor, duration
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
-from distmeta.runtime.worker import DTYPES, Worker
+from distmeta.runtime.worker import Worker
 from distmeta.tasks import build_source
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path  # the final parameters
+    best_checkpoint: Path | None  # the parameters that scored best on the validation split, if it ran
     final_metrics: dict
     eval_rows: list[EvalRow]
     tasks_per_s: float  # steady state, all steps but the first
@@ -64,7 +69,7 @@ def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     started_ray = connect(cfg.cluster)
     try:
-        return _train(cfg, source.spec, run_dir, started)
+        return _train(cfg, source, run_dir, started)
     finally:
         if started_ray:
             ray.shutdown()
@@ -82,20 +87,18 @@ def _checked_source(cfg: Config):
             + ("set train.eval_every=0 or " if missing == ["val"] else "")
             + "choose another task.split_scheme"
         )
-    check_evaluation(cfg, source, needed[1:])
+    check_evaluation(cfg, needed[1:])
     return source
 
 
-def _train(cfg: Config, spec, run_dir: Path, started: float) -> TrainResult:
+def _train(cfg: Config, source, run_dir: Path, started: float) -> TrainResult:
     c, t = cfg.cluster, cfg.train
 
-    # Initial meta-parameters: the model's own initialisation under the run's seed.
-    torch.manual_seed(t.seed)
-    initial = initial_parameters(build_model(cfg.model, spec), DTYPES[t.dtype])
+    initial = initial_parameters(cfg, source)
 
     # The actors. Workers hold the compute resources; the server and the generators are light.
     shares = split_evenly(t.meta_batch_size, c.num_workers)
-    server = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, initial.numpy())
+    server = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, initial)
     workers = [
         ray.remote(Worker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker).remote(cfg, rank)
         for rank in range(c.num_workers)
@@ -106,7 +109,7 @@ def _train(cfg: Config, spec, run_dir: Path, started: float) -> TrainResult:
     roles = {"parameter server": server, **{f"worker {r}": w for r, w in enumerate(workers)}}
     roles |= {f"task generator {g}": generator for g, generator in enumerate(generators)}
     try:
-        train_s, monitor, evaluations = _run_steps(cfg, run_dir, server, workers, feeds, shares)
+        train_s, monitor, best, evaluations = _run_steps(cfg, run_dir, server, workers, feeds, shares)
         checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
         final_params = ray.get(server.parameters.remote())
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
@@ -117,24 +120,29 @@ def _train(cfg: Config, spec, run_dir: Path, started: float) -> TrainResult:
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
         for actor in [server, *workers, *generators]:
             ray.kill(actor)
-    for at, pending in evaluations:
-        monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
+    for at, params, pending in evaluations:
+        best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
+    if best.row:
+        print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.path}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
+    print(protocol(cfg, "test", cfg.eval.num_tasks), flush=True)
     rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True), progress=True)
     monitor.log_eval(t.steps, "test", rows)
     print(format_rows(rows), flush=True)
     monitor.close(rows)
     wall = time.time() - started
     print(f"done in {wall:.1f} s ({train_s:.1f} s training); TensorBoard logs in {run_dir}", flush=True)
-    return TrainResult(run_dir, checkpoint, monitor.latest, rows, monitor.tasks_per_s, train_s, wall)
+    best_path = best.path if best.row else None
+    return TrainResult(run_dir, checkpoint, best_path, monitor.latest, rows, monitor.tasks_per_s, train_s, wall)
 
 
 def _run_steps(cfg: Config, run_dir: Path, server, workers, feeds, shares):
-    """The training loop proper; returns (seconds, monitor, validations still running)."""
+    """The training loop proper; returns (seconds, monitor, best checkpoint, validations still running)."""
     c, t = cfg.cluster, cfg.train
     engine_name = choose_engine(c)
     engine = ENGINES[engine_name](server, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
     monitor = Monitor(run_dir, cfg)
+    best = BestCheckpoint(cfg, run_dir / "checkpoints" / "best.pt")
     print(f"run {run_dir} | {engine_name} engine | {c.num_workers} worker(s), tasks {shares} | {t.steps} steps")
 
     def checkpoint_path(step: int) -> str:
@@ -143,11 +151,14 @@ def _run_steps(cfg: Config, run_dir: Path, server, workers, feeds, shares):
     def handle(metrics: dict) -> None:
         monitor.record(metrics)
         if "params" in metrics:  # a snapshot for validation, evaluated off the critical path
-            evaluations.append((metrics["step"] + 1, _submit_evaluation(cfg, metrics["params"], "val", t.eval_tasks)))
+            # A copy: the array may be a zero-copy view of a compiled-graph channel buffer, which
+            # stays locked (and the graph stalled) while anything still refers to it.
+            params = metrics.pop("params").copy()
+            evaluations.append((metrics["step"] + 1, params, _submit_evaluation(cfg, params, "val", t.eval_tasks)))
 
     started = time.time()
     in_flight: deque = deque()
-    evaluations: deque[tuple[int, list]] = deque()
+    evaluations: deque[tuple[int, np.ndarray, list]] = deque()
     try:
         for step in range(t.steps):
             done = step + 1
@@ -159,14 +170,42 @@ def _run_steps(cfg: Config, run_dir: Path, server, workers, feeds, shares):
             in_flight.append(engine.submit(control))
             while len(in_flight) > c.max_inflight_steps:
                 handle(engine.result(in_flight.popleft(), c.step_timeout_s))
-            while evaluations and _ready(evaluations[0][1]):
-                at, pending = evaluations.popleft()
-                monitor.log_eval(at, "val", _collect_evaluation(cfg, pending))
+            while evaluations and _ready(evaluations[0][2]):
+                at, params, pending = evaluations.popleft()
+                best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
         while in_flight:
             handle(engine.result(in_flight.popleft(), c.step_timeout_s))
     finally:
         engine.close()
-    return time.time() - started, monitor, evaluations
+    return time.time() - started, monitor, best, evaluations
+
+
+class BestCheckpoint:
+    """Keeps ``best.pt``: the parameters that scored best on the validation split so far, judged by
+    the first evaluation shots after the most inner steps (accuracy up, or MSE down)."""
+
+    def __init__(self, cfg: Config, path: Path):
+        self.cfg, self.path = cfg, path
+        self.row: EvalRow | None = None
+        self.step = 0
+
+    def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
+        row = max((r for r in rows if r.shots == rows[0].shots), key=lambda r: r.steps)
+        if not math.isfinite(row.mean):
+            return
+        if self.row is not None and (
+            row.mean <= self.row.mean if row.metric == "accuracy" else row.mean >= self.row.mean
+        ):
+            return
+        self.row, self.step = row, step
+        state = {
+            "params": torch.from_numpy(params.copy()),
+            "step": step,
+            "config": self.cfg.to_dict(),
+            "distmeta_version": distmeta.__version__,
+            "validation": {"split": "val", "tag": row.tag, "mean": row.mean, "ci95": row.ci95, "tasks": row.tasks},
+        }
+        write_checkpoint(self.path, state)
 
 
 class ActorLost(RuntimeError):

@@ -68,6 +68,48 @@ def test_launch_trains_evaluates_and_the_loss_falls(tmp_path, cli_env):
     assert command.returncode == 0 and "50" in command.stdout, command.stderr[-3000:]
 
 
+def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printed_protocol(tmp_path, cli_env):
+    images = ["task.source=synthetic", "model.name=conv4", "model.filters=8", "task.image_size=16"]
+    out = run(
+        [
+            "launch.py",
+            "--steps",
+            "40",
+            "--logdir",
+            str(tmp_path),
+            "run_name=proto",
+            *images,
+            *("task.ways=10", "task.shots=1", "task.queries=3", "train.meta_batch_size=2"),
+            *("algorithm.name=protonet", "train.eval_every=10", "train.eval_tasks=20"),
+            *("eval.num_tasks=40", "eval.ways=5", "eval.queries=3"),  # trains 10-way, tests 5-way
+        ],
+        cli_env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| loss " in out.stdout and "->" not in out.stdout.split("protocol:")[0]  # no inner loop: one loss
+    run_dir = tmp_path / "proto"
+    validation = scalars(run_dir, "val/accuracy_5way_shots1_steps0")
+    assert sorted(validation) == [10, 20, 30, 40]
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    assert best["step"] == max(validation, key=validation.get)  # accuracy: higher is better
+    assert best["validation"]["mean"] == pytest.approx(max(validation.values()), rel=1e-6)
+    assert "protocol: 40 test episodes (seed 1234), 5-way, shots [1], 3 queries per class" in out.stdout
+
+    args = ["-m", "distmeta", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt")]
+    args += ["--ways", "3", "--shots", "1", "2", "--queries", "2", "--episodes", "30", "--seed", "7"]
+    first, again = run([*args, "--no-transductive"], cli_env), run([*args, "--no-transductive"], cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (
+        "protocol: 30 test episodes (seed 7), 3-way, shots [1, 2], 2 queries per class, "
+        "batch statistics of the support set plus one query (non-transductive)"
+    ) in first.stdout
+    rows = [line for line in first.stdout.splitlines() if line.split()[2:3] == ["accuracy"]]
+    assert [r.split()[:2] for r in rows] == [["1", "0"], ["2", "0"]] and rows[0].split()[-1] == "30"
+    assert first.stdout == again.stdout  # the checkpoint and the seed pin the numbers exactly
+    transductive = run(args, cli_env)
+    assert "over the query set (transductive)" in transductive.stdout and transductive.stdout != first.stdout
+
+
 @pytest.mark.slow
 def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
     process = subprocess.Popen(

@@ -27,7 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     [
         ("algorithm.inner_lrr=0.1", "did you mean algorithm.inner_lr"),
         ("trian.steps=5", "valid keys here: task, model, algorithm"),
-        ("algorithm.name=mamll", "choose one of: maml, fomaml, reptile"),
+        ("algorithm.name=mamll", "choose one of: maml, fomaml, reptile, anil, metasgd, protonet, matchingnet"),
         ("algorithm.implementation=fast", "choose one of: auto, vmap, loop"),
         ("cluster.engine=threads", "choose one of: auto, compiled, tasks"),
         ("train.steps=0", "train.steps must be >= 1"),
@@ -40,11 +40,37 @@ def test_yaml_then_overrides(tmp_path):
         ("cluster.address=localhost", "not 'auto', 'HOST:PORT'"),
         ("steps", "not of the form section.key=value"),
         ("train=5", "train must be a mapping"),
+        ("algorithm.name=protonet", "algorithm.name=protonet classifies; task.source=sinusoid is regression"),
+        ("algorithm.fce_steps=0", "algorithm.fce_steps must be >= 1"),
     ],
 )
 def test_bad_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+IMAGES = ["task.source=synthetic", "model.name=conv4"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval.ways=3"], r"eval.ways=3 differs from task.ways=5, but maml's model ends in a 5-way head; .*protonet"),
+        (["algorithm.name=anil", "eval.ways=20"], "anil's model ends in a 5-way head"),
+        (["algorithm.name=protonet", "eval.inner_steps=[0, 1]"], r"no inner loop; set eval.inner_steps=\[0\]"),
+    ],
+)
+def test_evaluation_settings_the_algorithm_cannot_use_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*IMAGES, *overrides])
+
+
+def test_evaluation_defaults_follow_the_algorithm():
+    from distmeta.evaluate import eval_steps
+
+    assert eval_steps(load_config(None, IMAGES)) == [1, 5, 10]
+    protonet = load_config(None, [*IMAGES, "algorithm.name=protonet", "task.ways=20", "eval.ways=5"])
+    assert eval_steps(protonet) == [0] and protonet.eval.ways == 5  # trains 20-way, tests 5-way
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from distmeta.config import ModelConfig, load_config
+from distmeta.config import ConfigError, ModelConfig, load_config
 from distmeta.models import DataSpec, build_model
-from distmeta.params import ParamLayout, initial_parameters
+from distmeta.params import ParamLayout, flat_parameters
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import ParameterServer
 
@@ -43,8 +43,8 @@ def test_conv4_variants(filters, downsample, shape, ways, features):
 
 def test_param_layout_round_trip_is_views():
     model = build_model(ModelConfig(name="conv4", filters=8), DataSpec((1, 28, 28), 5))
-    layout = ParamLayout.of(model)
-    flat = initial_parameters(model, torch.float32)
+    layout = ParamLayout.of(dict(model.named_parameters()))
+    flat = flat_parameters(dict(model.named_parameters()), torch.float32)
     views = layout.unflatten(flat)
     assert layout.size == count(model) == flat.numel()
     assert all(v.data_ptr() >= flat.data_ptr() for v in views.values())  # no copies
@@ -96,6 +96,16 @@ def test_outer_step_size_anneals_linearly_to_its_final_value():
     assert server.parameters()[0] == pytest.approx(sum(lrs))
 
 
+def test_step_decay_multiplies_the_learning_rate_every_n_steps():
+    overrides = ["meta_optimizer.name=sgd", "meta_optimizer.lr=1.0", "meta_optimizer.decay_every=2"]
+    cfg = load_config(None, [*overrides, "meta_optimizer.decay_factor=0.5", "train.steps=5", "train.dtype=float64"])
+    server = ParameterServer(cfg, np.zeros(1))
+    lrs = [server.apply(StepControl(s), result(s, 0, [-1.0], 1))["lr"] for s in range(5)]
+    assert lrs == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25])  # the ProtoNets schedule, in miniature
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, [*overrides, "meta_optimizer.final_lr=0.1"])
+
+
 def test_the_server_refuses_updates_for_another_step():
     server = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(1))
     with pytest.raises(RuntimeError, match="at step 0 but got updates for steps \\[3\\]"):
@@ -120,7 +130,7 @@ def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
     cfg = load_config(None, ["train.meta_batch_size=8"])
     worker = Worker(cfg, device=torch.device("cpu"))
     tasks = TaskGenerator(cfg, [8], [0], prefetch=False).build(0)[0]
-    flat = initial_parameters(worker.algorithm.model, torch.float32).numpy()
+    flat = flat_parameters(worker.algorithm.initial_parameters(), torch.float32).numpy()
     chosen, timings = fastest_implementation(
         worker.algorithm, worker._params(flat), tasks.to_torch(worker.device, torch.float32)
     )

@@ -7,9 +7,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from distmeta.algorithms import initial_parameters
 from distmeta.config import ConfigError, load_config
-from distmeta.models import build_model
-from distmeta.params import initial_parameters
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator
@@ -39,8 +38,7 @@ def small(*overrides):
 
 def in_process(cfg):
     """The same math without Ray: one worker, one generator, one server, in a plain loop."""
-    torch.manual_seed(cfg.train.seed)
-    initial = initial_parameters(build_model(cfg.model, build_source(cfg.task).spec), torch.float64).numpy()
+    initial = initial_parameters(cfg, build_source(cfg.task))
     generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
     worker, server = Worker(cfg, device=torch.device("cpu")), ParameterServer(cfg, initial)
     history = []
@@ -56,6 +54,7 @@ def saved_params(result):
 
 ALGORITHMS = {
     "maml": ["algorithm.name=maml", "algorithm.inner_lr=0.01"],
+    "metasgd": ["algorithm.name=metasgd", "algorithm.inner_lr=0.01"],  # meta-parameters beyond the model's
     "reptile": [
         "algorithm.name=reptile",
         "algorithm.inner_steps=3",
@@ -67,12 +66,11 @@ ALGORITHMS = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile"])
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd", "reptile"])
 def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_path, algorithm):
-    expected, _ = in_process(small(*ALGORITHMS[algorithm]))
-    assert not np.allclose(
-        expected, initial_parameters(build_model(small().model, build_source(small().task).spec), torch.float64).numpy()
-    )
+    cfg = small(*ALGORITHMS[algorithm])
+    expected, _ = in_process(cfg)
+    assert not np.allclose(expected, initial_parameters(cfg, build_source(cfg.task)))
     for workers, engine, implementation, generators in [
         (1, "compiled", "vmap", 1),
         (2, "compiled", "vmap", 1),
@@ -136,6 +134,14 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
     assert all(v > 0 for v in scalars["time/compute_s"].values())
     # validation during training, the final test evaluation, and the config as text and hparams
     assert set(scalars["val/mse_shots5_steps1"]) == {6, 12}
+    # the best validation checkpoint: the parameters of the step with the lowest validation MSE
+    validation = scalars["val/mse_shots5_steps1"]
+    best = torch.load(result.best_checkpoint, weights_only=False)
+    assert best["step"] == min(validation, key=validation.get) and best["config"] == cfg.to_dict()
+    assert best["validation"]["mean"] == pytest.approx(min(validation.values()), rel=1e-6)
+    assert best["validation"]["tag"] == "mse_shots5_steps1" and best["validation"]["split"] == "val"
+    if best["step"] == 12:
+        assert torch.equal(best["params"], torch.load(result.checkpoint, weights_only=False)["params"])
     (row,) = result.eval_rows
     assert scalars["test/mse_shots5_steps1"][12] == pytest.approx(row.mean, rel=1e-6)
     assert scalars["test/mse_shots5_steps1_diverged"][12] == row.diverged

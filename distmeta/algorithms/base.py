@@ -15,10 +15,12 @@ one chunk (``vmap``) or task by task without vmap (``loop``); both are exact, an
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +34,48 @@ Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, q
 IMPLEMENTATIONS = ("vmap", "loop")
 
 
+@dataclass
+class InnerLoop:
+    """One chunk's inner-loop problem: what the inner loop adapts, on which inputs, with which steps."""
+
+    params: Params  # per task, [T, ...]: the parameters the inner loop changes
+    forward: Callable[[Params, Tensor], Tensor]  # (those parameters, inner-loop inputs) -> outputs
+    support: Tensor  # the inputs the inner loop fits (the support images, or ANIL's features of them)
+    predict: Callable[[Params, Tensor], Tensor]  # (those parameters, raw images) -> outputs
+    lr: float | Params  # one step size, or one per parameter entry (Meta-SGD)
+
+
 class MetaAlgorithm:
     first_order: bool = False  # True: no gradient flows through the inner loop
+    adaptive: bool = True  # False: metric-based, nothing is adapted per task (evaluated at 0 inner steps)
+    uses_head: bool = True  # False: the model is built without its head and returns embeddings
 
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
         self.cfg, self.model, self.kind = cfg, model, kind
-        self._batched = vmap(self._call, randomness="error")
+        self.model_names = [name for name, _ in model.named_parameters()]
 
     def chunk_update(self, theta: Params, tasks: Task) -> tuple[Params, dict[str, Tensor]]:
         """Sum over the chunk's tasks of their updates, and of their metrics."""
         raise NotImplementedError
 
+    def initial_parameters(self) -> Params:
+        """The meta-parameters before training: the model's, and any the algorithm learns besides."""
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
     # --- the model, one copy of the parameters per task ------------------------------------
 
-    def _call(self, params: Params, x: Tensor) -> Tensor:
-        return functional_call(self.model, params, (x,))
+    def run(self, module: nn.Module, params: Params, x: Tensor, shared: bool = False) -> Tensor:
+        """``module`` on x [T, N, ...] -> [T, N, ...]. Task t uses its own parameters (params [T, ...])
+        or, with ``shared``, all tasks the same ones. Either way each task is its own batch, so batch
+        statistics never mix tasks."""
+        if x.shape[0] == 1:  # a single task needs no vmap
+            return functional_call(module, {n: p if shared else p[0] for n, p in params.items()}, (x[0],)).unsqueeze(0)
+        call = lambda p, inputs: functional_call(module, p, (inputs,))  # noqa: E731
+        return vmap(call, in_dims=(None if shared else 0, 0), randomness="error")(params, x)
 
     def forward(self, params: Params, x: Tensor) -> Tensor:
-        """params [T, ...], x [T, N, ...] -> outputs [T, N, ...]; task t uses its own parameters."""
-        if x.shape[0] == 1:  # a single task needs no vmap
-            return self._call({n: p[0] for n, p in params.items()}, x[0]).unsqueeze(0)
-        return self._batched(params, x)
+        """The whole model, params [T, ...], x [T, N, ...] -> outputs [T, N, ...]."""
+        return self.run(self.model, params, x)
 
     def task_losses(self, output: Tensor, y: Tensor) -> Tensor:
         """Per-task mean loss, [T]."""
@@ -75,28 +98,35 @@ class MetaAlgorithm:
 
     # --- the inner loop --------------------------------------------------------------------
 
+    def inner_loop(self, theta: Params, tasks: Task) -> InnerLoop:
+        """What the inner loop adapts: by default every model parameter, on the support images, with
+        ``inner_lr``. ANIL and Meta-SGD override this one method."""
+        params = self.per_task({n: theta[n] for n in self.model_names}, len(tasks[0]))
+        return InnerLoop(params, self.forward, tasks[0], self.forward, self.cfg.inner_lr)
+
     def adapt(
-        self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool, batch_size: int | None = None
+        self, loop: InnerLoop, y: Tensor, steps: int, create_graph: bool, batch_size: int | None = None
     ) -> Iterator[Params]:
         """Yield the task-adapted parameters after each of ``steps`` inner steps.
 
-        With ``create_graph`` the result stays differentiable with respect to ``params``
-        (second order); without it the inner gradients are constants (first order). Step i (from 0)
-        uses support examples ``(i * batch_size + j) mod S``: the support set is shot-major (see
-        TaskBatch), so every mini-batch holds one shot of each class before the next.
-        ``batch_size`` 0 (or None: ``inner_batch_size``) uses the whole support set every step.
+        With ``create_graph`` the result stays differentiable with respect to ``loop.params`` (and a
+        learned ``loop.lr``): second order. Without it the inner gradients are constants (first
+        order). Step i (from 0) uses support examples ``(i * batch_size + j) mod S``: the support set
+        is shot-major (see TaskBatch), so every mini-batch holds one shot of each class before the
+        next. ``batch_size`` 0 (or None: ``inner_batch_size``) uses the whole support set every step.
         """
-        lr = self.cfg.inner_lr
+        params, x, lr = loop.params, loop.support, loop.lr
         size = x.shape[1]
         batch_size = self.cfg.inner_batch_size if batch_size is None else batch_size
         batch_size = batch_size if 0 < batch_size < size else size
+        step_size = lr if isinstance(lr, dict) else dict.fromkeys(params, lr)
         second_moment = None
         for step in range(1, steps + 1):
             if batch_size < size:
                 index = (torch.arange(batch_size, device=x.device) + (step - 1) * batch_size) % size
-                loss = self.task_losses(self.forward(params, x[:, index]), y[:, index]).sum()
+                loss = self.task_losses(loop.forward(params, x[:, index]), y[:, index]).sum()
             else:
-                loss = self.task_losses(self.forward(params, x), y).sum()
+                loss = self.task_losses(loop.forward(params, x), y).sum()
             grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)))
             if self.cfg.inner_optimizer == "adam":
                 # Adam with beta1 = 0, as in the Reptile paper: the only state is the second moment.
@@ -105,16 +135,13 @@ class MetaAlgorithm:
                     second_moment = {n: torch.zeros_like(g) for n, g in grads.items()}
                 second_moment = {n: beta2 * v + (1 - beta2) * grads[n] ** 2 for n, v in second_moment.items()}
                 correction = 1 - beta2**step
-                params = {
-                    n: p - lr * grads[n] / ((second_moment[n] / correction).sqrt() + eps) for n, p in params.items()
-                }
-            else:
-                params = {n: p - lr * grads[n] for n, p in params.items()}
+                grads = {n: g / ((second_moment[n] / correction).sqrt() + eps) for n, g in grads.items()}
+            params = {n: p - step_size[n] * grads[n] for n, p in params.items()}
             yield params
 
-    def adapted(self, params: Params, x: Tensor, y: Tensor, steps: int, create_graph: bool) -> Params:
+    def adapted(self, loop: InnerLoop, y: Tensor, steps: int, create_graph: bool) -> Params:
         """The parameters after all ``steps`` inner steps."""
-        return deque(self.adapt(params, x, y, steps, create_graph), maxlen=1)[0]
+        return deque(self.adapt(loop, y, steps, create_graph), maxlen=1)[0]
 
     # --- a batch of tasks --------------------------------------------------------------------
 
@@ -137,24 +164,42 @@ class MetaAlgorithm:
         return update_sum, dict(zip(names, values))
 
     def batch_trajectory(
-        self, params: Params, tasks: Task, steps: int, batch_size: int = 0, score_at: set[int] | None = None
+        self,
+        params: Params,
+        tasks: Task,
+        steps: int,
+        batch_size: int = 0,
+        score_at: set[int] | None = None,
+        transductive: bool = True,
     ) -> dict[str, Tensor]:
         """Per-task query loss (and accuracy) after 0, 1, ..., ``steps`` inner steps (mini-batches of
         ``batch_size`` support examples; 0: all): [T, steps + 1]. With ``score_at`` only those
-        steps are scored (the query forward costs more than a 1-shot inner step); the rest are NaN."""
+        steps are scored (the query forward costs more than a 1-shot inner step); the rest are NaN.
+        Without ``transductive`` each query example is scored alone with the support set
+        (``one_query_at_a_time``)."""
         support_x, support_y, query_x, query_y = tasks
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
-        per_task = self.per_task(theta, len(support_x))
+        loop = self.inner_loop(theta, tasks)
         score_at = set(range(steps + 1)) if score_at is None else score_at
-        adapted = self.adapt(per_task, support_x, support_y, steps, create_graph=False, batch_size=batch_size)
+        adapted = self.adapt(loop, support_y, steps, create_graph=False, batch_size=batch_size)
         points = {}
-        for step, current in enumerate(itertools.chain([per_task], adapted)):
+        for step, current in enumerate(itertools.chain([loop.params], adapted)):
             if step in score_at:
                 with torch.no_grad():
-                    points[step] = self.scores(self.forward(current, query_x), query_y)
+                    predict = functools.partial(loop.predict, current)
+                    output = predict(query_x) if transductive else one_query_at_a_time(predict, support_x, query_x)
+                    points[step] = self.scores(output, query_y)
         names = next(iter(points.values()))
         missing = torch.full((len(support_x),), float("nan"), dtype=query_x.dtype, device=query_x.device)
         return {n: torch.stack([points[s][n] if s in points else missing for s in range(steps + 1)], 1) for n in names}
+
+
+def one_query_at_a_time(predict: Callable[[Tensor], Tensor], support_x: Tensor, query_x: Tensor) -> Tensor:
+    """Non-transductive outputs for the query set: each query example goes through the network in
+    one batch with the support set and no other query, so batch statistics never carry information
+    from one query example to another (the Reptile paper's non-transductive protocol)."""
+    outputs = [predict(torch.cat([support_x, query_x[:, q : q + 1]], 1))[:, -1] for q in range(query_x.shape[1])]
+    return torch.stack(outputs, 1)
 
 
 def fastest_implementation(algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2) -> tuple[str, dict]:

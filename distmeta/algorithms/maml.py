@@ -14,14 +14,14 @@ class MAML(MetaAlgorithm):
     first_order = False
 
     def chunk_update(self, theta, tasks):
-        support_x, support_y, query_x, query_y = tasks
-        per_task = self.per_task(theta, len(support_x))
-        adapted = self.adapted(per_task, support_x, support_y, self.cfg.inner_steps, create_graph=not self.first_order)
-        output_after = self.forward(adapted, query_x)
+        _, support_y, query_x, query_y = tasks
+        loop = self.inner_loop(theta, tasks)
+        adapted = self.adapted(loop, support_y, self.cfg.inner_steps, create_graph=not self.first_order)
+        output_after = loop.predict(adapted, query_x)
         query_loss = self.task_losses(output_after, query_y).sum()
         meta_grad = dict(zip(theta, torch.autograd.grad(query_loss, list(theta.values()))))
         with torch.no_grad():
-            output_before = self.forward(per_task, query_x)
+            output_before = loop.predict(loop.params, query_x)
         metrics = self.scores(output_before, query_y, "_before") | self.scores(output_after, query_y, "_after")
         return meta_grad, {name: values.sum() for name, values in metrics.items()}
 

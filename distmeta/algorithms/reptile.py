@@ -13,11 +13,11 @@ class Reptile(MetaAlgorithm):
     first_order = True
 
     def chunk_update(self, theta, tasks):
-        support_x, support_y, query_x, query_y = tasks
-        per_task = self.per_task(theta, len(support_x))
-        adapted = self.adapted(per_task, support_x, support_y, self.cfg.inner_steps, create_graph=False)
+        _, support_y, query_x, query_y = tasks
+        loop = self.inner_loop(theta, tasks)
+        adapted = self.adapted(loop, support_y, self.cfg.inner_steps, create_graph=False)
         with torch.no_grad():
-            update = {name: (per_task[name] - adapted[name]).sum(0) for name in theta}
-            metrics = self.scores(self.forward(per_task, query_x), query_y, "_before")
-            metrics |= self.scores(self.forward(adapted, query_x), query_y, "_after")
+            update = {name: (loop.params[name] - adapted[name]).sum(0) for name in theta}
+            metrics = self.scores(loop.predict(loop.params, query_x), query_y, "_before")
+            metrics |= self.scores(loop.predict(adapted, query_x), query_y, "_after")
         return update, {name: values.sum() for name, values in metrics.items()}

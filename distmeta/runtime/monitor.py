@@ -96,9 +96,12 @@ class Monitor:
         total = self.cfg.train.steps
         step_s = sum(self.recent_steps) / max(1, len(self.recent_steps))
         m = self.latest
-        line = f"step {step}/{total} | loss {m['loss_before']:.4f} -> {m['loss_after']:.4f}"
-        if "accuracy_after" in m:
-            line += f" | acc {m['accuracy_before']:.3f} -> {m['accuracy_after']:.3f}"
+        line = f"step {step}/{total}"
+        for name, short, digits in (("loss", "loss", 4), ("accuracy", "acc", 3)):
+            if f"{name}_after" in m:  # an inner loop: the query score before and after adaptation
+                line += f" | {short} {m[f'{name}_before']:.{digits}f} -> {m[f'{name}_after']:.{digits}f}"
+            elif name in m:
+                line += f" | {short} {m[name]:.{digits}f}"
         if step_s:  # none yet at the first step, which includes start-up
             rate, eta = self.cfg.train.meta_batch_size / step_s, duration((total - step) * step_s)
             line += f" | {rate:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
@@ -109,14 +112,16 @@ class Monitor:
         """Steady-state throughput: all steps but the first (which includes start-up)."""
         return self.total_tasks / self.total_step_s if self.total_step_s else float("nan")
 
-    def log_eval(self, step: int, prefix: str, rows) -> None:
+    def log_eval(self, step: int, prefix: str, rows: list) -> list:
+        """Write evaluation rows as scalars; returns the rows."""
         write_eval_scalars(self.writer, step, prefix, rows)
+        return rows
 
     def close(self, final_rows=None) -> None:
         """Write the hyperparameters with the final evaluation as their metrics, then close."""
         final_rows = final_rows or []
         flat = _flatten(self.cfg.to_dict())
-        metrics = {f"hparams/{r.metric}_shots{r.shots}_steps{r.steps}": r.mean for r in final_rows}
+        metrics = {f"hparams/{r.tag}": r.mean for r in final_rows}
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, self.latest.get("step", 0))
         experiment, session_start, session_end = hparams(flat, metrics)
@@ -127,7 +132,7 @@ class Monitor:
 
 def write_eval_scalars(writer: SummaryWriter, step: int, prefix: str, rows) -> None:
     for r in rows:
-        tag = f"{prefix}/{r.metric}_shots{r.shots}_steps{r.steps}"
+        tag = f"{prefix}/{r.tag}"
         writer.add_scalar(tag, r.mean, step)
         writer.add_scalar(tag + "_ci95", r.ci95, step)
         writer.add_scalar(tag + "_median", r.median, step)

@@ -7,17 +7,16 @@ MAML family, SGD on theta - phi for Reptile (its outer step epsilon, optionally 
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import distmeta
+from distmeta.checkpoint import write_checkpoint
 from distmeta.config import Config
+from distmeta.params import DTYPES
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.worker import DTYPES
 
 
 class ParameterServer:
@@ -37,6 +36,8 @@ class ParameterServer:
 
     def learning_rate(self, step: int) -> float:
         opt = self.cfg.meta_optimizer
+        if opt.decay_every:
+            return opt.lr * opt.decay_factor ** (step // opt.decay_every)
         if opt.final_lr is None:
             return opt.lr
         progress = min(1.0, step / max(1, self.cfg.train.steps - 1))
@@ -92,12 +93,4 @@ class ParameterServer:
             "config": self.cfg.to_dict(),
             "distmeta_version": distmeta.__version__,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return str(path)
+        return write_checkpoint(path, state)

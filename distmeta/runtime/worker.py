@@ -13,15 +13,13 @@ import time
 import numpy as np
 import torch
 
-from distmeta.algorithms import build_algorithm, fastest_implementation
+from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
-from distmeta.models import build_model
-from distmeta.params import ParamLayout
+from distmeta.params import DTYPES, ParamLayout
 from distmeta.runtime.control import StepControl
 from distmeta.tasks import TaskBatch, build_source
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def worker_device(gpus: float, cpus: float) -> torch.device:
@@ -44,9 +42,8 @@ class Worker:
         self.device = device or worker_device(cfg.cluster.gpus_per_worker, cfg.cluster.cpus_per_worker)
         self.dtype = DTYPES[cfg.train.dtype]
         source = build_source(cfg.task)
-        model = build_model(cfg.model, source.spec).to(self.device, self.dtype)
-        self.layout = ParamLayout.of(model)
-        self.algorithm = build_algorithm(cfg.algorithm, model, source.kind)
+        self.algorithm = build_learner(cfg, source.spec, source.kind, self.device, self.dtype)
+        self.layout = ParamLayout.of(self.algorithm.initial_parameters())
         self.implementation = cfg.algorithm.implementation
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
@@ -81,5 +78,6 @@ class Worker:
             max(steps),
             self.cfg.eval.inner_batch_size,
             score_at={0, *steps},
+            transductive=self.cfg.eval.transductive,
         )
         return {name: values.cpu().numpy() for name, values in trajectory.items()}

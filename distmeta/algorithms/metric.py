@@ -1,0 +1,49 @@
+"""What metric-based learners share (Prototypical and Matching Networks): no inner loop.
+
+The model is built without its head: it embeds. Each episode's support and query images go through
+it together, one batch per task (each task its own batch statistics), and a learner defines only
+``logits``: how each query example is scored against the embedded, labelled support set. The
+update is the gradient of the query cross-entropy; metrics are ``loss`` and ``accuracy``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distmeta.algorithms.base import MetaAlgorithm, Params, Task, one_query_at_a_time
+
+
+class MetricAlgorithm(MetaAlgorithm):
+    adaptive = False
+    uses_head = False
+
+    def logits(self, theta: Params, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
+        """Embeddings support [T, S, D] (labels [T, S]), query [T, Q, D] -> class scores [T, Q, ways]."""
+        raise NotImplementedError
+
+    def query_logits(self, theta: Params, tasks: Task, transductive: bool = True) -> Tensor:
+        support_x, support_y, query_x, _ = tasks
+        weights = {n: theta[n] for n in self.model_names}
+
+        def predict(x: Tensor) -> Tensor:  # support images followed by query images, per task
+            embedded = self.run(self.model, weights, x, shared=True)
+            shots = support_x.shape[1]
+            return self.logits(theta, embedded[:, :shots], support_y, embedded[:, shots:])
+
+        if transductive:
+            return predict(torch.cat([support_x, query_x], 1))
+        return one_query_at_a_time(predict, support_x, query_x)
+
+    def chunk_update(self, theta, tasks):
+        query_y = tasks[3]
+        logits = self.query_logits(theta, tasks)
+        grads = torch.autograd.grad(self.task_losses(logits, query_y).sum(), list(theta.values()))
+        return dict(zip(theta, grads)), {name: v.sum() for name, v in self.scores(logits, query_y).items()}
+
+    def batch_trajectory(self, params, tasks, steps, batch_size=0, score_at=None, transductive=True):
+        """Query loss and accuracy, [T, 1]: there are no inner steps to score after."""
+        if steps:
+            raise ValueError(f"{type(self).__name__} has no inner loop; evaluate it at 0 inner steps")
+        with torch.no_grad():
+            scores = self.scores(self.query_logits(params, tasks, transductive), tasks[3])
+        return {name: values[:, None] for name, values in scores.items()}
