@@ -205,13 +205,19 @@ class Config:
             raise ConfigError("eval.shots must be >= 1 and eval.inner_steps counts >= 0")
         if self.model.hidden and min(self.model.hidden) < 1:
             raise ConfigError(f"model.hidden sizes must be >= 1, got {self.model.hidden}")
-        if self.algorithm.inner_optimizer == "adam" and not ALGORITHMS[self.algorithm.name].first_order:
+        algorithm = ALGORITHMS[self.algorithm.name]
+        if self.algorithm.inner_optimizer == "adam" and algorithm.adaptive and not algorithm.first_order:
             raise ConfigError(
                 f"algorithm.inner_optimizer=adam needs a first-order algorithm (fomaml, reptile), "
                 f"not {self.algorithm.name}: differentiating through Adam's square root is unstable"
             )
+        if self.algorithm.fce and self.algorithm.name != "matchingnet":
+            raise ConfigError(f"algorithm.fce is a matchingnet option; {self.algorithm.name} has no such embeddings")
         source_kind = SOURCES[self.task.source].kind
-        algorithm = ALGORITHMS[self.algorithm.name]
+        if self.eval.ways and source_kind == "regression":
+            raise ConfigError(f"eval.ways applies to classification; task.source={self.task.source} is regression")
+        if self.eval.ways == 1:
+            raise ConfigError("eval.ways must be 0 (the training ways) or >= 2, got 1")
         if not algorithm.adaptive and source_kind != "classification":
             raise ConfigError(
                 f"algorithm.name={self.algorithm.name} classifies; task.source={self.task.source} is {source_kind}"

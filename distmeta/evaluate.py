@@ -108,12 +108,15 @@ def protocol(cfg: Config, split: str, num_tasks: int) -> str:
         line += f", {e.ways or cfg.task.ways}-way, shots {eval_shots(cfg)}, {e.queries} queries per class"
     else:
         line += f", shots {eval_shots(cfg)}, {e.queries} queries"
-    if ALGORITHMS[a.name].adaptive:
+    learner = ALGORITHMS[a.name]
+    if learner.adaptive:
         batch = f"mini-batches of {e.inner_batch_size}" if e.inner_batch_size else "the whole support set"
-        line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, lr {a.inner_lr}, on {batch})"
-    if cfg.model.name == "conv4":
+        lr = "learned per-parameter rates" if a.name == "metasgd" else f"lr {a.inner_lr}"
+        line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, {lr}, on {batch})"
+    if cfg.model.name == "conv4":  # the only model with BatchNorm
+        together = "the query set" if learner.adaptive else "each episode's support and query sets"
         line += ", batch statistics " + (
-            "over the query set (transductive)"
+            f"over {together} (transductive)"
             if e.transductive
             else "of the support set plus one query (non-transductive)"
         )
@@ -152,7 +155,12 @@ def format_rows(rows: list[EvalRow]) -> str:
     lines = ["{:>5} {:>5}  {:<8} {:>9} {:>9} {:>9} {:>8} {:>6}".format(*header)]
     for r in rows:
         lines.append(
-            f"{r.shots:>5} {r.steps:>5}  {r.metric:<8} {r.mean:>9.4f} {r.ci95:>9.4f} {r.median:>9.4f} "
+            f"{r.shots:>5} {r.steps:>5}  {r.metric:<8} {_number(r.mean)} {_number(r.ci95)} {_number(r.median)} "
             f"{r.diverged:>8} {r.tasks:>6}"
         )
     return "\n".join(lines)
+
+
+def _number(x: float) -> str:
+    """Nine characters: fixed point, or scientific once a diverged task has swamped a mean."""
+    return f"{x:>9.4f}" if abs(x) < 1e4 else f"{x:>9.2e}"

@@ -181,8 +181,11 @@ def _run_steps(cfg: Config, run_dir: Path, server, workers, feeds, shares):
 
 
 class BestCheckpoint:
-    """Keeps ``best.pt``: the parameters that scored best on the validation split so far, judged by
-    the first evaluation shots after the most inner steps (accuracy up, or MSE down)."""
+    """Keeps ``best.pt``: the parameters that scored best on the validation split so far, judged on
+    the first evaluation shots after the inner steps they were trained for (``algorithm.inner_steps``
+    when evaluated, else the most evaluated): fewest diverged tasks first (a mean over the surviving
+    tasks flatters a snapshot where some blew up), then accuracy up or MSE down. On a tie the
+    earlier snapshot stays."""
 
     def __init__(self, cfg: Config, path: Path):
         self.cfg, self.path = cfg, path
@@ -190,22 +193,25 @@ class BestCheckpoint:
         self.step = 0
 
     def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
-        row = max((r for r in rows if r.shots == rows[0].shots), key=lambda r: r.steps)
-        if not math.isfinite(row.mean):
-            return
-        if self.row is not None and (
-            row.mean <= self.row.mean if row.metric == "accuracy" else row.mean >= self.row.mean
-        ):
+        candidates = [r for r in rows if r.shots == rows[0].shots]
+        trained = [r for r in candidates if r.steps == self.cfg.algorithm.inner_steps]
+        row = trained[0] if trained else max(candidates, key=lambda r: r.steps)
+        if not math.isfinite(row.mean) or (self.row is not None and _rank(row) >= _rank(self.row)):
             return
         self.row, self.step = row, step
         state = {
-            "params": torch.from_numpy(params.copy()),
+            "params": torch.from_numpy(params),
             "step": step,
             "config": self.cfg.to_dict(),
             "distmeta_version": distmeta.__version__,
             "validation": {"split": "val", "tag": row.tag, "mean": row.mean, "ci95": row.ci95, "tasks": row.tasks},
         }
         write_checkpoint(self.path, state)
+
+
+def _rank(row: EvalRow) -> tuple[int, float]:
+    """Lower is better."""
+    return row.diverged, -row.mean if row.metric == "accuracy" else row.mean
 
 
 class ActorLost(RuntimeError):

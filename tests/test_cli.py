@@ -94,6 +94,12 @@ def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printe
     assert best["step"] == max(validation, key=validation.get)  # accuracy: higher is better
     assert best["validation"]["mean"] == pytest.approx(max(validation.values()), rel=1e-6)
     assert "protocol: 40 test episodes (seed 1234), 5-way, shots [1], 3 queries per class" in out.stdout
+    # learners without an inner loop cannot be asked for inner steps
+    refused = run(
+        [*["-m", "distmeta", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "final.pt")], "--steps", "1"],
+        cli_env,
+    )
+    assert refused.returncode == 2 and "has no inner loop" in refused.stderr
 
     args = ["-m", "distmeta", "evaluate", "--checkpoint", str(run_dir / "checkpoints" / "best.pt")]
     args += ["--ways", "3", "--shots", "1", "2", "--queries", "2", "--episodes", "30", "--seed", "7"]
@@ -107,7 +113,12 @@ def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printe
     assert [r.split()[:2] for r in rows] == [["1", "0"], ["2", "0"]] and rows[0].split()[-1] == "30"
     assert first.stdout == again.stdout  # the checkpoint and the seed pin the numbers exactly
     transductive = run(args, cli_env)
-    assert "over the query set (transductive)" in transductive.stdout and transductive.stdout != first.stdout
+    assert "over each episode's support and query sets (transductive)" in transductive.stdout
+    assert transductive.stdout != first.stdout
+    # best.pt holds the parameters that scored its validation number: re-scoring them reproduces it
+    rescored = run([*args[:5], "--split", "val", "--episodes", "20"], cli_env)
+    row = next(line.split() for line in rescored.stdout.splitlines() if line.split()[2:3] == ["accuracy"])
+    assert float(row[3]) == pytest.approx(best["validation"]["mean"], abs=1e-4)
 
 
 @pytest.mark.slow

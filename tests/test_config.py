@@ -42,6 +42,8 @@ def test_yaml_then_overrides(tmp_path):
         ("train=5", "train must be a mapping"),
         ("algorithm.name=protonet", "algorithm.name=protonet classifies; task.source=sinusoid is regression"),
         ("algorithm.fce_steps=0", "algorithm.fce_steps must be >= 1"),
+        ("algorithm.fce=true", "algorithm.fce is a matchingnet option; maml has no such embeddings"),
+        ("eval.ways=5", "eval.ways applies to classification; task.source=sinusoid is regression"),
     ],
 )
 def test_bad_values_are_rejected_with_the_fix(override, message):

@@ -187,8 +187,8 @@ def test_protonet_loss_and_gradient_match_a_hand_loop(implementation):
     assert metrics["accuracy"] == pytest.approx(accuracy)
 
 
-def test_protonet_trains_with_more_ways_than_it_tests():
-    """The same parameters score a 3-way and a 2-way episode: nothing depends on the ways."""
+def test_protonet_scores_episodes_of_other_ways():
+    """Parameters trained on 3-way episodes score a 2-way one: nothing depends on the ways."""
     model, tasks, _, kind = setup(head=False)
     algorithm = build_algorithm(AlgorithmConfig(name="protonet"), model, kind)
     sx, sy, qx, qy = tasks
@@ -263,24 +263,31 @@ def test_matchingnet_loss_and_gradient_match_a_hand_loop(fce, implementation):
 # --- evaluation protocol: non-transductive batch statistics -----------------------------------
 
 
-@pytest.mark.parametrize("name", ["maml", "protonet"])
-def test_non_transductive_scores_each_query_with_the_support_set_alone(name):
-    model, tasks, _, kind = setup(head=name == "maml")
+@pytest.mark.parametrize("name, steps", [("maml", 0), ("maml", 1), ("anil", 1), ("protonet", 0)])
+def test_non_transductive_scores_each_query_with_the_support_set_alone(name, steps):
+    model, tasks, _, kind = setup(head=name != "protonet")
     theta = named(model)
     algorithm = build_algorithm(AlgorithmConfig(name=name, inner_lr=0.4), model, kind)
-    transductive = algorithm.batch_trajectory(theta, tasks, steps=0)
-    alone = algorithm.batch_trajectory(theta, tasks, steps=0, transductive=False)
+    transductive = algorithm.batch_trajectory(theta, tasks, steps=steps)
+    alone = algorithm.batch_trajectory(theta, tasks, steps=steps, transductive=False)
     assert not torch.allclose(transductive["loss"], alone["loss"])  # batch statistics do matter here
     for t, (sx, sy, qx, qy) in enumerate(zip(*tasks)):
+        params = {n: p.clone().requires_grad_() for n, p in theta.items()}
+        adapted = [n for n in params if name == "maml" or n.startswith("head.")]
+        for _ in range(steps):  # the inner steps by hand, on the support set as one batch
+            grads = torch.autograd.grad(
+                F.cross_entropy(functional_call(model, params, (sx,)), sy), [params[n] for n in adapted]
+            )
+            params |= {n: (params[n] - 0.4 * g).detach() for n, g in zip(adapted, grads)}
         losses = []
         for q in range(len(qx)):
             batch = torch.cat([sx, qx[q : q + 1]])
             with torch.no_grad():
-                if name == "maml":
-                    logits = functional_call(model, theta, (batch,))[-1]
-                else:
-                    embedded = functional_call(model, theta, (batch,))
+                if name == "protonet":
+                    embedded = functional_call(model, params, (batch,))
                     prototypes = torch.stack([embedded[:-1][sy == c].mean(0) for c in range(WAYS)])
                     logits = -((embedded[-1] - prototypes) ** 2).sum(1)
+                else:
+                    logits = functional_call(model, params, (batch,))[-1]
             losses.append(F.cross_entropy(logits[None], qy[q : q + 1]))
-        assert alone["loss"][t, 0].item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-10)
+        assert alone["loss"][t, steps].item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-10)

@@ -199,3 +199,22 @@ def test_a_task_generator_that_dies_is_reported_to_the_driver(ray_local, tmp_pat
     with pytest.raises(ActorLost, match="task generator 0 died"):
         train(cfg, tmp_path / "run")
     assert time.time() - killed["at"] < 30  # reported, not hung
+
+
+def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path):
+    from distmeta.evaluate import EvalRow
+    from distmeta.train import BestCheckpoint
+
+    def kept_steps(metric, offers):
+        best, kept = BestCheckpoint(small(), tmp_path / f"{metric}.pt"), []
+        for step, (mean, diverged) in enumerate(offers, start=1):
+            best.offer(step, np.full(3, float(step)), [EvalRow(0, 5, 1, metric, mean, 0.0, mean, diverged, 20)])
+            state = torch.load(best.path, weights_only=False)
+            assert state["params"].tolist() == [float(state["step"])] * 3  # the parameters of that step
+            kept.append(state["step"])
+        return kept
+
+    # MSE: lower is better; a diverged task outweighs any mean; NaN and ties never replace
+    mse = [(0.5, 0), (0.4, 1), (0.6, 0), (float("nan"), 0), (0.5, 0), (0.3, 0)]
+    assert kept_steps("mse", mse) == [1, 1, 1, 1, 1, 6]
+    assert kept_steps("accuracy", [(0.5, 0), (0.7, 0), (0.6, 0), (0.7, 0)]) == [1, 2, 2, 2]

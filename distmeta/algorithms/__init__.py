@@ -47,8 +47,9 @@ def initial_parameters(cfg, source) -> np.ndarray:
     """A run's initial meta-parameters as one flat vector in ``train.dtype``: the model's (and the
     algorithm's own) initialisation under ``train.seed``."""
     torch.manual_seed(cfg.train.seed)
-    learner = build_learner(cfg, source.spec, source.kind)
-    return flat_parameters(learner.initial_parameters(), DTYPES[cfg.train.dtype]).numpy()
+    dtype = DTYPES[cfg.train.dtype]  # built in it: Meta-SGD's 0.01 must not pass through float32
+    learner = build_learner(cfg, source.spec, source.kind, dtype=dtype)
+    return flat_parameters(learner.initial_parameters(), dtype).numpy()
 
 
 __all__ = [

@@ -11,6 +11,11 @@ on all of them at once with ``torch.func.vmap`` over ``functional_call``, and gr
 respect to task t's parameters is task t's own gradient. ``batch_update`` runs the whole batch as
 one chunk (``vmap``) or task by task without vmap (``loop``); both are exact, and
 ``fastest_implementation`` measures which is quicker on the device at hand.
+
+Gradient-based learners describe their inner loop with ``inner_loop``, an ``InnerLoop``: which
+parameters are adapted, on which inputs, with which step sizes. MAML, first-order MAML and Reptile
+use the default (every model parameter, on the support images, at ``inner_lr``); ANIL and Meta-SGD
+override it. Learners without an inner loop build on ``metric.py``.
 """
 
 from __future__ import annotations

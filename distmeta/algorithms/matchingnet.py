@@ -4,8 +4,8 @@ support set, P(y | x, S) = sum_i softmax_i(cos(f(x), g(x_i))) onehot(y_i).
 With ``algorithm.fce`` (full context embeddings, the paper's appendix) the embeddings see the whole
 support set: g is a bidirectional LSTM over the support embeddings plus a skip connection, and f is
 an LSTM that attends over g for ``algorithm.fce_steps`` steps. The attention LSTM's state update
-follows the common reading of the appendix (as in Knagg's reproduction): h = h_hat + f'(x) and the
-readout r is added to h rather than concatenated."""
+follows Knagg's reading of the appendix (his few-shot reproduction): h = h_hat + f'(x), and the
+readout r is added to h rather than concatenated with it."""
 
 from __future__ import annotations
 
@@ -60,10 +60,10 @@ class MatchingNetworks(MetricAlgorithm):
             params |= {PREFIX + n: p.detach() for n, p in self.fce.named_parameters()}
         return params
 
-    def logits(self, theta, support, support_y, query):
+    def logits(self, theta, support, one_hot, query):
         if self.fce is not None:
             weights = {n.removeprefix(PREFIX): p for n, p in theta.items() if n.startswith(PREFIX)}
             support, query = functional_call(self.fce, weights, (support, query))
         cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # [T, Q, S]
-        probabilities = cosine.softmax(-1) @ F.one_hot(support_y).to(cosine.dtype)  # [T, Q, ways]
+        probabilities = cosine.softmax(-1) @ one_hot  # [T, Q, ways]
         return probabilities.log()  # log P: cross-entropy on it is -log P(y | x, S)

@@ -8,6 +8,7 @@ update is the gradient of the query cross-entropy; metrics are ``loss`` and ``ac
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from distmeta.algorithms.base import MetaAlgorithm, Params, Task, one_query_at_a_time
@@ -17,18 +18,22 @@ class MetricAlgorithm(MetaAlgorithm):
     adaptive = False
     uses_head = False
 
-    def logits(self, theta: Params, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
-        """Embeddings support [T, S, D] (labels [T, S]), query [T, Q, D] -> class scores [T, Q, ways]."""
+    def logits(self, theta: Params, support: Tensor, one_hot: Tensor, query: Tensor) -> Tensor:
+        """Embeddings support [T, S, D] with one-hot labels [T, S, ways], query [T, Q, D] -> class
+        scores [T, Q, ways]."""
         raise NotImplementedError
 
     def query_logits(self, theta: Params, tasks: Task, transductive: bool = True) -> Tensor:
-        support_x, support_y, query_x, _ = tasks
+        support_x, support_y, query_x, query_y = tasks
         weights = {n: theta[n] for n in self.model_names}
+        # Labels are 0..ways-1; the count comes from both sets, once per chunk (it syncs a GPU).
+        ways = int(torch.maximum(support_y.max(), query_y.max())) + 1
+        one_hot = F.one_hot(support_y, ways).to(support_x.dtype)
+        support_size = support_x.shape[1]
 
         def predict(x: Tensor) -> Tensor:  # support images followed by query images, per task
             embedded = self.run(self.model, weights, x, shared=True)
-            shots = support_x.shape[1]
-            return self.logits(theta, embedded[:, :shots], support_y, embedded[:, shots:])
+            return self.logits(theta, embedded[:, :support_size], one_hot, embedded[:, support_size:])
 
         if transductive:
             return predict(torch.cat([support_x, query_x], 1))

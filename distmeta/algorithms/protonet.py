@@ -5,13 +5,10 @@ prototypes. Nothing depends on the number of ways, so training may use more ways
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from distmeta.algorithms.metric import MetricAlgorithm
 
 
 class PrototypicalNetworks(MetricAlgorithm):
-    def logits(self, theta, support, support_y, query):
-        one_hot = F.one_hot(support_y).to(support.dtype)  # [T, S, ways]
+    def logits(self, theta, support, one_hot, query):
         prototypes = one_hot.transpose(1, 2) @ support / one_hot.sum(1)[..., None]  # [T, ways, D]
         return -(query[:, :, None] - prototypes[:, None]).pow(2).sum(-1)

@@ -78,6 +78,7 @@ class Worker:
             max(steps),
             self.cfg.eval.inner_batch_size,
             score_at={0, *steps},
-            transductive=self.cfg.eval.transductive,
+            # without BatchNorm (the MLP) there are no batch statistics: one query batch is the same
+            transductive=self.cfg.eval.transductive or self.cfg.model.name != "conv4",
         )
         return {name: values.cpu().numpy() for name, values in trajectory.items()}
