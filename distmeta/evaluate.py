@@ -111,7 +111,7 @@ def protocol(cfg: Config, split: str, num_tasks: int) -> str:
     learner = ALGORITHMS[a.name]
     if learner.adaptive:
         batch = f"mini-batches of {e.inner_batch_size}" if e.inner_batch_size else "the whole support set"
-        lr = "learned per-parameter rates" if a.name == "metasgd" else f"lr {a.inner_lr}"
+        lr = "learned per-parameter rates" if learner.learned_inner_lr else f"lr {a.inner_lr}"
         line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, {lr}, on {batch})"
     if cfg.model.name == "conv4":  # the only model with BatchNorm
         together = "the query set" if learner.adaptive else "each episode's support and query sets"

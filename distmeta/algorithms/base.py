@@ -54,6 +54,7 @@ class MetaAlgorithm:
     first_order: bool = False  # True: no gradient flows through the inner loop
     adaptive: bool = True  # False: metric-based, nothing is adapted per task (evaluated at 0 inner steps)
     uses_head: bool = True  # False: the model is built without its head and returns embeddings
+    learned_inner_lr: bool = False  # True: the inner step sizes are meta-parameters, not inner_lr
 
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
         self.cfg, self.model, self.kind = cfg, model, kind

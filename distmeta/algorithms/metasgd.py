@@ -14,6 +14,8 @@ PREFIX = "inner_lr."
 
 
 class MetaSGD(MAML):
+    learned_inner_lr = True
+
     def initial_parameters(self):
         weights = super().initial_parameters()
         return weights | {PREFIX + n: torch.full_like(p, self.cfg.inner_lr) for n, p in weights.items()}
