@@ -1,45 +1,226 @@
-"""Checkpoint files: written atomically, read back with a clear error when they are not usable.
+"""Checkpoints: self-verifying files in a folder that is local or any ``pyarrow.fs`` URI.
 
-A checkpoint is a ``torch.save``d dict: ``params`` (the flat meta-parameters), ``step``, ``config``
-(``Config.to_dict()``) and ``distmeta_version``; the parameter server's also hold ``optimizer``,
-the best-validation one ``validation`` (what was measured, on which split)."""
+A checkpoint is a ``torch.save``d envelope ``{"distmeta_checkpoint": 2, "sha256": hex, "payload":
+bytes}``, where the payload is the ``torch.save``d state: ``params`` (the flat meta-parameters),
+``step``, ``config`` (``Config.to_dict()``) and ``code_version``; the parameter server's also hold
+the meta-optimizer state, the RNG states and the task stream's cursor, the best-validation one
+``validation``. Read them with ``read_checkpoint``; a truncated or altered file fails its checksum.
+
+A run's folder holds ``step_<N>.pt`` (the last ``train.checkpoint_keep`` kept), ``final.pt`` and
+``best.pt``. Writes are atomic: a temporary file, fsync (local disks), rename. A reader sees the
+old file or the new one, never half of one, and a failed write (a full disk) leaves the previous
+checkpoints as they were.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import hashlib
+import io
+import logging
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
+import distmeta
 from distmeta.config import Config, ConfigError, config_from_dict
 
+log = logging.getLogger(__name__)
+FORMAT = 2
+STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
-def write_checkpoint(path: str | Path, state: dict) -> str:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename): a reader sees the old
-    file or the new one, never half of one. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written or read; the message names the file and what to do."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+class CheckpointStore:
+    """One run's checkpoint folder: a local path, ``file://...``, ``s3://...``, ``gs://...``, or any
+    other URI ``pyarrow.fs.FileSystem.from_uri`` understands (so every node of a cluster sees it)."""
+
+    def __init__(self, location: str | Path):
+        self.location = str(location)
+        self.fs, self.root = filesystem(self.location)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def uri(self, name: str) -> str:
+        """Where ``name`` is, as the user wrote the location (a path, or a URI)."""
+        return f"{self.location.rstrip('/')}/{name}"
+
+    def check_writable(self) -> None:
+        """Fail now, not at the first checkpoint an hour in, if the folder cannot be written."""
+        probe = ".distmeta-write-probe"
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(self.path(probe)) as f:
+                f.write(b"ok")
+            self.fs.delete_file(self.path(probe))
+        except Exception as err:
+            raise CheckpointError(
+                f"cannot write checkpoints to {self.location} ({err}); choose a writable train.checkpoint_dir "
+                "(or --logdir), or fix the folder's permissions"
+            ) from None
+
+    def write(self, name: str, state: dict) -> str:
+        """Write ``state`` as ``name`` atomically, with its checksum; returns where it is."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        envelope = io.BytesIO()
+        torch.save(
+            {"distmeta_checkpoint": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}, envelope
+        )
+        final, tmp = self.path(name), self.path(f".{name}.tmp-{os.getpid()}")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            if self.local:
+                _write_local(tmp, final, envelope.getbuffer())
+            else:  # object stores publish an object whole; move is their closest thing to rename
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(envelope.getbuffer())
+                self.fs.move(tmp, final)
+        except OSError as err:
+            _remove_quietly(self.fs, tmp)
+            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            raise CheckpointError(
+                f"could not write checkpoint {self.uri(name)}: {err}. "
+                + ("The disk is full: free space, " if full else "Check the folder, ")
+                + "then resume with --resume latest; the earlier checkpoints are untouched"
+            ) from None
+        return self.uri(name)
+
+    def read(self, name: str) -> dict:
+        return read_checkpoint(self.uri(name))
+
+    def step_files(self) -> list[tuple[int, str]]:
+        """(step, name) of the periodic checkpoints, oldest first."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError as err:
+            raise CheckpointError(f"cannot list checkpoints in {self.location}: {err}") from None
+        found = [(int(m.group(1)), info.base_name) for info in infos if (m := STEP_FILE.match(info.base_name))]
+        return sorted(found)
+
+    def latest(self) -> tuple[str, dict] | None:
+        """The newest periodic checkpoint that passes its checksum, as (name, state); corrupted
+        ones are skipped for the one before, with a warning naming them."""
+        for _, name in reversed(self.step_files()):
+            try:
+                return name, self.read(name)
+            except CheckpointError as err:
+                log.warning("skipping checkpoint %s: %s", self.uri(name), err)
+        return None
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` periodic checkpoints (0 keeps all)."""
+        if keep:
+            for _, name in self.step_files()[:-keep]:
+                _remove_quietly(self.fs, self.path(name))
+
+    def set_aside(self, after_step: int, folder: str) -> list[str]:
+        """Move periodic checkpoints newer than ``after_step`` into ``folder`` (a resume from an
+        earlier checkpoint must not restart from them, and nothing is deleted)."""
+        moved = []
+        for step, name in self.step_files():
+            if step > after_step:
+                self.fs.create_dir(self.path(folder), recursive=True)
+                self.fs.move(self.path(name), self.path(f"{folder}/{name}"))
+                moved.append(name)
+        return moved
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) for a local path or a pyarrow.fs URI."""
+    if "://" not in location:
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint location {location!r} is not a filesystem pyarrow can open ({err}); "
+            "use a local path or a URI such as file:///abs/path, s3://bucket/prefix or gs://bucket/prefix"
+        ) from None
+
+
+def _write_local(tmp: str, final: str, data: memoryview) -> None:
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return str(path)
+    os.replace(tmp, final)
+    directory = os.open(os.path.dirname(final), os.O_RDONLY)
+    try:  # the rename itself survives a power cut only once the folder is synced
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
-def load_checkpoint(path: str | Path) -> tuple[Config, np.ndarray, dict]:
-    """(config, flat meta-parameters, the whole checkpoint)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist (runs write them under <logdir>/<run>/checkpoints/)")
+def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
+    with contextlib.suppress(OSError):
+        fs.delete_file(path)
+
+
+def read_checkpoint(location: str | Path) -> dict:
+    """The state stored at ``location`` (a path or URI), checksum verified. Checkpoints written
+    before the checksummed format (a bare state dict) are read as they are."""
+    location = str(location)
+    fs, path = filesystem(location)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(
-            f"checkpoint {path} cannot be read ({err}); it may be truncated or not a checkpoint"
+        with fs.open_input_file(path) as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {location} does not exist (runs write them under <logdir>/<run>/checkpoints/)"
         ) from None
-    if not isinstance(state, dict) or "params" not in state or "config" not in state:
-        raise ConfigError(f"{path} is not a distmeta checkpoint (no params/config entries)")
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {location}: {err}") from None
+    try:
+        outer = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as err:
+        reason = str(err).split(". ")[0]
+        raise CheckpointError(f"checkpoint {location} cannot be read ({reason}); it may be truncated") from None
+    if isinstance(outer, dict) and "distmeta_checkpoint" in outer:
+        payload = outer.get("payload", b"")
+        if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+            raise CheckpointError(f"checkpoint {location} fails its checksum: it was altered or written partly")
+        outer = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    if not isinstance(outer, dict) or "params" not in outer or "config" not in outer:
+        raise CheckpointError(f"{location} is not a distmeta checkpoint (no params/config entries)")
+    return outer
+
+
+def load_checkpoint(location: str | Path) -> tuple[Config, np.ndarray, dict]:
+    """(config, flat meta-parameters, the whole checkpoint)."""
+    state = read_checkpoint(location)
     return config_from_dict(state["config"]), state["params"].numpy(), state
+
+
+@functools.cache
+def code_version() -> str:
+    """distmeta's version, with the git commit (and ``+dirty``) when run from a checkout."""
+    root = Path(distmeta.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty=+dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return distmeta.__version__
+    return f"{distmeta.__version__} ({commit})" if commit else distmeta.__version__

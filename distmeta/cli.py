@@ -38,6 +38,14 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--logdir", help="TensorBoard and checkpoint root (default: runs)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="PATH|latest",
+        help="continue a run from its checkpoint: latest (the newest run under --logdir, or run_name=NAME), "
+        "a run folder, or a checkpoint file",
+    )
     parser.add_argument("--tensorboard", action="store_true", help="serve TensorBoard on the log directory")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
     parser.add_argument("--checkpoint", help="checkpoint to evaluate (with --eval-only)")
@@ -129,13 +137,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distmeta.train import run_name, train
+    from distmeta.resume import prepare_resume
+    from distmeta.train import RunInterrupted, run_name, train
 
     flags = {key: getattr(args, name) for name, key in FLAGS.items() if getattr(args, name) is not None}
-    cfg = load_config(args.config, args.overrides, settings=flags)
-    run_dir = Path(cfg.logdir) / run_name(cfg)
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run's config from its checkpoint; drop --config (use key=value)")
+        cfg, run_dir = prepare_resume(args.resume, args.overrides, flags)
+    else:
+        cfg = load_config(args.config, args.overrides, settings=flags)
+        run_dir = Path(cfg.logdir) / run_name(cfg)
     server = _start_tensorboard(cfg.logdir) if args.tensorboard else None
-    train(cfg, run_dir)
+    try:
+        train(cfg, run_dir, resume=bool(args.resume))
+    except RunInterrupted as stop:
+        print(f"{stop}\nresume with: python launch.py --resume {stop.run_dir}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     if server:
         print(f"TensorBoard is still serving at {server}; press Ctrl-C to stop", flush=True)
         try:
@@ -198,11 +216,12 @@ def _start_tensorboard(logdir: str) -> str:
 def _guard(run) -> int:
     from distmeta.data.shards import ShardError
     from distmeta.runtime.cluster import ClusterError
+    from distmeta.runtime.supervisor import ActorLost
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run()
-    except (ConfigError, ClusterError, ShardError) as err:
+    except (ConfigError, ClusterError, ShardError, ActorLost, FloatingPointError) as err:
         return _fail(str(err))
 
 

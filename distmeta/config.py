@@ -83,7 +83,14 @@ class ClusterConfig:
     num_task_generators: int = 1
     prefetch_batches: int = 8  # task batches generated ahead of the workers
     max_inflight_steps: int = 4  # steps submitted ahead of the step whose metrics the driver reads
-    step_timeout_s: float = 600.0  # a step (or its submission) taking longer fails the run
+    # Fault tolerance (runtime/supervisor.py). A failed or timed-out step is re-run; the actors that
+    # caused it are restarted by Ray up to actor_restarts times (-1: always; 0: a lost actor stops the run)
+    actor_restarts: int = -1
+    rejoin_timeout_s: float = 60.0  # after a fault, how long to wait for a worker before re-splitting without it
+    step_timeout_s: float = 600.0  # the longest any step may take
+    # a step slower than this many times the recent mean step time is a straggler's: the late workers
+    # are restarted and the step re-run without them (0: only step_timeout_s)
+    straggler_factor: float = 10.0
     # Embedded Ray only: run the driver at the actors' CPU priority (Ray starts them at nice 15).
     # The driver busy-waits for compiled-graph results; at nice 0 it would preempt the workers it
     # waits for whenever cores are scarce (-17% step time on 2 cores).
@@ -98,7 +105,12 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | float64
     log_every: int = 20  # TensorBoard scalars, averaged over this many steps
     print_every_s: float = 5.0
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_every: int = 1000  # steps between checkpoints (0: only the final one)
+    checkpoint_keep: int = 3  # periodic checkpoints kept, newest first (0: all)
+    # empty: <logdir>/<run>/checkpoints; else the run's checkpoints go to <checkpoint_dir>/<run>, a
+    # local folder or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///...) every node sees
+    checkpoint_dir: str = ""
+    max_rejected_steps: int = 10  # consecutive steps rejected for non-finite updates before the run stops
     eval_every: int = 2000  # 0: no evaluation during training
     eval_tasks: int = 100
 
@@ -172,6 +184,9 @@ class Config:
             ("train.meta_batch_size", self.train.meta_batch_size, 1),
             ("train.log_every", self.train.log_every, 1),
             ("train.checkpoint_every", self.train.checkpoint_every, 0),
+            ("train.checkpoint_keep", self.train.checkpoint_keep, 0),
+            ("train.max_rejected_steps", self.train.max_rejected_steps, 1),
+            ("cluster.actor_restarts", self.cluster.actor_restarts, -1),
             ("train.eval_every", self.train.eval_every, 0),
             ("train.eval_tasks", self.train.eval_tasks, 1),
             ("eval.num_tasks", self.eval.num_tasks, 2),
@@ -184,6 +199,7 @@ class Config:
             ("meta_optimizer.lr", self.meta_optimizer.lr),
             ("train.print_every_s", self.train.print_every_s),
             ("cluster.step_timeout_s", self.cluster.step_timeout_s),
+            ("cluster.rejoin_timeout_s", self.cluster.rejoin_timeout_s),
             ("eval.divergence_factor", self.eval.divergence_factor),
         ]:
             if not value > 0:
@@ -194,6 +210,11 @@ class Config:
             raise ConfigError("meta_optimizer.decay_every must be >= 0 and meta_optimizer.decay_factor in (0, 1]")
         if self.meta_optimizer.decay_every and self.meta_optimizer.final_lr is not None:
             raise ConfigError("set meta_optimizer.final_lr (linear annealing) or decay_every (steps), not both")
+        if self.cluster.straggler_factor != 0 and self.cluster.straggler_factor < 2:
+            raise ConfigError(
+                f"cluster.straggler_factor must be 0 (off) or >= 2 (times the mean step time), "
+                f"got {self.cluster.straggler_factor}"
+            )
         if self.cluster.gpus_per_worker < 0 or self.cluster.cpus_per_worker <= 0:
             raise ConfigError("cluster.gpus_per_worker must be >= 0 and cluster.cpus_per_worker > 0")
         if self.cluster.num_workers > self.train.meta_batch_size:

@@ -8,11 +8,18 @@ Each step is one ``StepControl`` message pushed through the actors by an engine 
 graph or chained actor calls, see runtime/engine.py). The driver submits up to ``max_inflight_steps`` steps
 ahead of the metrics it reads, so it never sits on the critical path; the meaning stays
 synchronous: step t's update uses exactly the parameters after step t - 1.
+
+Faults (a lost worker, server or node; a stuck worker) are handled by runtime/supervisor.py: the
+steps in flight are dropped and re-run from the parameter server's step. SIGINT and SIGTERM stop
+the run after the steps in flight, with a checkpoint to resume from (``launch.py --resume``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,7 +31,7 @@ import torch
 
 import distmeta
 from distmeta.algorithms import initial_parameters
-from distmeta.checkpoint import write_checkpoint
+from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, step_name
 from distmeta.config import Config, ConfigError
 from distmeta.evaluate import (
     EvalRow,
@@ -38,38 +45,52 @@ from distmeta.evaluate import (
 )
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.monitor import Monitor, duration
-from distmeta.runtime.parameter_server import ParameterServer
-from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
-from distmeta.runtime.worker import Worker
+from distmeta.runtime.supervisor import ActorLost, Supervisor
 from distmeta.tasks import build_source
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path  # the final parameters
-    best_checkpoint: Path | None  # the parameters that scored best on the validation split, if it ran
+    checkpoint: str  # the final parameters
+    best_checkpoint: str | None  # the parameters that scored best on the validation split, if it ran
     final_metrics: dict
     eval_rows: list[EvalRow]
     tasks_per_s: float  # steady state, all steps but the first
     train_s: float  # the training steps alone: from the first submission to the last update
     wall_s: float  # everything: actors, training, checkpoint, final evaluation
+    recoveries: int  # faults recovered from
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after the steps in flight; ``checkpoint`` resumes it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str, run_dir: Path):
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        super().__init__(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint {checkpoint}")
 
 
 def run_name(cfg: Config) -> str:
     return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(cfg: Config, run_dir: Path | None = None) -> TrainResult:
+def checkpoint_location(cfg: Config, run_dir: Path) -> str:
+    """The run's checkpoint folder: <run>/checkpoints, or <train.checkpoint_dir>/<run name>."""
+    root = cfg.train.checkpoint_dir
+    return f"{root.rstrip('/')}/{run_dir.name}" if root else str(run_dir / "checkpoints")
+
+
+def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
+    """Train ``cfg`` in ``run_dir``; with ``resume``, continue from the newest checkpoint there."""
     started = time.time()
-    run_dir = run_dir or Path(cfg.logdir) / run_name(cfg)
+    run_dir = Path(run_dir or Path(cfg.logdir) / run_name(cfg))
+    cfg = dataclasses.replace(cfg, run_name=run_dir.name)  # checkpoints record the run they belong to
     source = _checked_source(cfg)  # bad data fails here, before Ray starts
-    run_dir.mkdir(parents=True, exist_ok=True)
+    store = _checked_outputs(cfg, run_dir, resume)
     started_ray = connect(cfg.cluster)
     try:
-        return _train(cfg, source, run_dir, started)
+        return _train(cfg, source, run_dir, store, started)
     finally:
         if started_ray:
             ray.shutdown()
@@ -91,39 +112,48 @@ def _checked_source(cfg: Config):
     return source
 
 
-def _train(cfg: Config, source, run_dir: Path, started: float) -> TrainResult:
-    c, t = cfg.cluster, cfg.train
-
-    initial = initial_parameters(cfg, source)
-
-    # The actors. Workers hold the compute resources; the server and the generators are light.
-    shares = split_evenly(t.meta_batch_size, c.num_workers)
-    server = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, initial)
-    workers = [
-        ray.remote(Worker).options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker).remote(cfg, rank)
-        for rank in range(c.num_workers)
-    ]
-    blocks = generator_blocks(c.num_workers, c.num_task_generators)
-    generators = [ray.remote(TaskGenerator).options(num_cpus=0).remote(cfg, shares, ranks) for ranks in blocks]
-    feeds = [generator for generator, ranks in zip(generators, blocks) for _ in ranks]  # the generator of each rank
-    roles = {"parameter server": server, **{f"worker {r}": w for r, w in enumerate(workers)}}
-    roles |= {f"task generator {g}": generator for g, generator in enumerate(generators)}
+def _checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore:
+    """The run's checkpoint folder, once it and the log folder are known to be writable, and a
+    fresh run is known not to overwrite another run's checkpoints."""
     try:
-        train_s, monitor, best, evaluations = _run_steps(cfg, run_dir, server, workers, feeds, shares)
-        checkpoint = Path(ray.get(server.save.remote(str(run_dir / "checkpoints" / "final.pt"))))
-        final_params = ray.get(server.parameters.remote())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".distmeta-write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
+    store = CheckpointStore(checkpoint_location(cfg, run_dir))
+    store.check_writable()
+    if not resume and store.step_files():
+        raise ConfigError(
+            f"run {run_dir.name} already has checkpoints in {store.location}: continue it with "
+            f"`python launch.py --resume {run_dir}`, or give this run another run_name"
+        )
+    return store
+
+
+def _train(cfg: Config, source, run_dir: Path, store: CheckpointStore, started: float) -> TrainResult:
+    t = cfg.train
+    supervisor = Supervisor(cfg, initial_parameters(cfg, source), store.location)
+    try:
+        train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
+        done = ray.get(supervisor.server.status.remote())["step"]
+        checkpoint = ray.get(supervisor.server.save.remote(step_name(done), t.checkpoint_keep))
+        if not stopped:
+            checkpoint = ray.get(supervisor.server.save.remote("final.pt"))
+        final_params = ray.get(supervisor.server.parameters.remote())
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-        dead = [role for role, actor in roles.items() if not _alive(actor)]
-        if not dead:
-            raise
-        raise ActorLost(f"training stopped: {', '.join(dead)} died ({type(err).__name__}); see the Ray logs") from err
+        raise ActorLost(f"training stopped: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
-        for actor in [server, *workers, *generators]:
-            ray.kill(actor)
+        supervisor.close()
+        supervisor.kill_all()
     for at, params, pending in evaluations:
         best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
+    if stopped:
+        monitor.close()
+        raise RunInterrupted(stopped, done, checkpoint, run_dir)
     if best.row:
-        print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.path}", flush=True)
+        print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
     print(protocol(cfg, "test", cfg.eval.num_tasks), flush=True)
     rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True), progress=True)
@@ -132,52 +162,157 @@ def _train(cfg: Config, source, run_dir: Path, started: float) -> TrainResult:
     monitor.close(rows)
     wall = time.time() - started
     print(f"done in {wall:.1f} s ({train_s:.1f} s training); TensorBoard logs in {run_dir}", flush=True)
-    best_path = best.path if best.row else None
-    return TrainResult(run_dir, checkpoint, best_path, monitor.latest, rows, monitor.tasks_per_s, train_s, wall)
+    best_path = best.location if best.row else None
+    return TrainResult(
+        run_dir, checkpoint, best_path, monitor.latest, rows, monitor.tasks_per_s, train_s, wall, supervisor.recoveries
+    )
 
 
-def _run_steps(cfg: Config, run_dir: Path, server, workers, feeds, shares):
-    """The training loop proper; returns (seconds, monitor, best checkpoint, validations still running)."""
+def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: CheckpointStore):
+    """The training loop proper; returns (seconds, monitor, best checkpoint, validations still
+    running, the signal that stopped it or 0)."""
     c, t = cfg.cluster, cfg.train
-    engine_name = choose_engine(c)
-    engine = ENGINES[engine_name](server, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
-    monitor = Monitor(run_dir, cfg)
-    best = BestCheckpoint(cfg, run_dir / "checkpoints" / "best.pt")
-    print(f"run {run_dir} | {engine_name} engine | {c.num_workers} worker(s), tasks {shares} | {t.steps} steps")
-
-    def checkpoint_path(step: int) -> str:
-        return str(run_dir / "checkpoints" / f"step_{step:08d}.pt")
+    next_step = start_step = supervisor.start()
+    if start_step:
+        print(f"resuming at step {start_step} from {supervisor.restored_from()}", flush=True)
+    monitor = Monitor(run_dir, cfg, start_step)
+    best = BestCheckpoint(cfg, store)
+    print(
+        f"run {run_dir} | {supervisor.engine_name} engine | {c.num_workers} worker(s), tasks {supervisor.shares} "
+        f"| {t.steps} steps"
+    )
+    evaluations: deque[tuple[int, np.ndarray, list]] = deque()
+    evaluated: set[int] = set()
+    rejected_in_a_row = 0
 
     def handle(metrics: dict) -> None:
+        nonlocal rejected_in_a_row
+        if "checkpoint_error" in metrics:
+            raise CheckpointError(metrics["checkpoint_error"])
         monitor.record(metrics)
-        if "params" in metrics:  # a snapshot for validation, evaluated off the critical path
+        rejected_in_a_row = rejected_in_a_row + 1 if metrics["rejected"] else 0
+        for bad in metrics["rejected"]:
+            first, last = bad["tasks"]
+            print(
+                f"step {metrics['step']} rejected: worker {bad['rank']} sent a non-finite update for tasks "
+                f"{first}..{last - 1} of the step's meta-batch (train.seed={t.seed}); nothing was applied",
+                flush=True,
+            )
+        if rejected_in_a_row >= t.max_rejected_steps:
+            raise FloatingPointError(
+                f"{rejected_in_a_row} steps in a row had non-finite updates (the last at step {metrics['step']}); "
+                "none was applied. Lower algorithm.inner_lr or meta_optimizer.lr, then resume with --resume latest"
+            )
+        at = metrics["step"] + 1
+        if "params" in metrics and at not in evaluated:  # a snapshot for validation, off the critical path
             # A copy: the array may be a zero-copy view of a compiled-graph channel buffer, which
             # stays locked (and the graph stalled) while anything still refers to it.
             params = metrics.pop("params").copy()
-            evaluations.append((metrics["step"] + 1, params, _submit_evaluation(cfg, params, "val", t.eval_tasks)))
+            evaluated.add(at)
+            evaluations.append((at, params, _submit_evaluation(cfg, params, "val", t.eval_tasks)))
+
+    def control(step: int) -> StepControl:
+        done = step + 1
+        return StepControl(
+            step,
+            epoch=supervisor.epoch,
+            checkpoint=step_name(done) if t.checkpoint_every and done % t.checkpoint_every == 0 else None,
+            publish=bool(t.eval_every and done % t.eval_every == 0),
+        )
 
     started = time.time()
-    in_flight: deque = deque()
-    evaluations: deque[tuple[int, np.ndarray, list]] = deque()
-    try:
-        for step in range(t.steps):
-            done = step + 1
-            control = StepControl(
-                step,
-                checkpoint=checkpoint_path(done) if t.checkpoint_every and done % t.checkpoint_every == 0 else None,
-                publish=bool(t.eval_every and done % t.eval_every == 0),
-            )
-            in_flight.append(engine.submit(control))
-            while len(in_flight) > c.max_inflight_steps:
-                handle(engine.result(in_flight.popleft(), c.step_timeout_s))
-            while evaluations and _ready(evaluations[0][2]):
-                at, params, pending = evaluations.popleft()
-                best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
-        while in_flight:
-            handle(engine.result(in_flight.popleft(), c.step_timeout_s))
-    finally:
-        engine.close()
-    return time.time() - started, monitor, best, evaluations
+    clock = StepClock(c.step_timeout_s, c.straggler_factor)
+    in_flight: deque[tuple[int, object]] = deque()
+    with StopOnSignal() as stop:
+        while True:
+            try:
+                if supervisor.rejoin_ready():  # a lost worker is back: finish what is in flight, re-split
+                    while in_flight:
+                        handle(supervisor.engine.result(in_flight.popleft()[1], clock.timeout()))
+                    supervisor.close()
+                    next_step = supervisor.start()
+                    clock.restart()
+                # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
+                stopping = stop.signum and next_step % t.log_every == 0
+                while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
+                    in_flight.append((next_step, supervisor.engine.submit(control(next_step))))
+                    next_step += 1
+                    stopping = stop.signum and next_step % t.log_every == 0
+                if not in_flight:
+                    break
+                writes = t.checkpoint_every and (in_flight[0][0] + 1) % t.checkpoint_every == 0
+                handle(supervisor.engine.result(in_flight[0][1], clock.timeout(patient=writes)))
+                in_flight.popleft()
+                clock.tick()
+                while evaluations and _ready(evaluations[0][2]):
+                    at, params, pending = evaluations.popleft()
+                    best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
+            except Exception as err:  # a fault is recovered from; anything else propagates from recover()
+                failed = in_flight[0][0] if in_flight else next_step
+                in_flight.clear()
+                next_step = supervisor.recover(err, failed)
+                monitor.log_fault(next_step, supervisor.recoveries)
+                print(
+                    f"recovered from a fault at step {failed} ({type(err).__name__}); continuing at step {next_step} "
+                    f"with {len(supervisor.live)} worker(s), tasks {supervisor.shares}",
+                    flush=True,
+                )
+                clock.restart()
+        supervisor.close()
+    return time.time() - started, monitor, best, evaluations, stop.signum
+
+
+class StepClock:
+    """How long the driver waits for the next step's result before calling the step a straggler's:
+    ``factor`` x the mean of recent step times, at least ``MIN_S``; ``cap_s`` while there are too
+    few steps to measure (start-up, compilation, after a recovery)."""
+
+    MIN_S, WARMUP = 5.0, 5
+
+    def __init__(self, cap_s: float, factor: float):
+        self.cap_s, self.factor = cap_s, factor
+        self.restart()
+
+    def restart(self) -> None:
+        self.last, self.recent = time.time(), deque(maxlen=50)
+
+    def tick(self) -> None:
+        now = time.time()
+        self.recent.append(now - self.last)
+        self.last = now
+
+    def timeout(self, patient: bool = False) -> float:
+        """Seconds left for the next result; ``patient`` (a step that writes a checkpoint): cap_s."""
+        if patient or not self.factor or len(self.recent) < self.WARMUP:
+            return self.cap_s
+        allowed = min(self.cap_s, max(self.MIN_S, self.factor * sum(self.recent) / len(self.recent)))
+        return max(0.1, self.last + allowed - time.time())
+
+
+class StopOnSignal:
+    """The first SIGINT or SIGTERM asks the loop to stop at the next logging step (it then writes a
+    checkpoint); a second SIGINT interrupts at once. Only the main thread can own signals."""
+
+    def __init__(self):
+        self.signum, self.previous = 0, {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"{signal.Signals(signum).name}: stopping at the next logging step, then writing a checkpoint", flush=True
+        )
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class BestCheckpoint:
@@ -187,10 +322,18 @@ class BestCheckpoint:
     tasks flatters a snapshot where some blew up), then accuracy up or MSE down. On a tie the
     earlier snapshot stays."""
 
-    def __init__(self, cfg: Config, path: Path):
-        self.cfg, self.path = cfg, path
+    NAME = "best.pt"
+
+    def __init__(self, cfg: Config, store: CheckpointStore):
+        self.cfg, self.store = cfg, store
+        self.location = store.uri(self.NAME)
         self.row: EvalRow | None = None
         self.step = 0
+        try:  # a resumed run competes with the best of its earlier part
+            state = store.read(self.NAME)
+            self.row, self.step = EvalRow(**state["validation"]["row"]), state["step"]
+        except (CheckpointError, KeyError, TypeError):
+            pass
 
     def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
         candidates = [r for r in rows if r.shots == rows[0].shots]
@@ -203,27 +346,23 @@ class BestCheckpoint:
             "params": torch.from_numpy(params),
             "step": step,
             "config": self.cfg.to_dict(),
+            "code_version": code_version(),
             "distmeta_version": distmeta.__version__,
-            "validation": {"split": "val", "tag": row.tag, "mean": row.mean, "ci95": row.ci95, "tasks": row.tasks},
+            "validation": {
+                "split": "val",
+                "tag": row.tag,
+                "mean": row.mean,
+                "ci95": row.ci95,
+                "tasks": row.tasks,
+                "row": dataclasses.asdict(row),
+            },
         }
-        write_checkpoint(self.path, state)
+        self.store.write(self.NAME, state)
 
 
 def _rank(row: EvalRow) -> tuple[int, float]:
     """Lower is better."""
     return row.diverged, -row.mean if row.metric == "accuracy" else row.mean
-
-
-class ActorLost(RuntimeError):
-    """An actor of the run died; the message names which."""
-
-
-def _alive(actor, timeout_s: float = 10.0) -> bool:
-    try:
-        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
-        return True
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return False
 
 
 def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):

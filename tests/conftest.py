@@ -13,7 +13,7 @@ def ray_local():
     """One real local Ray for the in-process runtime tests (train() reuses it instead of starting its own)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -10,8 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distmeta.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +55,7 @@ def test_launch_trains_evaluates_and_the_loss_falls(tmp_path, cli_env):
     test_mse = scalars(run_dir, "test/mse_shots10_steps10")[1200]
     assert test_mse < scalars(run_dir, "test/mse_shots10_steps1")[1200]  # more adaptation steps help
     checkpoint = run_dir / "checkpoints" / "final.pt"
-    assert torch.load(checkpoint, weights_only=False)["step"] == 1200
+    assert read_checkpoint(checkpoint)["step"] == 1200
 
     # evaluation from the checkpoint alone, two ways, same held-out tasks -> same numbers as training's
     evaluated = run(["launch.py", "--eval-only", "--checkpoint", str(checkpoint), "eval.num_tasks=200"], cli_env)
@@ -90,7 +91,7 @@ def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printe
     run_dir = tmp_path / "proto"
     validation = scalars(run_dir, "val/accuracy_5way_shots1_steps0")
     assert sorted(validation) == [10, 20, 30, 40]
-    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert best["step"] == max(validation, key=validation.get)  # accuracy: higher is better
     assert best["validation"]["mean"] == pytest.approx(max(validation.values()), rel=1e-6)
     assert "protocol: 40 test episodes (seed 1234), 5-way, shots [1], 3 queries per class" in out.stdout

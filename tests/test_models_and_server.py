@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from distmeta.checkpoint import read_checkpoint
 from distmeta.config import ConfigError, ModelConfig, load_config
 from distmeta.models import DataSpec, build_model
 from distmeta.params import ParamLayout, flat_parameters
@@ -59,6 +60,7 @@ def result(step, rank, update, num_tasks):
         "rank": rank,
         "update": np.asarray(update, dtype=np.float64),
         "num_tasks": num_tasks,
+        "first_task": 0,
         "metrics": {"loss_before": 2.0 * num_tasks, "loss_after": 1.0 * num_tasks},
         "implementation": "vmap",
         "produced_at": 0.0,
@@ -113,13 +115,13 @@ def test_the_server_refuses_updates_for_another_step():
 
 
 def test_the_server_publishes_parameters_and_writes_checkpoints_on_request(tmp_path):
-    server = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(3))
-    path = tmp_path / "ckpt" / "a.pt"
-    metrics = server.apply(StepControl(0, checkpoint=str(path), publish=True), result(0, 0, [1.0, 2.0, 3.0], 1))
+    server = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(3), str(tmp_path / "ckpt"))
+    control = StepControl(0, checkpoint="step_00000001.pt", publish=True)
+    metrics = server.apply(control, result(0, 0, [1.0, 2.0, 3.0], 1))
     np.testing.assert_array_equal(metrics["params"], server.parameters())
-    saved = torch.load(path, weights_only=False)
+    saved = read_checkpoint(metrics["checkpoint"])
     assert saved["step"] == 1 and torch.equal(saved["params"], torch.from_numpy(server.parameters()))
-    assert not list(path.parent.glob("*.tmp"))
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_00000001.pt"]  # no temporary file left
 
 
 def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():

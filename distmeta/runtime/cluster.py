@@ -30,7 +30,9 @@ def connect(cluster: ClusterConfig) -> bool:
         cores = os.cpu_count() or 1
         if needed > cores:
             log.warning("%d worker CPUs requested on a %d-core machine: workers will share cores", needed, cores)
-        ray.init(num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING)
+        # address="local": a new instance even when this machine runs a `ray start` cluster (which
+        # plain ray.init() would join, refusing num_cpus); --address auto joins that one
+        ray.init(address="local", num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING)
         started = True
         if cluster.renice_driver and hasattr(os, "nice"):
             os.nice(max(0, ACTOR_NICENESS - os.nice(0)))
@@ -39,6 +41,11 @@ def connect(cluster: ClusterConfig) -> bool:
         try:
             ray.init(address=cluster.address, logging_level=logging.WARNING)
         except Exception as err:
+            if "version mismatch" in str(err).lower():
+                raise ClusterError(
+                    f"the Ray cluster at {cluster.address!r} runs another Ray or Python version than this machine "
+                    f"(ray {ray.__version__}): {err}\nInstall the cluster's versions here, or run from a cluster node."
+                ) from None
             raise ClusterError(
                 f"cannot connect to a Ray cluster at {cluster.address!r}: {err}\n"
                 "Start one with `ray start --head` (it prints the address), pass --address auto on a node "

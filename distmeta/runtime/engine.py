@@ -16,6 +16,7 @@ for evaluation ride on the step's control message instead of separate calls.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import ray
@@ -55,7 +56,7 @@ class CompiledEngine:
         self.last_result = now
         return metrics
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
         self.graph.teardown()
 
 
@@ -63,6 +64,8 @@ class TaskEngine:
     def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
         self.server, self.workers, self.feeds = server, workers, feeds
         self.params = server.parameters.remote()
+        self.in_flight: list = []  # the calls of recent steps, cancelled on close
+        self.kept = (max_inflight_steps + 2) * (len(workers) + 2)
 
     def submit(self, control: StepControl):
         results = [
@@ -71,14 +74,22 @@ class TaskEngine:
         ]
         metrics = self.server.apply.remote(control, *results)
         self.params = self.server.parameters.remote(control)  # runs after apply: actor calls keep their order
+        self.in_flight = [*self.in_flight[-self.kept :], *results, metrics, self.params]
         return metrics
 
     def result(self, ref, timeout_s: float) -> dict:
         """A step's metrics; raises if the step failed or took longer than ``timeout_s``."""
         return ray.get(ref, timeout=timeout_s)
 
-    def close(self) -> None:
-        pass
+    def close(self, cancel: bool = False) -> None:
+        """With ``cancel``, cancel the calls of steps still in flight: after a timeout, a call
+        waiting for a stuck worker's result would hold up every later call to its actor (Ray runs
+        them in submission order). Not after a crash: the lost actor's calls fail at once, while a
+        cancelled call leaves a gap that its actor waits out (30 s) before going on."""
+        for ref in self.in_flight if cancel else []:
+            with contextlib.suppress(Exception):  # finished, or its actor is gone: nothing to cancel
+                ray.cancel(ref)
+        self.in_flight = []
 
 
 ENGINES = {"compiled": CompiledEngine, "tasks": TaskEngine}

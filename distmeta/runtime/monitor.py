@@ -29,7 +29,10 @@ from distmeta.config import Config
 class Monitor:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout):
         self.cfg, self.out = cfg, out
-        self.writer = SummaryWriter(str(run_dir))
+        # On resume, drop whatever the earlier part logged after its checkpoint (TensorBoard hides
+        # events at steps >= purge_step written before it), so no step appears twice.
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
+        self.last_step = start_step  # steps re-run after a fault are not logged again
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", start_step)
         self.sums: dict[str, float] = defaultdict(float)  # train/* per step, the rest per timed step
         self.steps = self.timed_steps = 0
@@ -39,14 +42,22 @@ class Monitor:
         self.recent_steps: list[float] = []
         self.latest: dict = {}
         self.total_tasks = self.total_step_s = 0.0  # every timed step of the run, for tasks_per_s
+        self.rejected = 0
 
     def record(self, m: dict) -> None:
         """One step's metrics from ``ParameterServer.apply``."""
         step = m["step"] + 1  # parameters after this many updates
-        for name, value in m["train"].items():
-            self.sums[f"train/{name}"] += value
-        self.sums["train/lr"] += m["lr"]
-        self.steps += 1
+        if step <= self.last_step:
+            return
+        self.last_step = step
+        if m["rejected"]:  # nothing was applied: count it, keep it out of the training curves
+            self.rejected += 1
+            self.writer.add_scalar("faults/rejected_steps", self.rejected, step)
+        else:
+            for name, value in m["train"].items():
+                self.sums[f"train/{name}"] += value
+            self.sums["train/lr"] += m["lr"]
+            self.steps += 1
         if self.prev_apply_end is not None:
             step_s = m["apply_finished"] - self.prev_apply_end
             aggregate_s = m["apply_finished"] - m["apply_started"]
@@ -85,7 +96,7 @@ class Monitor:
             if name == "throughput/tasks":
                 self.writer.add_scalar("throughput/tasks_per_s", total / self.sums["time/step_s"], step)
             elif name.startswith("train/"):
-                self.writer.add_scalar(name, total / self.steps, step)
+                self.writer.add_scalar(name, total / max(1, self.steps), step)
             else:
                 self.writer.add_scalar(name, total / self.timed_steps, step)
         self.sums.clear()
@@ -111,6 +122,13 @@ class Monitor:
     def tasks_per_s(self) -> float:
         """Steady-state throughput: all steps but the first (which includes start-up)."""
         return self.total_tasks / self.total_step_s if self.total_step_s else float("nan")
+
+    def log_fault(self, step: int, recoveries: int) -> None:
+        """A fault recovered from; the run goes on at ``step``."""
+        self.writer.add_scalar("faults/recovered", recoveries, step)
+        self.writer.flush()
+        self.prev_apply_end = None  # the time since the last step includes the recovery: not a step time
+        self.recent_steps.clear()
 
     def log_eval(self, step: int, prefix: str, rows: list) -> list:
         """Write evaluation rows as scalars; returns the rows."""

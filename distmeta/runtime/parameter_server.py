@@ -3,24 +3,30 @@
 Each step it sums the workers' updates, divides by the number of tasks (a task-weighted mean, so
 uneven splits count correctly), and takes one optimizer step: Adam on the meta-gradient for the
 MAML family, SGD on theta - phi for Reptile (its outer step epsilon, optionally annealed).
+
+A step is applied whole or not at all: if any worker's update holds a NaN or Inf, the step is
+rejected (reported with the worker and its tasks) and nothing changes but the step counter. Given
+a checkpoint folder, the server starts from the newest valid checkpoint there, so when Ray
+restarts it after a crash it comes back at its last checkpoint instead of at the initialisation.
 """
 
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
 import torch
 
 import distmeta
-from distmeta.checkpoint import write_checkpoint
+from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version
 from distmeta.config import Config
 from distmeta.params import DTYPES
 from distmeta.runtime.control import StepControl
 
 
 class ParameterServer:
-    def __init__(self, cfg: Config, initial_params: np.ndarray):
+    def __init__(self, cfg: Config, initial_params: np.ndarray, checkpoints: str | None = None):
         self.cfg = cfg
         self.theta = torch.nn.Parameter(torch.tensor(initial_params, dtype=DTYPES[cfg.train.dtype]))
         opt = cfg.meta_optimizer
@@ -28,7 +34,36 @@ class ParameterServer:
             self.optimizer = torch.optim.Adam([self.theta], lr=opt.lr)
         else:
             self.optimizer = torch.optim.SGD([self.theta], lr=opt.lr)
-        self.step = 0  # updates applied so far; also the parameter version
+        self.step = 0  # steps done so far (applied or rejected); also the parameter version
+        self.epoch = 0  # the driver's current engine generation (see begin_epoch)
+        self.rejected_steps: list[int] = []
+        self.store = CheckpointStore(checkpoints) if checkpoints else None
+        self.restored_from = None
+        found = self.store.latest() if self.store else None
+        if found:
+            self.restored_from = self.store.uri(found[0])
+            self._restore(found[1])
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            self.theta.copy_(state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.rejected_steps = state["step"], list(state.get("rejected_steps", []))
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+
+    def status(self) -> dict:
+        """Where the server stands: the step it expects next and the checkpoint it started from."""
+        return {"step": self.step, "restored_from": self.restored_from}
+
+    def begin_epoch(self, epoch: int) -> int:
+        """From now on apply only steps sent by engine generation ``epoch``: steps still in flight
+        from before a fault may arrive late, computed on older parameters. Returns the step."""
+        self.epoch = epoch
+        return self.step
 
     def parameters(self, control: StepControl | None = None) -> np.ndarray:
         """The current meta-parameters (``control`` only orders this call within a step)."""
@@ -46,24 +81,29 @@ class ParameterServer:
     def apply(self, control: StepControl, *results: dict) -> dict:
         """Aggregate the workers' results for ``control.step``, apply them, return the step's metrics."""
         started, step = time.time(), control.step
+        if control.epoch != self.epoch:
+            return {"stale": True, "step": step}
         if step != self.step or any(r["step"] != step for r in results):
             raise RuntimeError(
                 f"parameter server is at step {self.step} but got updates for steps {[r['step'] for r in results]}"
             )
         num_tasks = sum(r["num_tasks"] for r in results)
-        total = np.zeros_like(results[0]["update"])
-        for result in results:
-            if not np.isfinite(result["update"]).all():
-                raise FloatingPointError(
-                    f"worker {result['rank']} sent a non-finite update at step {step}; it was not applied. "
-                    "Lower algorithm.inner_lr or meta_optimizer.lr"
-                )
-            total += result["update"]
         lr = self.learning_rate(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.theta.grad = torch.from_numpy(total / num_tasks).to(self.theta.dtype)
-        self.optimizer.step()
+        rejected = [
+            {"rank": r["rank"], "tasks": [r["first_task"], r["first_task"] + r["num_tasks"]]}
+            for r in results
+            if not np.isfinite(r["update"]).all()
+        ]
+        if rejected:
+            self.rejected_steps.append(step)
+        else:
+            total = np.zeros_like(results[0]["update"])
+            for result in results:
+                total += result["update"]
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.theta.grad = torch.from_numpy(total / num_tasks).to(self.theta.dtype)
+            self.optimizer.step()
         self.step += 1
         metric_names = results[0]["metrics"]
         metrics = {
@@ -76,21 +116,36 @@ class ParameterServer:
             ],
             "implementation": results[0]["implementation"],
             "apply_started": started,
+            "rejected": rejected,
         }
-        if control.publish:
+        if control.publish and not rejected:
             metrics["params"] = self.theta.detach().numpy().copy()
         if control.checkpoint:
-            self.save(control.checkpoint)
+            try:
+                metrics["checkpoint"] = self.save(control.checkpoint, keep=self.cfg.train.checkpoint_keep)
+            except CheckpointError as err:  # the driver stops the run; the earlier checkpoints stand
+                metrics["checkpoint_error"] = str(err)
         metrics["apply_finished"] = time.time()
         return metrics
 
-    def save(self, path: str) -> str:
-        """Write a checkpoint atomically (temporary file, fsync, rename); returns its path."""
+    def save(self, name: str, keep: int = 0) -> str:
+        """Write checkpoint ``name`` to the run's folder, then keep only the newest ``keep``
+        periodic ones (0: all); returns where it is."""
+        if self.store is None:
+            raise CheckpointError("this parameter server was started without a checkpoint folder")
         state = {
             "params": self.theta.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "config": self.cfg.to_dict(),
+            "code_version": code_version(),
             "distmeta_version": distmeta.__version__,
+            # Training draws its randomness from (seed, stream, step) alone: the cursor below is the
+            # task stream's whole state. The process RNGs ride along for code that draws from them.
+            "task_stream": {"seed": self.cfg.train.seed, "next_step": self.step},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rejected_steps": self.rejected_steps,
         }
-        return write_checkpoint(path, state)
+        where = self.store.write(name, state)
+        self.store.prune(keep)
+        return where

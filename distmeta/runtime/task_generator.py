@@ -56,7 +56,7 @@ class TaskGenerator:
         task = self.cfg.task
         rng = task_rng(self.cfg.train.seed, "train", step)
         batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries, self.part)
-        batch.produced_at = time.time()
+        batch.produced_at, batch.first_task = time.time(), self.part.start
         return {rank: batch.slice(*self.bounds[rank]) for rank in self.ranks}
 
     def _produce(self) -> None:
@@ -72,7 +72,10 @@ class TaskGenerator:
             step += 1
 
     def batch_for(self, control: StepControl, rank: int) -> TaskBatch:
-        """Worker ``rank``'s tasks for ``control.step``; steps must be asked for in order."""
+        """Worker ``rank``'s tasks for ``control.step``; steps are asked for in order, except when Ray
+        re-runs a call to rebuild a lost object, which gets the step rebuilt."""
+        if control.step < self.current_step:
+            return self.build(control.step)[rank]
         if control.step != self.current_step:
             step, slices = self.ready.get()
             if isinstance(slices, Exception):

@@ -62,6 +62,7 @@ class Worker:
             "rank": self.rank,
             "update": self.layout.flatten(update).detach().cpu().numpy(),
             "num_tasks": len(tasks),
+            "first_task": tasks.first_task,
             "metrics": metrics,
             "implementation": self.implementation,
             "produced_at": tasks.produced_at,

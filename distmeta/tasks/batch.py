@@ -21,6 +21,7 @@ class TaskBatch:
     query_x: np.ndarray  # [T, Q, *input_shape]
     query_y: np.ndarray
     produced_at: float = 0.0  # wall-clock time the generator finished it (for the data-wait metric)
+    first_task: int = 0  # index of the first of these tasks in the step's meta-batch (for fault reports)
 
     @classmethod
     def from_episodes(cls, images: np.ndarray, shots: int) -> TaskBatch:
@@ -48,6 +49,7 @@ class TaskBatch:
     def slice(self, start: int, stop: int) -> TaskBatch:
         return replace(
             self,
+            first_task=self.first_task + start,
             support_x=self.support_x[start:stop],
             support_y=self.support_y[start:stop],
             query_x=self.query_x[start:stop],

@@ -1,0 +1,209 @@
+"""The run's actors, and how the run survives losing them.
+
+The supervisor creates the parameter server, the workers and the task generators, wires them into
+an engine, and rebuilds that wiring after a fault:
+
+  worker lost      Ray restarts it (``cluster.actor_restarts``). The step it was in never reaches the
+                   server (the server applies a step only with every worker's update), so it is
+                   re-run from the server's step with the same tasks: a step's data depends only
+                   on (seed, step).
+  worker stuck     a step slower than ``straggler_factor`` x the recent step time (or than
+                   ``step_timeout_s``) is abandoned; workers that do not answer are restarted.
+  worker gone      one that is not back within ``rejoin_timeout_s`` (its node left the cluster)
+                   leaves the split: the meta-batch is re-split over the others, so every step
+                   still sees all its tasks. It rejoins as soon as Ray places it again.
+  server lost      Ray restarts it; it reloads the newest valid checkpoint and the run re-runs the
+                   steps since, which give the same updates again.
+  generator lost   generators hold no state but a cursor: they are rebuilt at the server's step.
+
+Errors in the code or the data (a bad shard, a bug) are not faults: they stop the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+import ray.exceptions as rex
+
+from distmeta.config import Config
+from distmeta.runtime.engine import ENGINES, choose_engine
+from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
+from distmeta.runtime.worker import Worker
+
+log = logging.getLogger(__name__)
+
+# Infrastructure failures: an actor, node or object lost, or a step that timed out.
+FAULTS = (rex.RayActorError, rex.ObjectLostError, rex.OwnerDiedError, rex.NodeDiedError, rex.WorkerCrashedError)
+TIMEOUTS = (rex.GetTimeoutError, rex.RayChannelError)
+MAX_RETRIES_OF_ONE_STEP = 5
+
+
+class ActorLost(RuntimeError):
+    """The run cannot go on without an actor it lost; the message names which."""
+
+
+def is_fault(err: BaseException) -> bool:
+    """True for a lost actor, node or object, or a timeout; False for an error raised by our code."""
+    while isinstance(err, rex.RayTaskError) and not isinstance(err, FAULTS):
+        cause = getattr(err, "cause", None)
+        if cause is None or cause is err:
+            return False
+        err = cause
+    return isinstance(err, FAULTS + TIMEOUTS)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, initial_params, checkpoints: str):
+        self.cfg = cfg
+        c = cfg.cluster
+        restarts = {"max_restarts": c.actor_restarts}
+        self.server = (
+            ray.remote(ParameterServer).options(num_cpus=0, **restarts).remote(cfg, initial_params, checkpoints)
+        )
+        self.workers = [
+            ray.remote(Worker)
+            .options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, **restarts)
+            .remote(cfg, rank)
+            for rank in range(c.num_workers)
+        ]
+        self.live = list(range(c.num_workers))  # ranks in the current split
+        self.away: dict[int, ray.ObjectRef] = {}  # ranks out of it, each with a ping that answers when it is back
+        self.generators: list = []
+        self.engine_name = choose_engine(c)
+        self.engine = None
+        self.shares: list[int] = []
+        self.recoveries = 0
+        self.epoch = 0  # engine generations started; steps carry theirs (see ParameterServer.begin_epoch)
+        self.failed_step, self.failures_of_step = -1, 0
+
+    def start(self) -> int:
+        """Wire the live workers into a new engine at the server's step; returns that step."""
+        c = self.cfg.cluster
+        self.epoch += 1
+        step = ray.get(self.server.begin_epoch.remote(self.epoch), timeout=c.step_timeout_s)
+        self.shares = split_evenly(self.cfg.train.meta_batch_size, len(self.live))
+        blocks = generator_blocks(len(self.live), c.num_task_generators)
+        for generator in self.generators:
+            ray.kill(generator)
+        self.generators = [
+            ray.remote(TaskGenerator).options(num_cpus=0).remote(self.cfg, self.shares, positions, step)
+            for positions in blocks
+        ]
+        feeds = [generator for generator, positions in zip(self.generators, blocks) for _ in positions]
+        workers = [self.workers[rank] for rank in self.live]
+        self.engine = ENGINES[self.engine_name](self.server, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
+        return step
+
+    def restored_from(self) -> str | None:
+        return ray.get(self.server.status.remote())["restored_from"]
+
+    def rejoin_ready(self) -> bool:
+        """True if a worker that left the split is back (the caller drains its steps and restarts)."""
+        if not self.away:
+            return False
+        back, _ = ray.wait(list(self.away.values()), num_returns=len(self.away), timeout=0)
+        returned = []
+        for rank, ping in list(self.away.items()):
+            if ping in back and _answered(ping):
+                returned.append(rank)
+            elif ping in back:  # it failed (still restarting): ask again
+                self.away[rank] = self.workers[rank].__ray_ready__.remote()
+        for rank in returned:
+            del self.away[rank]
+            log.warning("worker %d is back: re-splitting the meta-batch over %d workers", rank, len(self.live) + 1)
+        self.live = sorted(self.live + returned)
+        return bool(returned)
+
+    def recover(self, err: BaseException, step: int) -> int:
+        """After a fault at ``step``: restore a working set of actors, rebuild the engine, and return
+        the step to continue from (the server's). Raises ``ActorLost`` if that is impossible."""
+        c = self.cfg.cluster
+        if c.actor_restarts == 0 or not is_fault(err):
+            raise err
+        self.failures_of_step = self.failures_of_step + 1 if step == self.failed_step else 1
+        self.failed_step = step
+        if self.failures_of_step > MAX_RETRIES_OF_ONE_STEP:
+            raise ActorLost(f"step {step} failed {MAX_RETRIES_OF_ONE_STEP} times in a row; last error: {err}") from err
+        self.recoveries += 1
+        log.warning("fault at step %d (%s); recovering", step, _first_line(err))
+        self.close(cancel=isinstance(err, TIMEOUTS))
+        try:  # nothing goes on without the server; a restarted one reloads its checkpoint first
+            _wait_ready(self.server, c.rejoin_timeout_s + c.step_timeout_s)
+        except (rex.RayActorError, rex.GetTimeoutError) as lost:
+            raise ActorLost(f"the parameter server did not come back after a fault ({_first_line(lost)})") from err
+        # Workers: a killed one answers once restarted; a healthy one may first sit out calls of the
+        # dropped steps that can never run (see _wait_ready). One that does not answer in time is
+        # stuck or its node is gone: it is restarted and left out of the split until it answers.
+        answered = _ping_until([self.workers[rank] for rank in self.live], time.time() + c.rejoin_timeout_s)
+        for rank, ok in zip(list(self.live), answered):
+            if not ok:
+                log.warning("worker %d is not back after %.0f s: going on without it", rank, c.rejoin_timeout_s)
+                ray.kill(self.workers[rank], no_restart=False)
+                self.away[rank] = self.workers[rank].__ray_ready__.remote()
+        self.live = [rank for rank in self.live if rank not in self.away]
+        if not self.live:
+            raise ActorLost(
+                f"no worker came back within cluster.rejoin_timeout_s={c.rejoin_timeout_s:g} s after a fault "
+                f"({_first_line(err)}); check the cluster's nodes (`ray status`), then resume with --resume latest"
+            ) from err
+        return self.start()
+
+    def close(self, cancel: bool = False) -> None:
+        if self.engine is not None:
+            try:
+                self.engine.close(cancel)
+            except Exception as err:  # a graph with a dead actor may not tear down cleanly
+                log.info("engine teardown: %s", _first_line(err))
+            self.engine = None
+
+    def kill_all(self) -> None:
+        for actor in [self.server, *self.workers, *self.generators]:
+            ray.kill(actor, no_restart=True)
+
+
+def _wait_ready(actor, timeout_s: float) -> None:
+    """Wait until ``actor`` answers. "Unavailable" is temporary: the actor is restarting, or it is
+    skipping calls that were cancelled after it had been sent later ones (Ray makes it wait up to
+    30 s for a call that will never come, then drops the queue)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.time()))
+            return
+        except rex.ActorUnavailableError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _ping_until(actors: list, deadline: float) -> list[bool]:
+    """Which of ``actors`` answered by ``deadline``, asking again those that report being unavailable."""
+    pings = {i: actor.__ray_ready__.remote() for i, actor in enumerate(actors)}
+    answered = [False] * len(actors)
+    while pings and time.time() < deadline:
+        done, _ = ray.wait(list(pings.values()), num_returns=1, timeout=max(0.0, deadline - time.time()))
+        for i, ping in list(pings.items()):
+            if ping in done:
+                del pings[i]
+                if _answered(ping):
+                    answered[i] = True
+                else:  # unavailable (restarting, or dropping dead calls): ask again shortly
+                    time.sleep(0.2)
+                    pings[i] = actors[i].__ray_ready__.remote()
+    return answered
+
+
+def _answered(ping: ray.ObjectRef) -> bool:
+    try:
+        ray.get(ping, timeout=0)
+        return True
+    except (rex.RayActorError, rex.GetTimeoutError):
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"

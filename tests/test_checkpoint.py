@@ -1,0 +1,124 @@
+"""Checkpoint files: atomic, checksummed, pruned to the newest N, on a local folder or a pyarrow.fs
+URI; a corrupted one is skipped for the one before; a full disk or an unwritable folder is a clear
+error that leaves the earlier checkpoints as they were."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from distmeta.checkpoint import CheckpointError, CheckpointStore, read_checkpoint, step_name
+from distmeta.config import load_config
+from distmeta.runtime.control import StepControl
+from distmeta.runtime.parameter_server import ParameterServer
+
+
+def state(step: int, size: int = 8) -> dict:
+    return {"params": torch.full((size,), float(step)), "config": {}, "step": step}
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_the_newest_n_are_kept_and_a_corrupted_one_is_skipped_for_the_one_before(tmp_path, uri, caplog):
+    store = CheckpointStore(f"file://{tmp_path}/run" if uri else tmp_path / "run")
+    for step in range(10, 60, 10):
+        store.write(step_name(step), state(step))
+        store.prune(3)
+    assert [step for step, _ in store.step_files()] == [30, 40, 50]
+    assert store.latest()[1]["step"] == 50
+    newest = tmp_path / "run" / step_name(50)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle of the payload
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum|cannot be read"):
+        read_checkpoint(newest)
+    name, found = store.latest()
+    assert (name, found["step"]) == (step_name(40), 40)
+    assert "skipping checkpoint" in caplog.text and step_name(50) in caplog.text
+    (tmp_path / "run" / step_name(40)).write_bytes(newest.read_bytes()[:100])  # truncated
+    assert store.latest()[1]["step"] == 30
+    # a well-formed file whose payload was altered after the checksum was taken
+    target = tmp_path / "run" / step_name(30)
+    envelope = torch.load(target, weights_only=False)
+    payload = bytearray(envelope["payload"])
+    at = payload.rfind(np.float32(30.0).tobytes())  # the parameters' bytes
+    payload[at : at + 4] = np.float32(31.0).tobytes()
+    torch.save(envelope | {"payload": bytes(payload)}, target)
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        read_checkpoint(target)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [step_name(s) for s in (30, 40, 50)]  # no temp files
+
+
+def test_a_full_disk_fails_the_write_clearly_and_keeps_the_earlier_checkpoint(tmp_path):
+    """A real write error from the OS: the file-size limit (RLIMIT_FSIZE) makes write() fail with
+    EFBIG past 64 KiB, as a full disk fails it with ENOSPC."""
+    store = CheckpointStore(tmp_path)
+    store.write(step_name(1), state(1))
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from distmeta.checkpoint import CheckpointStore, CheckpointError, step_name
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        store = CheckpointStore({str(tmp_path)!r})
+        try:
+            store.write(step_name(1), {{"params": torch.zeros(1 << 20), "config": {{}}, "step": 2}})
+        except CheckpointError as err:
+            print(err)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "could not write checkpoint" in out.stdout and "disk is full" in out.stdout, out.stdout + out.stderr
+    assert "--resume latest" in out.stdout
+    assert read_checkpoint(tmp_path / step_name(1))["step"] == 1  # the earlier file is whole
+    assert [p.name for p in tmp_path.iterdir()] == [step_name(1)]  # no temporary file left behind
+
+
+def test_an_unwritable_or_unknown_location_is_named(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="cannot write checkpoints to .*a-file/run"):
+        CheckpointStore(tmp_path / "a-file" / "run").check_writable()
+    with pytest.raises(CheckpointError, match="not a filesystem pyarrow can open"):
+        CheckpointStore("nosuchscheme://bucket/run")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_the_server_restores_parameters_optimizer_step_and_rng_from_its_newest_checkpoint(tmp_path):
+    cfg = load_config(None, ["train.dtype=float64", "train.checkpoint_keep=2"])
+    server = ParameterServer(cfg, np.zeros(4), str(tmp_path))
+    for step in range(3):
+        update = {"rank": 0, "first_task": 0, "num_tasks": 1, "step": step, "metrics": {}, "implementation": "loop"}
+        update |= {"update": np.arange(4.0) + step, "produced_at": 0.0, "started": 0.0, "finished": 0.0}
+        server.apply(StepControl(step, checkpoint=step_name(step + 1)), update)
+    torch.manual_seed(7)
+    server.save(step_name(3), keep=2)
+    expected_draw = torch.rand(3)
+    restarted = ParameterServer(cfg, np.zeros(4), str(tmp_path))
+    assert restarted.status() == {"step": 3, "restored_from": str(tmp_path / step_name(3))}
+    np.testing.assert_array_equal(restarted.parameters(), server.parameters())
+    assert torch.equal(torch.rand(3), expected_draw)  # the process RNG continues where it was saved
+    moments = restarted.optimizer.state_dict()["state"][0]
+    assert moments["step"].item() == 3
+    assert torch.equal(moments["exp_avg"], server.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert [s for s, _ in restarted.store.step_files()] == [2, 3]
+
+
+def test_a_step_with_a_non_finite_update_is_rejected_whole_and_reported(tmp_path):
+    cfg = load_config(None, ["train.dtype=float64"])
+    server = ParameterServer(cfg, np.ones(3))
+
+    def result(rank, first, update):
+        return {"rank": rank, "first_task": first, "num_tasks": 4, "step": 0, "update": np.array(update)} | {
+            "metrics": {"loss": 1.0},
+            "implementation": "loop",
+            "produced_at": 0.0,
+            "started": 0.0,
+            "finished": 0.0,
+        }
+
+    metrics = server.apply(StepControl(0), result(0, 0, [1.0, 1.0, 1.0]), result(1, 4, [1.0, np.inf, 1.0]))
+    assert metrics["rejected"] == [{"rank": 1, "tasks": [4, 8]}]
+    np.testing.assert_array_equal(server.parameters(), np.ones(3))  # nothing applied, not even worker 0's part
+    assert server.status()["step"] == 1 and server.rejected_steps == [0]
+    assert server.optimizer.state_dict()["state"] == {}  # Adam never stepped

@@ -1,0 +1,141 @@
+"""Exact resume: a run stopped by a signal (or picked up from any of its checkpoints) and resumed
+ends with bit-identical parameters to the same run left alone, and its TensorBoard logs hold every
+step once."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_runtime import saved_params, small
+
+from distmeta.checkpoint import read_checkpoint, step_name
+from distmeta.config import ConfigError
+from distmeta.resume import prepare_resume
+from distmeta.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = [
+    "train.steps=400",
+    "train.meta_batch_size=7",
+    "train.dtype=float64",
+    "train.log_every=10",
+    "train.eval_every=100",
+    "train.eval_tasks=10",
+    "train.checkpoint_every=50",
+    "eval.num_tasks=20",
+    "eval.inner_steps=[1]",
+    "algorithm.implementation=vmap",
+]
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def launch(args, env, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "launch.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_run_stopped_by_a_signal_and_resumed_ends_bit_identical(tmp_path, cli_env, how):
+    straight = launch(["--logdir", str(tmp_path), "run_name=straight", *RUN], cli_env)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-3000:]
+
+    # Ctrl-C in a terminal signals the whole foreground process group, Ray's own processes included
+    stopped = launch(["--logdir", str(tmp_path), "run_name=stopped", *RUN], cli_env, start_new_session=True)
+    first = tmp_path / "stopped" / "checkpoints" / step_name(100)
+    deadline = time.time() + 240
+    while not first.exists() and stopped.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if how == "SIGTERM":
+        os.kill(stopped.pid, signal.SIGTERM)
+    else:
+        os.killpg(stopped.pid, signal.SIGINT)
+    out = stopped.communicate(timeout=120)[0]
+    signum = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+    assert stopped.returncode == 128 + signum, out[-3000:]
+    assert "stopping at the next logging step" in out and "resume with: python launch.py --resume" in out
+    at = read_checkpoint(_newest(tmp_path / "stopped"))
+    assert 100 <= at["step"] < 400, "stopped too late to test anything"
+    assert not (tmp_path / "stopped" / "checkpoints" / "final.pt").exists()
+
+    resumed = launch(["--resume", str(tmp_path / "stopped")], cli_env)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming at step {at['step']} from" in out
+
+    final = {name: read_checkpoint(tmp_path / name / "checkpoints" / "final.pt") for name in ("straight", "stopped")}
+    assert np.array_equal(final["stopped"]["params"].numpy(), final["straight"]["params"].numpy())
+    adam = [final[name]["optimizer"]["state"][0] for name in ("straight", "stopped")]
+    assert all(np.array_equal(adam[0][k].numpy(), adam[1][k].numpy()) for k in ("exp_avg", "exp_avg_sq", "step"))
+    for tag in ("train/loss_after", "val/mse_shots10_steps1", "test/mse_shots10_steps1"):
+        assert scalars(tmp_path / "stopped", tag) == scalars(tmp_path / "straight", tag), tag  # each step once
+
+
+def _newest(run_dir: Path) -> Path:
+    return max((run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def test_resume_latest_skips_a_corrupted_checkpoint_and_sets_newer_ones_aside(ray_local, tmp_path, capsys):
+    cfg = small("train.steps=60", "train.checkpoint_every=10", "train.checkpoint_keep=0", f"logdir={tmp_path}")
+    expected = saved_params(train(cfg, tmp_path / "a"))
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    folder = tmp_path / "b" / "checkpoints"
+    for name in ("final.pt", "best.pt", step_name(60), step_name(50)):
+        (folder / name).unlink(missing_ok=True)
+    (folder / step_name(40)).write_bytes((folder / step_name(40)).read_bytes()[:1000])  # a torn write
+
+    cfg, run_dir = prepare_resume("latest", [f"logdir={tmp_path}", "run_name=b"], {})
+    assert run_dir == tmp_path / "b" and "resuming with changed settings: run_name='b'" in capsys.readouterr().out
+    result = train(cfg, run_dir, resume=True)
+    assert "resuming at step 30" in capsys.readouterr().out
+    assert np.array_equal(saved_params(result), expected)
+    aside = list(folder.glob("set-aside-*/" + step_name(40)))
+    assert len(aside) == 1  # the torn checkpoint was moved aside, not deleted
+
+
+def test_resume_from_an_earlier_checkpoint_and_on_another_number_of_workers(ray_local, tmp_path):
+    cfg = small("train.steps=40", "train.checkpoint_every=10", "train.checkpoint_keep=0")
+    expected = saved_params(train(cfg, tmp_path / "a"))
+    cfg, run_dir = prepare_resume(str(tmp_path / "a" / "checkpoints" / step_name(20)), ["cluster.num_workers=3"], {})
+    assert run_dir == tmp_path / "a" and cfg.cluster.num_workers == 3
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("set-aside-*/*")) == [
+        step_name(30),
+        step_name(40),
+    ]
+    result = train(cfg, run_dir, resume=True)
+    # the same tasks every step, only summed in other groups: equal up to rounding
+    np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_resume_refuses_what_it_cannot_do_exactly(ray_local, tmp_path):
+    cfg = small("train.steps=20", "train.checkpoint_every=10")
+    train(cfg, tmp_path / "a")
+    with pytest.raises(ConfigError, match="cannot change algorithm.inner_lr"):
+        prepare_resume(str(tmp_path / "a"), ["algorithm.inner_lr=0.5"], {})
+    with pytest.raises(ConfigError, match="at step 20, and the run ends at train.steps=20"):
+        prepare_resume(str(tmp_path / "a"), [], {})
+    with pytest.raises(ConfigError, match="already has checkpoints .* --resume"):
+        train(cfg, tmp_path / "a")
+    with pytest.raises(ConfigError, match="no run under .* has a checkpoint"):
+        prepare_resume("latest", [f"logdir={tmp_path / 'empty'}"], {})
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write the run's logs"):
+        train(cfg, tmp_path / "a-file" / "run")
