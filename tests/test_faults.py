@@ -132,7 +132,7 @@ run_dir = Path(sys.argv[1])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # server and generators only
 nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]  # one worker each
 ray.init(address=cluster.address, log_to_driver=False)
-cfg = small("train.steps=400", "cluster.num_workers=2", "cluster.rejoin_timeout_s=10", "train.checkpoint_every=50",
+cfg = small("train.steps=2000", "cluster.num_workers=2", "cluster.rejoin_timeout_s=10", "train.checkpoint_every=50",
             "cluster.engine=tasks", f"cluster.address={cluster.address}")
 events, results = [], []
 # Cluster.add_node needs the main thread (it installs signal handlers): train in another one
@@ -142,7 +142,7 @@ while not (run_dir / "checkpoints" / "step_00000050.pt").exists():
     time.sleep(0.01)
 cluster.remove_node(nodes[1])
 events.append("removed")
-while not (run_dir / "checkpoints" / "step_00000150.pt").exists():
+while not (run_dir / "checkpoints" / "step_00000100.pt").exists():
     time.sleep(0.01)
 cluster.add_node(num_cpus=1)
 events.append("added")

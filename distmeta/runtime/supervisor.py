@@ -113,8 +113,9 @@ class Supervisor:
                 self.away[rank] = self.workers[rank].__ray_ready__.remote()
         for rank in returned:
             del self.away[rank]
-            log.warning("worker %d is back: re-splitting the meta-batch over %d workers", rank, len(self.live) + 1)
         self.live = sorted(self.live + returned)
+        for rank in returned:
+            log.warning("worker %d is back: re-splitting the meta-batch over %d workers", rank, len(self.live))
         return bool(returned)
 
     def recover(self, err: BaseException, step: int) -> int:
