@@ -179,7 +179,7 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     path = Path(checkpoint)
     print(f"evaluating {path} (step {state['step']}, {cfg.algorithm.name})", flush=True)
     print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
-    rows = evaluate(cfg, params, split=split, device=device)
+    rows = evaluate(cfg, params, split=split, device=device, progress=True)
     print(format_rows(rows))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     with SummaryWriter(str(run_dir)) as writer:

@@ -9,6 +9,8 @@ same chunks as Ray tasks across the cluster, and both give the same numbers.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 
 from distmeta.algorithms import ALGORITHMS
 from distmeta.config import Config
+from distmeta.runtime.monitor import duration
 from distmeta.runtime.worker import Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
 
@@ -124,23 +127,40 @@ def protocol(cfg: Config, split: str, num_tasks: int) -> str:
 
 
 def evaluate_chunk(
-    cfg: Config, flat_params: np.ndarray, split: str, chunks: list[tuple[int, int, int]], device: str | None = None
+    cfg: Config,
+    flat_params: np.ndarray,
+    split: str,
+    chunks: list[tuple[int, int, int]],
+    device: str | None = None,
+    progress: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Per-task query metrics after 0..max(eval_steps) inner steps, for each chunk."""
     worker = Worker(cfg, device=torch.device(device) if device else None)
     source = eval_source(cfg)
     results = []
+    started, total, done = time.time(), sum(size for _, _, size in chunks), 0
     for shots, index, size in chunks:
         tasks = source.sample(task_rng(cfg.eval.seed, split, index), size, split, shots, cfg.eval.queries)
         results.append(worker.evaluate(flat_params, tasks, eval_steps(cfg)))
+        done += size
+        if progress:  # stderr: stdout holds only the protocol and the numbers, which a seed pins exactly
+            rate = done / (time.time() - started)
+            print(
+                f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {duration((total - done) / rate)}",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 
-def evaluate(cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu") -> list[EvalRow]:
-    """Evaluate meta-parameters in this process (no Ray)."""
+def evaluate(
+    cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu", progress: bool = False
+) -> list[EvalRow]:
+    """Evaluate meta-parameters in this process (no Ray); ``progress`` prints tasks done, rate, ETA."""
     check_evaluation(cfg, [split])
     chunks = evaluation_chunks(cfg)
-    return summarize(cfg, group_by_shots(chunks, evaluate_chunk(cfg, flat_params, split, chunks, device)))
+    results = evaluate_chunk(cfg, flat_params, split, chunks, device, progress)
+    return summarize(cfg, group_by_shots(chunks, results))
 
 
 def group_by_shots(chunks: list[tuple[int, int, int]], results: list[dict]) -> dict[int, list[dict]]:

@@ -113,6 +113,7 @@ def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printe
     rows = [line for line in first.stdout.splitlines() if line.split()[2:3] == ["accuracy"]]
     assert [r.split()[:2] for r in rows] == [["1", "0"], ["2", "0"]] and rows[0].split()[-1] == "30"
     assert first.stdout == again.stdout  # the checkpoint and the seed pin the numbers exactly
+    assert "evaluated 60/60 tasks" in first.stderr and "tasks/s | ETA" in first.stderr  # progress, on stderr
     transductive = run(args, cli_env)
     assert "over each episode's support and query sets (transductive)" in transductive.stdout
     assert transductive.stdout != first.stdout
