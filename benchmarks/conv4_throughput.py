@@ -78,7 +78,7 @@ def main() -> None:
             name = f"ray {workers} worker{'s' if workers > 1 else ''}"
             cfg = load_config(CONFIG, ["eval.inner_steps=[1]"])
             results[name] = on_ray(cfg, workers, args.steps, args.logdir)
-            print(f"{name:>22}: {results[name]:8.1f} tasks/s ({choose_engine(cfg.cluster)} engine)", flush=True)
+            print(f"{name:>22}: {results[name]:8.1f} tasks/s ({choose_engine(cfg)} engine)", flush=True)
         best = max(v for k, v in results.items() if k.startswith("in-process"))
         for workers in (1, 2):
             name = f"ray {workers} worker{'s' if workers > 1 else ''}"

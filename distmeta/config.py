@@ -111,6 +111,13 @@ class TrainConfig:
     # local folder or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///...) every node sees
     checkpoint_dir: str = ""
     max_rejected_steps: int = 10  # consecutive steps rejected for non-finite updates before the run stops
+    # sync: every step waits for all workers (exact, reproducible). async: each worker updates the
+    # parameters on its own, a whole meta-batch at a time, without waiting for the others; the
+    # server applies an update computed on parameters at most max_staleness versions old, and
+    # an older one as stale_updates says: drop it, or scale its step by (S + 1) / (staleness + 1)
+    mode: str = "sync"
+    max_staleness: int = 4
+    stale_updates: str = "drop"
     eval_every: int = 2000  # 0: no evaluation during training
     eval_tasks: int = 100
 
@@ -162,6 +169,8 @@ class Config:
         _choice("algorithm.implementation", self.algorithm.implementation, ("auto", "vmap", "loop"))
         _choice("meta_optimizer.name", self.meta_optimizer.name, ("adam", "sgd"))
         _choice("train.dtype", self.train.dtype, ("float32", "float64"))
+        _choice("train.mode", self.train.mode, ("sync", "async"))
+        _choice("train.stale_updates", self.train.stale_updates, ("drop", "scale"))
         for name, value, low in [
             ("task.ways", self.task.ways, 2),
             ("task.shots", self.task.shots, 1),
@@ -186,6 +195,7 @@ class Config:
             ("train.checkpoint_every", self.train.checkpoint_every, 0),
             ("train.checkpoint_keep", self.train.checkpoint_keep, 0),
             ("train.max_rejected_steps", self.train.max_rejected_steps, 1),
+            ("train.max_staleness", self.train.max_staleness, 0),
             ("cluster.actor_restarts", self.cluster.actor_restarts, -1),
             ("train.eval_every", self.train.eval_every, 0),
             ("train.eval_tasks", self.train.eval_tasks, 1),
@@ -217,10 +227,26 @@ class Config:
             )
         if self.cluster.gpus_per_worker < 0 or self.cluster.cpus_per_worker <= 0:
             raise ConfigError("cluster.gpus_per_worker must be >= 0 and cluster.cpus_per_worker > 0")
-        if self.cluster.num_workers > self.train.meta_batch_size:
+        if self.train.mode == "sync" and self.cluster.num_workers > self.train.meta_batch_size:
             raise ConfigError(
                 f"cluster.num_workers ({self.cluster.num_workers}) exceeds train.meta_batch_size "
                 f"({self.train.meta_batch_size}): every worker needs at least one task per step"
+            )
+        if (
+            self.train.mode == "async"
+            and self.train.stale_updates == "drop"
+            and (self.train.max_staleness < self.cluster.num_workers - 1)
+        ):
+            raise ConfigError(
+                f"train.max_staleness={self.train.max_staleness} with {self.cluster.num_workers} asynchronous workers "
+                f"would drop most updates: while one worker computes, the other {self.cluster.num_workers - 1} "
+                f"each update the parameters once, so set train.max_staleness >= {self.cluster.num_workers - 1} "
+                "(or train.stale_updates=scale)"
+            )
+        if self.train.mode == "async" and self.cluster.engine == "compiled":
+            raise ConfigError(
+                "train.mode=async runs on plain actor calls (a compiled graph moves in lock step); "
+                "set cluster.engine=auto or tasks"
             )
         if any(k < 1 for k in self.eval.shots) or any(k < 0 for k in self.eval.inner_steps):
             raise ConfigError("eval.shots must be >= 1 and eval.inner_steps counts >= 0")

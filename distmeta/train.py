@@ -172,44 +172,26 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     """The training loop proper; returns (seconds, monitor, best checkpoint, validations still
     running, the signal that stopped it or 0)."""
     c, t = cfg.cluster, cfg.train
-    next_step = start_step = supervisor.start()
+    start_step = supervisor.start()
     if start_step:
         print(f"resuming at step {start_step} from {supervisor.restored_from()}", flush=True)
-    monitor = Monitor(run_dir, cfg, start_step)
-    best = BestCheckpoint(cfg, store)
+    results = StepResults(cfg, Monitor(run_dir, cfg, start_step), BestCheckpoint(cfg, store))
+    staleness = f", max staleness {t.max_staleness} ({t.stale_updates} older)" if t.mode == "async" else ""
     print(
-        f"run {run_dir} | {supervisor.engine_name} engine | {c.num_workers} worker(s), tasks {supervisor.shares} "
-        f"| {t.steps} steps"
+        f"run {run_dir} | {supervisor.engine_name} engine | {c.num_workers} worker(s), tasks {supervisor.shares}"
+        f"{staleness} | {t.steps} steps"
     )
-    evaluations: deque[tuple[int, np.ndarray, list]] = deque()
-    evaluated: set[int] = set()
-    rejected_in_a_row = 0
+    started = time.time()
+    with StopOnSignal() as stop:
+        loop = _async_loop if t.mode == "async" else _sync_loop
+        loop(cfg, supervisor, results, stop, start_step)
+        supervisor.close()
+    return time.time() - started, results.monitor, results.best, results.evaluations, stop.signum
 
-    def handle(metrics: dict) -> None:
-        nonlocal rejected_in_a_row
-        if "checkpoint_error" in metrics:
-            raise CheckpointError(metrics["checkpoint_error"])
-        monitor.record(metrics)
-        rejected_in_a_row = rejected_in_a_row + 1 if metrics["rejected"] else 0
-        for bad in metrics["rejected"]:
-            first, last = bad["tasks"]
-            print(
-                f"step {metrics['step']} rejected: worker {bad['rank']} sent a non-finite update for tasks "
-                f"{first}..{last - 1} of the step's meta-batch (train.seed={t.seed}); nothing was applied",
-                flush=True,
-            )
-        if rejected_in_a_row >= t.max_rejected_steps:
-            raise FloatingPointError(
-                f"{rejected_in_a_row} steps in a row had non-finite updates (the last at step {metrics['step']}); "
-                "none was applied. Lower algorithm.inner_lr or meta_optimizer.lr, then resume with --resume latest"
-            )
-        at = metrics["step"] + 1
-        if "params" in metrics and at not in evaluated:  # a snapshot for validation, off the critical path
-            # A copy: the array may be a zero-copy view of a compiled-graph channel buffer, which
-            # stays locked (and the graph stalled) while anything still refers to it.
-            params = metrics.pop("params").copy()
-            evaluated.add(at)
-            evaluations.append((at, params, _submit_evaluation(cfg, params, "val", t.eval_tasks)))
+
+def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, next_step: int):
+    """Submit steps up to ``max_inflight_steps`` ahead of the one whose metrics are read next."""
+    c, t = cfg.cluster, cfg.train
 
     def control(step: int) -> StepControl:
         done = step + 1
@@ -220,46 +202,106 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
             publish=bool(t.eval_every and done % t.eval_every == 0),
         )
 
-    started = time.time()
     clock = StepClock(c.step_timeout_s, c.straggler_factor)
     in_flight: deque[tuple[int, object]] = deque()
-    with StopOnSignal() as stop:
-        while True:
-            try:
-                if supervisor.rejoin_ready():  # a lost worker is back: finish what is in flight, re-split
-                    while in_flight:
-                        handle(supervisor.engine.result(in_flight.popleft()[1], clock.timeout()))
-                    supervisor.close()
-                    next_step = supervisor.start()
-                    clock.restart()
-                # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
-                stopping = stop.signum and next_step % t.log_every == 0
-                while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
-                    in_flight.append((next_step, supervisor.engine.submit(control(next_step))))
-                    next_step += 1
-                    stopping = stop.signum and next_step % t.log_every == 0
-                if not in_flight:
-                    break
-                writes = t.checkpoint_every and (in_flight[0][0] + 1) % t.checkpoint_every == 0
-                handle(supervisor.engine.result(in_flight[0][1], clock.timeout(patient=writes)))
-                in_flight.popleft()
-                clock.tick()
-                while evaluations and _ready(evaluations[0][2]):
-                    at, params, pending = evaluations.popleft()
-                    best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
-            except Exception as err:  # a fault is recovered from; anything else propagates from recover()
-                failed = in_flight[0][0] if in_flight else next_step
-                in_flight.clear()
-                next_step = supervisor.recover(err, failed)
-                monitor.log_fault(next_step, supervisor.recoveries)
-                print(
-                    f"recovered from a fault at step {failed} ({type(err).__name__}); continuing at step {next_step} "
-                    f"with {len(supervisor.live)} worker(s), tasks {supervisor.shares}",
-                    flush=True,
-                )
+    while True:
+        try:
+            if supervisor.rejoin_ready():  # a lost worker is back: finish what is in flight, re-split
+                while in_flight:
+                    results.handle(supervisor.engine.result(in_flight.popleft()[1], clock.timeout()))
+                supervisor.close()
+                next_step = supervisor.start()
                 clock.restart()
-        supervisor.close()
-    return time.time() - started, monitor, best, evaluations, stop.signum
+            # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
+            stopping = stop.requested() and next_step % t.log_every == 0
+            while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
+                in_flight.append((next_step, supervisor.engine.submit(control(next_step))))
+                next_step += 1
+                stopping = stop.requested() and next_step % t.log_every == 0
+            if not in_flight:
+                return
+            writes = t.checkpoint_every and (in_flight[0][0] + 1) % t.checkpoint_every == 0
+            results.handle(supervisor.engine.result(in_flight[0][1], clock.timeout(patient=writes)))
+            in_flight.popleft()
+            clock.tick()
+            results.collect_evaluations()
+        except Exception as err:  # a fault is recovered from; anything else propagates from recover()
+            failed = in_flight[0][0] if in_flight else next_step
+            in_flight.clear()
+            next_step = results.recover(supervisor, err, failed)
+            clock.restart()
+
+
+def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, step: int):
+    """Push each worker's update as it comes (runtime/engine.py's AsyncEngine) until the parameters
+    reach version ``train.steps``. No straggler timeout: a slow worker holds back no one."""
+    t = cfg.train
+    while step < t.steps and not (stop.requested() and step % t.log_every == 0):
+        try:
+            if supervisor.rejoin_ready():  # the updates in the making are dropped: async loses nothing else
+                supervisor.close()
+                step = supervisor.start()
+            metrics = supervisor.engine.next_update(cfg.cluster.step_timeout_s)
+            if not metrics.get("stale"):
+                results.handle(metrics)
+                step = metrics["step"] + 1
+            results.collect_evaluations()
+        except Exception as err:
+            step = results.recover(supervisor, err, step)
+
+
+class StepResults:
+    """What the driver does with each step's metrics: log them, report non-finite updates (and stop
+    after too many in a row), and validate published parameters in the background."""
+
+    def __init__(self, cfg: Config, monitor: Monitor, best: BestCheckpoint):
+        self.cfg, self.monitor, self.best = cfg, monitor, best
+        self.evaluations: deque[tuple[int, np.ndarray, list]] = deque()
+        self.evaluated: set[int] = set()
+        self.rejected_in_a_row = 0
+
+    def handle(self, metrics: dict) -> None:
+        t = self.cfg.train
+        if "checkpoint_error" in metrics:
+            raise CheckpointError(metrics["checkpoint_error"])
+        self.monitor.record(metrics)
+        self.rejected_in_a_row = self.rejected_in_a_row + 1 if metrics["rejected"] else 0
+        for bad in metrics["rejected"]:
+            first, last = bad["tasks"]
+            print(
+                f"step {metrics['step']} rejected: worker {bad['rank']} sent a non-finite update for tasks "
+                f"{first}..{last - 1} of the step's meta-batch (train.seed={t.seed}); nothing was applied",
+                flush=True,
+            )
+        if self.rejected_in_a_row >= t.max_rejected_steps:
+            raise FloatingPointError(
+                f"{self.rejected_in_a_row} steps in a row had non-finite updates (the last at step {metrics['step']}); "
+                "none was applied. Lower algorithm.inner_lr or meta_optimizer.lr, then resume with --resume latest"
+            )
+        at = metrics["step"] + 1
+        if "params" in metrics and at not in self.evaluated:  # a snapshot for validation, off the critical path
+            # A copy: the array may be a zero-copy view of a compiled-graph channel buffer, which
+            # stays locked (and the graph stalled) while anything still refers to it.
+            params = metrics.pop("params").copy()
+            self.evaluated.add(at)
+            self.evaluations.append((at, params, _submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
+
+    def collect_evaluations(self) -> None:
+        """Log the validations that have finished, in order."""
+        while self.evaluations and _ready(self.evaluations[0][2]):
+            at, params, pending = self.evaluations.popleft()
+            self.best.offer(at, params, self.monitor.log_eval(at, "val", _collect_evaluation(self.cfg, pending)))
+
+    def recover(self, supervisor: Supervisor, err: Exception, failed: int) -> int:
+        """Recover from a fault at step ``failed`` (``Supervisor.recover``); returns the step to go on from."""
+        next_step = supervisor.recover(err, failed)
+        self.monitor.log_fault(next_step, supervisor.recoveries)
+        print(
+            f"recovered from a fault at step {failed} ({type(err).__name__}); continuing at step {next_step} "
+            f"with {len(supervisor.live)} worker(s), tasks {supervisor.shares}",
+            flush=True,
+        )
+        return next_step
 
 
 class StepClock:
@@ -294,7 +336,7 @@ class StopOnSignal:
     checkpoint); a second SIGINT interrupts at once. Only the main thread can own signals."""
 
     def __init__(self):
-        self.signum, self.previous = 0, {}
+        self.signum, self.previous, self.announced = 0, {}, False
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -306,9 +348,15 @@ class StopOnSignal:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(
-            f"{signal.Signals(signum).name}: stopping at the next logging step, then writing a checkpoint", flush=True
-        )
+
+    def requested(self) -> int:
+        """The signal that asked to stop, or 0; announced here, once, not in the handler (a print
+        there could interrupt another print to the same stream)."""
+        if self.signum and not self.announced:
+            self.announced = True
+            name = signal.Signals(self.signum).name
+            print(f"{name}: stopping at the next logging step, then writing a checkpoint", flush=True)
+        return self.signum
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():

@@ -12,6 +12,8 @@ exactly the parameters after step t - 1, and the driver may submit steps ahead o
 
 While a compiled graph is live its actors run nothing else, so checkpoints and parameter snapshots
 for evaluation ride on the step's control message instead of separate calls.
+
+Asynchronous mode (``train.mode=async``) has no common steps, and its own engine, ``AsyncEngine``.
 """
 
 from __future__ import annotations
@@ -92,11 +94,49 @@ class TaskEngine:
         self.in_flight = []
 
 
-ENGINES = {"compiled": CompiledEngine, "tasks": TaskEngine}
+class AsyncEngine:
+    """Asynchronous mode: each worker runs its own chain (parameters -> tasks -> update -> push ->
+    parameters ...), and the driver pushes each update to the server as soon as it exists, as in
+    Ray's asynchronous parameter-server example. A push is submitted only once its update is ready,
+    so a slow worker's push never waits in the server's queue ahead of the others' (actor calls run
+    in submission order)."""
+
+    def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
+        self.server, self.workers, self.feeds = server, workers, feeds
+        self.computing: dict[ray.ObjectRef, int] = {}  # each worker's update in the making -> its position
+        for position in range(len(workers)):
+            self._compute(position, *server.pull.options(num_returns=2).remote())
+
+    def _compute(self, position: int, control, params) -> None:
+        tasks = self.feeds[position].next_batch.remote()
+        self.computing[self.workers[position].compute.remote(control, params, tasks)] = position
+
+    def next_update(self, timeout_s: float) -> dict:
+        """Push the first worker update to be ready; returns the server's metrics for it."""
+        ready, _ = ray.wait(list(self.computing), num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"no worker finished an update in {timeout_s:g} s")
+        position = self.computing.pop(ready[0])
+        metrics, control, params = self.server.push.options(num_returns=3).remote(ready[0])
+        self._compute(position, control, params)
+        return ray.get(metrics, timeout=timeout_s)
+
+    def close(self, cancel: bool = False) -> None:
+        """Abandon the updates in the making (cancelled after a timeout, as ``TaskEngine.close``)."""
+        for ref in self.computing if cancel else []:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        self.computing = {}
 
 
-def choose_engine(cluster) -> str:
-    """The engine for ``cluster.engine``, resolving ``auto`` (see the module docstring)."""
+ENGINES = {"compiled": CompiledEngine, "tasks": TaskEngine, "async": AsyncEngine}
+
+
+def choose_engine(cfg) -> str:
+    """The engine for ``cluster.engine`` and ``train.mode``, resolving ``auto`` (see the module docstring)."""
+    cluster = cfg.cluster
+    if cfg.train.mode == "async":
+        return "async"
     if cluster.engine != "auto":
         return cluster.engine
     return "compiled" if cluster.gpus_per_worker > 0 or cluster.cpus_per_worker <= 1 else "tasks"

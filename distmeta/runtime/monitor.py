@@ -9,6 +9,11 @@ Step-time breakdown, from wall-clock stamps taken by the generator, the workers 
   aggregate    the parameter server's aggregation and optimizer step
   coordination the rest: Ray scheduling and transfers
 Stamps from different nodes assume synchronised clocks (NTP), as Ray's own timeline does.
+
+Asynchronous mode (one worker's update per step): the breakdown is per update, and ``async/*``
+shows how stale the updates were (versions between the parameters a worker used and those it
+updated: mean, max and a histogram per logging window), how many were dropped as too stale, and
+``workers/<rank>/updates`` how many each worker got in.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
+import numpy as np
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -43,9 +49,20 @@ class Monitor:
         self.latest: dict = {}
         self.total_tasks = self.total_step_s = 0.0  # every timed step of the run, for tasks_per_s
         self.rejected = 0
+        self.staleness: list[int] = []  # asynchronous mode: this logging window's updates
+        self.recent_staleness: deque[int] = deque(maxlen=200)
+        self.dropped = 0
+        self.updates: dict[int, int] = defaultdict(int)  # per worker rank
 
     def record(self, m: dict) -> None:
-        """One step's metrics from ``ParameterServer.apply``."""
+        """One step's metrics from ``ParameterServer.apply`` (or ``push``, asynchronous mode)."""
+        if "staleness" in m:
+            self.staleness.append(m["staleness"])
+            self.recent_staleness.append(m["staleness"])
+            if m["dropped"]:
+                self.dropped += 1
+                return
+            self.updates[m["workers"][0]["rank"]] += 1
         step = m["step"] + 1  # parameters after this many updates
         if step <= self.last_step:
             return
@@ -101,6 +118,14 @@ class Monitor:
                 self.writer.add_scalar(name, total / self.timed_steps, step)
         self.sums.clear()
         self.steps = self.timed_steps = 0
+        if self.staleness:
+            self.writer.add_scalar("async/staleness_mean", sum(self.staleness) / len(self.staleness), step)
+            self.writer.add_scalar("async/staleness_max", max(self.staleness), step)
+            self.writer.add_histogram("async/staleness", np.array(self.staleness), step)
+            self.writer.add_scalar("async/dropped_updates", self.dropped, step)
+            for rank, count in self.updates.items():
+                self.writer.add_scalar(f"workers/{rank}/updates", count, step)
+            self.staleness = []
 
     def _print(self, step: int) -> None:
         self.last_print = time.time()
@@ -116,6 +141,9 @@ class Monitor:
         if step_s:  # none yet at the first step, which includes start-up
             rate, eta = self.cfg.train.meta_batch_size / step_s, duration((total - step) * step_s)
             line += f" | {rate:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
+        if self.recent_staleness:
+            recent = self.recent_staleness
+            line += f" | staleness {sum(recent) / len(recent):.1f} (max {max(recent)}, {self.dropped} dropped)"
         print(line, file=self.out, flush=True)
 
     @property

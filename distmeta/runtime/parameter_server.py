@@ -8,6 +8,11 @@ A step is applied whole or not at all: if any worker's update holds a NaN or Inf
 rejected (reported with the worker and its tasks) and nothing changes but the step counter. Given
 a checkpoint folder, the server starts from the newest valid checkpoint there, so when Ray
 restarts it after a crash it comes back at its last checkpoint instead of at the initialisation.
+
+In asynchronous mode (``train.mode=async``) there are no common steps: each worker's update is
+applied on its own as it arrives (``push``), and the step counter is the parameters' version. An
+update computed on parameters more than ``train.max_staleness`` versions old is dropped or applied
+with a smaller step (``train.stale_updates``); its staleness goes to the metrics either way.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 
 import distmeta
-from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version
+from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, step_name
 from distmeta.config import Config
 from distmeta.params import DTYPES
 from distmeta.runtime.control import StepControl
@@ -37,6 +42,7 @@ class ParameterServer:
         self.step = 0  # steps done so far (applied or rejected); also the parameter version
         self.epoch = 0  # the driver's current engine generation (see begin_epoch)
         self.rejected_steps: list[int] = []
+        self.last_draw = -1  # asynchronous mode: the newest task batch an update came from
         self.store = CheckpointStore(checkpoints) if checkpoints else None
         self.restored_from = None
         found = self.store.latest() if self.store else None
@@ -49,6 +55,7 @@ class ParameterServer:
             self.theta.copy_(state["params"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.rejected_steps = state["step"], list(state.get("rejected_steps", []))
+        self.last_draw = state.get("task_stream", {}).get("next_draw", 0) - 1
         rng = state.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -56,8 +63,12 @@ class ParameterServer:
             random.setstate(rng["python"])
 
     def status(self) -> dict:
-        """Where the server stands: the step it expects next and the checkpoint it started from."""
-        return {"step": self.step, "restored_from": self.restored_from}
+        """Where the server stands: the step it expects next, the checkpoint it started from, and in
+        asynchronous mode the task stream's next unseen batch."""
+        return {"step": self.step, "restored_from": self.restored_from, "next_draw": self.next_draw()}
+
+    def next_draw(self) -> int:
+        return self.last_draw + 1 if self.cfg.train.mode == "async" else self.step
 
     def begin_epoch(self, epoch: int) -> int:
         """From now on apply only steps sent by engine generation ``epoch``: steps still in flight
@@ -87,6 +98,48 @@ class ParameterServer:
             raise RuntimeError(
                 f"parameter server is at step {self.step} but got updates for steps {[r['step'] for r in results]}"
             )
+        metrics = self._update(results, started)
+        if control.publish and not metrics["rejected"]:
+            metrics["params"] = self.theta.detach().numpy().copy()
+        if control.checkpoint:
+            self._checkpoint(control.checkpoint, metrics)
+        metrics["apply_finished"] = time.time()
+        return metrics
+
+    def pull(self) -> tuple[StepControl, np.ndarray]:
+        """Asynchronous mode: the current parameters and their version, for a worker's first update."""
+        return StepControl(self.step, self.epoch), self.parameters()
+
+    def push(self, result: dict) -> tuple[dict, StepControl, np.ndarray]:
+        """Asynchronous mode: apply one worker's update, computed on the parameters of version
+        ``result["step"]``, as its own step, unless it is more than ``train.max_staleness`` versions
+        old (then ``train.stale_updates``: drop it, or scale its step by (S + 1) / (staleness + 1)).
+        Returns the metrics and the version the worker computes its next update on."""
+        started, t = time.time(), self.cfg.train
+        if result["epoch"] != self.epoch:  # computed before a fault; its worker's chain was restarted
+            return {"stale": True, "step": self.step}, *self.pull()
+        staleness = self.step - result["step"]
+        self.last_draw = max(self.last_draw, result["draw"])
+        scale = 1.0
+        if staleness > t.max_staleness:
+            scale = 0.0 if t.stale_updates == "drop" else (t.max_staleness + 1) / (staleness + 1)
+        if scale:
+            metrics = self._update([result], started, scale)
+        else:  # nothing changes, not even the version
+            metrics = {"step": self.step - 1, "rejected": [], "workers": [_timings(result)]}
+        metrics.update(staleness=staleness, scale=scale, dropped=not scale)
+        done = self.step
+        if scale and t.eval_every and done % t.eval_every == 0 and not metrics["rejected"]:
+            metrics["params"] = self.theta.detach().numpy().copy()
+        if scale and t.checkpoint_every and done % t.checkpoint_every == 0:
+            self._checkpoint(step_name(done), metrics)
+        metrics["apply_finished"] = time.time()
+        return metrics, *self.pull()
+
+    def _update(self, results: list[dict], started: float, scale: float = 1.0) -> dict:
+        """One optimizer step on the task-weighted mean of ``results``' updates (its learning rate
+        times ``scale``), unless one holds a NaN or Inf; the step counts either way."""
+        step = self.step
         num_tasks = sum(r["num_tasks"] for r in results)
         lr = self.learning_rate(step)
         rejected = [
@@ -101,32 +154,27 @@ class ParameterServer:
             for result in results:
                 total += result["update"]
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * scale
             self.theta.grad = torch.from_numpy(total / num_tasks).to(self.theta.dtype)
             self.optimizer.step()
         self.step += 1
         metric_names = results[0]["metrics"]
-        metrics = {
+        return {
             "step": step,
             "lr": lr,
             "num_tasks": num_tasks,
             "train": {name: sum(r["metrics"][name] for r in results) / num_tasks for name in metric_names},
-            "workers": [
-                {k: r[k] for k in ("rank", "num_tasks", "produced_at", "started", "finished")} for r in results
-            ],
+            "workers": [_timings(r) for r in results],
             "implementation": results[0]["implementation"],
             "apply_started": started,
             "rejected": rejected,
         }
-        if control.publish and not rejected:
-            metrics["params"] = self.theta.detach().numpy().copy()
-        if control.checkpoint:
-            try:
-                metrics["checkpoint"] = self.save(control.checkpoint, keep=self.cfg.train.checkpoint_keep)
-            except CheckpointError as err:  # the driver stops the run; the earlier checkpoints stand
-                metrics["checkpoint_error"] = str(err)
-        metrics["apply_finished"] = time.time()
-        return metrics
+
+    def _checkpoint(self, name: str, metrics: dict) -> None:
+        try:
+            metrics["checkpoint"] = self.save(name, keep=self.cfg.train.checkpoint_keep)
+        except CheckpointError as err:  # the driver stops the run; the earlier checkpoints stand
+            metrics["checkpoint_error"] = str(err)
 
     def save(self, name: str, keep: int = 0) -> str:
         """Write checkpoint ``name`` to the run's folder, then keep only the newest ``keep``
@@ -142,10 +190,15 @@ class ParameterServer:
             "distmeta_version": distmeta.__version__,
             # Training draws its randomness from (seed, stream, step) alone: the cursor below is the
             # task stream's whole state. The process RNGs ride along for code that draws from them.
-            "task_stream": {"seed": self.cfg.train.seed, "next_step": self.step},
+            # (asynchronous mode: the next batch of the stream not yet seen in an update)
+            "task_stream": {"seed": self.cfg.train.seed, "next_step": self.step, "next_draw": self.next_draw()},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "rejected_steps": self.rejected_steps,
         }
         where = self.store.write(name, state)
         self.store.prune(keep)
         return where
+
+
+def _timings(result: dict) -> dict:
+    return {k: result[k] for k in ("rank", "num_tasks", "produced_at", "started", "finished")}

@@ -16,6 +16,9 @@ an engine, and rebuilds that wiring after a fault:
                    steps since, which give the same updates again.
   generator lost   generators hold no state but a cursor: they are rebuilt at the server's step.
 
+In asynchronous mode the same recovery rebuilds the workers' chains at the server's version; the
+updates that were in the making are lost, not re-run (asynchronous runs are not exact anyway).
+
 Errors in the code or the data (a bad shard, a bug) are not faults: they stop the run.
 """
 
@@ -72,7 +75,7 @@ class Supervisor:
         self.live = list(range(c.num_workers))  # ranks in the current split
         self.away: dict[int, ray.ObjectRef] = {}  # ranks out of it, each with a ping that answers when it is back
         self.generators: list = []
-        self.engine_name = choose_engine(c)
+        self.engine_name = choose_engine(cfg)
         self.engine = None
         self.shares: list[int] = []
         self.recoveries = 0
@@ -81,17 +84,27 @@ class Supervisor:
 
     def start(self) -> int:
         """Wire the live workers into a new engine at the server's step; returns that step."""
-        c = self.cfg.cluster
+        c, t = self.cfg.cluster, self.cfg.train
         self.epoch += 1
         step = ray.get(self.server.begin_epoch.remote(self.epoch), timeout=c.step_timeout_s)
-        self.shares = split_evenly(self.cfg.train.meta_batch_size, len(self.live))
         blocks = generator_blocks(len(self.live), c.num_task_generators)
         for generator in self.generators:
             ray.kill(generator)
-        self.generators = [
-            ray.remote(TaskGenerator).options(num_cpus=0).remote(self.cfg, self.shares, positions, step)
-            for positions in blocks
-        ]
+        if t.mode == "async":  # every worker takes whole meta-batches from one stream, dealt out in turn
+            self.shares = [t.meta_batch_size] * len(self.live)
+            first = ray.get(self.server.status.remote(), timeout=c.step_timeout_s)["next_draw"]
+            self.generators = [
+                ray.remote(TaskGenerator)
+                .options(num_cpus=0)
+                .remote(self.cfg, [t.meta_batch_size], [0], first + g, stride=len(blocks))
+                for g in range(len(blocks))
+            ]
+        else:
+            self.shares = split_evenly(t.meta_batch_size, len(self.live))
+            self.generators = [
+                ray.remote(TaskGenerator).options(num_cpus=0).remote(self.cfg, self.shares, positions, step)
+                for positions in blocks
+            ]
         feeds = [generator for generator, positions in zip(self.generators, blocks) for _ in positions]
         workers = [self.workers[rank] for rank in self.live]
         self.engine = ENGINES[self.engine_name](self.server, workers, feeds, c.max_inflight_steps, c.step_timeout_s)

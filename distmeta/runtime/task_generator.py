@@ -5,6 +5,10 @@ of generators or workers, and resuming needs only the next step (the cursor). A 
 fills a bounded queue (``prefetch_batches`` steps deep) with the slices of the workers this
 generator serves, so by the time a worker asks for step t, its tasks are usually ready. Each
 generator serves a contiguous block of workers and builds only that block's tasks.
+
+In asynchronous mode (``train.mode=async``) a worker takes whole meta-batches as they come
+(``next_batch``); the stream's batches are the synchronous steps' (batch t from (seed, t)), and
+``G`` generators deal them out in turn: generator g builds batches g, g + G, g + 2G, ...
 """
 
 from __future__ import annotations
@@ -34,8 +38,17 @@ def generator_blocks(num_workers: int, num_generators: int) -> list[list[int]]:
 
 
 class TaskGenerator:
-    def __init__(self, cfg: Config, shares: list[int], ranks: list[int], start_step: int = 0, prefetch: bool = True):
-        """Serve workers ``ranks`` (contiguous) their ``shares[rank]`` tasks of every step from ``start_step`` on."""
+    def __init__(
+        self,
+        cfg: Config,
+        shares: list[int],
+        ranks: list[int],
+        start_step: int = 0,
+        prefetch: bool = True,
+        stride: int = 1,
+    ):
+        """Serve workers ``ranks`` (contiguous) their ``shares[rank]`` tasks of every ``stride``-th
+        step from ``start_step`` on."""
         if ranks != list(range(ranks[0], ranks[-1] + 1)):
             raise ValueError(f"a task generator serves a contiguous block of workers, not {ranks}")
         self.cfg, self.shares, self.ranks = cfg, shares, ranks
@@ -47,7 +60,7 @@ class TaskGenerator:
         self.bounds = {rank: (bounds[rank] - self.part.start, bounds[rank + 1] - self.part.start) for rank in ranks}
         self.ready: queue.Queue = queue.Queue(maxsize=cfg.cluster.prefetch_batches)
         self.current_step, self.current = -1, {}
-        self.next_step = start_step
+        self.next_step, self.stride = start_step, stride
         if prefetch:
             threading.Thread(target=self._produce, daemon=True, name="task-prefetch").start()
 
@@ -56,7 +69,7 @@ class TaskGenerator:
         task = self.cfg.task
         rng = task_rng(self.cfg.train.seed, "train", step)
         batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries, self.part)
-        batch.produced_at, batch.first_task = time.time(), self.part.start
+        batch.produced_at, batch.first_task, batch.step = time.time(), self.part.start, step
         return {rank: batch.slice(*self.bounds[rank]) for rank in self.ranks}
 
     def _produce(self) -> None:
@@ -69,7 +82,7 @@ class TaskGenerator:
             self.ready.put(item)  # blocks while the queue is full: the bound on prefetching
             if isinstance(item[1], Exception):
                 return
-            step += 1
+            step += self.stride
 
     def batch_for(self, control: StepControl, rank: int) -> TaskBatch:
         """Worker ``rank``'s tasks for ``control.step``; steps are asked for in order, except when Ray
@@ -84,3 +97,10 @@ class TaskGenerator:
                 raise RuntimeError(f"task generator produced step {step} but step {control.step} was asked for")
             self.current_step, self.current = step, slices
         return self.current[rank]
+
+    def next_batch(self) -> TaskBatch:
+        """The next meta-batch of the stream (asynchronous mode: one generator, one whole batch each)."""
+        _, slices = self.ready.get()
+        if isinstance(slices, Exception):
+            raise slices
+        return slices[self.ranks[0]]

@@ -58,7 +58,9 @@ class Worker:
             log.info("worker %d: %s is fastest on %s (%s)", self.rank, self.implementation, self.device, timings)
         update, metrics = self.algorithm.batch_update(params, task_tensors, self.implementation)
         return {
-            "step": control.step,
+            "step": control.step,  # the version of the parameters it was computed on
+            "epoch": control.epoch,
+            "draw": tasks.step,
             "rank": self.rank,
             "update": self.layout.flatten(update).detach().cpu().numpy(),
             "num_tasks": len(tasks),
