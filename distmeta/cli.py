@@ -90,7 +90,7 @@ def evaluate_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
-    args = train_parser(prog).parse_args(argv)
+    args = train_parser(prog).parse_intermixed_args(argv)  # key=value and flags in any order
     if args.eval_only:
         if not args.checkpoint:
             return _fail("--eval-only needs --checkpoint PATH")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "data":
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
-    args = evaluate_parser("distmeta evaluate").parse_args(argv[1:])
+    args = evaluate_parser("distmeta evaluate").parse_intermixed_args(argv[1:])
     settings = {key: getattr(args, name) for name, key in EVAL_FLAGS.items() if getattr(args, name) is not None}
     return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings))
 

@@ -91,6 +91,16 @@ class ClusterConfig:
     # a step slower than this many times the recent mean step time is a straggler's: the late workers
     # are restarted and the step re-run without them (0: only step_timeout_s)
     straggler_factor: float = 10.0
+    # Placement (runtime/supervisor.py): one placement-group bundle {CPU, GPU} per worker, packed onto
+    # as few nodes as possible or spread over as many (strict_*: or fail to place)
+    placement: str = "pack"  # pack | spread | strict_pack | strict_spread
+    placement_timeout_s: float = 600.0  # how long the cluster (and its autoscaler) may take to fit them
+    # a custom resource (e.g. "head", which cluster/local.sh and the cluster configs give the head
+    # node) that the parameter server and task generators need a sliver of; empty: any node
+    server_resource: str = ""
+    # a worker given a GPU that torch cannot see runs on the CPU (with a warning) instead of stopping
+    # the run: for trying a cluster config with fake GPU resources, never for real training
+    cpu_fallback: bool = False
     # Embedded Ray only: run the driver at the actors' CPU priority (Ray starts them at nice 15).
     # The driver busy-waits for compiled-graph results; at nice 0 it would preempt the workers it
     # waits for whenever cores are scarce (-17% step time on 2 cores).
@@ -162,6 +172,7 @@ class Config:
         if self.task.source == "shards" and not self.task.shards:
             raise ConfigError("task.source=shards needs task.shards=DIR, a folder written by `distmeta data build`")
         _choice("cluster.engine", self.cluster.engine, ("auto", "compiled", "tasks"))
+        _choice("cluster.placement", self.cluster.placement, ("pack", "spread", "strict_pack", "strict_spread"))
         _choice("model.name", self.model.name, MODEL_NAMES)
         _choice("model.downsample", self.model.downsample, ("max_pool", "stride"))
         _choice("algorithm.name", self.algorithm.name, ALGORITHMS)
@@ -210,6 +221,7 @@ class Config:
             ("train.print_every_s", self.train.print_every_s),
             ("cluster.step_timeout_s", self.cluster.step_timeout_s),
             ("cluster.rejoin_timeout_s", self.cluster.rejoin_timeout_s),
+            ("cluster.placement_timeout_s", self.cluster.placement_timeout_s),
             ("eval.divergence_factor", self.eval.divergence_factor),
         ]:
             if not value > 0:

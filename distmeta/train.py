@@ -17,6 +17,7 @@ the run after the steps in flight, with a checkpoint to resume from (``launch.py
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -172,6 +173,7 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     """The training loop proper; returns (seconds, monitor, best checkpoint, validations still
     running, the signal that stopped it or 0)."""
     c, t = cfg.cluster, cfg.train
+    _report_placement(cfg, run_dir, supervisor.where())
     start_step = supervisor.start()
     if start_step:
         print(f"resuming at step {start_step} from {supervisor.restored_from()}", flush=True)
@@ -304,6 +306,15 @@ class StepResults:
         return next_step
 
 
+def _report_placement(cfg: Config, run_dir: Path, placement: dict) -> None:
+    """Print where the workers run and keep it in the run folder (placement.json)."""
+    (run_dir / "placement.json").write_text(json.dumps(placement, indent=1))
+    workers = placement["workers"]
+    nodes = sorted({w["node_id"] for w in workers})
+    where = ", ".join(f"{w['rank']}: {w['ip']} node {nodes.index(w['node_id'])} {w['device']}" for w in workers)
+    print(f"placement ({cfg.cluster.placement}): {len(workers)} worker(s) on {len(nodes)} node(s): {where}", flush=True)
+
+
 class StepClock:
     """How long the driver waits for the next step's result before calling the step a straggler's:
     ``factor`` x the mean of recent step times, at least ``MIN_S``; ``cap_s`` while there are too
@@ -423,7 +434,8 @@ def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = 
     remote = ray.remote(evaluate_chunk).options(num_cpus=c.cpus_per_worker if final else 0, num_gpus=gpus)
     params_ref = ray.put(params)
     groups = [[chunk] for chunk in chunks] if final else [chunks]
-    return [(group, remote.remote(cfg, params_ref, split, group, "cuda" if gpus else "cpu")) for group in groups]
+    device = None if gpus else "cpu"  # None: the GPU Ray assigns (or the CPU, with cluster.cpu_fallback)
+    return [(group, remote.remote(cfg, params_ref, split, group, device)) for group in groups]
 
 
 def _collect_evaluation(cfg: Config, pending: list, progress: bool = False) -> list[EvalRow]:

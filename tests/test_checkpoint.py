@@ -95,7 +95,7 @@ def test_the_server_restores_parameters_optimizer_step_and_rng_from_its_newest_c
     server.save(step_name(3), keep=2)
     expected_draw = torch.rand(3)
     restarted = ParameterServer(cfg, np.zeros(4), str(tmp_path))
-    assert restarted.status() == {"step": 3, "restored_from": str(tmp_path / step_name(3))}
+    assert restarted.status() == {"step": 3, "restored_from": str(tmp_path / step_name(3)), "next_draw": 3}
     np.testing.assert_array_equal(restarted.parameters(), server.parameters())
     assert torch.equal(torch.rand(3), expected_draw)  # the process RNG continues where it was saved
     moments = restarted.optimizer.state_dict()["state"][0]

@@ -164,6 +164,8 @@ def test_steps_with_non_finite_updates_are_rejected_and_a_run_of_them_stops_trai
 def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"1 GPUs, but the Ray cluster has 0 .*CPU=4"):
         train(small("cluster.gpus_per_worker=1"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"server_resource='head', but no node .* has that resource"):
+        train(small("cluster.server_resource=head"), tmp_path / "run")
 
 
 def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path):

@@ -73,6 +73,12 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def check_resources(cluster: ClusterConfig) -> None:
     total = ray.cluster_resources()
+    if cluster.server_resource and total.get(cluster.server_resource, 0.0) <= 0:
+        raise ConfigError(
+            f"cluster.server_resource={cluster.server_resource!r}, but no node of the Ray cluster has that resource "
+            f'(resources: {_describe(total)}). Start the head node with --resources=\'{{"{cluster.server_resource}": '
+            "1000}' (cluster/local.sh and the configs in cluster/ do), or leave cluster.server_resource empty"
+        )
     for resource, per_worker in (("GPU", cluster.gpus_per_worker), ("CPU", cluster.cpus_per_worker)):
         needed = cluster.num_workers * per_worker
         have = total.get(resource, 0.0)

@@ -8,7 +8,8 @@ exactly the parameters after step t - 1, and the driver may submit steps ahead o
   tasks     ordinary actor calls chained through object refs. Works wherever Ray does.
   auto      (default) compiled for GPU workers and single-threaded CPU workers; tasks for CPU
             workers with several threads, whose cores the waiting actors would take (measured on
-            2 cores, MAML Conv4: 1 worker x 2 threads 34 tasks/s with tasks, 23 with compiled).
+            2 cores, MAML Conv4: 1 worker x 2 threads 34 tasks/s with tasks, 23 with compiled);
+            tasks also for GPU workers allowed to fall back to the CPU (``cluster.cpu_fallback``).
 
 While a compiled graph is live its actors run nothing else, so checkpoints and parameter snapshots
 for evaluation ride on the step's control message instead of separate calls.
@@ -139,4 +140,6 @@ def choose_engine(cfg) -> str:
         return "async"
     if cluster.engine != "auto":
         return cluster.engine
+    if cluster.gpus_per_worker > 0 and cluster.cpu_fallback:
+        return "tasks"  # GPUs that may be fake: a compiled graph of GPU actors hung on them (cluster/local.sh)
     return "compiled" if cluster.gpus_per_worker > 0 or cluster.cpus_per_worker <= 1 else "tasks"

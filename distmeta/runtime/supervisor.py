@@ -25,10 +25,13 @@ Errors in the code or the data (a bad shard, a bug) are not faults: they stop th
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import ray
 import ray.exceptions as rex
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distmeta.config import Config
 from distmeta.runtime.engine import ENGINES, choose_engine
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 FAULTS = (rex.RayActorError, rex.ObjectLostError, rex.OwnerDiedError, rex.NodeDiedError, rex.WorkerCrashedError)
 TIMEOUTS = (rex.GetTimeoutError, rex.RayChannelError)
 MAX_RETRIES_OF_ONE_STEP = 5
+PLACEMENT_REPORT_S = 15.0  # while the workers' placement group is pending, say so this often
 
 
 class ActorLost(RuntimeError):
@@ -63,12 +67,20 @@ class Supervisor:
         self.cfg = cfg
         c = cfg.cluster
         restarts = {"max_restarts": c.actor_restarts}
+        # The server and the generators need no core of their own, only (optionally) a place.
+        self.service = {"num_cpus": 0, "resources": {c.server_resource: 0.001} if c.server_resource else {}}
         self.server = (
-            ray.remote(ParameterServer).options(num_cpus=0, **restarts).remote(cfg, initial_params, checkpoints)
+            ray.remote(ParameterServer).options(**self.service, **restarts).remote(cfg, initial_params, checkpoints)
         )
+        self.placement = reserve_workers(c)
         self.workers = [
             ray.remote(Worker)
-            .options(num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker, **restarts)
+            .options(
+                num_cpus=c.cpus_per_worker,
+                num_gpus=c.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+                **restarts,
+            )
             .remote(cfg, rank)
             for rank in range(c.num_workers)
         ]
@@ -95,14 +107,14 @@ class Supervisor:
             first = ray.get(self.server.status.remote(), timeout=c.step_timeout_s)["next_draw"]
             self.generators = [
                 ray.remote(TaskGenerator)
-                .options(num_cpus=0)
+                .options(**self.service)
                 .remote(self.cfg, [t.meta_batch_size], [0], first + g, stride=len(blocks))
                 for g in range(len(blocks))
             ]
         else:
             self.shares = split_evenly(t.meta_batch_size, len(self.live))
             self.generators = [
-                ray.remote(TaskGenerator).options(num_cpus=0).remote(self.cfg, self.shares, positions, step)
+                ray.remote(TaskGenerator).options(**self.service).remote(self.cfg, self.shares, positions, step)
                 for positions in blocks
             ]
         feeds = [generator for generator, positions in zip(self.generators, blocks) for _ in positions]
@@ -176,6 +188,56 @@ class Supervisor:
     def kill_all(self) -> None:
         for actor in [self.server, *self.workers, *self.generators]:
             ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement)
+
+    def where(self) -> dict:
+        """Where the actors run: node, address and device of each worker, node of the server. Also
+        the first place a worker that cannot start (say, a GPU torch cannot see) says why."""
+
+        def place(actor, with_device: bool = False) -> dict:
+            def report(instance) -> dict:
+                context = ray.get_runtime_context()
+                found = {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+                return found | ({"device": str(instance.device)} if with_device else {})
+
+            return actor.__ray_call__.remote(report)
+
+        c = self.cfg.cluster
+        try:
+            workers = ray.get([place(w, True) for w in self.workers], timeout=c.rejoin_timeout_s + c.step_timeout_s)
+            server = ray.get(place(self.server), timeout=c.step_timeout_s)
+        except rex.RayActorError as err:
+            raise ActorLost(f"an actor could not start: {_cause(err)}") from None
+        return {"server": server, "workers": [{"rank": rank} | w for rank, w in enumerate(workers)]}
+
+
+def reserve_workers(cluster) -> PlacementGroup:
+    """One bundle {CPU, GPU} per worker, placed by ``cluster.placement``. Waits (saying so) up to
+    ``placement_timeout_s`` for the cluster or its autoscaler, then fails with what the nodes have."""
+    bundle = {"CPU": cluster.cpus_per_worker} | ({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {})
+    group = placement_group([bundle] * cluster.num_workers, strategy=cluster.placement.upper())
+    wanted = f"{cluster.num_workers} workers of {bundle} with cluster.placement={cluster.placement}"
+    deadline = time.time() + cluster.placement_timeout_s
+    ready = group.ready()
+    while not ray.wait([ready], timeout=min(PLACEMENT_REPORT_S, max(0.0, deadline - time.time())))[0]:
+        if time.time() >= deadline:
+            remove_placement_group(group)
+            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+            raise ActorLost(
+                f"Ray could not place {wanted} in {cluster.placement_timeout_s:g} s; the cluster's nodes have "
+                + "; ".join(", ".join(f"{k}={v:g}" for k, v in r.items() if k in ("CPU", "GPU")) for r in nodes)
+                + " (in use or free: `ray status`). Use fewer or smaller workers, add nodes, or relax "
+                "cluster.placement (strict_spread needs a node per worker, strict_pack one node for all)"
+            )
+        print(f"waiting for the cluster to place {wanted} (`ray status` shows what is pending)", flush=True)
+    return group
+
+
+def _cause(err: BaseException) -> str:
+    """The line of an actor's death that says why (the creation task's exception, if any)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    raised = [line for line in lines if line.startswith(("RuntimeError", "ValueError", "ConfigError", "OSError"))]
+    return raised[-1] if raised else (lines[0] if lines else type(err).__name__)
 
 
 def _wait_ready(actor, timeout_s: float) -> None:

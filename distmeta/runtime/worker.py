@@ -8,6 +8,7 @@ by the total, so a step's result does not depend on how the batch was split.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -22,16 +23,23 @@ from distmeta.tasks import TaskBatch, build_source
 log = logging.getLogger(__name__)
 
 
-def worker_device(gpus: float, cpus: float) -> torch.device:
+def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch.device:
     """The GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES, so it is cuda:0), else the CPU with
     torch threads limited to this worker's CPU share so workers do not oversubscribe cores."""
-    if gpus > 0:
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"this worker was given {gpus} GPU(s) by Ray but torch {torch.__version__} sees no CUDA device; "
-                "install a CUDA build of torch on the worker nodes, or set cluster.gpus_per_worker=0"
-            )
+    if gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda")
+    if gpus > 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        problem = (
+            f"this worker was given {gpus:g} GPU(s) by Ray (CUDA_VISIBLE_DEVICES={visible!r}) "
+            f"but torch {torch.__version__} sees no CUDA device"
+        )
+        if not cpu_fallback:
+            raise RuntimeError(
+                f"{problem}; install a CUDA build of torch on the worker nodes, set cluster.gpus_per_worker=0, "
+                "or (to try a config on fake GPUs) cluster.cpu_fallback=true"
+            )
+        log.warning("%s: running on the CPU (cluster.cpu_fallback=true)", problem)
     torch.set_num_threads(max(1, int(cpus)))
     return torch.device("cpu")
 
@@ -39,7 +47,8 @@ def worker_device(gpus: float, cpus: float) -> torch.device:
 class Worker:
     def __init__(self, cfg: Config, rank: int = 0, device: torch.device | None = None):
         self.cfg, self.rank = cfg, rank
-        self.device = device or worker_device(cfg.cluster.gpus_per_worker, cfg.cluster.cpus_per_worker)
+        c = cfg.cluster
+        self.device = device or worker_device(c.gpus_per_worker, c.cpus_per_worker, c.cpu_fallback)
         self.dtype = DTYPES[cfg.train.dtype]
         source = build_source(cfg.task)
         self.algorithm = build_learner(cfg, source.spec, source.kind, self.device, self.dtype)

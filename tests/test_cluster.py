@@ -1,0 +1,140 @@
+"""A real multi-process Ray cluster on this machine, started by cluster/local.sh: a head node and
+two worker nodes, each its own `ray start`, with fake GPUs. distmeta is driven the two ways users
+drive a cluster: `ray job submit` and `launch.py --address`."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_runtime import small
+
+from distmeta.runtime.supervisor import ActorLost
+from distmeta.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT, DASHBOARD = 6395, 8285  # not the script's defaults, so a cluster of the user's is left alone
+RUN = [
+    "--num-workers",
+    "2",
+    "--gpus-per-worker",
+    "1",
+    "cluster.cpu_fallback=true",  # the GPUs are fake: the workers say so and run on the CPU
+    "cluster.placement=strict_spread",
+    "cluster.server_resource=head",
+    "train.steps=60",
+    "train.checkpoint_every=20",
+    "train.eval_every=0",
+    "eval.num_tasks=20",
+]
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    script = [str(ROOT / "cluster" / "local.sh")]
+    ports = ["--port", str(PORT), "--dashboard-port", str(DASHBOARD)]
+    subprocess.run([*script, "start", "--workers", "2", "--gpus", "1", *ports], check=True, env=env, timeout=180)
+    yield env
+    subprocess.run([*script, "stop", *ports], check=True, env=env, timeout=60)
+
+
+def check_run(run_dir: Path, output: str) -> None:
+    """The run ended, its workers ran on two different worker nodes, TensorBoard and checkpoints exist."""
+    placement = json.loads((run_dir / "placement.json").read_text())
+    nodes = {worker["node_id"] for worker in placement["workers"]}
+    assert len(nodes) == 2 and placement["server"]["node_id"] not in nodes, placement  # the server on the head
+    assert all(worker["device"] == "cpu" for worker in placement["workers"])
+    assert "sees no CUDA device: running on the CPU (cluster.cpu_fallback=true)" in output
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["final.pt", "step_00000020.pt", "step_00000040.pt", "step_00000060.pt"], names
+
+
+def test_a_job_submitted_with_ray_job_submit_runs_on_the_worker_nodes(local_cluster, tmp_path):
+    submit = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        f"http://127.0.0.1:{DASHBOARD}",
+        "--working-dir",
+        str(ROOT),  # uploaded to the cluster, as from a laptop (files in .gitignore stay behind)
+        "--",
+        "python",
+        "launch.py",
+        "--address",
+        "auto",
+        "--logdir",
+        str(tmp_path),
+        "run_name=job",
+        *RUN,
+    ]
+    deadline = time.time() + 120
+    while True:  # a head node that has just started may not yet have a job agent
+        job = subprocess.run(submit, env=local_cluster, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in job.stderr + job.stdout or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+    check_run(tmp_path / "job", job.stdout)
+
+
+def test_launch_attaches_to_the_cluster_by_address(local_cluster, tmp_path, cli_env):
+    env = cli_env | {"RAY_AUTH_MODE": "disabled"}
+    command = ["python", "launch.py", "--address", f"127.0.0.1:{PORT}", "--logdir", str(tmp_path), "run_name=attached"]
+    run = subprocess.run([*command, *RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    check_run(tmp_path / "attached", run.stdout + run.stderr)
+
+
+def test_a_gpu_torch_cannot_see_stops_the_run_with_the_reason(local_cluster, tmp_path, cli_env):
+    env = cli_env | {"RAY_AUTH_MODE": "disabled"}
+    command = ["python", "launch.py", "--address", f"127.0.0.1:{PORT}", "--logdir", str(tmp_path)]
+    run = subprocess.run(
+        [*command, "--num-workers", "2", "--gpus-per-worker", "1", "train.steps=5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert "sees no CUDA device; install a CUDA build of torch" in run.stdout + run.stderr
+
+
+def test_workers_the_cluster_cannot_place_fail_with_what_the_nodes_have(ray_local, tmp_path):
+    """One node cannot hold two strictly spread workers: the run stops after placement_timeout_s."""
+    cfg = small("cluster.num_workers=2", "cluster.placement=strict_spread", "cluster.placement_timeout_s=2")
+    with pytest.raises(
+        ActorLost, match=r"could not place 2 workers .*=strict_spread in 2 s; the cluster's nodes have CPU=4"
+    ):
+        train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_the_cluster_launcher_configs_follow_rays_schema(name):
+    import jsonschema
+    import ray
+    import yaml
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "cluster" / name).read_text())
+    jsonschema.validate(config, schema)
+    assert config["available_node_types"]["head"]["resources"]["head"] > 0  # cluster.server_resource=head
+
+
+def test_the_kuberay_manifests_run_launch_on_gpu_workers_with_the_head_resource():
+    import yaml
+
+    (cluster, claim) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    (job,) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    assert (cluster["kind"], claim["kind"], job["kind"]) == ("RayCluster", "PersistentVolumeClaim", "RayJob")
+    assert job["spec"]["entrypoint"].startswith("python launch.py --address auto")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        assert '\\"head\\"' in spec["headGroupSpec"]["rayStartParams"]["resources"]
+        (workers,) = spec["workerGroupSpecs"]
+        (container,) = workers["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
