@@ -9,7 +9,9 @@
 #
 # Defaults: 2 worker nodes x 1 CPU x 0 GPUs, a head with 1 CPU and the custom resource `head`
 # (cluster.server_resource=head puts the parameter server and task generators there), GCS port
-# 6390 (Ray Client: GCS port + 10), dashboard (and job server) port 8275. Every process of the cluster runs in one session
+# 6390 (Ray Client: GCS port + 10; each node's dashboard agent, which runs submitted jobs: + 20,
+# + 21, ...: on one machine they would all take Ray's default and only one would answer), dashboard
+# (and job server) port 8275. Every process of the cluster runs in one session
 # whose id is kept in /tmp/distmeta-cluster-PORT/sid, so `stop` ends this cluster and nothing else
 # (`ray stop` would end every Ray on the machine). Token authentication is off (RAY_AUTH_MODE=disabled),
 # as the cluster only listens on this machine's own addresses.
@@ -49,10 +51,11 @@ case "$command" in
         ps -o sid= -p $$ | tr -d " " > "$STATE/sid"
         ray start --head --port="$PORT" --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources="{\"head\": 1000}" \
           --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-          --ray-client-server-port=$((PORT + 10)) \
+          --ray-client-server-port=$((PORT + 10)) --dashboard-agent-listen-port=$((PORT + 20)) \
           --temp-dir="$STATE/ray" --disable-usage-stats > "$STATE/head.log" 2>&1
         for i in $(seq 1 "$WORKERS"); do
           ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --num-gpus="$GPUS" \
+            --dashboard-agent-listen-port=$((PORT + 20 + i)) \
             --temp-dir="$STATE/ray" --disable-usage-stats > "$STATE/worker-$i.log" 2>&1
         done
       ' < /dev/null || { echo "the cluster did not start; logs in $state" >&2; exit 1; }
