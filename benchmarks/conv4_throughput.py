@@ -40,7 +40,7 @@ def in_process(cfg, implementation: str, steps: int, device: str) -> float:
 
     def step(i: int) -> None:
         control = StepControl(i)
-        server.apply(control, worker.compute(control, server.parameters(), batches[i]))
+        server.apply(control, worker.compute(control, batches[i], server.parameters()))
 
     step(0), step(1)  # warm-up
     start = time.perf_counter()

@@ -36,7 +36,7 @@ def plain_core(cfg) -> float:
     start = time.perf_counter()
     for step in range(cfg.train.steps):
         control = StepControl(step)
-        server.apply(control, worker.compute(control, server.parameters(), generator.build(step)[0]))
+        server.apply(control, worker.compute(control, generator.build(step)[0], server.parameters()))
     return time.perf_counter() - start
 
 

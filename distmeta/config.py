@@ -98,6 +98,10 @@ class ClusterConfig:
     # a custom resource (e.g. "head", which cluster/local.sh and the cluster configs give the head
     # node) that the parameter server and task generators need a sliver of; empty: any node
     server_resource: str = ""
+    # the flat parameter vector split across this many parameter-server actors, each summing and
+    # stepping its slice: for large models, where one server's sum and optimizer step would limit
+    # the step rate (benchmarks/ps_capacity.py); results are the same as with one server
+    server_shards: int = 1
     # a worker given a GPU that torch cannot see runs on the CPU (with a warning) instead of stopping
     # the run: for trying a cluster config with fake GPU resources, never for real training
     cpu_fallback: bool = False
@@ -198,6 +202,7 @@ class Config:
             ("eval.inner_batch_size", self.eval.inner_batch_size, 0),
             ("cluster.num_workers", self.cluster.num_workers, 1),
             ("cluster.num_task_generators", self.cluster.num_task_generators, 1),
+            ("cluster.server_shards", self.cluster.server_shards, 1),
             ("cluster.prefetch_batches", self.cluster.prefetch_batches, 1),
             ("cluster.max_inflight_steps", self.cluster.max_inflight_steps, 1),
             ("train.steps", self.train.steps, 1),

@@ -7,6 +7,7 @@ vector to the named, shaped views that ``torch.func.functional_call`` needs.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -38,3 +39,19 @@ class ParamLayout:
 def flat_parameters(params: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Named parameters (e.g. an algorithm's ``initial_parameters()``) as one vector in layout order."""
     return ParamLayout.of(params).flatten(params).detach().to(dtype).contiguous()
+
+
+SHARD_ALIGN = 64  # elements
+
+
+def shard_bounds(size: int, shards: int) -> list[tuple[int, int]]:
+    """The [lo, hi) slices of a ``size``-long vector held by ``shards`` parameter servers
+    (``cluster.server_shards``), as even as possible with every cut at a multiple of 64 elements:
+    then each element sits in the same lane of the optimizer's vectorised loop as in the whole
+    vector, and sharded servers compute exactly what one server does (a cut elsewhere moves
+    elements into a loop's scalar tail, which may round differently in the last bit)."""
+    blocks = -(-size // SHARD_ALIGN)
+    if not 1 <= shards <= blocks:
+        raise ValueError(f"{shards} shards for {size} parameters: at most {blocks} (one per {SHARD_ALIGN} parameters)")
+    edges = [min(size, SHARD_ALIGN * (blocks * k // shards)) for k in range(shards + 1)]
+    return list(itertools.pairwise(edges))

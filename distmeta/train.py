@@ -47,6 +47,7 @@ from distmeta.evaluate import (
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.monitor import Monitor, duration
+from distmeta.runtime.parameter_server import checkpoint_state
 from distmeta.runtime.supervisor import ActorLost, Supervisor
 from distmeta.tasks import build_source
 
@@ -138,11 +139,12 @@ def _train(cfg: Config, source, run_dir: Path, store: CheckpointStore, started: 
     supervisor = Supervisor(cfg, initial_parameters(cfg, source), store.location)
     try:
         train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
-        done = ray.get(supervisor.server.status.remote())["step"]
-        checkpoint = ray.get(supervisor.server.save.remote(step_name(done), t.checkpoint_keep))
+        state = supervisor.checkpoint_state()
+        done, final_params = state["step"], state["params"].numpy()
+        checkpoint = store.write(step_name(done), state)
+        store.prune(t.checkpoint_keep)
         if not stopped:
-            checkpoint = ray.get(supervisor.server.save.remote("final.pt"))
-        final_params = ray.get(supervisor.server.parameters.remote())
+            checkpoint = store.write("final.pt", state)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
         raise ActorLost(f"training stopped: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
@@ -177,7 +179,7 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     start_step = supervisor.start()
     if start_step:
         print(f"resuming at step {start_step} from {supervisor.restored_from()}", flush=True)
-    results = StepResults(cfg, Monitor(run_dir, cfg, start_step), BestCheckpoint(cfg, store))
+    results = StepResults(cfg, Monitor(run_dir, cfg, start_step), store, BestCheckpoint(cfg, store))
     staleness = f", max staleness {t.max_staleness} ({t.stale_updates} older)" if t.mode == "async" else ""
     print(
         f"run {run_dir} | {supervisor.engine_name} engine | {c.num_workers} worker(s), tasks {supervisor.shares}"
@@ -253,19 +255,23 @@ def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop:
 
 
 class StepResults:
-    """What the driver does with each step's metrics: log them, report non-finite updates (and stop
-    after too many in a row), and validate published parameters in the background."""
+    """What the driver does with each step's metrics: log them, write the checkpoint the servers
+    sent, report non-finite updates (and stop after too many in a row), and validate published
+    parameters in the background."""
 
-    def __init__(self, cfg: Config, monitor: Monitor, best: BestCheckpoint):
-        self.cfg, self.monitor, self.best = cfg, monitor, best
+    def __init__(self, cfg: Config, monitor: Monitor, store: CheckpointStore, best: BestCheckpoint):
+        self.cfg, self.monitor, self.store, self.best = cfg, monitor, store, best
         self.evaluations: deque[tuple[int, np.ndarray, list]] = deque()
         self.evaluated: set[int] = set()
         self.rejected_in_a_row = 0
 
     def handle(self, metrics: dict) -> None:
         t = self.cfg.train
-        if "checkpoint_error" in metrics:
-            raise CheckpointError(metrics["checkpoint_error"])
+        if "state" in metrics:  # a CheckpointError (say, a full disk) stops the run; earlier checkpoints stand
+            metrics["checkpoint"] = self.store.write(
+                metrics["checkpoint"], checkpoint_state(self.cfg, metrics.pop("state"))
+            )
+            self.store.prune(t.checkpoint_keep)
         self.monitor.record(metrics)
         self.rejected_in_a_row = self.rejected_in_a_row + 1 if metrics["rejected"] else 0
         for bad in metrics["rejected"]:

@@ -21,7 +21,7 @@ from distmeta.config import ConfigError
 from distmeta.evaluate import evaluate
 from distmeta.resume import prepare_resume
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
 from distmeta.tasks import build_source
 from distmeta.train import train
 
@@ -34,6 +34,7 @@ def update(version: int, values, rank: int = 0, epoch: int = 0, draw: int = 0, n
         "draw": draw,
         "rank": rank,
         "update": np.asarray(values, dtype=np.float64),
+        "finite": bool(np.isfinite(values).all()),
         "num_tasks": num_tasks,
         "first_task": 0,
         "metrics": {"loss": 1.0 * num_tasks},
@@ -74,8 +75,9 @@ def test_the_server_applies_fresh_updates_and_drops_or_scales_stale_ones(tmp_pat
         np.testing.assert_allclose(params, before - 0.4 * lr * grad / 2)
     stale, control, _ = server.push(update(control.step, grad, epoch=-1))  # from before a fault
     assert stale["stale"]
-    server.save(step_name(5))  # the task stream's cursor: the batch after the newest one seen (7)
-    state = CheckpointStore(str(tmp_path / "checkpoints")).read(step_name(5))
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    store.write(step_name(5), checkpoint_state(cfg, [server.state()]))  # the stream's cursor: after draw 7
+    state = store.read(step_name(5))
     assert state["task_stream"]["next_draw"] == 8
     assert ParameterServer(cfg, np.zeros(3), str(tmp_path / "checkpoints")).status()["next_draw"] == 8
 
@@ -205,7 +207,7 @@ def test_the_worker_result_carries_what_the_server_needs():
     first, second = generator.next_batch(), generator.next_batch()
     assert (first.step, second.step) == (5, 8)
     params = initial_parameters(cfg, build_source(cfg.task))
-    result = Worker(cfg, device=torch.device("cpu")).compute(StepControl(4, epoch=2), params, first)
+    result = Worker(cfg, device=torch.device("cpu")).compute(StepControl(4, epoch=2), first, params)
     assert (result["step"], result["epoch"], result["draw"], result["num_tasks"]) == (4, 2, 5, 7)
 
 

@@ -13,7 +13,7 @@ import torch
 from distmeta.checkpoint import CheckpointError, CheckpointStore, read_checkpoint, step_name
 from distmeta.config import load_config
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
 
 
 def state(step: int, size: int = 8) -> dict:
@@ -86,13 +86,17 @@ def test_an_unwritable_or_unknown_location_is_named(tmp_path):
 
 def test_the_server_restores_parameters_optimizer_step_and_rng_from_its_newest_checkpoint(tmp_path):
     cfg = load_config(None, ["train.dtype=float64", "train.checkpoint_keep=2"])
-    server = ParameterServer(cfg, np.zeros(4), str(tmp_path))
+    server, store = ParameterServer(cfg, np.zeros(4), str(tmp_path)), CheckpointStore(str(tmp_path))
     for step in range(3):
         update = {"rank": 0, "first_task": 0, "num_tasks": 1, "step": step, "metrics": {}, "implementation": "loop"}
-        update |= {"update": np.arange(4.0) + step, "produced_at": 0.0, "started": 0.0, "finished": 0.0}
-        server.apply(StepControl(step, checkpoint=step_name(step + 1)), update)
+        update |= {"update": np.arange(4.0) + step, "finite": True, "produced_at": 0.0, "started": 0.0, "finished": 0.0}
+        metrics = server.apply(StepControl(step, checkpoint=step_name(step + 1)), update)
+        if step < 2:  # the driver writes what the server sends at a checkpoint step
+            store.write(metrics["checkpoint"], checkpoint_state(cfg, [metrics["state"]]))
+            store.prune(2)
     torch.manual_seed(7)
-    server.save(step_name(3), keep=2)
+    store.write(step_name(3), checkpoint_state(cfg, [server.state()]))
+    store.prune(2)
     expected_draw = torch.rand(3)
     restarted = ParameterServer(cfg, np.zeros(4), str(tmp_path))
     assert restarted.status() == {"step": 3, "restored_from": str(tmp_path / step_name(3)), "next_draw": 3}
@@ -109,13 +113,18 @@ def test_a_step_with_a_non_finite_update_is_rejected_whole_and_reported(tmp_path
     server = ParameterServer(cfg, np.ones(3))
 
     def result(rank, first, update):
-        return {"rank": rank, "first_task": first, "num_tasks": 4, "step": 0, "update": np.array(update)} | {
-            "metrics": {"loss": 1.0},
-            "implementation": "loop",
-            "produced_at": 0.0,
-            "started": 0.0,
-            "finished": 0.0,
-        }
+        checked = {"update": np.array(update), "finite": bool(np.isfinite(update).all())}
+        return (
+            {"rank": rank, "first_task": first, "num_tasks": 4, "step": 0}
+            | checked
+            | {
+                "metrics": {"loss": 1.0},
+                "implementation": "loop",
+                "produced_at": 0.0,
+                "started": 0.0,
+                "finished": 0.0,
+            }
+        )
 
     metrics = server.apply(StepControl(0), result(0, 0, [1.0, 1.0, 1.0]), result(1, 4, [1.0, np.inf, 1.0]))
     assert metrics["rejected"] == [{"rank": 1, "tasks": [4, 8]}]

@@ -72,9 +72,12 @@ def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_lo
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("engine", ["compiled", "tasks"])
-def test_a_killed_parameter_server_restarts_from_its_checkpoint(ray_local, tmp_path, engine, capsys):
-    cfg, result, _ = faulty_run(tmp_path, "ParameterServer", [50], f"cluster.engine={engine}")
+@pytest.mark.parametrize("engine, shards", [("compiled", 1), ("tasks", 1), ("compiled", 2)])
+def test_a_killed_parameter_server_restarts_from_its_checkpoint(ray_local, tmp_path, engine, shards, capsys):
+    """With 2 shards one is killed: the other goes back to the checkpoint the restarted one loaded."""
+    cfg, result, _ = faulty_run(
+        tmp_path, "ParameterServer", [50], f"cluster.engine={engine}", f"cluster.server_shards={shards}"
+    )
     assert result.recoveries == 1
     out = capsys.readouterr().out
     assert "continuing at step 50 " in out or "continuing at step 75 " in out  # its newest checkpoint

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from distmeta.checkpoint import read_checkpoint
+from distmeta.checkpoint import CheckpointStore, step_name
 from distmeta.config import ConfigError, ModelConfig, load_config
 from distmeta.models import DataSpec, build_model
-from distmeta.params import ParamLayout, flat_parameters
+from distmeta.params import ParamLayout, flat_parameters, shard_bounds
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state, join_metrics
 
 
 def count(model):
@@ -59,6 +59,7 @@ def result(step, rank, update, num_tasks):
         "step": step,
         "rank": rank,
         "update": np.asarray(update, dtype=np.float64),
+        "finite": bool(np.isfinite(update).all()),
         "num_tasks": num_tasks,
         "first_task": 0,
         "metrics": {"loss_before": 2.0 * num_tasks, "loss_after": 1.0 * num_tasks},
@@ -114,14 +115,72 @@ def test_the_server_refuses_updates_for_another_step():
         server.apply(StepControl(0), result(3, 0, [1.0], 1))
 
 
-def test_the_server_publishes_parameters_and_writes_checkpoints_on_request(tmp_path):
-    server = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(3), str(tmp_path / "ckpt"))
-    control = StepControl(0, checkpoint="step_00000001.pt", publish=True)
-    metrics = server.apply(control, result(0, 0, [1.0, 2.0, 3.0], 1))
+def test_finite_updates_whose_sum_overflows_are_rejected_too():
+    server = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(2))
+    huge = np.finfo(np.float64).max
+    with np.errstate(over="ignore"):
+        metrics = server.apply(StepControl(0), result(0, 0, [huge, 0.0], 1), result(0, 1, [huge, 0.0], 1))
+    assert [bad["rank"] for bad in metrics["rejected"]] == [0, 1]  # each finite, their sum is not
+    np.testing.assert_array_equal(server.parameters(), [0.0, 0.0])  # nothing applied
+    assert server.apply(StepControl(1), result(1, 0, [1.0, -1.0], 1))["rejected"] == []
+    assert server.parameters()[0] < 0 < server.parameters()[1]
+    shard = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(128), bounds=(64, 128))
+    big = [result(0, rank, np.r_[np.zeros(64), huge, np.zeros(63)][64:], 1) for rank in range(2)]
+    with pytest.raises(FloatingPointError, match="overflowed in parameters 64..127"), np.errstate(over="ignore"):
+        shard.apply(StepControl(0), *big)  # a shard cannot tell the others: it stops the run
+
+
+def test_the_server_publishes_parameters_and_sends_its_state_at_checkpoint_steps():
+    cfg = load_config(None, ["train.dtype=float64"])
+    server = ParameterServer(cfg, np.zeros(3))
+    metrics = server.apply(
+        StepControl(0, checkpoint="step_00000001.pt", publish=True), result(0, 0, [1.0, 2.0, 3.0], 1)
+    )
     np.testing.assert_array_equal(metrics["params"], server.parameters())
-    saved = read_checkpoint(metrics["checkpoint"])
+    assert metrics["checkpoint"] == "step_00000001.pt"  # the driver writes it (train.StepResults)
+    saved = checkpoint_state(cfg, [metrics["state"]])
     assert saved["step"] == 1 and torch.equal(saved["params"], torch.from_numpy(server.parameters()))
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_00000001.pt"]  # no temporary file left
+    assert saved["config"] == cfg.to_dict() and saved["task_stream"]["next_step"] == 1
+
+
+def test_sharded_servers_compute_what_one_server_does_and_checkpoint_as_one(tmp_path):
+    """Three shards of a 327-vector (64-aligned slices) against one server, Adam, float64, with
+    uneven task counts and a rejected step: the same parameters bit for bit, and a checkpoint of
+    the shards that a single server (or another number of shards) resumes from."""
+    cfg = load_config(None, ["train.dtype=float64", "meta_optimizer.lr=0.1"])
+    initial = np.linspace(-1.0, 1.0, 327)
+    bounds = shard_bounds(327, 3)
+    assert bounds == [(0, 128), (128, 256), (256, 327)]
+    single = ParameterServer(cfg, initial)
+    shards = [ParameterServer(cfg, initial, bounds=b) for b in bounds]
+    rng = np.random.default_rng(0)
+    for step in range(6):
+        updates = [rng.standard_normal(327) for _ in range(2)]
+        if step == 3:
+            updates[1][300] = np.nan  # in shard 2's slice only: every shard must reject the step
+        results = [result(step, rank, u, num_tasks=rank + 1) for rank, u in enumerate(updates)]
+        whole = single.apply(StepControl(step, checkpoint="c.pt" if step == 5 else None), *results)
+        parts = [
+            shard.apply(
+                StepControl(step, checkpoint="c.pt" if step == 5 else None),
+                *[r | {"update": r["update"][lo:hi]} for r in results],
+            )
+            for shard, (lo, hi) in zip(shards, bounds)
+        ]
+        assert join_metrics(parts)["rejected"] == whole["rejected"]
+        np.testing.assert_array_equal(np.concatenate([shard.parameters() for shard in shards]), single.parameters())
+    assert single.rejected_steps == [3] and all(shard.rejected_steps == [3] for shard in shards)
+    store = CheckpointStore(str(tmp_path))
+    store.write(step_name(6), checkpoint_state(cfg, join_metrics(parts)["state"]))
+    resumed = ParameterServer(cfg, np.zeros(327), str(tmp_path))  # one server from the shards' checkpoint
+    np.testing.assert_array_equal(resumed.parameters(), single.parameters())
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(resumed.optimizer.state[resumed.theta][key], single.optimizer.state[single.theta][key])
+    two = [ParameterServer(cfg, np.zeros(327), str(tmp_path), b) for b in shard_bounds(327, 2)]  # and two shards
+    np.testing.assert_array_equal(np.concatenate([s.parameters() for s in two]), single.parameters())
+    assert {s.step for s in two} == {6}
+    with pytest.raises(ValueError, match=r"at most 6 \(one per 64 parameters\)"):
+        shard_bounds(327, 7)
 
 
 def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
@@ -138,7 +197,7 @@ def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
     )
     assert set(timings) == {"vmap", "loop"} and chosen == min(timings, key=timings.get)
     assert worker.implementation == "auto"
-    first = worker.compute(StepControl(0), flat, tasks)
+    first = worker.compute(StepControl(0), tasks, flat)
     assert worker.implementation in ("vmap", "loop") and first["implementation"] == worker.implementation
     other = "loop" if worker.implementation == "vmap" else "vmap"
     expected, _ = worker.algorithm.batch_update(

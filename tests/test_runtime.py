@@ -45,7 +45,7 @@ def in_process(cfg):
     history = []
     for step in range(cfg.train.steps):
         control = StepControl(step)
-        history.append(server.apply(control, worker.compute(control, server.parameters(), generator.build(step)[0])))
+        history.append(server.apply(control, worker.compute(control, generator.build(step)[0], server.parameters())))
     return server.parameters().copy(), history
 
 
@@ -72,11 +72,11 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
     cfg = small(*ALGORITHMS[algorithm])
     expected, _ = in_process(cfg)
     assert not np.allclose(expected, initial_parameters(cfg, build_source(cfg.task)))
-    for workers, engine, implementation, generators in [
-        (1, "compiled", "vmap", 1),
-        (2, "compiled", "vmap", 1),
-        (3, "compiled", "loop", 2),
-        (3, "tasks", "vmap", 2),
+    for workers, engine, implementation, generators, shards in [
+        (1, "compiled", "vmap", 1, 1),
+        (2, "compiled", "vmap", 1, 1),
+        (3, "compiled", "loop", 2, 2),  # the parameters split across 2 server shards
+        (3, "tasks", "vmap", 2, 3),
     ]:
         cfg = small(
             *ALGORITHMS[algorithm],
@@ -84,10 +84,15 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
             f"cluster.engine={engine}",
             f"algorithm.implementation={implementation}",
             f"cluster.num_task_generators={generators}",
+            f"cluster.server_shards={shards}",
         )
         result = train(cfg, tmp_path / f"{workers}-{engine}")
         np.testing.assert_allclose(
-            saved_params(result), expected, rtol=1e-10, atol=1e-12, err_msg=f"{workers} workers, {engine}"
+            saved_params(result),
+            expected,
+            rtol=1e-10,
+            atol=1e-12,
+            err_msg=f"{workers} workers, {engine}, {shards} shards",
         )
 
 
@@ -166,6 +171,8 @@ def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
         train(small("cluster.gpus_per_worker=1"), tmp_path / "run")
     with pytest.raises(ConfigError, match=r"server_resource='head', but no node .* has that resource"):
         train(small("cluster.server_resource=head"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"server_shards=40: .* at most 28 \(one per 64 parameters\)"):
+        train(small("cluster.server_shards=40"), tmp_path / "run")  # the 1,761 parameters of the sinusoid MLP
 
 
 def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path):

@@ -14,6 +14,10 @@ exactly the parameters after step t - 1, and the driver may submit steps ahead o
 While a compiled graph is live its actors run nothing else, so checkpoints and parameter snapshots
 for evaluation ride on the step's control message instead of separate calls.
 
+``servers`` are the parameter server's shards (one by default, ``cluster.server_shards``): each
+worker reads every shard's slice of the parameters and sends shard k its slice k of the update.
+A step's result is the shards' metrics joined (``join_metrics``).
+
 Asynchronous mode (``train.mode=async``) has no common steps, and its own engine, ``AsyncEngine``.
 """
 
@@ -23,22 +27,36 @@ import contextlib
 import time
 
 import ray
-from ray.dag import InputNode
+from ray.dag import InputNode, MultiOutputNode
 
 from distmeta.runtime.control import StepControl
+from distmeta.runtime.parameter_server import join_metrics
 
 PACE_ABOVE_S = 0.02  # shorter steps: sleeping costs more latency than the busy-wait costs CPU
 
 
+def _per_shard(output, shards: int) -> list:
+    """A worker call's output as one ref (or graph node) per server shard."""
+    return [output] if shards == 1 else list(output)
+
+
 class CompiledEngine:
-    def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
+    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
+        shards = len(servers)
         with InputNode() as control:
-            params = server.parameters.bind(control)
-            results = [
-                worker.compute.bind(control, params, feeds[rank].batch_for.bind(control, rank))
+            params = [server.parameters.bind(control) for server in servers]
+            outputs = [
+                _per_shard(
+                    worker.compute.options(num_returns=shards).bind(
+                        control, feeds[rank].batch_for.bind(control, rank), *params
+                    ),
+                    shards,
+                )
                 for rank, worker in enumerate(workers)
             ]
-            graph = server.apply.bind(control, *results)
+            graph = MultiOutputNode(
+                [server.apply.bind(control, *[out[k] for out in outputs]) for k, server in enumerate(servers)]
+            )
         self.graph = graph.experimental_compile(
             _max_inflight_executions=max_inflight_steps + 1, _submit_timeout=timeout_s
         )
@@ -48,12 +66,12 @@ class CompiledEngine:
     def submit(self, control: StepControl):
         return self.graph.execute(control)
 
-    def result(self, ref, timeout_s: float) -> dict:
+    def result(self, refs, timeout_s: float) -> dict:
         """A step's metrics. Reading a compiled graph's output busy-waits, which would take a core
         from the workers on a small machine, so first sleep through most of the expected wait."""
         if self.step_s > PACE_ABOVE_S:
             time.sleep(max(0.0, 0.8 * (self.last_result + self.step_s - time.perf_counter())))
-        metrics = ray.get(ref, timeout=timeout_s)
+        metrics = join_metrics(ray.get(refs, timeout=timeout_s))
         now = time.perf_counter()
         self.step_s = 0.9 * self.step_s + 0.1 * (now - self.last_result)  # moving average of the step time
         self.last_result = now
@@ -64,25 +82,37 @@ class CompiledEngine:
 
 
 class TaskEngine:
-    def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
-        self.server, self.workers, self.feeds = server, workers, feeds
-        self.params = server.parameters.remote()
+    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
+        self.servers, self.workers, self.feeds = servers, workers, feeds
+        self.params = [server.parameters.remote() for server in servers]
         self.in_flight: list = []  # the calls of recent steps, cancelled on close
-        self.kept = (max_inflight_steps + 2) * (len(workers) + 2)
+        self.kept = (max_inflight_steps + 2) * (len(workers) + 2) * len(servers)
 
     def submit(self, control: StepControl):
-        results = [
-            worker.compute.remote(control, self.params, self.feeds[rank].batch_for.remote(control, rank))
+        shards = len(self.servers)
+        outputs = [
+            _per_shard(
+                worker.compute.options(num_returns=shards).remote(
+                    control, self.feeds[rank].batch_for.remote(control, rank), *self.params
+                ),
+                shards,
+            )
             for rank, worker in enumerate(self.workers)
         ]
-        metrics = self.server.apply.remote(control, *results)
-        self.params = self.server.parameters.remote(control)  # runs after apply: actor calls keep their order
-        self.in_flight = [*self.in_flight[-self.kept :], *results, metrics, self.params]
+        metrics = [server.apply.remote(control, *[out[k] for out in outputs]) for k, server in enumerate(self.servers)]
+        # after apply: actor calls keep their order
+        self.params = [server.parameters.remote(control) for server in self.servers]
+        self.in_flight = [
+            *self.in_flight[-self.kept :],
+            *[ref for out in outputs for ref in out],
+            *metrics,
+            *self.params,
+        ]
         return metrics
 
-    def result(self, ref, timeout_s: float) -> dict:
+    def result(self, refs, timeout_s: float) -> dict:
         """A step's metrics; raises if the step failed or took longer than ``timeout_s``."""
-        return ray.get(ref, timeout=timeout_s)
+        return join_metrics(ray.get(refs, timeout=timeout_s))
 
     def close(self, cancel: bool = False) -> None:
         """With ``cancel``, cancel the calls of steps still in flight: after a timeout, a call
@@ -100,27 +130,33 @@ class AsyncEngine:
     parameters ...), and the driver pushes each update to the server as soon as it exists, as in
     Ray's asynchronous parameter-server example. A push is submitted only once its update is ready,
     so a slow worker's push never waits in the server's queue ahead of the others' (actor calls run
-    in submission order)."""
+    in submission order). Every shard gets the pushes in the same order, so all take the same
+    decisions on staleness."""
 
-    def __init__(self, server, workers, feeds, max_inflight_steps: int, timeout_s: float):
-        self.server, self.workers, self.feeds = server, workers, feeds
-        self.computing: dict[ray.ObjectRef, int] = {}  # each worker's update in the making -> its position
+    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
+        self.servers, self.workers, self.feeds = servers, workers, feeds
+        self.computing: dict[ray.ObjectRef, tuple[int, list]] = {}  # an update in the making -> (position, its parts)
         for position in range(len(workers)):
-            self._compute(position, *server.pull.options(num_returns=2).remote())
+            pulled = [server.pull.options(num_returns=2).remote() for server in servers]
+            self._compute(position, pulled[0][0], [params for _, params in pulled])
 
-    def _compute(self, position: int, control, params) -> None:
+    def _compute(self, position: int, control, params: list) -> None:
         tasks = self.feeds[position].next_batch.remote()
-        self.computing[self.workers[position].compute.remote(control, params, tasks)] = position
+        shards = len(self.servers)
+        parts = _per_shard(
+            self.workers[position].compute.options(num_returns=shards).remote(control, tasks, *params), shards
+        )
+        self.computing[parts[0]] = (position, parts)  # a call's returns are ready together
 
     def next_update(self, timeout_s: float) -> dict:
         """Push the first worker update to be ready; returns the server's metrics for it."""
         ready, _ = ray.wait(list(self.computing), num_returns=1, timeout=timeout_s)
         if not ready:
             raise ray.exceptions.GetTimeoutError(f"no worker finished an update in {timeout_s:g} s")
-        position = self.computing.pop(ready[0])
-        metrics, control, params = self.server.push.options(num_returns=3).remote(ready[0])
-        self._compute(position, control, params)
-        return ray.get(metrics, timeout=timeout_s)
+        position, parts = self.computing.pop(ready[0])
+        pushed = [server.push.options(num_returns=3).remote(part) for server, part in zip(self.servers, parts)]
+        self._compute(position, pushed[0][1], [params for _, _, params in pushed])
+        return join_metrics(ray.get([metrics for metrics, _, _ in pushed], timeout=timeout_s))
 
     def close(self, cancel: bool = False) -> None:
         """Abandon the updates in the making (cancelled after a timeout, as ``TaskEngine.close``)."""

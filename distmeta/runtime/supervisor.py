@@ -13,7 +13,8 @@ an engine, and rebuilds that wiring after a fault:
                    leaves the split: the meta-batch is re-split over the others, so every step
                    still sees all its tasks. It rejoins as soon as Ray places it again.
   server lost      Ray restarts it; it reloads the newest valid checkpoint and the run re-runs the
-                   steps since, which give the same updates again.
+                   steps since, which give the same updates again. With a sharded server the other
+                   shards go back to that checkpoint too, so that all hold the same step.
   generator lost   generators hold no state but a cursor: they are rebuilt at the server's step.
 
 In asynchronous mode the same recovery rebuilds the workers' chains at the server's version; the
@@ -33,9 +34,10 @@ import ray.exceptions as rex
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distmeta.config import Config
+from distmeta.config import Config, ConfigError
+from distmeta.params import shard_bounds
 from distmeta.runtime.engine import ENGINES, choose_engine
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
 from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
 from distmeta.runtime.worker import Worker
 
@@ -69,9 +71,17 @@ class Supervisor:
         restarts = {"max_restarts": c.actor_restarts}
         # The server and the generators need no core of their own, only (optionally) a place.
         self.service = {"num_cpus": 0, "resources": {c.server_resource: 0.001} if c.server_resource else {}}
-        self.server = (
-            ray.remote(ParameterServer).options(**self.service, **restarts).remote(cfg, initial_params, checkpoints)
-        )
+        try:
+            shards = shard_bounds(len(initial_params), c.server_shards)
+        except ValueError as err:
+            raise ConfigError(f"cluster.server_shards={c.server_shards}: {err}") from None
+        self.servers = [
+            ray.remote(ParameterServer)
+            .options(**self.service, **restarts)
+            .remote(cfg, initial_params, checkpoints, bounds)
+            for bounds in shards
+        ]
+        self.server = self.servers[0]  # status, and the step every shard is at
         self.placement = reserve_workers(c)
         self.workers = [
             ray.remote(Worker)
@@ -98,7 +108,13 @@ class Supervisor:
         """Wire the live workers into a new engine at the server's step; returns that step."""
         c, t = self.cfg.cluster, self.cfg.train
         self.epoch += 1
-        step = ray.get(self.server.begin_epoch.remote(self.epoch), timeout=c.step_timeout_s)
+        steps = ray.get([server.begin_epoch.remote(self.epoch) for server in self.servers], timeout=c.step_timeout_s)
+        if len(set(steps)) > 1:  # a shard was restarted from the checkpoint: all go back to it
+            log.warning("parameter-server shards at steps %s: all reload the newest checkpoint", steps)
+            steps = ray.get([server.reload.remote() for server in self.servers], timeout=c.step_timeout_s)
+            if len(set(steps)) > 1:
+                raise ActorLost(f"parameter-server shards disagree after reloading the checkpoint: steps {steps}")
+        step = steps[0]
         blocks = generator_blocks(len(self.live), c.num_task_generators)
         for generator in self.generators:
             ray.kill(generator)
@@ -119,7 +135,7 @@ class Supervisor:
             ]
         feeds = [generator for generator, positions in zip(self.generators, blocks) for _ in positions]
         workers = [self.workers[rank] for rank in self.live]
-        self.engine = ENGINES[self.engine_name](self.server, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
+        self.engine = ENGINES[self.engine_name](self.servers, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
         return step
 
     def restored_from(self) -> str | None:
@@ -157,7 +173,8 @@ class Supervisor:
         log.warning("fault at step %d (%s); recovering", step, _first_line(err))
         self.close(cancel=isinstance(err, TIMEOUTS))
         try:  # nothing goes on without the server; a restarted one reloads its checkpoint first
-            _wait_ready(self.server, c.rejoin_timeout_s + c.step_timeout_s)
+            for server in self.servers:
+                _wait_ready(server, c.rejoin_timeout_s + c.step_timeout_s)
         except (rex.RayActorError, rex.GetTimeoutError) as lost:
             raise ActorLost(f"the parameter server did not come back after a fault ({_first_line(lost)})") from err
         # Workers: a killed one answers once restarted; a healthy one may first sit out calls of the
@@ -186,7 +203,7 @@ class Supervisor:
             self.engine = None
 
     def kill_all(self) -> None:
-        for actor in [self.server, *self.workers, *self.generators]:
+        for actor in [*self.servers, *self.workers, *self.generators]:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement)
 
@@ -205,10 +222,16 @@ class Supervisor:
         c = self.cfg.cluster
         try:
             workers = ray.get([place(w, True) for w in self.workers], timeout=c.rejoin_timeout_s + c.step_timeout_s)
-            server = ray.get(place(self.server), timeout=c.step_timeout_s)
+            servers = ray.get([place(server) for server in self.servers], timeout=c.step_timeout_s)
         except rex.RayActorError as err:
             raise ActorLost(f"an actor could not start: {_cause(err)}") from None
-        return {"server": server, "workers": [{"rank": rank} | w for rank, w in enumerate(workers)]}
+        workers = [{"rank": rank} | w for rank, w in enumerate(workers)]
+        return {"server": servers[0], "server_shards": servers, "workers": workers}
+
+    def checkpoint_state(self) -> dict:
+        """The run's state now, as one checkpoint (from every shard)."""
+        parts = ray.get([server.state.remote() for server in self.servers], timeout=self.cfg.cluster.step_timeout_s)
+        return checkpoint_state(self.cfg, parts)
 
 
 def reserve_workers(cluster) -> PlacementGroup:

@@ -2,7 +2,8 @@
 
 A plain class, so the same code runs in-process (benchmarks, tests) and as a Ray actor (training).
 The update it returns is the SUM over its tasks plus the task count; the parameter server divides
-by the total, so a step's result does not depend on how the batch was split.
+by the total, so a step's result does not depend on how the batch was split. With the parameters
+split across K server shards it takes their K slices and returns K results, one per shard.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
-from distmeta.params import DTYPES, ParamLayout
+from distmeta.params import DTYPES, ParamLayout, shard_bounds
 from distmeta.runtime.control import StepControl
 from distmeta.tasks import TaskBatch, build_source
 
@@ -53,25 +54,31 @@ class Worker:
         source = build_source(cfg.task)
         self.algorithm = build_learner(cfg, source.spec, source.kind, self.device, self.dtype)
         self.layout = ParamLayout.of(self.algorithm.initial_parameters())
+        self.shards = shard_bounds(self.layout.size, cfg.cluster.server_shards)
         self.implementation = cfg.algorithm.implementation
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         return self.layout.unflatten(torch.tensor(flat, device=self.device, dtype=self.dtype))
 
-    def compute(self, control: StepControl, flat_params: np.ndarray, tasks: TaskBatch) -> dict:
+    def compute(self, control: StepControl, tasks: TaskBatch, *params: np.ndarray) -> dict | tuple[dict, ...]:
+        """The update of ``tasks`` at the parameters ``params`` (one slice per server shard): one
+        result, or with several shards a tuple of results holding their slice of the update each."""
         started = time.time()
-        params = self._params(flat_params)
+        flat = params[0] if len(params) == 1 else np.concatenate(params)
+        named = self._params(flat)
         task_tensors = tasks.to_torch(self.device, self.dtype)
         if self.implementation == "auto":
-            self.implementation, timings = fastest_implementation(self.algorithm, params, task_tensors)
+            self.implementation, timings = fastest_implementation(self.algorithm, named, task_tensors)
             log.info("worker %d: %s is fastest on %s (%s)", self.rank, self.implementation, self.device, timings)
-        update, metrics = self.algorithm.batch_update(params, task_tensors, self.implementation)
-        return {
+        update, metrics = self.algorithm.batch_update(named, task_tensors, self.implementation)
+        update = self.layout.flatten(update).detach().cpu().numpy()
+        result = {
             "step": control.step,  # the version of the parameters it was computed on
             "epoch": control.epoch,
             "draw": tasks.step,
             "rank": self.rank,
-            "update": self.layout.flatten(update).detach().cpu().numpy(),
+            "update": update,
+            "finite": bool(np.isfinite(update).all()),  # for the whole update: every shard rejects alike
             "num_tasks": len(tasks),
             "first_task": tasks.first_task,
             "metrics": metrics,
@@ -80,6 +87,9 @@ class Worker:
             "started": started,
             "finished": time.time(),
         }
+        if len(self.shards) == 1:
+            return result
+        return tuple(result | {"update": update[lo:hi]} for lo, hi in self.shards)
 
     def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> dict[str, np.ndarray]:
         """Per-task query metrics after 0..max(``steps``) inner steps, ``[T, max + 1]`` each, scored
