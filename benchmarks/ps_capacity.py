@@ -7,8 +7,8 @@ engine does, side by side in one run:
               them, takes the Adam step, and every worker reads the new parameters from it
   sharded K   the flat vector split across K ParameterServer actors, each summing and stepping
               its slice; each worker sends slice k to shard k and reads the K slices back
-  allreduce   no server: the workers sum their updates with ray.util.collective (gloo on CPU,
-              NCCL on GPU) and each takes the same Adam step on its own copy of the parameters
+  allreduce   no server (cluster.reduce=allreduce): the workers sum their updates with
+              ray.util.collective over gloo and each takes the same Adam step on its own copy
 
 Reported per design, update size and worker count: steps/s end to end, updates/s (workers x
 steps/s), the server's time per step inside ``apply`` (the finite check, the sum, the optimizer
@@ -36,12 +36,32 @@ import torch
 
 from distmeta.config import load_config
 from distmeta.params import shard_bounds
+from distmeta.runtime.allreduce import Replica
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import ParameterServer
 
 INFLIGHT = 4  # steps submitted ahead of the one read, as cluster.max_inflight_steps
 WARMUP_STEPS = 3
 MIN_STEPS = 5
+
+
+def simulated_result(control: StepControl, rank: int, update: np.ndarray) -> dict:
+    """What ``Worker.compute`` returns, for a ready ``update`` of one task."""
+    now = time.time()
+    return {
+        "step": control.step,
+        "epoch": control.epoch,
+        "rank": rank,
+        "update": update,
+        "num_tasks": 1,
+        "finite": True,  # a real worker checks its update (its own time, not the server's)
+        "first_task": rank,
+        "metrics": {"loss": 1.0},
+        "implementation": "simulated",
+        "produced_at": now,
+        "started": now,
+        "finished": now,
+    }
 
 
 class SimulatedWorker:
@@ -53,21 +73,7 @@ class SimulatedWorker:
         self.update = np.random.default_rng(rank).standard_normal(size).astype(np.float32)
 
     def compute(self, control: StepControl, *param_slices: np.ndarray):
-        now = time.time()
-        result = {
-            "step": control.step,
-            "epoch": control.epoch,
-            "rank": self.rank,
-            "num_tasks": 1,
-            "finite": True,  # a real worker checks its update (its own time, not the server's)
-            "first_task": self.rank,
-            "metrics": {"loss": 1.0},
-            "implementation": "simulated",
-            "produced_at": now,
-            "started": now,
-            "finished": now,
-        }
-        parts = [result | {"update": self.update[lo:hi]} for lo, hi in self.bounds]
+        parts = [simulated_result(control, self.rank, self.update[lo:hi]) for lo, hi in self.bounds]
         return parts[0] if len(parts) == 1 else tuple(parts)
 
 
@@ -82,33 +88,24 @@ class TimedServer(ParameterServer):
 
 
 class AllreduceWorker:
-    """A worker of the all-reduce design: sums its update with the others' in a collective group,
-    then takes the Adam step on its own copy of the parameters."""
+    """A worker of the all-reduce design, with the real ``Replica`` (runtime/allreduce.py): sums
+    its update with the others' over gloo, then takes the Adam step on its own copy. Its time is
+    the whole of that, wall time (gloo runs the collective on threads of its own)."""
 
-    def __init__(self, rank: int, world: int, size: int, group: str):
-        import ray.util.collective as collective
-
-        self.collective, self.group = collective, group
-        self.update = torch.from_numpy(np.random.default_rng(rank).standard_normal(size).astype(np.float32))
-        self.theta = torch.nn.Parameter(torch.zeros(size))
-        self.optimizer = torch.optim.Adam([self.theta], lr=1e-3, fused=True)  # as the server's
-        self.rank, self.world = rank, world
+    def __init__(self, cfg, rank: int, world: int, size: int, group: str):
+        self.cfg, self.rank, self.world, self.size, self.group = cfg, rank, world, size, group
+        self.update = np.random.default_rng(rank).standard_normal(size).astype(np.float32)
 
     def join(self) -> bool:
-        self.collective.init_collective_group(self.world, self.rank, backend="gloo", group_name=self.group)
+        initial, ranks = np.zeros(self.size, dtype=np.float32), list(range(self.world))
+        self.replica = Replica(self.cfg, initial, None, self.group, ranks, self.rank, torch.device("cpu"))
         return True
 
     def step(self, control: StepControl) -> dict:
         started = time.time()
-        total = self.update.clone()  # the update this step computed
-        self.collective.allreduce(total, group_name=self.group)
-        self.theta.grad = total / self.world
-        self.optimizer.step()
+        self.replica.apply(control, simulated_result(control, self.rank, self.update))
         finished = time.time()
         return {"apply_started": started, "apply_finished": finished, "apply_cpu_s": finished - started}
-
-    def leave(self) -> None:
-        self.collective.destroy_collective_group(self.group)
 
 
 def measure(submit, seconds: float) -> dict:
@@ -164,8 +161,10 @@ def server_design(cfg, size: int, workers: int, shards: int, seconds: float) -> 
             ray.kill(actor)
 
 
-def allreduce_design(size: int, workers: int, seconds: float, group: str) -> dict:
-    actors = [ray.remote(AllreduceWorker).options(num_cpus=0).remote(r, workers, size, group) for r in range(workers)]
+def allreduce_design(cfg, size: int, workers: int, seconds: float, group: str) -> dict:
+    actors = [
+        ray.remote(AllreduceWorker).options(num_cpus=0).remote(cfg, r, workers, size, group) for r in range(workers)
+    ]
     ray.get([actor.join.remote() for actor in actors])
 
     def submit(step: int) -> list:
@@ -174,18 +173,18 @@ def allreduce_design(size: int, workers: int, seconds: float, group: str) -> dic
     try:
         return measure(submit, seconds)
     finally:
-        ray.get([actor.leave.remote() for actor in actors])
         for actor in actors:
             ray.kill(actor)
 
 
-def fit_workers_fed(rows: list[dict], rate: float) -> tuple[float, float, int | None]:
-    """Least-squares cpu(W) = a + b W over ``rows``; the workers fed at ``rate`` steps/s each."""
+def fit_workers_fed(rows: list[dict], key: str, rate: float) -> tuple[float, float, int | None]:
+    """Least-squares t(W) = a + b W of ``key`` (ms per step) over ``rows``; the workers W it
+    keeps up with at ``rate`` steps/s each, t(W) = 1 / rate (None: not even one, or no fit)."""
     w = np.array([r["workers"] for r in rows], dtype=float)
-    busy = np.array([r["server_cpu_ms"] / 1e3 for r in rows])
+    t = np.array([r[key] / 1e3 for r in rows])
     if len(rows) < 2:
-        return float(busy[0]), 0.0, None
-    b, a = np.polyfit(w, busy, 1)
+        return float(t[0]), 0.0, None
+    b, a = np.polyfit(w, t, 1)
     fed = int((1.0 / rate - a) / b) if b > 0 and a < 1.0 / rate else None
     return float(a), float(b), fed
 
@@ -212,7 +211,7 @@ def main() -> None:
         for design in designs:
             for workers in args.workers:
                 if design == "allreduce":
-                    found = allreduce_design(size, workers, args.seconds, f"ar-{mb}-{workers}")
+                    found = allreduce_design(cfg, size, workers, args.seconds, f"ar-{mb}-{workers}")
                 else:
                     shards = int(design.split()[1]) if design.startswith("sharded") else 1
                     found = server_design(cfg, size, workers, shards, args.seconds)
@@ -224,12 +223,19 @@ def main() -> None:
                     flush=True,
                 )
     print(
-        f"\nserver CPU per step = a + b W, fitted over W = {args.workers}; workers fed at {args.rate:g} steps/s each:"
+        f"\ntime per step t(W) = a + b W, fitted over W = {args.workers}; W fed at {args.rate:g} steps/s each, "
+        "t(W) = 1 / rate\n(server: its CPU time, all-reduce: the workers' step, wall; driver: its CPU time, "
+        "submitting each worker's calls as the tasks engine does)"
     )
     for mb in args.sizes_mb:
         for design in designs:
-            a, b, fed = fit_workers_fed([r for r in rows if r["mb"] == mb and r["design"] == design], args.rate)
-            print(f"{mb:>6g}MB {design:>10}: a = {1e3 * a:7.2f} ms, b = {1e3 * b:6.3f} ms/worker, fed: {fed}")
+            found = [r for r in rows if r["mb"] == mb and r["design"] == design]
+            a, b, fed = fit_workers_fed(found, "server_cpu_ms", args.rate)
+            da, db, driver_fed = fit_workers_fed(found, "driver_cpu_ms", args.rate)
+            print(
+                f"{mb:>6g}MB {design:>10}: server a = {1e3 * a:7.2f} ms, b = {1e3 * b:6.3f} ms/worker, fed {fed}; "
+                f"driver a = {1e3 * da:5.2f} ms, b = {1e3 * db:5.3f} ms/worker, fed {driver_fed}"
+            )
     machine = f"{os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     if args.json:
         with open(args.json, "w") as out:

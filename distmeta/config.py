@@ -102,6 +102,10 @@ class ClusterConfig:
     # stepping its slice: for large models, where one server's sum and optimizer step would limit
     # the step rate (benchmarks/ps_capacity.py); results are the same as with one server
     server_shards: int = 1
+    # server: a parameter server (sharded or not) sums the updates and owns the meta-optimizer;
+    # allreduce: no server, the workers sum their updates with ray.util.collective and each steps
+    # its own copy of the parameters (runtime/allreduce.py)
+    reduce: str = "server"
     # a worker given a GPU that torch cannot see runs on the CPU (with a warning) instead of stopping
     # the run: for trying a cluster config with fake GPU resources, never for real training
     cpu_fallback: bool = False
@@ -177,6 +181,7 @@ class Config:
             raise ConfigError("task.source=shards needs task.shards=DIR, a folder written by `distmeta data build`")
         _choice("cluster.engine", self.cluster.engine, ("auto", "compiled", "tasks"))
         _choice("cluster.placement", self.cluster.placement, ("pack", "spread", "strict_pack", "strict_spread"))
+        _choice("cluster.reduce", self.cluster.reduce, ("server", "allreduce"))
         _choice("model.name", self.model.name, MODEL_NAMES)
         _choice("model.downsample", self.model.downsample, ("max_pool", "stride"))
         _choice("algorithm.name", self.algorithm.name, ALGORITHMS)
@@ -265,6 +270,22 @@ class Config:
                 "train.mode=async runs on plain actor calls (a compiled graph moves in lock step); "
                 "set cluster.engine=auto or tasks"
             )
+        if self.cluster.reduce == "allreduce":
+            wrong = [
+                f"{name}={value}"
+                for name, value, fine in [
+                    ("train.mode", self.train.mode, self.train.mode == "sync"),
+                    ("cluster.server_shards", self.cluster.server_shards, self.cluster.server_shards == 1),
+                    ("cluster.engine", self.cluster.engine, self.cluster.engine in ("auto", "tasks")),
+                ]
+                if not fine
+            ]
+            if wrong:
+                raise ConfigError(
+                    f"cluster.reduce=allreduce has no parameter server and runs synchronous steps on plain actor "
+                    f"calls: it cannot go with {', '.join(wrong)} (use train.mode=sync, cluster.server_shards=1, "
+                    "cluster.engine=auto)"
+                )
         if any(k < 1 for k in self.eval.shots) or any(k < 0 for k in self.eval.inner_steps):
             raise ConfigError("eval.shots must be >= 1 and eval.inner_steps counts >= 0")
         if self.model.hidden and min(self.model.hidden) < 1:

@@ -44,11 +44,21 @@ def test_yaml_then_overrides(tmp_path):
         ("algorithm.fce_steps=0", "algorithm.fce_steps must be >= 1"),
         ("algorithm.fce=true", "algorithm.fce is a matchingnet option; maml has no such embeddings"),
         ("eval.ways=5", "eval.ways applies to classification; task.source=sinusoid is regression"),
+        ("cluster.reduce=ring", "choose one of: server, allreduce"),
+        ("cluster.server_shards=0", "cluster.server_shards must be >= 1"),
     ],
 )
 def test_bad_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_allreduce_mode_refuses_what_needs_a_server_or_a_compiled_graph():
+    with pytest.raises(ConfigError, match=r"cannot go with cluster.server_shards=2, cluster.engine=compiled"):
+        load_config(None, ["cluster.reduce=allreduce", "cluster.server_shards=2", "cluster.engine=compiled"])
+    with pytest.raises(ConfigError, match=r"cannot go with train.mode=async \(use train.mode=sync"):
+        load_config(None, ["cluster.reduce=allreduce", "train.mode=async"])
+    assert load_config(None, ["cluster.reduce=allreduce"]).cluster.reduce == "allreduce"
 
 
 IMAGES = ["task.source=synthetic", "model.name=conv4"]

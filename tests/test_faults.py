@@ -64,9 +64,11 @@ def faulty_run(tmp_path, role, at_steps, *overrides, signum=signal.SIGKILL):
     return cfg, result, saboteur
 
 
-@pytest.mark.parametrize("engine", ["compiled", "tasks"])
+@pytest.mark.parametrize("engine", ["compiled", "tasks", "allreduce"])
 def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_local, tmp_path, engine):
-    cfg, result, saboteur = faulty_run(tmp_path, "Worker", [50], f"cluster.engine={engine}")
+    """All-reduce: every worker starts afresh from the checkpoint, and the steps since are re-run."""
+    mode = ["cluster.reduce=allreduce"] if engine == "allreduce" else [f"cluster.engine={engine}"]
+    cfg, result, saboteur = faulty_run(tmp_path, "Worker", [50], *mode)
     assert result.recoveries == len(saboteur.hits) == 1
     expected, _ = in_process(cfg)
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)

@@ -2,6 +2,8 @@
 equal to the same math in one process; TensorBoard holds the run; bad updates and impossible
 resource requests stop the run with a clear error."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,7 @@ def small(*overrides):
 
 def in_process(cfg):
     """The same math without Ray: one worker, one generator, one server, in a plain loop."""
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, server_shards=1))
     initial = initial_parameters(cfg, build_source(cfg.task))
     generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
     worker, server = Worker(cfg, device=torch.device("cpu")), ParameterServer(cfg, initial)
@@ -72,11 +75,12 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
     cfg = small(*ALGORITHMS[algorithm])
     expected, _ = in_process(cfg)
     assert not np.allclose(expected, initial_parameters(cfg, build_source(cfg.task)))
-    for workers, engine, implementation, generators, shards in [
-        (1, "compiled", "vmap", 1, 1),
-        (2, "compiled", "vmap", 1, 1),
-        (3, "compiled", "loop", 2, 2),  # the parameters split across 2 server shards
-        (3, "tasks", "vmap", 2, 3),
+    for workers, engine, implementation, generators, shards, reduce in [
+        (1, "compiled", "vmap", 1, 1, "server"),
+        (2, "compiled", "vmap", 1, 1, "server"),
+        (3, "compiled", "loop", 2, 2, "server"),  # the parameters split across 2 server shards
+        (3, "tasks", "vmap", 2, 3, "server"),
+        (3, "auto", "vmap", 1, 1, "allreduce"),  # no server: the workers sum over gloo, each steps a copy
     ]:
         cfg = small(
             *ALGORITHMS[algorithm],
@@ -85,14 +89,15 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
             f"algorithm.implementation={implementation}",
             f"cluster.num_task_generators={generators}",
             f"cluster.server_shards={shards}",
+            f"cluster.reduce={reduce}",
         )
-        result = train(cfg, tmp_path / f"{workers}-{engine}")
+        result = train(cfg, tmp_path / f"{workers}-{engine}-{shards}-{reduce}")
         np.testing.assert_allclose(
             saved_params(result),
             expected,
             rtol=1e-10,
             atol=1e-12,
-            err_msg=f"{workers} workers, {engine}, {shards} shards",
+            err_msg=f"{workers} workers, {engine}, {shards} shards, reduce={reduce}",
         )
 
 

@@ -18,7 +18,8 @@ for evaluation ride on the step's control message instead of separate calls.
 worker reads every shard's slice of the parameters and sends shard k its slice k of the update.
 A step's result is the shards' metrics joined (``join_metrics``).
 
-Asynchronous mode (``train.mode=async``) has no common steps, and its own engine, ``AsyncEngine``.
+Asynchronous mode (``train.mode=async``) has no common steps, and its own engine, ``AsyncEngine``;
+all-reduce mode (``cluster.reduce=allreduce``) has no server, and its own, ``AllreduceEngine``.
 """
 
 from __future__ import annotations
@@ -166,7 +167,40 @@ class AsyncEngine:
         self.computing = {}
 
 
-ENGINES = {"compiled": CompiledEngine, "tasks": TaskEngine, "async": AsyncEngine}
+class AllreduceEngine:
+    """All-reduce mode (runtime/allreduce.py): one call per worker and step, which computes, sums
+    with the others and applies; the driver reads the first worker's metrics."""
+
+    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
+        self.workers, self.feeds = workers, feeds
+
+    def submit(self, control: StepControl):
+        return [
+            worker.step.remote(control, self.feeds[position].batch_for.remote(control, position))
+            for position, worker in enumerate(self.workers)
+        ]
+
+    def result(self, refs, timeout_s: float) -> dict:
+        """The step's metrics; raises if any worker's part failed or took longer than ``timeout_s``.
+        A worker's collective fails when a peer dies: then the peer's death is raised, the fault
+        behind the error."""
+        try:
+            return join_metrics(ray.get(refs, timeout=timeout_s)[:1])
+        except ray.exceptions.RayTaskError as failed:
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=timeout_s)
+                except ray.exceptions.RayActorError as lost:
+                    raise lost from failed
+                except Exception:  # another worker's error: the one raised below says enough
+                    continue
+            raise
+
+    def close(self, cancel: bool = False) -> None:
+        """Nothing to cancel: after a fault every worker is started afresh (see Supervisor.start)."""
+
+
+ENGINES = {"compiled": CompiledEngine, "tasks": TaskEngine, "async": AsyncEngine, "allreduce": AllreduceEngine}
 
 
 def choose_engine(cfg) -> str:
@@ -174,6 +208,8 @@ def choose_engine(cfg) -> str:
     cluster = cfg.cluster
     if cfg.train.mode == "async":
         return "async"
+    if cluster.reduce == "allreduce":
+        return "allreduce"
     if cluster.engine != "auto":
         return cluster.engine
     if cluster.gpus_per_worker > 0 and cluster.cpu_fallback:

@@ -19,15 +19,19 @@ an engine, and rebuilds that wiring after a fault:
 
 In asynchronous mode the same recovery rebuilds the workers' chains at the server's version; the
 updates that were in the making are lost, not re-run (asynchronous runs are not exact anyway).
+In all-reduce mode there is no server: after any fault, and when a worker rejoins, every worker is
+started afresh and a new collective group formed from the newest checkpoint (runtime/allreduce.py).
 
 Errors in the code or the data (a bad shard, a bug) are not faults: they stop the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import uuid
 
 import ray
 import ray.exceptions as rex
@@ -75,13 +79,15 @@ class Supervisor:
             shards = shard_bounds(len(initial_params), c.server_shards)
         except ValueError as err:
             raise ConfigError(f"cluster.server_shards={c.server_shards}: {err}") from None
+        self.allreduce = c.reduce == "allreduce"
         self.servers = [
             ray.remote(ParameterServer)
             .options(**self.service, **restarts)
             .remote(cfg, initial_params, checkpoints, bounds)
-            for bounds in shards
+            for bounds in ([] if self.allreduce else shards)
         ]
-        self.server = self.servers[0]  # status, and the step every shard is at
+        self.initial, self.checkpoints = ray.put(initial_params), checkpoints
+        self.grouped: dict[int, int] = {}  # all-reduce mode: rank -> the process that joined the current group
         self.placement = reserve_workers(c)
         self.workers = [
             ray.remote(Worker)
@@ -108,19 +114,13 @@ class Supervisor:
         """Wire the live workers into a new engine at the server's step; returns that step."""
         c, t = self.cfg.cluster, self.cfg.train
         self.epoch += 1
-        steps = ray.get([server.begin_epoch.remote(self.epoch) for server in self.servers], timeout=c.step_timeout_s)
-        if len(set(steps)) > 1:  # a shard was restarted from the checkpoint: all go back to it
-            log.warning("parameter-server shards at steps %s: all reload the newest checkpoint", steps)
-            steps = ray.get([server.reload.remote() for server in self.servers], timeout=c.step_timeout_s)
-            if len(set(steps)) > 1:
-                raise ActorLost(f"parameter-server shards disagree after reloading the checkpoint: steps {steps}")
-        step = steps[0]
+        step = self._form_group() if self.allreduce else self._begin_epoch()
         blocks = generator_blocks(len(self.live), c.num_task_generators)
         for generator in self.generators:
             ray.kill(generator)
         if t.mode == "async":  # every worker takes whole meta-batches from one stream, dealt out in turn
             self.shares = [t.meta_batch_size] * len(self.live)
-            first = ray.get(self.server.status.remote(), timeout=c.step_timeout_s)["next_draw"]
+            first = ray.get(self.servers[0].status.remote(), timeout=c.step_timeout_s)["next_draw"]
             self.generators = [
                 ray.remote(TaskGenerator)
                 .options(**self.service)
@@ -138,8 +138,71 @@ class Supervisor:
         self.engine = ENGINES[self.engine_name](self.servers, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
         return step
 
+    def _begin_epoch(self) -> int:
+        """Tell the server shards the new engine generation; returns the step they are at."""
+        timeout = self.cfg.cluster.step_timeout_s
+        steps = ray.get([server.begin_epoch.remote(self.epoch) for server in self.servers], timeout=timeout)
+        if len(set(steps)) > 1:  # a shard was restarted from the checkpoint: all go back to it
+            log.warning("parameter-server shards at steps %s: all reload the newest checkpoint", steps)
+            steps = ray.get([server.reload.remote() for server in self.servers], timeout=timeout)
+            if len(set(steps)) > 1:
+                raise ActorLost(f"parameter-server shards disagree after reloading the checkpoint: steps {steps}")
+        return steps[0]
+
+    def _form_group(self) -> int:
+        """All-reduce mode: a new collective group of the live workers, each in a process that was
+        in no group before (an earlier member is restarted), all from the newest checkpoint.
+        Returns the step they start at."""
+        c = self.cfg.cluster
+        for rank in self._restart([rank for rank in self.live if rank in self.grouped]):
+            self._leave_out(rank)
+        if not self.live:
+            raise ActorLost(f"no worker came back within cluster.rejoin_timeout_s={c.rejoin_timeout_s:g} s")
+        group = f"distmeta-{uuid.uuid4().hex[:12]}"
+        joined = ray.get(
+            [
+                self.workers[rank].join.remote(group, self.live, self.initial, self.checkpoints, self.epoch)
+                for rank in self.live
+            ],
+            timeout=c.rejoin_timeout_s + c.step_timeout_s,
+        )
+        self.grouped = {rank: pid for rank, (_, pid) in zip(self.live, joined)}
+        steps = {step for step, _ in joined}
+        if len(steps) > 1:
+            raise ActorLost(f"the workers' copies of the parameters are at different steps {sorted(steps)}")
+        return steps.pop()
+
+    def _restart(self, ranks: list[int]) -> list[int]:
+        """Kill the workers ``ranks`` and wait up to ``rejoin_timeout_s`` for each to answer from a
+        new process; returns those that did not."""
+        for rank in ranks:
+            ray.kill(self.workers[rank], no_restart=False)
+        pending = {rank: self.grouped.pop(rank, None) for rank in ranks}
+        deadline = time.time() + self.cfg.cluster.rejoin_timeout_s
+        while pending and time.time() < deadline:
+            for rank, old in list(pending.items()):
+                with contextlib.suppress(rex.RayActorError, rex.GetTimeoutError):  # still restarting
+                    if ray.get(self.workers[rank].__ray_call__.remote(_pid), timeout=1.0) != old:
+                        del pending[rank]
+            time.sleep(0.2 if pending else 0)
+        return list(pending)
+
+    def _leave_out(self, rank: int) -> None:
+        """Take worker ``rank`` out of the split until it answers again (it is restarted)."""
+        log.warning("worker %d is not back after %.0f s: going on without it", rank, self.cfg.cluster.rejoin_timeout_s)
+        ray.kill(self.workers[rank], no_restart=False)
+        self.away[rank] = self.workers[rank].__ray_ready__.remote()
+        self.live = [r for r in self.live if r != rank]
+
+    def _first_copy(self, method: str):
+        """All-reduce mode: ``method`` of the first live worker's copy of the parameters."""
+        call = self.workers[self.live[0]].__ray_call__.remote(_replica_call, method)
+        return ray.get(call, timeout=self.cfg.cluster.step_timeout_s)
+
     def restored_from(self) -> str | None:
-        return ray.get(self.server.status.remote())["restored_from"]
+        if self.allreduce:
+            return self._first_copy("status")["restored_from"]
+        return ray.get(self.servers[0].status.remote())["restored_from"]
 
     def rejoin_ready(self) -> bool:
         """True if a worker that left the split is back (the caller drains its steps and restarts)."""
@@ -180,13 +243,14 @@ class Supervisor:
         # Workers: a killed one answers once restarted; a healthy one may first sit out calls of the
         # dropped steps that can never run (see _wait_ready). One that does not answer in time is
         # stuck or its node is gone: it is restarted and left out of the split until it answers.
-        answered = _ping_until([self.workers[rank] for rank in self.live], time.time() + c.rejoin_timeout_s)
-        for rank, ok in zip(list(self.live), answered):
-            if not ok:
-                log.warning("worker %d is not back after %.0f s: going on without it", rank, c.rejoin_timeout_s)
-                ray.kill(self.workers[rank], no_restart=False)
-                self.away[rank] = self.workers[rank].__ray_ready__.remote()
-        self.live = [rank for rank in self.live if rank not in self.away]
+        # All-reduce: the others may wait in a collective for the lost one; all start afresh.
+        if self.allreduce:
+            lost = self._restart(list(self.live))
+        else:
+            answered = _ping_until([self.workers[rank] for rank in self.live], time.time() + c.rejoin_timeout_s)
+            lost = [rank for rank, ok in zip(self.live, answered) if not ok]
+        for rank in lost:
+            self._leave_out(rank)
         if not self.live:
             raise ActorLost(
                 f"no worker came back within cluster.rejoin_timeout_s={c.rejoin_timeout_s:g} s after a fault "
@@ -226,10 +290,12 @@ class Supervisor:
         except rex.RayActorError as err:
             raise ActorLost(f"an actor could not start: {_cause(err)}") from None
         workers = [{"rank": rank} | w for rank, w in enumerate(workers)]
-        return {"server": servers[0], "server_shards": servers, "workers": workers}
+        return {"server": servers[0] if servers else None, "server_shards": servers, "workers": workers}
 
     def checkpoint_state(self) -> dict:
-        """The run's state now, as one checkpoint (from every shard)."""
+        """The run's state now, as one checkpoint (from every shard, or the first worker's copy)."""
+        if self.allreduce:
+            return checkpoint_state(self.cfg, [self._first_copy("state")])
         parts = ray.get([server.state.remote() for server in self.servers], timeout=self.cfg.cluster.step_timeout_s)
         return checkpoint_state(self.cfg, parts)
 
@@ -254,6 +320,14 @@ def reserve_workers(cluster) -> PlacementGroup:
             )
         print(f"waiting for the cluster to place {wanted} (`ray status` shows what is pending)", flush=True)
     return group
+
+
+def _pid(actor) -> int:
+    return os.getpid()
+
+
+def _replica_call(worker, method: str):
+    return getattr(worker.replica.server, method)()
 
 
 def _cause(err: BaseException) -> str:

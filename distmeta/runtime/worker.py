@@ -3,7 +3,9 @@
 A plain class, so the same code runs in-process (benchmarks, tests) and as a Ray actor (training).
 The update it returns is the SUM over its tasks plus the task count; the parameter server divides
 by the total, so a step's result does not depend on how the batch was split. With the parameters
-split across K server shards it takes their K slices and returns K results, one per shard.
+split across K server shards it takes their K slices and returns K results, one per shard. In
+all-reduce mode it also holds a copy of the meta-parameters and sums updates with the other
+workers (``join``, ``step``; runtime/allreduce.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
+from distmeta.runtime.allreduce import Replica
 from distmeta.runtime.control import StepControl
 from distmeta.tasks import TaskBatch, build_source
 
@@ -56,6 +59,7 @@ class Worker:
         self.layout = ParamLayout.of(self.algorithm.initial_parameters())
         self.shards = shard_bounds(self.layout.size, cfg.cluster.server_shards)
         self.implementation = cfg.algorithm.implementation
+        self.replica: Replica | None = None  # all-reduce mode only
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         return self.layout.unflatten(torch.tensor(flat, device=self.device, dtype=self.dtype))
@@ -90,6 +94,18 @@ class Worker:
         if len(self.shards) == 1:
             return result
         return tuple(result | {"update": update[lo:hi]} for lo, hi in self.shards)
+
+    def join(self, group: str, ranks: list[int], initial: np.ndarray, checkpoints: str, epoch: int) -> tuple[int, int]:
+        """All-reduce mode: take a copy of the meta-parameters and optimizer (from the newest
+        checkpoint, if any) and a place in the collective group ``group`` of the workers ``ranks``,
+        for the steps of engine generation ``epoch``. Returns the copy's step and this process's id
+        (a group is only ever joined by a fresh process: the supervisor checks the id changed)."""
+        self.replica = Replica(self.cfg, initial, checkpoints, group, ranks, self.rank, self.device)
+        return self.replica.server.begin_epoch(epoch), os.getpid()
+
+    def step(self, control: StepControl, tasks: TaskBatch) -> dict:
+        """All-reduce mode: one whole step (this worker's update, summed with the others', applied)."""
+        return self.replica.apply(control, self.compute(control, tasks, self.replica.server.parameters()))
 
     def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> dict[str, np.ndarray]:
         """Per-task query metrics after 0..max(``steps``) inner steps, ``[T, max + 1]`` each, scored

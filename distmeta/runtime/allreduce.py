@@ -1,0 +1,86 @@
+"""All-reduce mode (``cluster.reduce=allreduce``): no parameter server between the workers.
+
+Each worker keeps its own copy of the meta-parameters and the meta-optimizer: a ``ParameterServer``
+object in its own process, so the update math is the server's. A step: every worker computes the
+update of its share of the meta-batch, the workers sum their updates with ``ray.util.collective``
+(gloo on CPU, NCCL on GPU), and each takes the same optimizer step on the same sum, so the copies
+stay identical. Each worker sends and receives about twice the update per step (a ring) however
+many workers there are, where one server receives every worker's update and sends every worker
+the parameters.
+
+A collective group cannot lose or gain a member. After a fault, and when a worker rejoins, every
+worker is started afresh and the group formed again from the newest checkpoint: the steps since
+are re-run (with the same results). Rank 0's copy is the one checkpointed and evaluated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distmeta.config import Config
+from distmeta.runtime.control import StepControl
+from distmeta.runtime.parameter_server import ParameterServer
+
+TIMES = ("produced_at", "started", "finished")  # per worker, for the monitor's time breakdown
+
+
+class Replica:
+    """A worker's copy of the meta-parameters and meta-optimizer, and its place in the group
+    ``group`` of the workers ``ranks`` (in group order)."""
+
+    def __init__(
+        self, cfg: Config, initial: np.ndarray, checkpoints: str, group: str, ranks: list[int], rank: int, device
+    ):
+        import ray.util.collective as collective
+
+        self.collective, self.group, self.ranks = collective, group, ranks
+        self.position = ranks.index(rank)
+        self.server = ParameterServer(cfg, initial, checkpoints)  # from the newest checkpoint, if any
+        self.device = device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            try:
+                import cupy  # noqa: F401  (Ray's NCCL groups run on it)
+            except ImportError:
+                raise RuntimeError(
+                    "cluster.reduce=allreduce on GPUs sums over NCCL through cupy, which this worker lacks: "
+                    "pip install cupy-cuda12x on the worker nodes, or use cluster.reduce=server"
+                ) from None
+        collective.init_collective_group(len(ranks), self.position, backend=backend, group_name=group)
+
+    def apply(self, control: StepControl, result: dict) -> dict:
+        """Sum this worker's ``result`` with the others' and take the step. Returns the step's
+        metrics, with the parameters or the checkpoint state only from the first worker (the one
+        the driver reads)."""
+        names = list(result["metrics"])
+        total = torch.from_numpy(np.array(result["update"])).to(self.device)
+        # The small numbers travel in one float64 vector: the metric sums, then a row per worker
+        # (non-finite?, first task, task count, times); each fills its own row, the sum gathers them.
+        rows = np.zeros((len(self.ranks), 3 + len(TIMES)))
+        rows[self.position] = [not result["finite"], result["first_task"], result["num_tasks"], *map(result.get, TIMES)]
+        small = torch.from_numpy(np.concatenate([[result["metrics"][name] for name in names], rows.ravel()]))
+        small = small.to(self.device)
+        self.collective.allreduce(total, group_name=self.group)
+        self.collective.allreduce(small, group_name=self.group)
+        small = small.cpu()
+        sums, rows = small[: len(names)].tolist(), small[len(names) :].numpy().reshape(len(self.ranks), -1)
+        summed = result | {
+            "update": total.cpu().numpy(),
+            "finite": not rows[:, 0].any(),
+            "num_tasks": int(rows[:, 2].sum()),
+            "metrics": dict(zip(names, sums)),
+        }
+        metrics = self.server.apply(control, summed)
+        metrics["workers"] = [
+            {"rank": rank, "num_tasks": int(row[2])} | dict(zip(TIMES, row[3:].tolist()))
+            for rank, row in zip(self.ranks, rows)
+        ]
+        if metrics["rejected"]:  # name the workers that sent non-finite updates (all: finite ones overflowed)
+            flagged = [(rank, row) for rank, row in zip(self.ranks, rows) if row[0]] or list(zip(self.ranks, rows))
+            metrics["rejected"] = [
+                {"rank": rank, "tasks": [int(row[1]), int(row[1] + row[2])]} for rank, row in flagged
+            ]
+        if self.position:
+            metrics.pop("params", None), metrics.pop("state", None)
+        return metrics
