@@ -16,8 +16,9 @@ step; the slowest shard) as wall time and as the CPU time of its thread, and the
 per step (its process: Ray's submission threads included). On a machine with fewer cores than
 actors the wall times include waiting for a core; the CPU times do not, so capacity is read from
 them: the server's CPU time grows linearly in the workers, cpu(W) = a + b W, and with a core of its
-own it feeds (1/r - a) / b workers at r steps/s each. All-reduce has no server: its row is the
-workers' step (all-reduce plus the Adam step), wall time, as measured here.
+own it feeds (1/r - a) / b workers at r steps/s each. The driver's CPU time (the tasks engine
+submits calls for every worker every step) is fitted the same way. All-reduce has no server: its
+row is the workers' step (all-reduce plus the Adam step), wall time, as measured here.
 
     python benchmarks/ps_capacity.py [--sizes-mb 0.5 8 48] [--workers 1 2 4 8 16] [--seconds 4]
 """

@@ -94,12 +94,13 @@ def test_a_killed_task_generator_is_rebuilt_at_the_step_it_was_at(ray_local, tmp
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_a_stuck_worker_is_a_straggler_its_step_is_re_run(ray_local, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["tasks", "compiled"])
+def test_a_stuck_worker_is_a_straggler_its_step_is_re_run(ray_local, tmp_path, capsys, engine):
     """SIGSTOP freezes a worker mid-run; the step times out (straggler_factor x the step time, at
     least 5 s), the frozen worker is restarted, and the step re-run."""
     started = time.time()
     cfg, result, saboteur = faulty_run(
-        tmp_path, "Worker", [50], "cluster.engine=tasks", "cluster.rejoin_timeout_s=45", signum=signal.SIGSTOP
+        tmp_path, "Worker", [50], f"cluster.engine={engine}", "cluster.rejoin_timeout_s=45", signum=signal.SIGSTOP
     )
     for _, pid in saboteur.hits:  # if Ray has not killed the frozen process yet, it does not outlive the test
         with contextlib.suppress(ProcessLookupError):

@@ -25,6 +25,7 @@ all-reduce mode (``cluster.reduce=allreduce``) has no server, and its own, ``All
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import ray
@@ -34,6 +35,7 @@ from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import join_metrics
 
 PACE_ABOVE_S = 0.02  # shorter steps: sleeping costs more latency than the busy-wait costs CPU
+TEARDOWN_S = 10.0  # a compiled graph's healthy actors leave their loops within this after a teardown
 
 
 def _per_shard(output, shards: int) -> list:
@@ -79,7 +81,20 @@ class CompiledEngine:
         return metrics
 
     def close(self, cancel: bool = False) -> None:
-        self.graph.teardown()
+        """Tear the graph down. After a timeout (``cancel``) an actor may be frozen: its loop never
+        ends, and Ray's teardown would wait for it forever. So the teardown runs aside, and an actor
+        whose loop is still running after ``TEARDOWN_S`` is killed (Ray restarts it)."""
+        if not cancel:
+            self.graph.teardown()
+            return
+        teardown = threading.Thread(target=self.graph.teardown, daemon=True)
+        teardown.start()
+        teardown.join(TEARDOWN_S)
+        if teardown.is_alive():
+            for actor, loop in self.graph.worker_task_refs.items():  # each actor's graph loop
+                if not ray.wait([loop], timeout=0)[0]:
+                    ray.kill(actor, no_restart=False)
+            teardown.join(6 * TEARDOWN_S)  # then go on: recovery pings every actor anyway
 
 
 class TaskEngine:
