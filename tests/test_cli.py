@@ -170,7 +170,12 @@ def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
         assert all(served[s] == pytest.approx(expected[s], rel=1e-6) for s in expected)
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say what it was doing (its output is piped here)
+            process.kill()
+            rest = process.stdout.read()
+            pytest.fail(f"launch.py did not exit 30 s after Ctrl-C; its output:\n{''.join(output[-20:])}{rest[-4000:]}")
 
 
 @pytest.mark.parametrize(
