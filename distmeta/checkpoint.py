@@ -59,7 +59,7 @@ class CheckpointStore:
 
     def uri(self, name: str) -> str:
         """Where ``name`` is, as the user wrote the location (a path, or a URI)."""
-        return f"{self.location.rstrip('/')}/{name}"
+        return join_location(self.location, name)
 
     def check_writable(self) -> None:
         """Fail now, not at the first checkpoint an hour in, if the folder cannot be written."""
@@ -115,6 +115,13 @@ class CheckpointStore:
         found = [(int(m.group(1)), info.base_name) for info in infos if (m := STEP_FILE.match(info.base_name))]
         return sorted(found)
 
+    def last_modified(self) -> float | None:
+        """When the newest periodic checkpoint was written (seconds since the epoch), if any."""
+        files = self.step_files()
+        if not files:
+            return None
+        return self.fs.get_file_info(self.path(files[-1][1])).mtime.timestamp()
+
     def latest(self) -> tuple[str, dict] | None:
         """The newest periodic checkpoint that passes its checksum, as (name, state); corrupted
         ones are skipped for the one before, with a warning naming them."""
@@ -141,6 +148,20 @@ class CheckpointStore:
                 self.fs.move(self.path(name), self.path(f"{folder}/{name}"))
                 moved.append(name)
         return moved
+
+
+def join_location(location: str, name: str) -> str:
+    """``location``/``name`` for a path or a URI; a URI's query (``?endpoint_override=...``, which
+    pyarrow reads) stays at the end."""
+    base, sep, query = location.partition("?") if "://" in location else (location, "", "")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def split_location(location: str) -> tuple[str, str]:
+    """(folder, file name) of a checkpoint's path or URI; the inverse of ``join_location``."""
+    base, sep, query = location.partition("?") if "://" in location else (location, "", "")
+    folder, _, name = base.rpartition("/")
+    return f"{folder or '.'}{sep}{query}", name
 
 
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from distmeta.checkpoint import STEP_FILE, CheckpointStore, read_checkpoint, step_name
+from distmeta.checkpoint import STEP_FILE, CheckpointStore, read_checkpoint, split_location, step_name
 from distmeta.config import Config, ConfigError, config_from_dict, load_config
 
 # Settings a resumed run may change: where and how it runs, how long, what it logs.
@@ -65,14 +65,14 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
 def _locate(target: str, cfg: Config) -> tuple[str, Path]:
     """(checkpoint location, run folder) for ``latest``, a run folder, or a checkpoint file."""
     if target == "latest":
-        run_dir = Path(cfg.logdir) / cfg.run_name if cfg.run_name else _newest_run(Path(cfg.logdir))
+        run_dir = Path(cfg.logdir) / cfg.run_name if cfg.run_name else _newest_run(cfg)
         return _newest_in(CheckpointStore(_store_location(cfg, run_dir))), run_dir
-    if target.endswith(".pt"):
-        parent = target.rsplit("/", 1)[0] if "/" in target else "."
-        if "://" not in target and Path(parent).name == "checkpoints":
-            return target, Path(parent).parent
+    folder, name = split_location(target)
+    if name.endswith(".pt"):
+        if "://" not in target and Path(folder).name == "checkpoints":
+            return target, Path(folder).parent
         saved = config_from_dict(read_checkpoint(target)["config"])
-        return target, Path(cfg.logdir) / (saved.run_name or Path(target).stem)
+        return target, Path(cfg.logdir) / (saved.run_name or name.removesuffix(".pt"))
     run_dir = Path(target)
     if not run_dir.is_dir():
         raise ConfigError(
@@ -87,12 +87,14 @@ def _store_location(cfg: Config, run_dir: Path) -> str:
     return checkpoint_location(cfg, run_dir)
 
 
-def _newest_run(logdir: Path) -> Path:
+def _newest_run(cfg: Config) -> Path:
+    """The run under the log folder whose newest checkpoint (wherever its store is) is the newest."""
+    logdir = Path(cfg.logdir)
     runs = []
-    for run_dir in logdir.glob("*"):
-        saved = [path.stat().st_mtime for path in run_dir.glob("checkpoints/step_*.pt")]
-        if saved:
-            runs.append((max(saved), run_dir))
+    for run_dir in filter(Path.is_dir, logdir.glob("*")):
+        written = CheckpointStore(_store_location(cfg, run_dir)).last_modified()
+        if written is not None:
+            runs.append((written, run_dir))
     if not runs:
         raise ConfigError(f"--resume latest: no run under {logdir} has a checkpoint (pass --logdir, or a path)")
     return max(runs)[1]
@@ -112,7 +114,7 @@ def _arrange(store: CheckpointStore, location: str, state: dict) -> None:
     moved = store.set_aside(step, f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
     if moved:
         print(f"moved {len(moved)} newer checkpoint(s) aside in {store.location}: {', '.join(moved)}", flush=True)
-    name = location.rsplit("/", 1)[-1]
+    name = split_location(location)[1]
     in_store = location == store.uri(name) or (store.local and os.path.abspath(location) == store.path(name))
     if not (STEP_FILE.match(name) and in_store):
         store.write(step_name(step), state)

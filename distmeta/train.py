@@ -32,7 +32,7 @@ import torch
 
 import distmeta
 from distmeta.algorithms import initial_parameters
-from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, step_name
+from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, join_location, step_name
 from distmeta.config import Config, ConfigError
 from distmeta.evaluate import (
     EvalRow,
@@ -80,7 +80,7 @@ def run_name(cfg: Config) -> str:
 def checkpoint_location(cfg: Config, run_dir: Path) -> str:
     """The run's checkpoint folder: <run>/checkpoints, or <train.checkpoint_dir>/<run name>."""
     root = cfg.train.checkpoint_dir
-    return f"{root.rstrip('/')}/{run_dir.name}" if root else str(run_dir / "checkpoints")
+    return join_location(root, run_dir.name) if root else str(run_dir / "checkpoints")
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> TrainResult:

@@ -1,5 +1,10 @@
+import itertools
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +49,37 @@ def omniglot_shards(omniglot_src, tmp_path_factory):
     out = tmp_path_factory.mktemp("omniglot")
     build_omniglot(omniglot_src, out, progress=lambda message: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API on this machine (moto's server, a separate process) with one bucket; call the
+    result with a prefix for a fresh ``s3://`` URI. The endpoint and (fake) keys travel in the URI,
+    as pyarrow reads them there, so Ray's actors reach the same store as the driver."""
+    import pyarrow.fs as pafs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [shutil.which("moto_server") or "moto_server", "-p", str(port)], stdout=out, stderr=out
+        )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, f"moto_server did not start: see {log}"
+                time.sleep(0.2)
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        bucket, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@tests?{query}&allow_bucket_creation=true")
+        bucket.create_dir("tests")
+        names = itertools.count()
+        yield lambda prefix: f"s3://testing:testing@tests/{prefix}-{next(names)}?{query}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

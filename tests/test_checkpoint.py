@@ -2,11 +2,13 @@
 URI; a corrupted one is skipped for the one before; a full disk or an unwritable folder is a clear
 error that leaves the earlier checkpoints as they were."""
 
+import io
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -20,35 +22,47 @@ def state(step: int, size: int = 8) -> dict:
     return {"params": torch.full((size,), float(step)), "config": {}, "step": step}
 
 
-@pytest.mark.parametrize("uri", [False, True])
-def test_the_newest_n_are_kept_and_a_corrupted_one_is_skipped_for_the_one_before(tmp_path, uri, caplog):
-    store = CheckpointStore(f"file://{tmp_path}/run" if uri else tmp_path / "run")
+def raw(store: CheckpointStore, name: str) -> bytes:
+    with store.fs.open_input_file(store.path(name)) as f:
+        return f.read()
+
+
+def put(store: CheckpointStore, name: str, data: bytes) -> None:
+    with store.fs.open_output_stream(store.path(name)) as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("where", ["path", "file://", "s3://"])
+def test_the_newest_n_are_kept_and_a_corrupted_one_is_skipped_for_the_one_before(tmp_path, where, request, caplog):
+    location = {"path": tmp_path / "run", "file://": f"file://{tmp_path}/run"}.get(where)
+    store = CheckpointStore(location or request.getfixturevalue("s3_server")("run"))
     for step in range(10, 60, 10):
         store.write(step_name(step), state(step))
         store.prune(3)
     assert [step for step, _ in store.step_files()] == [30, 40, 50]
     assert store.latest()[1]["step"] == 50
-    newest = tmp_path / "run" / step_name(50)
-    data = bytearray(newest.read_bytes())
+    data = bytearray(raw(store, step_name(50)))
     data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle of the payload
-    newest.write_bytes(bytes(data))
+    put(store, step_name(50), bytes(data))
     with pytest.raises(CheckpointError, match="checksum|cannot be read"):
-        read_checkpoint(newest)
+        read_checkpoint(store.uri(step_name(50)))
     name, found = store.latest()
     assert (name, found["step"]) == (step_name(40), 40)
     assert "skipping checkpoint" in caplog.text and step_name(50) in caplog.text
-    (tmp_path / "run" / step_name(40)).write_bytes(newest.read_bytes()[:100])  # truncated
+    put(store, step_name(40), bytes(data[:100]))  # truncated
     assert store.latest()[1]["step"] == 30
     # a well-formed file whose payload was altered after the checksum was taken
-    target = tmp_path / "run" / step_name(30)
-    envelope = torch.load(target, weights_only=False)
+    envelope = torch.load(io.BytesIO(raw(store, step_name(30))), weights_only=False)
     payload = bytearray(envelope["payload"])
     at = payload.rfind(np.float32(30.0).tobytes())  # the parameters' bytes
     payload[at : at + 4] = np.float32(31.0).tobytes()
-    torch.save(envelope | {"payload": bytes(payload)}, target)
+    altered = io.BytesIO()
+    torch.save(envelope | {"payload": bytes(payload)}, altered)
+    put(store, step_name(30), altered.getvalue())
     with pytest.raises(CheckpointError, match="fails its checksum"):
-        read_checkpoint(target)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [step_name(s) for s in (30, 40, 50)]  # no temp files
+        read_checkpoint(store.uri(step_name(30)))
+    left = store.fs.get_file_info(pafs.FileSelector(store.root))
+    assert sorted(info.base_name for info in left) == [step_name(s) for s in (30, 40, 50)]  # no temp files
 
 
 def test_a_full_disk_fails_the_write_clearly_and_keeps_the_earlier_checkpoint(tmp_path):
@@ -74,10 +88,13 @@ def test_a_full_disk_fails_the_write_clearly_and_keeps_the_earlier_checkpoint(tm
     assert [p.name for p in tmp_path.iterdir()] == [step_name(1)]  # no temporary file left behind
 
 
-def test_an_unwritable_or_unknown_location_is_named(tmp_path):
+def test_an_unwritable_or_unknown_location_is_named(tmp_path, s3_server):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(CheckpointError, match="cannot write checkpoints to .*a-file/run"):
         CheckpointStore(tmp_path / "a-file" / "run").check_writable()
+    missing_bucket = s3_server("run").replace("@tests/", "@no-such-bucket/")
+    with pytest.raises(CheckpointError, match="cannot write checkpoints to s3://.*Bucket 'no-such-bucket' not found"):
+        CheckpointStore(missing_bucket).check_writable()
     with pytest.raises(CheckpointError, match="not a filesystem pyarrow can open"):
         CheckpointStore("nosuchscheme://bucket/run")
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -5,10 +5,12 @@ drive a cluster: `ray job submit` and `launch.py --address`."""
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import ray
 from test_runtime import small
 
 from distmeta.runtime.supervisor import ActorLost
@@ -138,3 +140,54 @@ def test_the_kuberay_manifests_run_launch_on_gpu_workers_with_the_head_resource(
         (workers,) = spec["workerGroupSpecs"]
         (container,) = workers["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+@pytest.fixture(scope="module")
+def older_ray_head(tmp_path_factory):
+    """A Ray instance of the previous minor release: a venv over this Python's packages with ray alone
+    replaced (one wheel from the package registry), which is what a cluster started before an upgrade
+    looks like to a client that has upgraded."""
+    major, minor = map(int, ray.__version__.split(".")[:2])
+    version = f"{major}.{minor - 1}.0"
+    venv = tmp_path_factory.mktemp("older-ray")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", f"ray=={version}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if install.returncode != 0:
+        reason = f"cannot install ray=={version} from the package registry: {install.stderr[-500:]}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)  # a user's machine without the registry; CI always has it
+    head = "import sys, ray; ray.init(num_cpus=1, include_dashboard=False); "
+    head += "print(ray.__version__, ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    process = subprocess.Popen(
+        [venv / "bin" / "python", "-c", head], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        started, address = process.stdout.readline().split()  # Ray's own logging goes to stderr
+        assert started == version, started
+        yield version, address
+    finally:
+        process.stdin.close()  # the head shuts its Ray down as it exits
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_a_cluster_on_another_ray_version_is_refused_with_both_versions(older_ray_head, tmp_path, cli_env):
+    version, address = older_ray_head
+    started = time.time()
+    command = ["python", "launch.py", "--address", address, "--logdir", str(tmp_path), "train.steps=5"]
+    env = cli_env | {"RAY_AUTH_MODE": "disabled"}
+    run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"the Ray cluster at {address!r} runs another Ray or Python version" in run.stderr
+    assert f"Ray: {version}" in run.stderr and f"Ray: {ray.__version__}" in run.stderr
+    assert "Install the cluster's versions here" in run.stderr
+    assert time.time() - started < 60

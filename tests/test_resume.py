@@ -15,10 +15,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_runtime import saved_params, small
 
-from distmeta.checkpoint import read_checkpoint, step_name
+from distmeta.checkpoint import CheckpointStore, read_checkpoint, step_name
 from distmeta.config import ConfigError
 from distmeta.resume import prepare_resume
-from distmeta.train import train
+from distmeta.train import checkpoint_location, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [
@@ -109,6 +109,31 @@ def test_resume_latest_skips_a_corrupted_checkpoint_and_sets_newer_ones_aside(ra
     assert np.array_equal(saved_params(result), expected)
     aside = list(folder.glob("set-aside-*/" + step_name(40)))
     assert len(aside) == 1  # the torn checkpoint was moved aside, not deleted
+
+
+def test_checkpoints_in_an_object_store_resume_bit_identical(ray_local, s3_server, tmp_path, capsys):
+    """train.checkpoint_dir on a real S3 API: the driver writes the checkpoints there, the parameter
+    server actor restores from there, and resume finds a run's newest valid one there."""
+    where = [f"logdir={tmp_path}", f"train.checkpoint_dir={s3_server('checkpoints')}"]
+    cfg = small("train.steps=60", "train.checkpoint_every=10", "train.checkpoint_keep=0", *where)
+    expected = saved_params(train(cfg, tmp_path / "a"))
+    store = CheckpointStore(checkpoint_location(cfg, tmp_path / "a"))
+    assert [step for step, _ in store.step_files()] == [10, 20, 30, 40, 50, 60]
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    for name in ("final.pt", step_name(60), step_name(50)):  # as if stopped after step 40...
+        store.fs.delete_file(store.path(name))
+    with store.fs.open_output_stream(store.path(step_name(40))) as f:
+        f.write(b"torn")  # ...in the middle of writing it
+
+    cfg, run_dir = prepare_resume("latest", where, {})  # the newest run, found by its checkpoints in S3
+    assert run_dir == tmp_path / "a"
+    result = train(cfg, run_dir, resume=True)
+    assert "resuming at step 30" in capsys.readouterr().out
+    assert np.array_equal(saved_params(result), expected)
+
+    cfg, run_dir = prepare_resume(store.uri(step_name(20)), where, {})  # a checkpoint named by its URI
+    assert run_dir == tmp_path / "a" and [step for step, _ in store.step_files()] == [10, 20]
+    assert np.array_equal(saved_params(train(cfg, run_dir, resume=True)), expected)
 
 
 def test_resume_from_an_earlier_checkpoint_and_on_another_number_of_workers(ray_local, tmp_path):
