@@ -8,7 +8,7 @@ engine does, side by side in one run:
   sharded K   the flat vector split across K ParameterServer actors, each summing and stepping
               its slice; each worker sends slice k to shard k and reads the K slices back
   allreduce   no server (cluster.reduce=allreduce): the workers sum their updates with
-              ray.util.collective over gloo and each takes the same Adam step on its own copy
+              torch.distributed over gloo and each takes the same Adam step on its own copy
 
 Reported per design, update size and worker count: steps/s end to end, updates/s (workers x
 steps/s), the server's time per step inside ``apply`` (the finite check, the sum, the optimizer
@@ -37,7 +37,7 @@ import torch
 
 from distmeta.config import load_config
 from distmeta.params import shard_bounds
-from distmeta.runtime.allreduce import Replica
+from distmeta.runtime.allreduce import Replica, meeting_point
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import ParameterServer
 
@@ -93,13 +93,16 @@ class AllreduceWorker:
     its update with the others' over gloo, then takes the Adam step on its own copy. Its time is
     the whole of that, wall time (gloo runs the collective on threads of its own)."""
 
-    def __init__(self, cfg, rank: int, world: int, size: int, group: str):
-        self.cfg, self.rank, self.world, self.size, self.group = cfg, rank, world, size, group
+    def __init__(self, cfg, rank: int, world: int, size: int):
+        self.cfg, self.rank, self.world, self.size = cfg, rank, world, size
         self.update = np.random.default_rng(rank).standard_normal(size).astype(np.float32)
 
-    def join(self) -> bool:
+    def meeting_point(self) -> str:
+        return meeting_point()
+
+    def join(self, address: str) -> bool:
         initial, ranks = np.zeros(self.size, dtype=np.float32), list(range(self.world))
-        self.replica = Replica(self.cfg, initial, None, self.group, ranks, self.rank, torch.device("cpu"))
+        self.replica = Replica(self.cfg, initial, None, address, ranks, self.rank, torch.device("cpu"))
         return True
 
     def step(self, control: StepControl) -> dict:
@@ -162,11 +165,10 @@ def server_design(cfg, size: int, workers: int, shards: int, seconds: float) -> 
             ray.kill(actor)
 
 
-def allreduce_design(cfg, size: int, workers: int, seconds: float, group: str) -> dict:
-    actors = [
-        ray.remote(AllreduceWorker).options(num_cpus=0).remote(cfg, r, workers, size, group) for r in range(workers)
-    ]
-    ray.get([actor.join.remote() for actor in actors])
+def allreduce_design(cfg, size: int, workers: int, seconds: float) -> dict:
+    actors = [ray.remote(AllreduceWorker).options(num_cpus=0).remote(cfg, r, workers, size) for r in range(workers)]
+    address = ray.get(actors[0].meeting_point.remote())
+    ray.get([actor.join.remote(address) for actor in actors])
 
     def submit(step: int) -> list:
         return [actor.step.remote(StepControl(step)) for actor in actors]
@@ -212,7 +214,7 @@ def main() -> None:
         for design in designs:
             for workers in args.workers:
                 if design == "allreduce":
-                    found = allreduce_design(cfg, size, workers, args.seconds, f"ar-{mb}-{workers}")
+                    found = allreduce_design(cfg, size, workers, args.seconds)
                 else:
                     shards = int(design.split()[1]) if design.startswith("sharded") else 1
                     found = server_design(cfg, size, workers, shards, args.seconds)

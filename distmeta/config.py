@@ -103,7 +103,7 @@ class ClusterConfig:
     # the step rate (benchmarks/ps_capacity.py); results are the same as with one server
     server_shards: int = 1
     # server: a parameter server (sharded or not) sums the updates and owns the meta-optimizer;
-    # allreduce: no server, the workers sum their updates with ray.util.collective and each steps
+    # allreduce: no server, the workers sum their updates with torch.distributed and each steps
     # its own copy of the parameters (runtime/allreduce.py)
     reduce: str = "server"
     # a worker given a GPU that torch cannot see runs on the CPU (with a warning) instead of stopping

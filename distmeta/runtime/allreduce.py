@@ -2,21 +2,28 @@
 
 Each worker keeps its own copy of the meta-parameters and the meta-optimizer: a ``ParameterServer``
 object in its own process, so the update math is the server's. A step: every worker computes the
-update of its share of the meta-batch, the workers sum their updates with ``ray.util.collective``
-(gloo on CPU, NCCL on GPU), and each takes the same optimizer step on the same sum, so the copies
-stay identical. Each worker sends and receives about twice the update per step (a ring) however
-many workers there are, where one server receives every worker's update and sends every worker
-the parameters.
+update of its share of the meta-batch, the workers sum their updates with ``torch.distributed``
+(gloo on CPU; NCCL on GPU, which every CUDA build of torch carries), and each takes the same
+optimizer step on the same sum, so the copies stay identical. The first worker of a group picks
+where the group meets (its node's address and a free port, ``meeting_point``). Each worker sends
+and receives about twice the update per step (a ring) however many workers there are, where one
+server receives every worker's update and sends every worker the parameters.
 
-A collective group cannot lose or gain a member. After a fault, and when a worker rejoins, every
-worker is started afresh and the group formed again from the newest checkpoint: the steps since
-are re-run (with the same results). Rank 0's copy is the one checkpointed and evaluated.
+A process group cannot lose or gain a member (and a survivor of a lost NCCL peer cannot be trusted
+to tear its group down). After a fault, and when a worker rejoins, every worker is started afresh
+and the group formed again from the newest checkpoint: the steps since are re-run (with the same
+results). Rank 0's copy is the one checkpointed and evaluated.
 """
 
 from __future__ import annotations
 
+import socket
+from datetime import timedelta
+
 import numpy as np
+import ray
 import torch
+import torch.distributed as dist
 
 from distmeta.config import Config
 from distmeta.runtime.control import StepControl
@@ -25,29 +32,37 @@ from distmeta.runtime.parameter_server import ParameterServer
 TIMES = ("produced_at", "started", "finished")  # per worker, for the monitor's time breakdown
 
 
+def meeting_point() -> str:
+    """HOST:PORT on this node where a new process group can meet (the port is free now)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return f"{ray.util.get_node_ip_address()}:{probe.getsockname()[1]}"
+
+
 class Replica:
-    """A worker's copy of the meta-parameters and meta-optimizer, and its place in the group
-    ``group`` of the workers ``ranks`` (in group order)."""
+    """A worker's copy of the meta-parameters and meta-optimizer, and its place in the process
+    group of the workers ``ranks`` (in group order) that meets at ``address`` (``meeting_point``
+    of the first)."""
 
     def __init__(
-        self, cfg: Config, initial: np.ndarray, checkpoints: str, group: str, ranks: list[int], rank: int, device
+        self, cfg: Config, initial: np.ndarray, checkpoints: str, address: str, ranks: list[int], rank: int, device
     ):
-        import ray.util.collective as collective
-
-        self.collective, self.group, self.ranks = collective, group, ranks
-        self.position = ranks.index(rank)
+        self.ranks, self.position, self.device = ranks, ranks.index(rank), device
         self.server = ParameterServer(cfg, initial, checkpoints)  # from the newest checkpoint, if any
-        self.device = device
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            try:
-                import cupy  # noqa: F401  (Ray's NCCL groups run on it)
-            except ImportError:
-                raise RuntimeError(
-                    "cluster.reduce=allreduce on GPUs sums over NCCL through cupy, which this worker lacks: "
-                    "pip install cupy-cuda12x on the worker nodes, or use cluster.reduce=server"
-                ) from None
-        collective.init_collective_group(len(ranks), self.position, backend=backend, group_name=group)
+        cuda = device.type == "cuda"
+        if cuda and not dist.is_nccl_available():
+            raise RuntimeError(
+                "cluster.reduce=allreduce on GPUs sums over NCCL, which this build of torch lacks: "
+                "install a CUDA build of torch on Linux, or use cluster.reduce=server"
+            )
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            init_method=f"tcp://{address}",
+            world_size=len(ranks),
+            rank=self.position,
+            timeout=timedelta(seconds=cfg.cluster.step_timeout_s),  # a peer that never comes fails the step
+            device_id=device if cuda else None,
+        )
 
     def apply(self, control: StepControl, result: dict) -> dict:
         """Sum this worker's ``result`` with the others' and take the step. Returns the step's
@@ -61,8 +76,8 @@ class Replica:
         rows[self.position] = [not result["finite"], result["first_task"], result["num_tasks"], *map(result.get, TIMES)]
         small = torch.from_numpy(np.concatenate([[result["metrics"][name] for name in names], rows.ravel()]))
         small = small.to(self.device)
-        self.collective.allreduce(total, group_name=self.group)
-        self.collective.allreduce(small, group_name=self.group)
+        dist.all_reduce(total)
+        dist.all_reduce(small)
         small = small.cpu()
         sums, rows = small[: len(names)].tolist(), small[len(names) :].numpy().reshape(len(self.ranks), -1)
         summed = result | {

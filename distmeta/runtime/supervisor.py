@@ -20,7 +20,7 @@ an engine, and rebuilds that wiring after a fault:
 In asynchronous mode the same recovery rebuilds the workers' chains at the server's version; the
 updates that were in the making are lost, not re-run (asynchronous runs are not exact anyway).
 In all-reduce mode there is no server: after any fault, and when a worker rejoins, every worker is
-started afresh and a new collective group formed from the newest checkpoint (runtime/allreduce.py).
+started afresh and a new process group formed from the newest checkpoint (runtime/allreduce.py).
 
 Errors in the code or the data (a bad shard, a bug) are not faults: they stop the run.
 """
@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import time
-import uuid
 
 import ray
 import ray.exceptions as rex
@@ -150,7 +149,7 @@ class Supervisor:
         return steps[0]
 
     def _form_group(self) -> int:
-        """All-reduce mode: a new collective group of the live workers, each in a process that was
+        """All-reduce mode: a new process group of the live workers, each in a process that was
         in no group before (an earlier member is restarted), all from the newest checkpoint.
         Returns the step they start at."""
         c = self.cfg.cluster
@@ -158,10 +157,10 @@ class Supervisor:
             self._leave_out(rank)
         if not self.live:
             raise ActorLost(f"no worker came back within cluster.rejoin_timeout_s={c.rejoin_timeout_s:g} s")
-        group = f"distmeta-{uuid.uuid4().hex[:12]}"
+        address = ray.get(self.workers[self.live[0]].meeting_point.remote(), timeout=c.step_timeout_s)
         joined = ray.get(
             [
-                self.workers[rank].join.remote(group, self.live, self.initial, self.checkpoints, self.epoch)
+                self.workers[rank].join.remote(address, self.live, self.initial, self.checkpoints, self.epoch)
                 for rank in self.live
             ],
             timeout=c.rejoin_timeout_s + c.step_timeout_s,

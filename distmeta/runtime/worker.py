@@ -20,7 +20,7 @@ import torch
 from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
-from distmeta.runtime.allreduce import Replica
+from distmeta.runtime.allreduce import Replica, meeting_point
 from distmeta.runtime.control import StepControl
 from distmeta.tasks import TaskBatch, build_source
 
@@ -95,12 +95,19 @@ class Worker:
             return result
         return tuple(result | {"update": update[lo:hi]} for lo, hi in self.shards)
 
-    def join(self, group: str, ranks: list[int], initial: np.ndarray, checkpoints: str, epoch: int) -> tuple[int, int]:
+    def meeting_point(self) -> str:
+        """All-reduce mode, the first worker of a new group: where the group meets (HOST:PORT)."""
+        return meeting_point()
+
+    def join(
+        self, address: str, ranks: list[int], initial: np.ndarray, checkpoints: str, epoch: int
+    ) -> tuple[int, int]:
         """All-reduce mode: take a copy of the meta-parameters and optimizer (from the newest
-        checkpoint, if any) and a place in the collective group ``group`` of the workers ``ranks``,
-        for the steps of engine generation ``epoch``. Returns the copy's step and this process's id
-        (a group is only ever joined by a fresh process: the supervisor checks the id changed)."""
-        self.replica = Replica(self.cfg, initial, checkpoints, group, ranks, self.rank, self.device)
+        checkpoint, if any) and a place in the process group of the workers ``ranks`` meeting at
+        ``address``, for the steps of engine generation ``epoch``. Returns the copy's step and this
+        process's id (a group is only ever joined by a fresh process: the supervisor checks the id
+        changed)."""
+        self.replica = Replica(self.cfg, initial, checkpoints, address, ranks, self.rank, self.device)
         return self.replica.server.begin_epoch(epoch), os.getpid()
 
     def step(self, control: StepControl, tasks: TaskBatch) -> dict:
