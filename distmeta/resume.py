@@ -38,8 +38,7 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
     """(config, run folder) to pass to ``train(..., resume=True)``, with the run's checkpoint
     folder arranged so that its newest checkpoint is the one to continue from."""
     located = load_config(None, overrides, settings=settings)  # logdir, run_name, checkpoint_dir: where to look
-    location, run_dir = _locate(target, located)
-    state = read_checkpoint(location)
+    location, run_dir, state = _locate(target, located)
     base = config_from_dict(state["config"])
     cfg = load_config(None, overrides, settings=settings, base=base.to_dict())
     changed = _changed(base.to_dict(), cfg.to_dict())
@@ -62,23 +61,27 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
     return cfg, run_dir
 
 
-def _locate(target: str, cfg: Config) -> tuple[str, Path]:
-    """(checkpoint location, run folder) for ``latest``, a run folder, or a checkpoint file."""
+def _locate(target: str, cfg: Config) -> tuple[str, Path, dict]:
+    """(checkpoint location, run folder, checkpoint) for ``latest``, a run folder, or a checkpoint
+    file (read once: on an object store a large one takes a while)."""
     if target == "latest":
         run_dir = Path(cfg.logdir) / cfg.run_name if cfg.run_name else _newest_run(cfg)
-        return _newest_in(CheckpointStore(_store_location(cfg, run_dir))), run_dir
+        location, state = _newest_in(CheckpointStore(_store_location(cfg, run_dir)))
+        return location, run_dir, state
     folder, name = split_location(target)
     if name.endswith(".pt"):
+        state = read_checkpoint(target)
         if "://" not in target and Path(folder).name == "checkpoints":
-            return target, Path(folder).parent
-        saved = config_from_dict(read_checkpoint(target)["config"])
-        return target, Path(cfg.logdir) / (saved.run_name or name.removesuffix(".pt"))
+            return target, Path(folder).parent, state
+        saved = config_from_dict(state["config"])
+        return target, Path(cfg.logdir) / (saved.run_name or name.removesuffix(".pt")), state
     run_dir = Path(target)
     if not run_dir.is_dir():
         raise ConfigError(
             f"--resume {target}: no such run folder or checkpoint file (give runs/<run>, a .pt, or latest)"
         )
-    return _newest_in(CheckpointStore(_store_location(cfg, run_dir))), run_dir
+    location, state = _newest_in(CheckpointStore(_store_location(cfg, run_dir)))
+    return location, run_dir, state
 
 
 def _store_location(cfg: Config, run_dir: Path) -> str:
@@ -100,11 +103,11 @@ def _newest_run(cfg: Config) -> Path:
     return max(runs)[1]
 
 
-def _newest_in(store: CheckpointStore) -> str:
+def _newest_in(store: CheckpointStore) -> tuple[str, dict]:
     found = store.latest()  # skips (with a warning) checkpoints that fail their checksum
     if found is None:
         raise ConfigError(f"no valid checkpoint in {store.location} to resume from")
-    return store.uri(found[0])
+    return store.uri(found[0]), found[1]
 
 
 def _arrange(store: CheckpointStore, location: str, state: dict) -> None:

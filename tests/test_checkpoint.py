@@ -12,7 +12,14 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from distmeta.checkpoint import CheckpointError, CheckpointStore, read_checkpoint, step_name
+from distmeta.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    join_location,
+    read_checkpoint,
+    split_location,
+    step_name,
+)
 from distmeta.config import load_config
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
@@ -63,6 +70,16 @@ def test_the_newest_n_are_kept_and_a_corrupted_one_is_skipped_for_the_one_before
         read_checkpoint(store.uri(step_name(30)))
     left = store.fs.get_file_info(pafs.FileSelector(store.root))
     assert sorted(info.base_name for info in left) == [step_name(s) for s in (30, 40, 50)]  # no temp files
+
+
+def test_a_uri_query_stays_at_the_end_of_the_paths_made_from_it():
+    """pyarrow reads an S3-compatible store's endpoint from the URI's query (MinIO, Ceph, R2)."""
+    uri = "s3://bucket/runs?endpoint_override=minio:9000&scheme=http"
+    assert join_location(uri, "run") == "s3://bucket/runs/run?endpoint_override=minio:9000&scheme=http"
+    assert split_location(join_location(uri, step_name(5))) == (uri, step_name(5))
+    assert join_location("/data/runs/", "run") == "/data/runs/run"
+    assert split_location("/data/runs/final.pt") == ("/data/runs", "final.pt")
+    assert split_location("final.pt") == (".", "final.pt")
 
 
 def test_a_full_disk_fails_the_write_clearly_and_keeps_the_earlier_checkpoint(tmp_path):

@@ -10,6 +10,7 @@ workers (``join``, ``step``; runtime/allreduce.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -43,9 +44,15 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
                 f"{problem}; install a CUDA build of torch on the worker nodes, set cluster.gpus_per_worker=0, "
                 "or (to try a config on fake GPUs) cluster.cpu_fallback=true"
             )
-        log.warning("%s: running on the CPU (cluster.cpu_fallback=true)", problem)
+        _warn_once(f"{problem}: running on the CPU (cluster.cpu_fallback=true)")
     torch.set_num_threads(max(1, int(cpus)))
     return torch.device("cpu")
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Once per process: a worker and the evaluation chunks after it share the process."""
+    log.warning(message)
 
 
 class Worker:
