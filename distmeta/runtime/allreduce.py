@@ -21,7 +21,6 @@ import socket
 from datetime import timedelta
 
 import numpy as np
-import ray
 import torch
 import torch.distributed as dist
 
@@ -34,6 +33,8 @@ TIMES = ("produced_at", "started", "finished")  # per worker, for the monitor's 
 
 def meeting_point() -> str:
     """HOST:PORT on this node where a new process group can meet (the port is free now)."""
+    import ray  # here, not above: a Worker runs without Ray too (in-process evaluation, benchmarks)
+
     with socket.socket() as probe:
         probe.bind(("", 0))
         return f"{ray.util.get_node_ip_address()}:{probe.getsockname()[1]}"
