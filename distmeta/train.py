@@ -16,6 +16,7 @@ the run after the steps in flight, with a checkpoint to resume from (``launch.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -231,9 +232,22 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
             results.collect_evaluations()
         except Exception as err:  # a fault is recovered from; anything else propagates from recover()
             failed = in_flight[0][0] if in_flight else next_step
+            dropped = [refs for _, refs in in_flight]
             in_flight.clear()
             next_step = results.recover(supervisor, err, failed)
+            _read_outcomes(dropped)
             clock.restart()
+
+
+def _read_outcomes(dropped: list, timeout_s: float = 1.0) -> None:
+    """Read what the steps dropped by a fault came to, so that Ray does not log each failed one
+    as an "Unhandled error" with its traceback when its ref goes: the fault was reported once."""
+    refs = [ref for step in dropped for ref in (step if isinstance(step, list) else [step])]
+    refs = [ref for ref in refs if isinstance(ref, ray.ObjectRef)]  # a compiled graph's go with it
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+    for ref in ready:
+        with contextlib.suppress(Exception):
+            ray.get(ref, timeout=0)
 
 
 def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, step: int):

@@ -4,6 +4,7 @@ the same run left alone: a step is applied whole or not at all, and re-run with 
 
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -65,11 +66,17 @@ def faulty_run(tmp_path, role, at_steps, *overrides, signum=signal.SIGKILL):
 
 
 @pytest.mark.parametrize("engine", ["compiled", "tasks", "allreduce"])
-def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_local, tmp_path, engine):
+def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_local, tmp_path, engine, caplog):
     """All-reduce: every worker starts afresh from the checkpoint, and the steps since are re-run."""
     mode = ["cluster.reduce=allreduce"] if engine == "allreduce" else [f"cluster.engine={engine}"]
-    cfg, result, saboteur = faulty_run(tmp_path, "Worker", [50], *mode)
+    ray_log = logging.getLogger("ray")  # Ray's loggers do not propagate to the root
+    ray_log.addHandler(caplog.handler)
+    try:
+        cfg, result, saboteur = faulty_run(tmp_path, "Worker", [50], *mode)
+    finally:
+        ray_log.removeHandler(caplog.handler)
     assert result.recoveries == len(saboteur.hits) == 1
+    assert "Unhandled error" not in caplog.text  # the fault is reported once, not once per dropped step
     expected, _ = in_process(cfg)
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
