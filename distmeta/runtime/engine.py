@@ -83,13 +83,14 @@ class CompiledEngine:
     def close(self, cancel: bool = False) -> None:
         """Tear the graph down. After a timeout (``cancel``) an actor may be frozen: its loop never
         ends, and Ray's teardown would wait for it forever. So the teardown runs aside, and an actor
-        whose loop is still running after ``TEARDOWN_S`` is killed (Ray restarts it)."""
+        whose loop is still running after ``TEARDOWN_S`` (or three steps, if longer: a healthy actor
+        finishes the step it is in first) is killed (Ray restarts it)."""
         if not cancel:
             self.graph.teardown()
             return
         teardown = threading.Thread(target=self.graph.teardown, daemon=True)
         teardown.start()
-        teardown.join(TEARDOWN_S)
+        teardown.join(max(TEARDOWN_S, 3 * self.step_s))
         if teardown.is_alive():
             for actor, loop in self.graph.worker_task_refs.items():  # each actor's graph loop
                 if not ray.wait([loop], timeout=0)[0]:
