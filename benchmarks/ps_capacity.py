@@ -106,8 +106,9 @@ class AllreduceWorker:
         return True
 
     def step(self, control: StepControl) -> dict:
+        update = self.update.copy()  # a fresh update, as a real step's (the sum goes into it)
         started = time.time()
-        self.replica.apply(control, simulated_result(control, self.rank, self.update))
+        self.replica.apply(control, simulated_result(control, self.rank, update))
         finished = time.time()
         return {"apply_started": started, "apply_finished": finished, "apply_cpu_s": finished - started}
 

@@ -159,10 +159,10 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + stop.signum
     if server:
         print(f"TensorBoard is still serving at {server}; press Ctrl-C to stop", flush=True)
-        stop = threading.Event()
+        quit_asked = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        stop.wait()
+            signal.signal(signum, lambda *_: quit_asked.set())
+        quit_asked.wait()
         # Nothing is left to close (Ray is shut down, the run's files are written), and an exit
         # through the interpreter's shutdown once hung here past Ctrl-C (in CI, cause not found).
         sys.stdout.flush()

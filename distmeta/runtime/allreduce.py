@@ -68,9 +68,9 @@ class Replica:
     def apply(self, control: StepControl, result: dict) -> dict:
         """Sum this worker's ``result`` with the others' and take the step. Returns the step's
         metrics, with the parameters or the checkpoint state only from the first worker (the one
-        the driver reads)."""
+        the driver reads). The sum goes into ``result``'s update (on the CPU): no copy of it per step."""
         names = list(result["metrics"])
-        total = torch.from_numpy(np.array(result["update"])).to(self.device)
+        total = torch.from_numpy(result["update"]).to(self.device)
         # The small numbers travel in one float64 vector: the metric sums, then a row per worker
         # (non-finite?, first task, task count, times); each fills its own row, the sum gathers them.
         rows = np.zeros((len(self.ranks), 3 + len(TIMES)))
