@@ -151,12 +151,17 @@ events, results = [], []
 # Cluster.add_node needs the main thread (it installs signal handlers): train in another one
 trainer = threading.Thread(target=lambda: results.append(train(cfg, run_dir)))
 trainer.start()
-while not (run_dir / "checkpoints" / "step_00000050.pt").exists():
-    time.sleep(0.01)
+
+def wait_for(name):
+    while not (run_dir / "checkpoints" / name).exists():
+        if not trainer.is_alive():  # its traceback is on stderr already
+            sys.exit(f"training stopped before writing {name}")
+        time.sleep(0.01)
+
+wait_for("step_00000050.pt")
 cluster.remove_node(nodes[1])
 events.append("removed")
-while not (run_dir / "checkpoints" / "step_00000100.pt").exists():
-    time.sleep(0.01)
+wait_for("step_00000100.pt")
 cluster.add_node(num_cpus=1)
 events.append("added")
 trainer.join()
@@ -176,9 +181,12 @@ def test_a_lost_node_s_share_is_re_split_and_its_worker_rejoins_when_a_node_retu
     same tasks, summed in other groups while one worker was gone)."""
     env = dict(cli_env, RAY_AUTH_MODE="disabled")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
-    out = subprocess.run(
-        [sys.executable, "-c", NODE_LOSS, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600
-    )
+    try:  # under pytest's own 600 s, so that a run that does not end shows its output
+        command = [sys.executable, "-c", NODE_LOSS, str(tmp_path / "run")]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
+    except subprocess.TimeoutExpired as late:
+        output = (late.stdout or "")[-3000:] + (late.stderr or "")[-3000:]
+        pytest.fail(f"the run did not end in {late.timeout:g} s:\n{output}")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["events"] == ["removed", "added"] and report["recoveries"] >= 1
