@@ -1,10 +1,12 @@
 """Checkpoints: self-verifying files in a folder that is local or any ``pyarrow.fs`` URI.
 
-A checkpoint is a ``torch.save``d envelope ``{"distmeta_checkpoint": 2, "sha256": hex, "payload":
-bytes}``, where the payload is the ``torch.save``d state: ``params`` (the flat meta-parameters),
-``step``, ``config`` (``Config.to_dict()``) and ``code_version``; the parameter server's also hold
-the meta-optimizer state, the RNG states and the task stream's cursor, the best-validation one
-``validation``. Read them with ``read_checkpoint``; a truncated or altered file fails its checksum.
+A checkpoint is a tensor file (``distmeta.tensorfile``: the safetensors layout, the rest of the
+state as JSON, a SHA-256 over all of it), so reading one never runs code, whoever wrote it. It holds
+``params`` (the flat meta-parameters), ``step``, ``config`` (``Config.to_dict()``) and
+``code_version``; the parameter server's also hold the meta-optimizer state, the RNG states and the
+task stream's cursor, the best-validation one ``validation``. Read them with ``read_checkpoint``; a
+truncated or altered file fails its checksum. Files of the earlier pickle-based format are refused
+with the command that converts them (``distmeta checkpoint convert``).
 
 A run's folder holds ``step_<N>.pt`` (the last ``train.checkpoint_keep`` kept), ``final.pt`` and
 ``best.pt``. Writes are atomic: a temporary file, fsync (local disks), rename. A reader sees the
@@ -21,6 +23,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import re
 import subprocess
 from pathlib import Path
@@ -30,10 +33,13 @@ import pyarrow.fs as pafs
 import torch
 
 import distmeta
+from distmeta import tensorfile
 from distmeta.config import Config, ConfigError, config_from_dict
 
 log = logging.getLogger(__name__)
-FORMAT = 2
+# The earlier format was a torch.save pickle, which is a zip archive. (A tensor file starts with its header's
+# length, which would have to be 64 MiB to look like this.)
+PICKLE_MAGIC = b"PK\x03\x04"
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
@@ -77,21 +83,15 @@ class CheckpointStore:
 
     def write(self, name: str, state: dict) -> str:
         """Write ``state`` as ``name`` atomically, with its checksum; returns where it is."""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        payload = buffer.getvalue()
-        envelope = io.BytesIO()
-        torch.save(
-            {"distmeta_checkpoint": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}, envelope
-        )
+        data = tensorfile.dumps(state)
         final, tmp = self.path(name), self.path(f".{name}.tmp-{os.getpid()}")
         try:
             self.fs.create_dir(self.root, recursive=True)
             if self.local:
-                _write_local(tmp, final, envelope.getbuffer())
+                _write_local(tmp, final, data)
             else:  # object stores publish an object whole; move is their closest thing to rename
                 with self.fs.open_output_stream(tmp) as f:
-                    f.write(envelope.getbuffer())
+                    f.write(data)
                 self.fs.move(tmp, final)
         except OSError as err:
             _remove_quietly(self.fs, tmp)
@@ -177,7 +177,7 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
         ) from None
 
 
-def _write_local(tmp: str, final: str, data: memoryview) -> None:
+def _write_local(tmp: str, final: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -196,8 +196,8 @@ def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
 
 
 def read_checkpoint(location: str | Path) -> dict:
-    """The state stored at ``location`` (a path or URI), checksum verified. Checkpoints written
-    before the checksummed format (a bare state dict) are read as they are."""
+    """The state stored at ``location`` (a path or URI), checksum verified. Nothing in the file is
+    executed: see ``distmeta.tensorfile``."""
     location = str(location)
     fs, path = filesystem(location)
     try:
@@ -209,19 +209,70 @@ def read_checkpoint(location: str | Path) -> dict:
         ) from None
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {location}: {err}") from None
+    if data.startswith(PICKLE_MAGIC):
+        raise CheckpointError(
+            f"checkpoint {location} is in distmeta's earlier pickle-based format, which is not read because "
+            "unpickling a file can run code. If you trust where it came from, convert it once: "
+            f"`distmeta checkpoint convert {location}` (it reads the file with PyTorch's weights-only loader, "
+            "which refuses anything but tensors, arrays and plain data; the original is kept as .pickle)"
+        )
     try:
-        outer = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as err:
-        reason = str(err).split(". ")[0]
-        raise CheckpointError(f"checkpoint {location} cannot be read ({reason}); it may be truncated") from None
-    if isinstance(outer, dict) and "distmeta_checkpoint" in outer:
-        payload = outer.get("payload", b"")
-        if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
-            raise CheckpointError(f"checkpoint {location} fails its checksum: it was altered or written partly")
-        outer = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    if not isinstance(outer, dict) or "params" not in outer or "config" not in outer:
+        state = tensorfile.loads(data)
+    except tensorfile.TensorFileError as err:
+        raise CheckpointError(f"checkpoint {location} cannot be read: {err}") from None
+    if not isinstance(state, dict) or "params" not in state or "config" not in state:
         raise CheckpointError(f"{location} is not a distmeta checkpoint (no params/config entries)")
-    return outer
+    if not isinstance(state["params"], torch.Tensor) or state["params"].dim() != 1:
+        raise CheckpointError(f"{location} is not a distmeta checkpoint (params is not a flat tensor)")
+    return state
+
+
+def convert_legacy(location: str | Path, out: str | Path | None = None) -> str:
+    """Rewrite a checkpoint of the pickle-based format (distmeta 0.1, format 2) as a tensor file, at
+    ``out`` or in its place (the old file kept beside it as ``NAME.pickle``); returns where. Only
+    PyTorch's weights-only unpickler reads it, allowed the numpy names of arrays and scalars that
+    the old RNG state and scores need, so even a hostile file runs nothing; the old checksum is verified too."""
+    location = str(location)
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_file(path) as f:
+            data = f.read()
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {location}: {err}") from None
+    if not data.startswith(PICKLE_MAGIC):
+        raise CheckpointError(f"{location} is not a checkpoint of the earlier pickle-based format")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "distmeta_checkpoint" in state:
+                payload = state.get("payload", b"")
+                if hashlib.sha256(payload).hexdigest() != state.get("sha256"):
+                    raise CheckpointError(f"{location} fails its checksum: it was altered or written partly")
+                state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise CheckpointError(
+            f"{location} is not converted: it holds more than tensors and plain data, or is damaged "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    if not isinstance(state, dict) or "params" not in state or "config" not in state:
+        raise CheckpointError(f"{location} is not a distmeta checkpoint (no params/config entries)")
+    if out is None:
+        folder, name = split_location(location)
+        with fs.open_output_stream(f"{path}.pickle") as f:  # nothing is lost: the original stays beside it
+            f.write(data)
+        return CheckpointStore(folder).write(name, state)
+    folder, name = split_location(str(out))
+    return CheckpointStore(folder).write(name, state)
+
+
+def _numpy_globals() -> list:
+    """What pickles of numpy arrays and scalars (the old RNG state, evaluation scores) name."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64, np.bool_)]
+    return [np.ndarray, np.dtype, _reconstruct, scalar, *dtypes]
 
 
 def load_checkpoint(location: str | Path) -> tuple[Config, np.ndarray, dict]:

@@ -123,9 +123,23 @@ def data_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def checkpoint_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Checkpoint files.")
+    actions = parser.add_subparsers(dest="action", required=True)
+    convert = actions.add_parser(
+        "convert", help="rewrite a checkpoint of the earlier pickle-based format (distmeta 0.1) in today's format"
+    )
+    convert.add_argument("paths", nargs="+", help="old checkpoints: paths or pyarrow.fs URIs")
+    convert.add_argument(
+        "--out",
+        help="where to write the new one (one path only; default: in its place, the old file kept as NAME.pt.pickle)",
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train", "evaluate", "data"}
+    commands = {"train", "evaluate", "data", "checkpoint"}
     if not argv or argv[0] not in commands:
         print(f"usage: distmeta {{{','.join(sorted(commands))}}} [options]  (distmeta COMMAND --help)", file=sys.stderr)
         return 2
@@ -134,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "data":
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
+    if argv[0] == "checkpoint":
+        args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
+        return _guard(lambda: _convert_checkpoints(args.paths, args.out))
     args = evaluate_parser("distmeta evaluate").parse_intermixed_args(argv[1:])
     settings = {key: getattr(args, name) for name, key in EVAL_FLAGS.items() if getattr(args, name) is not None}
     return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings))
@@ -174,23 +191,46 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     from torch.utils.tensorboard import SummaryWriter
 
     from distmeta.checkpoint import load_checkpoint
-    from distmeta.evaluate import evaluate, format_rows, protocol
+    from distmeta.evaluate import check_device, evaluate, format_rows, protocol
+    from distmeta.resume import check_shards
     from distmeta.runtime.monitor import write_eval_scalars
 
-    cfg, params, state = load_checkpoint(checkpoint)
-    bad = [o for o in overrides if not o.startswith("eval.")]
+    saved, params, state = load_checkpoint(checkpoint)
+    bad = [o for o in overrides if not o.startswith(("eval.", "task.shards="))]
     if bad:
-        raise ConfigError(f"evaluation overrides must be eval.* fields, got {bad}")
-    cfg = load_config(None, overrides, settings=settings, base=cfg.to_dict())
+        raise ConfigError(f"evaluation overrides must be eval.* fields or task.shards=NEWPATH, got {bad}")
+    cfg = load_config(None, overrides, settings=settings, base=saved.to_dict())
+    check_shards(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
+    check_device(device)
     path = Path(checkpoint)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    unwritable = _unwritable(run_dir)
+    if unwritable:  # the evaluation itself only reads: it goes on, and says what it will not write
+        print(
+            f"note: {run_dir} is not writable ({unwritable}): the results are printed, no eval_only_{split} "
+            "TensorBoard events are written",
+            file=sys.stderr,
+        )
     print(f"evaluating {path} (step {state['step']}, {cfg.algorithm.name})", flush=True)
     print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
     rows = evaluate(cfg, params, split=split, device=device, progress=True)
     print(format_rows(rows))
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    with SummaryWriter(str(run_dir)) as writer:
-        write_eval_scalars(writer, state["step"], f"eval_only_{split}", rows)
+    if not unwritable:
+        with SummaryWriter(str(run_dir)) as writer:
+            write_eval_scalars(writer, state["step"], f"eval_only_{split}", rows)
     return 0
+
+
+def _unwritable(folder: Path) -> str:
+    """Why no file can be created in ``folder`` (a real attempt: root passes any permission
+    check, not a read-only mount), or "" if one can."""
+    probe = folder / f".distmeta-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        return err.strerror or str(err)
+    return ""
 
 
 def _build_data(args: argparse.Namespace) -> int:
@@ -208,10 +248,24 @@ def _build_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_checkpoints(paths: list[str], out: str | None) -> int:
+    from distmeta.checkpoint import convert_legacy
+
+    if out and len(paths) > 1:
+        return _fail("--out names one file: convert one checkpoint with it, or leave it out to convert in place")
+    for path in paths:
+        written = convert_legacy(path, out)
+        print(f"converted {path} -> {written}" + ("" if out else f" (the original kept as {path}.pickle)"), flush=True)
+    return 0
+
+
 def _start_tensorboard(logdir: str) -> str:
     from tensorboard import program
 
     Path(logdir).mkdir(parents=True, exist_ok=True)
+    # The driver logs at INFO, which tells TensorBoard's data server to log every load (each 5 s)
+    # into the run's console; its warnings still show.
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     board = program.TensorBoard()
     board.configure(argv=[None, "--logdir", str(logdir), "--reload_interval", "5"])
     url = board.launch()

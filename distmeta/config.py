@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class TaskConfig:
     queries: int = 10  # query examples per class (per task for regression)
     # shards source only: a directory written by `distmeta data build`
     shards: str = ""
+    # set by training: a SHA-256 over the manifest's classes, splits and shard SHA-256s. A resumed or
+    # evaluated run may take task.shards=NEWPATH (the data moved) if the shards there match it
+    shards_fingerprint: str = ""
     split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | vinyals | lake)
     rotations: bool = True  # training classes also rotated by 90, 180, 270 degrees, as new classes
     # shards up to this size are memory-mapped (fastest); larger ones are read with pread, so a task
@@ -128,6 +132,9 @@ class TrainConfig:
     # empty: <logdir>/<run>/checkpoints; else the run's checkpoints go to <checkpoint_dir>/<run>, a
     # local folder or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///...) every node sees
     checkpoint_dir: str = ""
+    # a checkpoint (any: best.pt, final.pt, step_*.pt) whose parameters a fresh run starts from, at
+    # step 0 with a fresh meta-optimizer (fine-tuning; a run cannot be resumed from best.pt)
+    init_from: str = ""
     max_rejected_steps: int = 10  # consecutive steps rejected for non-finite updates before the run stops
     # sync: every step waits for all workers (exact, reproducible). async: each worker updates the
     # parameters on its own, a whole meta-batch at a time, without waiting for the others; the
@@ -166,7 +173,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logdir: str = "runs"
-    run_name: str = ""  # empty: <algorithm>-<source>-<timestamp>
+    run_name: str = ""  # empty: <algorithm>-<source>-<timestamp>-<6 random hex digits>
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +232,10 @@ class Config:
         ]:
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        _check_finite(self, "")
+        for name, seed in [("train.seed", self.train.seed), ("eval.seed", self.eval.seed)]:
+            if not 0 <= seed < 2**63:  # the random streams take seeds as unsigned 64-bit, torch as signed
+                raise ConfigError(f"{name} must be in 0 .. 2**63 - 1, got {seed}")
         for name, value in [
             ("algorithm.inner_lr", self.algorithm.inner_lr),
             ("meta_optimizer.lr", self.meta_optimizer.lr),
@@ -357,7 +368,11 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "", item)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        _set(data, key.strip(), value, item)
     return config_from_dict(data)
 
 
@@ -429,6 +444,18 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{path} must be {kind.__name__}, got {value!r}")
+
+
+def _check_finite(section: Any, where: str) -> None:
+    """Every float field is a finite number: .inf or .nan pass a range check such as ``> 0`` (a
+    learning rate of inf trains to NaN parameters; a timeout of inf never fires)."""
+    for entry in dataclasses.fields(section):
+        value, name = getattr(section, entry.name), f"{where}{entry.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{name}.")
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{name} must be a finite number, got {number}")
 
 
 def _choice(name: str, value: str, choices) -> None:

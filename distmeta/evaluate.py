@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distmeta.algorithms import ALGORITHMS
-from distmeta.config import Config
+from distmeta.config import Config, ConfigError
 from distmeta.runtime.monitor import duration
 from distmeta.runtime.worker import Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
@@ -103,6 +103,21 @@ def check_evaluation(cfg: Config, splits: list[str]) -> None:
             source.check(split, shots, cfg.eval.queries)
 
 
+def check_device(device: str) -> None:
+    """Raise a ``ConfigError`` now if torch cannot use ``device`` (a CPU-only torch given cuda,
+    a GPU index past the last, a typo), rather than a traceback from deep in the model."""
+    try:
+        torch.empty(1, device=torch.device(device))
+    except (RuntimeError, AssertionError) as err:  # torch built without CUDA raises AssertionError
+        hint = (
+            f"torch {torch.__version__} sees no CUDA GPU (built for CUDA {torch.version.cuda or 'none'}, "
+            f"{torch.cuda.device_count()} device(s) visible)"
+            if str(device).startswith("cuda")
+            else str(err).split(". ")[0][:200]
+        )
+        raise ConfigError(f"--device {device} cannot be used: {hint}; use --device cpu") from None
+
+
 def protocol(cfg: Config, split: str, num_tasks: int) -> str:
     """The evaluation protocol in one line, printed with every result so it can be reproduced."""
     e, a = cfg.eval, cfg.algorithm
@@ -157,6 +172,7 @@ def evaluate(
     cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu", progress: bool = False
 ) -> list[EvalRow]:
     """Evaluate meta-parameters in this process (no Ray); ``progress`` prints tasks done, rate, ETA."""
+    check_device(device)
     check_evaluation(cfg, [split])
     chunks = evaluation_chunks(cfg)
     results = evaluate_chunk(cfg, flat_params, split, chunks, device, progress)

@@ -10,11 +10,14 @@ resumed run's parameters are those of the same run left alone.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from pathlib import Path
 
 from distmeta.checkpoint import STEP_FILE, CheckpointStore, read_checkpoint, split_location, step_name
 from distmeta.config import Config, ConfigError, config_from_dict, load_config
+from distmeta.data.shards import MANIFEST, dataset_fingerprint
+from distmeta.runfolder import claim, release
 
 # Settings a resumed run may change: where and how it runs, how long, what it logs.
 CHANGEABLE = (
@@ -39,10 +42,12 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
     folder arranged so that its newest checkpoint is the one to continue from."""
     located = load_config(None, overrides, settings=settings)  # logdir, run_name, checkpoint_dir: where to look
     location, run_dir, state = _locate(target, located)
+    _check_resumable(location, state)
     base = config_from_dict(state["config"])
     cfg = load_config(None, overrides, settings=settings, base=base.to_dict())
+    check_shards(base, cfg)  # a moved dataset is accepted at its new path if it is the same data
     changed = _changed(base.to_dict(), cfg.to_dict())
-    refused = [key for key in changed if not key.startswith(CHANGEABLE)]
+    refused = [key for key in changed if not key.startswith(CHANGEABLE) and key != "task.shards"]
     if refused:
         raise ConfigError(
             f"a resumed run keeps the settings that shape its result; cannot change {', '.join(refused)} "
@@ -57,8 +62,57 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
             f"{location} is at step {step}, and the run ends at train.steps={cfg.train.steps}: "
             f"pass train.steps=N with N > {step} to train further"
         )
-    _arrange(CheckpointStore(_store_location(cfg, run_dir)), location, state)
+    store = CheckpointStore(_store_location(cfg, run_dir))
+    claim(run_dir)  # before anything moves: the run folder may be another live run's
+    try:
+        if cfg.run_name != base.run_name and not _in_store(store, location) and store.step_files():
+            raise ConfigError(
+                f"run_name={cfg.run_name}: run {run_dir} already has checkpoints in {store.location}; to continue "
+                f"{location} under a new name, give a run_name that is not taken"
+            )
+        _arrange(store, location, state)
+    except BaseException:
+        release(run_dir)
+        raise
     return cfg, run_dir
+
+
+def _check_resumable(location: str, state: dict) -> None:
+    """Refuse, before anything is touched, a checkpoint that holds parameters but not the state a
+    run continues from (best.pt has no meta-optimizer state)."""
+    if "optimizer" not in state:
+        raise ConfigError(
+            f"{location} holds the parameters only (no meta-optimizer state: best.pt keeps the best validation "
+            "parameters, not the run), so a run cannot continue from it. Resume from the run's folder, a step_*.pt "
+            f"or final.pt, or start a new run from these parameters with train.init_from={location}"
+        )
+
+
+def check_shards(saved: Config, cfg: Config) -> None:
+    """The shards ``cfg`` names hold the data of the run ``saved`` came from: at the stored path,
+    or at a new one (``task.shards=NEWPATH``, after the data moved) with the same fingerprint."""
+    if cfg.task.source != "shards":
+        return
+    where, moved = cfg.task.shards, cfg.task.shards != saved.task.shards
+    if not (Path(where) / MANIFEST).is_file():
+        raise ConfigError(
+            f"the run's shards are not at task.shards={where} (no {os.path.abspath(os.path.join(where, MANIFEST))})"
+            + ("" if moved else ": if they moved, pass task.shards=NEWPATH (checked to hold the same data)")
+        )
+    expected = saved.task.shards_fingerprint
+    if not expected:
+        if moved:
+            raise ConfigError(
+                f"this run's checkpoint predates dataset fingerprints, so the shards at task.shards={where} cannot "
+                f"be checked to be its data; put them back at {saved.task.shards} (relative to where it ran)"
+            )
+        return
+    found = dataset_fingerprint(where)
+    if found != expected:
+        raise ConfigError(
+            f"the shards at task.shards={where} are not the data this run was trained on (fingerprint {found[:12]}..., "
+            f"the run's {expected[:12]}...): pass task.shards=PATH of the same shards"
+        )
 
 
 def _locate(target: str, cfg: Config) -> tuple[str, Path, dict]:
@@ -72,16 +126,23 @@ def _locate(target: str, cfg: Config) -> tuple[str, Path, dict]:
     if name.endswith(".pt"):
         state = read_checkpoint(target)
         if "://" not in target and Path(folder).name == "checkpoints":
-            return target, Path(folder).parent, state
-        saved = config_from_dict(state["config"])
-        return target, Path(cfg.logdir) / (saved.run_name or name.removesuffix(".pt")), state
+            own = Path(folder).parent
+        else:
+            own = Path(cfg.logdir) / (config_from_dict(state["config"]).run_name or name.removesuffix(".pt"))
+        return target, _named(cfg, own), state
     run_dir = Path(target)
     if not run_dir.is_dir():
         raise ConfigError(
             f"--resume {target}: no such run folder or checkpoint file (give runs/<run>, a .pt, or latest)"
         )
     location, state = _newest_in(CheckpointStore(_store_location(cfg, run_dir)))
-    return location, run_dir, state
+    return location, _named(cfg, run_dir), state
+
+
+def _named(cfg: Config, own: Path) -> Path:
+    """The run folder a resume writes to: the checkpoint's own run, unless ``run_name=`` names
+    another (then the run continues there, and the checkpoint's own run is left as it is)."""
+    return Path(cfg.logdir) / cfg.run_name if cfg.run_name and cfg.run_name != own.name else own
 
 
 def _store_location(cfg: Config, run_dir: Path) -> str:
@@ -112,15 +173,21 @@ def _newest_in(store: CheckpointStore) -> tuple[str, dict]:
 
 def _arrange(store: CheckpointStore, location: str, state: dict) -> None:
     """Make ``location`` the newest checkpoint of ``store``: newer ones are moved aside (never
-    deleted), and a checkpoint from elsewhere is copied in."""
+    deleted), and a checkpoint from elsewhere is copied in. That copy never replaces a file: the
+    store's own checkpoint of the same step is moved aside with the newer ones."""
     step = state["step"]
-    moved = store.set_aside(step, f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+    copied = not (STEP_FILE.match(split_location(location)[1]) and _in_store(store, location))
+    aside = f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two resumes in a second: two folders
+    moved = store.set_aside(step - 1 if copied else step, aside)
     if moved:
-        print(f"moved {len(moved)} newer checkpoint(s) aside in {store.location}: {', '.join(moved)}", flush=True)
-    name = split_location(location)[1]
-    in_store = location == store.uri(name) or (store.local and os.path.abspath(location) == store.path(name))
-    if not (STEP_FILE.match(name) and in_store):
+        print(f"moved {len(moved)} checkpoint(s) aside in {store.location}: {', '.join(moved)}", flush=True)
+    if copied:
         store.write(step_name(step), state)
+
+
+def _in_store(store: CheckpointStore, location: str) -> bool:
+    name = split_location(location)[1]
+    return location == store.uri(name) or (store.local and os.path.abspath(location) == store.path(name))
 
 
 def _changed(before: dict, after: dict, prefix: str = "") -> dict:

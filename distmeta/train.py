@@ -17,9 +17,11 @@ the run after the steps in flight, with a checkpoint to resume from (``launch.py
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
+import secrets
 import signal
 import threading
 import time
@@ -33,8 +35,16 @@ import torch
 
 import distmeta
 from distmeta.algorithms import initial_parameters
-from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, join_location, step_name
+from distmeta.checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    code_version,
+    join_location,
+    load_checkpoint,
+    step_name,
+)
 from distmeta.config import Config, ConfigError
+from distmeta.data.shards import dataset_fingerprint
 from distmeta.evaluate import (
     EvalRow,
     check_evaluation,
@@ -45,6 +55,7 @@ from distmeta.evaluate import (
     protocol,
     summarize,
 )
+from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
 from distmeta.runtime.monitor import Monitor, duration
@@ -75,7 +86,10 @@ class RunInterrupted(Exception):
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``run_name``, or a fresh default name: the random suffix keeps runs started in the same
+    second (a backgrounded sweep) in folders of their own."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{stamp}-{secrets.token_hex(3)}"
 
 
 def checkpoint_location(cfg: Config, run_dir: Path) -> str:
@@ -90,13 +104,19 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> Tra
     run_dir = Path(run_dir or Path(cfg.logdir) / run_name(cfg))
     cfg = dataclasses.replace(cfg, run_name=run_dir.name)  # checkpoints record the run they belong to
     source = _checked_source(cfg)  # bad data fails here, before Ray starts
-    store = _checked_outputs(cfg, run_dir, resume)
-    started_ray = connect(cfg.cluster)
+    cfg = _with_data_fingerprint(cfg)
+    initial = _initial_parameters(cfg, source, resume)
+    claim(run_dir)  # held until the run ends (a resume claimed it already, in prepare_resume)
     try:
-        return _train(cfg, source, run_dir, store, started)
+        store = _checked_outputs(cfg, run_dir, resume)
+        started_ray = connect(cfg.cluster)
+        try:
+            return _train(cfg, source, run_dir, store, started, initial)
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        release(run_dir)
 
 
 def _checked_source(cfg: Config):
@@ -113,6 +133,42 @@ def _checked_source(cfg: Config):
         )
     check_evaluation(cfg, needed[1:])
     return source
+
+
+def _with_data_fingerprint(cfg: Config) -> Config:
+    """The config with its shards' fingerprint recorded (so every checkpoint carries it, and the
+    run can find its data again at another path); a config that holds one already (a resumed run)
+    must find the same data."""
+    if cfg.task.source != "shards":
+        return cfg
+    found = dataset_fingerprint(cfg.task.shards)
+    expected = cfg.task.shards_fingerprint
+    if expected and found != expected:
+        raise ConfigError(
+            f"the shards at task.shards={cfg.task.shards} are not the data this run was trained on (fingerprint "
+            f"{found[:12]}..., the run's {expected[:12]}...): pass task.shards=PATH of the run's own shards"
+        )
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, shards_fingerprint=found))
+
+
+def _initial_parameters(cfg: Config, source, resume: bool) -> np.ndarray:
+    """The run's first meta-parameters: ``train.seed``'s initialisation, or the parameters of the
+    checkpoint ``train.init_from`` names (then the run starts at step 0 with a fresh
+    meta-optimizer). A resumed run restores its own checkpoint instead, so init_from is not read
+    again (the file may be gone by then)."""
+    initial = initial_parameters(cfg, source)
+    if not cfg.train.init_from or resume:
+        return initial
+    saved, params, state = load_checkpoint(cfg.train.init_from)
+    if params.size != initial.size or saved.model.name != cfg.model.name:
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from} holds {params.size} parameters of a {saved.model.name} "
+            f"({saved.algorithm.name}, task.ways={saved.task.ways}); this run's {cfg.model.name} "
+            f"({cfg.algorithm.name}, task.ways={cfg.task.ways}) has {initial.size}: use a checkpoint of the same "
+            "model, head and algorithm family"
+        )
+    print(f"starting from the parameters of {cfg.train.init_from} (step {state['step']})", flush=True)
+    return params.astype(initial.dtype)
 
 
 def _checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore:
@@ -135,9 +191,9 @@ def _checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStor
     return store
 
 
-def _train(cfg: Config, source, run_dir: Path, store: CheckpointStore, started: float) -> TrainResult:
+def _train(cfg: Config, source, run_dir: Path, store: CheckpointStore, started: float, initial) -> TrainResult:
     t = cfg.train
-    supervisor = Supervisor(cfg, initial_parameters(cfg, source), store.location)
+    supervisor = Supervisor(cfg, initial, store.location)
     try:
         train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
         state = supervisor.checkpoint_state()
@@ -281,6 +337,7 @@ class StepResults:
 
     def handle(self, metrics: dict) -> None:
         t = self.cfg.train
+        metrics = _owned(metrics)
         if "state" in metrics:  # a CheckpointError (say, a full disk) stops the run; earlier checkpoints stand
             metrics["checkpoint"] = self.store.write(
                 metrics["checkpoint"], checkpoint_state(self.cfg, metrics.pop("state"))
@@ -298,13 +355,12 @@ class StepResults:
         if self.rejected_in_a_row >= t.max_rejected_steps:
             raise FloatingPointError(
                 f"{self.rejected_in_a_row} steps in a row had non-finite updates (the last at step {metrics['step']}); "
-                "none was applied. Lower algorithm.inner_lr or meta_optimizer.lr, then resume with --resume latest"
+                "none was applied. Start a new run with a lower algorithm.inner_lr or meta_optimizer.lr "
+                "(a resumed run keeps them)"
             )
         at = metrics["step"] + 1
         if "params" in metrics and at not in self.evaluated:  # a snapshot for validation, off the critical path
-            # A copy: the array may be a zero-copy view of a compiled-graph channel buffer, which
-            # stays locked (and the graph stalled) while anything still refers to it.
-            params = metrics.pop("params").copy()
+            params = metrics.pop("params")
             self.evaluated.add(at)
             self.evaluations.append((at, params, _submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
 
@@ -324,6 +380,15 @@ class StepResults:
             flush=True,
         )
         return next_step
+
+
+def _owned(metrics: dict) -> dict:
+    """The step's metrics with arrays of their own. The parameters and checkpoint state arrive as
+    zero-copy views of Ray's buffers (a compiled graph's shared-memory channel, which stays locked,
+    and the graph stalled, while a view lives). A view kept past the step, say by the traceback of
+    a failed checkpoint write, is released only at interpreter exit, after Ray has shut down: the
+    driver then crashed (SIGSEGV in Ray's MutableObjectManager::ReadRelease) instead of exiting 2."""
+    return copy.deepcopy(metrics) if "params" in metrics or "state" in metrics else metrics
 
 
 def _report_placement(cfg: Config, run_dir: Path, placement: dict) -> None:

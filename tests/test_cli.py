@@ -1,15 +1,18 @@
 """launch.py and the distmeta command as a user runs them: subprocesses on an embedded local Ray."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distmeta.checkpoint import read_checkpoint
@@ -145,15 +148,16 @@ def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    output = _Lines(process.stdout)
     try:
-        url, deadline, output = None, time.time() + 240, []
-        for line in process.stdout:
-            output.append(line)
-            if line.startswith("TensorBoard at "):
-                url = line.split()[2]
-            if "still serving" in line or time.time() > deadline:
-                break
-        assert url and process.poll() is None, "launch.py did not keep serving TensorBoard:\n" + "".join(output[-40:])
+        # The run's own word that it is done (its event file closed), never a deadline alone: the
+        # event files are read only after it. TensorBoard's data server logs every 5 s whatever the
+        # run does, so a deadline checked per output line once let a run that had not reached step
+        # 50 in 240 s through to the event files, to fail with a KeyError instead of its output.
+        finished = output.wait_for("still serving", process, timeout=240)
+        assert finished, "launch.py did not finish its 200 steps and keep serving TensorBoard:\n" + output.tail()
+        url = next(line.split()[2] for line in output.lines if line.startswith("TensorBoard at "))
+        assert not [line for line in output.lines if "rustboard" in line], "TensorBoard's data server logs its loads"
         expected = scalars(tmp_path / "tb", "train/loss_after")
         query = f"{url.rstrip('/')}/data/plugin/scalars/scalars?run=tb&tag=train/loss_after"
         served = {}
@@ -174,8 +178,38 @@ def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:  # say what it was doing (its output is piped here)
             process.kill()
-            rest = process.stdout.read()
-            pytest.fail(f"launch.py did not exit 30 s after Ctrl-C; its output:\n{''.join(output[-20:])}{rest[-4000:]}")
+            pytest.fail(f"launch.py did not exit 30 s after Ctrl-C; its output:\n{output.tail()}")
+
+
+class _Lines:
+    """A subprocess's output, read as it comes by a thread of its own, so that waiting for a line
+    has a deadline even while the process prints nothing."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._new, self._ended = threading.Condition(), threading.Event()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._new:
+                self.lines.append(line)
+                self._new.notify_all()
+        self._ended.set()
+
+    def wait_for(self, text: str, process: subprocess.Popen, timeout: float) -> bool:
+        """Whether a line holding ``text`` came within ``timeout`` s, the process still running."""
+        deadline = time.time() + timeout
+        with self._new:
+            while not any(text in line for line in self.lines):
+                if process.poll() is not None or time.time() > deadline:
+                    return False
+                self._new.wait(timeout=1)
+        return process.poll() is None
+
+    def tail(self, count: int = 60) -> str:
+        self._ended.wait(timeout=5)  # a process that has ended: its last lines, which say why
+        return "".join(self.lines[-count:])
 
 
 @pytest.mark.parametrize(
@@ -236,3 +270,57 @@ def test_launch_attaches_to_an_existing_cluster_with_address(tmp_path, cli_env, 
         assert cluster.head_node.remaining_processes_alive()
     finally:
         cluster.shutdown()
+
+
+def _untrained_checkpoint(run_dir: Path) -> Path:
+    """A sinusoid run's checkpoint at step 0, written as training writes one (no Ray needed)."""
+    from distmeta.algorithms import initial_parameters
+    from distmeta.checkpoint import CheckpointStore
+    from distmeta.config import load_config
+    from distmeta.tasks import build_source
+
+    cfg = load_config(None, ["eval.num_tasks=20", "eval.inner_steps=[1]", f"run_name={run_dir.name}"])
+    params = torch.from_numpy(initial_parameters(cfg, build_source(cfg.task)))
+    state = {"params": params, "step": 0, "config": cfg.to_dict()}
+    return Path(CheckpointStore(run_dir / "checkpoints").write("final.pt", state))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no CUDA GPU")
+def test_evaluate_on_cuda_without_cuda_exits_2_with_the_reason(tmp_path, capsys):
+    from distmeta.cli import main
+
+    checkpoint = _untrained_checkpoint(tmp_path / "run")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda cannot be used: torch" in err and "sees no CUDA GPU" in err and "use --device cpu" in err
+
+
+@pytest.fixture
+def read_only_run(tmp_path):
+    """A run folder on a read-only mount (a bind mount: root, as the tests run here, writes through
+    any chmod; a read-only mount stops it too)."""
+    run_dir = tmp_path / "run"
+    checkpoint = _untrained_checkpoint(run_dir)
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(run_dir), str(run_dir)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.geteuid() == 0:
+            pytest.skip(f"cannot make a read-only mount here: {mounted.stderr.decode().strip()}")
+        run_dir.chmod(0o555)  # not root: permissions are enough
+    try:
+        yield run_dir, checkpoint
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(run_dir)], check=True)
+        run_dir.chmod(0o755)
+
+
+def test_evaluate_reads_a_checkpoint_in_a_read_only_folder_and_says_what_it_did_not_write(read_only_run, capsys):
+    from distmeta.cli import main
+
+    run_dir, checkpoint = read_only_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["evaluate", "--checkpoint", str(checkpoint)]) == 0
+    out = capsys.readouterr()
+    assert "mse" in out.out and out.out.splitlines()[-1].split()[-1] == "20"  # the results, for all 20 tasks
+    assert f"note: {run_dir} is not writable (" in out.err and "no eval_only_test TensorBoard events" in out.err
+    assert sorted(p.name for p in run_dir.iterdir()) == before

@@ -4,6 +4,7 @@ drive a cluster: `ray job submit` and `launch.py --address`."""
 
 import json
 import os
+import site
 import subprocess
 import sys
 import time
@@ -150,7 +151,7 @@ def older_ray_head(tmp_path_factory):
     major, minor = map(int, ray.__version__.split(".")[:2])
     version = f"{major}.{minor - 1}.0"
     venv = tmp_path_factory.mktemp("older-ray")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     install = subprocess.run(
         [venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", f"ray=={version}"],
         capture_output=True,
@@ -162,6 +163,7 @@ def older_ray_head(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)  # a user's machine without the registry; CI always has it
+    _see_our_packages(venv)
     head = "import sys, ray; ray.init(num_cpus=1, include_dashboard=False); "
     head += "print(ray.__version__, ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
@@ -178,6 +180,16 @@ def older_ray_head(tmp_path_factory):
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _see_our_packages(venv: Path) -> None:
+    """Ray's dependencies for the venv: this interpreter's site-packages, listed in a .pth file so that
+    they come after the venv's own (its older ray wins). Not `--system-site-packages`: that gives the
+    base interpreter's, which under a venv (the README's install) has none of them. Written after the
+    pip install, so pip never sees (or touches) this interpreter's ray."""
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (own,) = (venv / "lib").glob("python*/site-packages")
+    (own / "distmeta-test-packages.pth").write_text("".join(f"{path}\n" for path in ours))
 
 
 def test_a_cluster_on_another_ray_version_is_refused_with_both_versions(older_ray_head, tmp_path, cli_env):

@@ -46,6 +46,12 @@ def test_yaml_then_overrides(tmp_path):
         ("eval.ways=5", "eval.ways applies to classification; task.source=sinusoid is regression"),
         ("cluster.reduce=ring", "choose one of: server, allreduce"),
         ("cluster.server_shards=0", "cluster.server_shards must be >= 1"),
+        ("train.seed=-1", r"train.seed must be in 0 .. 2\*\*63 - 1, got -1"),
+        ("eval.seed=9223372036854775808", r"eval.seed must be in 0 .. 2\*\*63 - 1"),
+        ("meta_optimizer.lr=.inf", "meta_optimizer.lr must be a finite number, got inf"),
+        ("cluster.step_timeout_s=.inf", "cluster.step_timeout_s must be a finite number, got inf"),
+        ("eval.divergence_factor=.nan", "eval.divergence_factor must be a finite number, got nan"),
+        ("meta_optimizer.final_lr=-.inf", "meta_optimizer.final_lr must be a finite number, got -inf"),
     ],
 )
 def test_bad_values_are_rejected_with_the_fix(override, message):

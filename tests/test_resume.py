@@ -13,11 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_faults import MODELS
 from test_runtime import saved_params, small
 
+from distmeta.algorithms import initial_parameters
 from distmeta.checkpoint import CheckpointStore, read_checkpoint, step_name
-from distmeta.config import ConfigError
+from distmeta.config import ConfigError, load_config
 from distmeta.resume import prepare_resume
+from distmeta.runfolder import release
+from distmeta.tasks import build_source
 from distmeta.train import checkpoint_location, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,8 +97,10 @@ def _newest(run_dir: Path) -> Path:
     return max((run_dir / "checkpoints").glob("step_*.pt"))
 
 
-def test_resume_latest_skips_a_corrupted_checkpoint_and_sets_newer_ones_aside(ray_local, tmp_path, capsys):
-    cfg = small("train.steps=60", "train.checkpoint_every=10", "train.checkpoint_keep=0", f"logdir={tmp_path}")
+@pytest.mark.parametrize("model", MODELS)
+def test_resume_latest_skips_a_corrupted_checkpoint_and_sets_newer_ones_aside(ray_local, tmp_path, capsys, model):
+    run = [*MODELS[model], "train.steps=60", "train.checkpoint_every=10", "train.checkpoint_keep=0"]
+    cfg = small(*run, f"logdir={tmp_path}")
     expected = saved_params(train(cfg, tmp_path / "a"))
     shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
     folder = tmp_path / "b" / "checkpoints"
@@ -164,3 +170,83 @@ def test_resume_refuses_what_it_cannot_do_exactly(ray_local, tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match="cannot write the run's logs"):
         train(cfg, tmp_path / "a-file" / "run")
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    """A finished 20-step run (checkpoints at 10 and 20, final.pt, best.pt) to copy from."""
+    cfg = small("train.steps=20", "train.checkpoint_every=10", "train.checkpoint_keep=0")
+    cfg = load_config(None, ["train.eval_every=10", "train.eval_tasks=10"], base=cfg.to_dict())
+    return train(cfg, tmp_path_factory.mktemp("trained") / "a").run_dir
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run_dir, tmp_path / run_dir.name)
+    return tmp_path / run_dir.name
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_from_a_file_outside_checkpoints_goes_to_the_run_name_given(trained, tmp_path):
+    run_dir = _copy_run(trained, tmp_path)
+    before = _contents(run_dir / "checkpoints")
+    (tmp_path / "elsewhere").mkdir()
+    copied = shutil.copy(run_dir / "checkpoints" / step_name(10), tmp_path / "elsewhere" / "x.pt")
+
+    cfg, resumed = prepare_resume(str(copied), [f"logdir={tmp_path}", "run_name=b"], {})
+    assert resumed == tmp_path / "b" and cfg.run_name == "b"
+    assert _contents(run_dir / "checkpoints") == before  # run a is left as it was
+    result = train(cfg, resumed, resume=True)
+    assert result.run_dir == tmp_path / "b" and read_checkpoint(result.checkpoint)["config"]["run_name"] == "b"
+    np.testing.assert_array_equal(saved_params(result), read_checkpoint(run_dir / "checkpoints" / "final.pt")["params"])
+    assert _contents(run_dir / "checkpoints") == before
+    with pytest.raises(ConfigError, match="run_name=b: run .* already has checkpoints"):
+        prepare_resume(str(copied), [f"logdir={tmp_path}", "run_name=b"], {})  # b is a run now
+
+
+def test_best_pt_cannot_resume_and_nothing_is_touched(trained, tmp_path):
+    run_dir = _copy_run(trained, tmp_path)
+    best = run_dir / "checkpoints" / "best.pt"
+    assert read_checkpoint(best)["step"] in (10, 20)  # the step of a real checkpoint: the one it overwrote
+    before = _contents(run_dir)
+    with pytest.raises(ConfigError, match=f"parameters only .* train.init_from={best}"):
+        prepare_resume(str(best), ["train.steps=40"], {})
+    assert _contents(run_dir) == before
+
+
+def test_final_pt_resumes_and_a_resume_never_overwrites_a_step_file(trained, tmp_path):
+    run_dir = _copy_run(trained, tmp_path)
+    folder = run_dir / "checkpoints"
+    own_20 = (folder / step_name(20)).read_bytes()
+    _, resumed = prepare_resume(str(folder / "final.pt"), ["train.steps=30"], {})
+    release(resumed)
+    assert [p.read_bytes() for p in folder.glob(f"set-aside-*/{step_name(20)}")] == [own_20]
+
+    store = CheckpointStore(folder)  # a step file that differs from the checkpoint resumed from
+    state = read_checkpoint(folder / step_name(10))
+    store.write(step_name(10), state | {"params": state["params"] + 1})
+    different = (folder / step_name(10)).read_bytes()
+    (tmp_path / "elsewhere").mkdir()
+    copied = shutil.copy(trained / "checkpoints" / step_name(10), tmp_path / "elsewhere" / "x.pt")
+    _, resumed = prepare_resume(str(copied), [f"logdir={tmp_path}"], {})  # into run a, named in the checkpoint
+    release(resumed)
+    assert resumed == run_dir
+    assert different in [p.read_bytes() for p in folder.glob(f"set-aside-*/{step_name(10)}")]  # kept, aside
+    np.testing.assert_array_equal(read_checkpoint(folder / step_name(10))["params"], state["params"])
+
+
+def test_init_from_starts_a_fresh_run_from_any_checkpoints_parameters(trained, tmp_path):
+    best = trained / "checkpoints" / "best.pt"
+    params = read_checkpoint(best)["params"].numpy()
+    cfg = small("train.steps=2", f"train.init_from={best}", "meta_optimizer.lr=1e-12")
+    result = train(cfg, tmp_path / "b")
+    final = read_checkpoint(result.checkpoint)
+    np.testing.assert_allclose(final["params"].numpy(), params, rtol=0, atol=1e-9)  # 2 steps of 1e-12
+    assert np.abs(params - initial_parameters(cfg, build_source(cfg.task))).max() > 1e-3  # not the seed's init
+    assert final["step"] == 2 and final["optimizer"]["state"][0]["step"].item() == 2  # a fresh Adam
+    with pytest.raises(ConfigError, match="cannot change train.init_from"):
+        prepare_resume(str(tmp_path / "b"), ["train.steps=4", "train.init_from="], {})
+    with pytest.raises(ConfigError, match=r"holds \d+ parameters of a mlp .* has \d+"):
+        train(small("model.hidden=[8]", f"train.init_from={best}"), tmp_path / "c")

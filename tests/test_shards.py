@@ -266,3 +266,111 @@ def test_impossible_evaluation_episodes_are_named_before_training(omniglot_shard
     )
     with pytest.raises(ShardError, match=message):
         train(cfg, tmp_path / "run")  # before Ray starts: this test has no Ray
+
+
+def test_a_run_whose_shards_moved_resumes_and_evaluates_at_the_new_path_if_the_data_is_the_same(
+    ray_local, omniglot_shards, tmp_path, capsys
+):
+    from distmeta.checkpoint import read_checkpoint
+    from distmeta.cli import launch_main, main
+    from distmeta.config import ConfigError
+    from distmeta.data.shards import dataset_fingerprint
+    from distmeta.resume import prepare_resume
+    from distmeta.train import train
+
+    shutil.copytree(omniglot_shards, tmp_path / "data")
+    tiny = ["model.filters=4", "task.ways=3", "task.shots=1", "task.queries=1", "train.meta_batch_size=2"]
+    tiny += ["train.checkpoint_every=2", "train.eval_every=0", "eval.num_tasks=4", "eval.queries=1"]
+    tiny += ["eval.inner_steps=[1]", "cluster.prefetch_batches=2"]
+    cfg = load_config(
+        None, ["task.source=shards", "model.name=conv4", f"task.shards={tmp_path / 'data'}", "train.steps=2", *tiny]
+    )
+    run_dir = train(cfg, tmp_path / "run").run_dir
+    final = run_dir / "checkpoints" / "final.pt"
+    assert read_checkpoint(final)["config"]["task"]["shards_fingerprint"] == dataset_fingerprint(omniglot_shards)
+    (tmp_path / "data").rename(tmp_path / "moved")  # another mount point, another working directory
+    moved = f"task.shards={tmp_path / 'moved'}"
+
+    with pytest.raises(ConfigError, match="not at task.shards=.*data .* if they moved, pass task.shards=NEWPATH"):
+        prepare_resume(str(run_dir), ["train.steps=4"], {})
+    assert main(["evaluate", "--checkpoint", str(final)]) == 2
+    assert "pass task.shards=NEWPATH" in capsys.readouterr().err
+
+    other = tmp_path / "other"  # valid shards, other data: the same files, one test class fewer
+    shutil.copytree(tmp_path / "moved", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["maml/test"].pop()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="not the data this run was trained on"):
+        prepare_resume(str(run_dir), ["train.steps=4", f"task.shards={other}"], {})
+    assert main(["evaluate", "--checkpoint", str(final), f"task.shards={other}"]) == 2
+    assert "not the data this run was trained on" in capsys.readouterr().err
+
+    assert main(["evaluate", "--checkpoint", str(final), moved]) == 0
+    assert launch_main(["--eval-only", "--checkpoint", str(final), moved]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    cfg, resumed = prepare_resume(str(run_dir), ["train.steps=4", moved], {})
+    assert resumed == run_dir and cfg.task.shards == str(tmp_path / "moved")
+    result = train(cfg, resumed, resume=True)
+    assert read_checkpoint(result.checkpoint)["step"] == 4
+
+
+def _break(manifest: dict, how: str) -> None:
+    if how == "missing classes":
+        del manifest["classes"]
+    elif how == "shape as text":
+        manifest["image_shape"] = "1x8x8"
+    elif how == "rows as text":
+        manifest["classes"][0]["rows"] = "4"
+    elif how == "rows past the shard":
+        manifest["classes"][-1]["rows"] += 1
+    elif how == "shard out of range":
+        manifest["classes"][0]["shard"] = 7
+    elif how == "file outside the folder":
+        manifest["shards"][0]["file"] = "../shard-00000.arrow"
+    elif how == "split member out of range":
+        manifest["splits"]["all/train"].append(99)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing classes", "classes is missing"),
+        ("shape as text", "image_shape must be list, got '1x8x8'"),
+        ("rows as text", "classes\\[0\\].rows must be an integer, got '4'"),
+        ("rows past the shard", "classes\\[2\\] \\(c2\\) holds rows 8..12 of shard 0, which has 12 rows"),
+        ("shard out of range", "classes\\[0\\].shard is 7, but there are 1 shards"),
+        ("file outside the folder", "shards\\[0\\].file must be a file name in the shards' folder, got '../shard"),
+        ("split member out of range", "splits\\['all/train'\\] must be a list of class indices 0..2"),
+    ],
+)
+def test_a_malformed_manifest_is_named_at_open_time(tmp_path, how, message):
+    from distmeta.data.shards import ClassImages, write_shards
+
+    rng = np.random.default_rng(0)
+    write_shards(
+        tmp_path,
+        [ClassImages(f"c{i}", "g", rng.integers(0, 256, (4, 1, 8, 8), np.uint8)) for i in range(3)],
+        {"all/train": [0, 1, 2]},
+    )
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    _break(manifest, how)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=f"manifest.json is malformed: {message}.*; rebuild the shards"):
+        ShardedDataset(tmp_path)
+
+
+def test_a_manifest_that_is_not_an_object_fails_with_exit_2(tmp_path, cli_env):
+    import subprocess
+    import sys
+
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    out = subprocess.run(
+        [sys.executable, "launch.py", "task.source=shards", f"task.shards={tmp_path}", "model.name=conv4"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "manifest.json holds a JSON list, not an object" in out.stderr, out.stderr[-2000:]

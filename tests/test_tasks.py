@@ -6,7 +6,7 @@ import torch
 
 from distmeta.config import load_config
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
+from distmeta.runtime.task_generator import TaskGenerationError, TaskGenerator, generator_blocks, split_evenly
 from distmeta.tasks import build_source, task_rng
 
 
@@ -102,5 +102,7 @@ def test_a_failing_source_is_reported_to_the_worker_that_asks():
     cfg = load_config()
     cfg.task.queries = -20  # past validation on purpose: sampling fails inside the prefetch thread
     generator = TaskGenerator(cfg, [25], [0])
-    with pytest.raises(ValueError, match="negative dimensions"):
+    with pytest.raises(TaskGenerationError, match="could not build step 0: ValueError: negative dimensions"):
+        generator.batch_for(StepControl(0), 0)
+    with pytest.raises(TaskGenerationError, match="could not build step 0"):  # again, not a wait on an empty queue
         generator.batch_for(StepControl(0), 0)

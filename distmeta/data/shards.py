@@ -113,6 +113,96 @@ def write_shards(
     return path
 
 
+def read_manifest(root: str | Path) -> dict:
+    """``root``'s manifest, once its structure is known to be sound: every key of the right type,
+    every class inside its shard, every split member a class, shard files inside ``root``."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ShardError(
+            f"{path} does not exist: build shards with `distmeta data build omniglot --src ... --out {root}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path} is not valid JSON ({err}); rebuild the shards") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path} holds a JSON {type(manifest).__name__}, not an object; rebuild the shards")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ShardError(
+            f"{path} is format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
+            f"distmeta reads {FORMAT!r} version {VERSION}: rebuild the shards with this version"
+        )
+    try:
+        _check_manifest(manifest)
+    except ShardError as err:
+        raise ShardError(f"{path} is malformed: {err}; rebuild the shards (`distmeta data build ...`)") from None
+    return manifest
+
+
+def _check_manifest(manifest: dict) -> None:
+    shape = _field(manifest, "image_shape", list, "")
+    if len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+        raise ShardError(f"image_shape must be [channels, height, width] of positive integers, got {shape!r}")
+    shards = _field(manifest, "shards", list, "")
+    for i, shard in enumerate(shards):
+        where = f"shards[{i}]"
+        name = _field(shard, "file", str, where)
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ShardError(f"{where}.file must be a file name in the shards' folder, got {name!r}")
+        for key in ("rows", "bytes"):
+            if _field(shard, key, int, where) < 0:
+                raise ShardError(f"{where}.{key} must be >= 0")
+        _field(shard, "sha256", str, where)
+    classes = _field(manifest, "classes", list, "")
+    for i, cls in enumerate(classes):
+        where = f"classes[{i}]"
+        _field(cls, "name", str, where)
+        _field(cls, "group", str, where)
+        shard, first, rows = (_field(cls, key, int, where) for key in ("shard", "first_row", "rows"))
+        if not 0 <= shard < len(shards):
+            raise ShardError(f"{where}.shard is {shard}, but there are {len(shards)} shards")
+        if first < 0 or rows < 1 or first + rows > shards[shard]["rows"]:
+            raise ShardError(
+                f"{where} ({cls['name']}) holds rows {first}..{first + rows - 1} of shard {shard}, "
+                f"which has {shards[shard]['rows']} rows"
+            )
+    splits = _field(manifest, "splits", dict, "")
+    for name, members in splits.items():
+        if not isinstance(members, list) or not all(_is_int(m) and 0 <= m < len(classes) for m in members):
+            raise ShardError(f"splits[{name!r}] must be a list of class indices 0..{len(classes) - 1}")
+
+
+def _field(entry, key: str, kind: type, where: str):
+    """``entry[key]``, of type ``kind``; ``where`` names ``entry`` in messages ("" for the manifest)."""
+    if not isinstance(entry, dict):
+        raise ShardError(f"{where} must be an object, got {entry!r:.80}")
+    name = f"{where}.{key}" if where else key
+    if key not in entry:
+        raise ShardError(f"{name} is missing")
+    value = entry[key]
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
+        raise ShardError(f"{name} must be {'an integer' if kind is int else kind.__name__}, got {value!r:.80}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """A SHA-256 over what defines the dataset: image shape, classes, splits and each shard's
+    SHA-256 (not file names, nor where it was built from). Opening the shards checks the files
+    against those SHA-256s, so equal fingerprints mean the same data wherever it lies."""
+    manifest = read_manifest(root)
+    content = {
+        "image_shape": manifest["image_shape"],
+        "classes": manifest["classes"],
+        "splits": manifest["splits"],
+        "shards": [(shard["rows"], shard["bytes"], shard["sha256"]) for shard in manifest["shards"]],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 class ShardedDataset:
     """Shards opened for random access: ``gather(shard, rows)`` copies rows out.
 
@@ -125,20 +215,7 @@ class ShardedDataset:
 
     def __init__(self, root: str | Path, verify: bool = True, map_bytes: int = 256 << 20):
         self.root = Path(root)
-        path = self.root / MANIFEST
-        if not path.is_file():
-            raise ShardError(
-                f"{path} does not exist: build shards with `distmeta data build omniglot --src ... --out {self.root}`"
-            )
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ShardError(f"{path} is not valid JSON ({err}); rebuild the shards") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise ShardError(
-                f"{path} is format {self.manifest.get('format')!r} version {self.manifest.get('version')!r}; this "
-                f"distmeta reads {FORMAT!r} version {VERSION}: rebuild the shards with this version"
-            )
+        self.manifest = read_manifest(self.root)
         self.image_shape = tuple(self.manifest["image_shape"])
         self.image_bytes = int(np.prod(self.image_shape))
         self.classes = self.manifest["classes"]

@@ -30,9 +30,19 @@ def connect(cluster: ClusterConfig) -> bool:
         cores = os.cpu_count() or 1
         if needed > cores:
             log.warning("%d worker CPUs requested on a %d-core machine: workers will share cores", needed, cores)
+        _choose_token_auth()
         # address="local": a new instance even when this machine runs a `ray start` cluster (which
         # plain ray.init() would join, refusing num_cpus); --address auto joins that one
-        ray.init(address="local", num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            ray.init(
+                address="local", num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING
+            )
+        except (RuntimeError, ConnectionError, TimeoutError) as err:  # its processes did not come up in time
+            raise ClusterError(
+                f"the embedded local Ray did not start: {type(err).__name__}: {str(err).splitlines()[0]}\n"
+                "Nothing was trained or written. A heavily loaded machine or a full /tmp (Ray's session folder) "
+                "delays its start: try again, or check `df /tmp` and the logs under /tmp/ray/session_latest/logs."
+            ) from None
         started = True
         if cluster.renice_driver and hasattr(os, "nice"):
             os.nice(max(0, ACTOR_NICENESS - os.nice(0)))
@@ -54,6 +64,17 @@ def connect(cluster: ClusterConfig) -> bool:
         started = False
     check_resources(cluster)
     return started
+
+
+def _choose_token_auth() -> None:
+    """Ray 2.60 turns token authentication on for a new local instance when RAY_AUTH_MODE is unset,
+    and warns on every start that it did. The embedded instance keeps that secure default, chosen
+    explicitly: RAY_AUTH_MODE=token, then Ray's config re-read (Ray caches it at import; its own
+    switch to token mode does the same). A mode the user set is left alone."""
+    reread = getattr(getattr(ray._raylet, "Config", None), "initialize", None)  # absent before token auth existed
+    if "RAY_AUTH_MODE" not in os.environ and reread is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        reread("")
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -25,6 +25,7 @@ all-reduce mode (``cluster.reduce=allreduce``) has no server, and its own, ``All
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 
@@ -63,6 +64,7 @@ class CompiledEngine:
         self.graph = graph.experimental_compile(
             _max_inflight_executions=max_inflight_steps + 1, _submit_timeout=timeout_s
         )
+        self.graph.actor_to_executable_tasks = RunningLoops(self.graph)
 
         self.step_s, self.last_result = 0.0, time.perf_counter()
 
@@ -94,8 +96,49 @@ class CompiledEngine:
         if teardown.is_alive():
             for actor, loop in self.graph.worker_task_refs.items():  # each actor's graph loop
                 if not ray.wait([loop], timeout=0)[0]:
+                    KILLED_BY_CLOSE.add(actor._actor_id.hex())
                     ray.kill(actor, no_restart=False)
             teardown.join(6 * TEARDOWN_S)  # then go on: recovery pings every actor anyway
+
+
+class RunningLoops(dict):
+    """A compiled graph's actors and their tasks, as Ray's teardown reads them to cancel each
+    actor's loop: only the actors whose loop still runs. When an actor dies (a killed server, or a
+    frozen worker that ``close`` killed) its loop ends with it, and Ray's monitor thread tears the
+    graph down at once, sending each actor a cancel: the dead one's fails (it is restarting) and
+    Ray logged a 40-line "Error cancelling worker task" traceback for a fault already recovered
+    from. A cancel already on its way to an actor ``close`` kills fails the same way: Ray's report
+    of that one is dropped (``MootCancels``)."""
+
+    def __init__(self, graph):
+        super().__init__(graph.actor_to_executable_tasks)
+        self.loops = graph.worker_task_refs
+
+    def _running(self, actor) -> bool:
+        loop = self.loops.get(actor)
+        ended = actor._actor_id.hex() in KILLED_BY_CLOSE or (loop is not None and ray.wait([loop], timeout=0)[0])
+        return not ended
+
+    def keys(self):
+        return [actor for actor, _ in self.items()]
+
+    def items(self):
+        return [(actor, tasks) for actor, tasks in super().items() if self._running(actor)]
+
+
+class MootCancels(logging.Filter):
+    """Drops Ray's "Error cancelling worker task" for an actor that ``CompiledEngine.close`` killed
+    while the cancel was on its way (see ``RunningLoops``); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() != "Error cancelling worker task" or not record.exc_info:
+            return True
+        error = str(record.exc_info[1])
+        return not any(actor in error for actor in list(KILLED_BY_CLOSE))
+
+
+KILLED_BY_CLOSE: set[str] = set()  # ids of the actors close() killed: their loops ended with them
+logging.getLogger("ray.dag.compiled_dag_node").addFilter(MootCancels())
 
 
 class TaskEngine:

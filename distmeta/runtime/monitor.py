@@ -18,18 +18,72 @@ updated: mean, max and a histogram per logging window), how many were dropped as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
 
 import numpy as np
 import yaml
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from distmeta.config import Config
+from distmeta.config import Config, ConfigError
+
+
+class EventWriteError(ConfigError):
+    """TensorBoard's events could not be written (a full disk); the message says what to do."""
+
+
+@contextlib.contextmanager
+def events_written(run_dir: Path):
+    """Turn a failed TensorBoard write into a clear error. The writer is tensorboard's, with a
+    background thread: its OSError surfaces at a later call, raised from that thread's traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise EventWriteError(
+            f"could not write TensorBoard events to {run_dir} ({err.strerror or err}): the disk is full or the "
+            f"folder is not writable. Free space, then continue with `python launch.py --resume {run_dir}`: it "
+            "goes on from the run's newest checkpoint (those written are untouched; only the steps since are "
+            "re-run). If the run has no checkpoint yet, nothing is saved to resume: start it again"
+        ) from None
+
+
+def _report_thread_error(args, previous=threading.excepthook) -> None:
+    """Python prints an uncaught thread exception with its traceback. TensorBoard's writer thread
+    re-raises its write error so, and the writer raises it again at its next call, where
+    ``events_written`` reports it clearly: print only the errors of other threads."""
+    if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+        return
+    previous(args)
+
+
+threading.excepthook = _report_thread_error
+
+
+class CheckedWriter:
+    """A SummaryWriter whose every call raises ``EventWriteError`` if it cannot write."""
+
+    def __init__(self, run_dir: Path, **options):
+        self.run_dir = run_dir
+        with events_written(run_dir):
+            self.writer = SummaryWriter(str(run_dir), **options)
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.writer, name)
+        if not callable(attribute):
+            return attribute
+
+        def checked(*args, **kwargs):
+            with events_written(self.run_dir):
+                return attribute(*args, **kwargs)
+
+        return checked
 
 
 class Monitor:
@@ -37,7 +91,7 @@ class Monitor:
         self.cfg, self.out = cfg, out
         # On resume, drop whatever the earlier part logged after its checkpoint (TensorBoard hides
         # events at steps >= purge_step written before it), so no step appears twice.
-        self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
+        self.writer = CheckedWriter(run_dir, purge_step=start_step + 1 if start_step else None)
         self.last_step = start_step  # steps re-run after a fault are not logged again
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", start_step)
         self.sums: dict[str, float] = defaultdict(float)  # train/* per step, the rest per timed step
@@ -171,9 +225,10 @@ class Monitor:
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, self.latest.get("step", 0))
         experiment, session_start, session_end = hparams(flat, metrics)
-        for summary in (experiment, session_start, session_end):
-            self.writer.file_writer.add_summary(summary)
-        self.writer.close()
+        with events_written(self.writer.run_dir):
+            for summary in (experiment, session_start, session_end):
+                self.writer.file_writer.add_summary(summary)
+            self.writer.close()
 
 
 def write_eval_scalars(writer: SummaryWriter, step: int, prefix: str, rows) -> None:

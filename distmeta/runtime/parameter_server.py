@@ -43,14 +43,18 @@ class ParameterServer:
     def __init__(
         self,
         cfg: Config,
-        initial_params: np.ndarray,
+        initial_params: np.ndarray | int,
         checkpoints: str | None = None,
         bounds: tuple[int, int] | None = None,
     ):
+        """``initial_params``: the run's initial meta-parameters, or just their number, when they
+        come with the first ``begin_epoch`` (as a Ray actor: a restarted actor gets its constructor
+        arguments again only if they are small enough to travel inline, which no image model's are)."""
         self.cfg = cfg
-        self.size = len(initial_params)
+        given = not isinstance(initial_params, int)
+        self.size = len(initial_params) if given else initial_params
         self.lo, self.hi = bounds or (0, self.size)
-        self.initial = np.array(initial_params[self.lo : self.hi])
+        self.initial = np.array(initial_params[self.lo : self.hi]) if given else None
         self.epoch = 0  # the driver's current engine generation (see begin_epoch)
         self.store = CheckpointStore(checkpoints) if checkpoints else None
         self.reload()
@@ -58,18 +62,22 @@ class ParameterServer:
     def reload(self) -> int:
         """Start over from the newest valid checkpoint in the run's folder, or from the initial
         parameters if there is none yet (at start, and after another shard was restarted so that
-        all agree again); returns the step."""
-        opt = self.cfg.meta_optimizer
-        self.theta = torch.nn.Parameter(torch.tensor(self.initial, dtype=DTYPES[self.cfg.train.dtype]))
-        if opt.name == "adam":  # fused: one pass over the vector, 5-7x faster on CPU (benchmarks/ps_capacity.py)
-            self.optimizer = torch.optim.Adam([self.theta], lr=opt.lr, fused=True)
-        else:
-            self.optimizer = torch.optim.SGD([self.theta], lr=opt.lr)
+        all agree again); returns the step. Without either, the parameters wait for begin_epoch."""
         self.step = 0  # steps done so far (applied or rejected); also the parameter version
         self.rejected_steps: list[int] = []
         self.last_draw = -1  # asynchronous mode: the newest task batch an update came from
         self.restored_from = None
         found = self.store.latest() if self.store else None
+        if found is None and self.initial is None:
+            self.theta = None
+            return self.step
+        start = self.initial if self.initial is not None else np.zeros(self.hi - self.lo)  # the checkpoint's, below
+        opt = self.cfg.meta_optimizer
+        self.theta = torch.nn.Parameter(torch.tensor(start, dtype=DTYPES[self.cfg.train.dtype]))
+        if opt.name == "adam":  # fused: one pass over the vector, 5-7x faster on CPU (benchmarks/ps_capacity.py)
+            self.optimizer = torch.optim.Adam([self.theta], lr=opt.lr, fused=True)
+        else:
+            self.optimizer = torch.optim.SGD([self.theta], lr=opt.lr)
         if found:
             self.restored_from = self.store.uri(found[0])
             self._restore(found[1])
@@ -97,14 +105,23 @@ class ParameterServer:
     def next_draw(self) -> int:
         return self.last_draw + 1 if self.cfg.train.mode == "async" else self.step
 
-    def begin_epoch(self, epoch: int) -> int:
+    def begin_epoch(self, epoch: int, initial: list | None = None) -> int:
         """From now on apply only steps sent by engine generation ``epoch``: steps still in flight
-        from before a fault may arrive late, computed on older parameters. Returns the step."""
+        from before a fault may arrive late, computed on older parameters. Returns the step.
+        ``initial``: [an object ref to] the initial parameters, for a server constructed without
+        them (a list, so that Ray hands over the ref, fetched only by a server with no parameters)."""
+        if self.theta is None and initial is not None:
+            import ray  # a server runs in-process too (all-reduce replicas, tests)
+
+            self.initial = np.array(ray.get(initial[0])[self.lo : self.hi])
+            self.reload()
         self.epoch = epoch
         return self.step
 
     def parameters(self, control: StepControl | None = None) -> np.ndarray:
         """The current meta-parameters, this server's slice (``control`` only orders this call within a step)."""
+        if self.theta is None:
+            raise RuntimeError("parameter server restarted before the run's first checkpoint: it awaits begin_epoch")
         return self.theta.detach().numpy()
 
     def learning_rate(self, step: int) -> float:
@@ -177,7 +194,7 @@ class ParameterServer:
             if (self.lo, self.hi) != (0, self.size):  # the other shards cannot know: stop rather than diverge
                 raise FloatingPointError(
                     f"step {step}: the sum of the workers' updates overflowed in parameters {self.lo}..{self.hi - 1}; "
-                    "lower meta_optimizer.lr or algorithm.inner_lr and resume with --resume latest"
+                    "start a new run with a lower meta_optimizer.lr or algorithm.inner_lr (a resume keeps them)"
                 )
             bad = results
         rejected = [{"rank": r["rank"], "tasks": [r["first_task"], r["first_task"] + r["num_tasks"]]} for r in bad]

@@ -30,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import signal
 import time
 
 import ray
 import ray.exceptions as rex
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from distmeta.config import Config, ConfigError
 from distmeta.params import shard_bounds
@@ -51,10 +53,16 @@ FAULTS = (rex.RayActorError, rex.ObjectLostError, rex.OwnerDiedError, rex.NodeDi
 TIMEOUTS = (rex.GetTimeoutError, rex.RayChannelError)
 MAX_RETRIES_OF_ONE_STEP = 5
 PLACEMENT_REPORT_S = 15.0  # while the workers' placement group is pending, say so this often
+KILL_GRACE_S = 5.0  # a killed worker still there after this is frozen: it is SIGKILLed (see Supervisor._kill)
 
 
 class ActorLost(RuntimeError):
     """The run cannot go on without an actor it lost; the message names which."""
+
+
+class ActorFailed(ActorLost):
+    """An actor's call raised (bad data, a shard changed under the run, a bug): not a fault, since
+    a re-run would fail the same way. The message is the original error's type and message."""
 
 
 def is_fault(err: BaseException) -> bool:
@@ -79,13 +87,16 @@ class Supervisor:
         except ValueError as err:
             raise ConfigError(f"cluster.server_shards={c.server_shards}: {err}") from None
         self.allreduce = c.reduce == "allreduce"
+        # The servers get their initial parameters with begin_epoch, not as a constructor argument:
+        # one above Ray's inline limit (any image model's) lives in the object store, where Ray
+        # frees it once the actor is created, so a restarted server could not be constructed again.
+        self.initial, self.checkpoints = ray.put(initial_params), checkpoints
         self.servers = [
             ray.remote(ParameterServer)
             .options(**self.service, **restarts)
-            .remote(cfg, initial_params, checkpoints, bounds)
+            .remote(cfg, len(initial_params), checkpoints, bounds)
             for bounds in ([] if self.allreduce else shards)
         ]
-        self.initial, self.checkpoints = ray.put(initial_params), checkpoints
         self.grouped: dict[int, int] = {}  # all-reduce mode: rank -> the process that joined the current group
         self.placement = reserve_workers(c)
         self.workers = [
@@ -140,7 +151,8 @@ class Supervisor:
     def _begin_epoch(self) -> int:
         """Tell the server shards the new engine generation; returns the step they are at."""
         timeout = self.cfg.cluster.step_timeout_s
-        steps = ray.get([server.begin_epoch.remote(self.epoch) for server in self.servers], timeout=timeout)
+        begun = [server.begin_epoch.remote(self.epoch, [self.initial]) for server in self.servers]
+        steps = ray.get(begun, timeout=timeout)
         if len(set(steps)) > 1:  # a shard was restarted from the checkpoint: all go back to it
             log.warning("parameter-server shards at steps %s: all reload the newest checkpoint", steps)
             steps = ray.get([server.reload.remote() for server in self.servers], timeout=timeout)
@@ -174,9 +186,10 @@ class Supervisor:
     def _restart(self, ranks: list[int]) -> list[int]:
         """Kill the workers ``ranks`` and wait up to ``rejoin_timeout_s`` for each to answer from a
         new process; returns those that did not."""
+        pending = {}
         for rank in ranks:
-            ray.kill(self.workers[rank], no_restart=False)
-        pending = {rank: self.grouped.pop(rank, None) for rank in ranks}
+            grouped = self.grouped.pop(rank, None)
+            pending[rank] = self._kill(rank) or grouped
         deadline = time.time() + self.cfg.cluster.rejoin_timeout_s
         while pending and time.time() < deadline:
             for rank, old in list(pending.items()):
@@ -186,10 +199,25 @@ class Supervisor:
             time.sleep(0.2 if pending else 0)
         return list(pending)
 
+    def _kill(self, rank: int) -> int | None:
+        """Kill worker ``rank``'s process (Ray restarts it); returns its pid, if Ray knows it.
+        Ray asks the process to exit and SIGKILLs it only if the request hangs: one frozen long
+        enough (SIGSTOP, swapped out) fails the request at once, so Ray leaves it alive, holding
+        its placement-group bundle, and the restarted worker is never placed. A task on its node
+        kills it then."""
+        actor = self.workers[rank]
+        info = _actor_info(actor)
+        ray.kill(actor, no_restart=False)
+        if info is None or info["State"] != "ALIVE" or not info["Pid"]:
+            return None
+        on_its_node = NodeAffinitySchedulingStrategy(info["Address"]["NodeID"], soft=False)
+        _end_process.options(num_cpus=0, scheduling_strategy=on_its_node).remote(info["Pid"], KILL_GRACE_S)
+        return info["Pid"]
+
     def _leave_out(self, rank: int) -> None:
         """Take worker ``rank`` out of the split until it answers again (it is restarted)."""
         log.warning("worker %d is not back after %.0f s: going on without it", rank, self.cfg.cluster.rejoin_timeout_s)
-        ray.kill(self.workers[rank], no_restart=False)
+        self._kill(rank)
         self.away[rank] = self.workers[rank].__ray_ready__.remote()
         self.live = [r for r in self.live if r != rank]
 
@@ -225,6 +253,8 @@ class Supervisor:
         """After a fault at ``step``: restore a working set of actors, rebuild the engine, and return
         the step to continue from (the server's). Raises ``ActorLost`` if that is impossible."""
         c = self.cfg.cluster
+        if (isinstance(err, rex.RayTaskError) and not is_fault(err)) or getattr(err, "actor_init_failed", False):
+            raise ActorFailed(f"training stopped at step {step}: {explain(err)}") from err
         if c.actor_restarts == 0 or not is_fault(err):
             raise err
         self.failures_of_step = self.failures_of_step + 1 if step == self.failed_step else 1
@@ -238,7 +268,7 @@ class Supervisor:
             for server in self.servers:
                 _wait_ready(server, c.rejoin_timeout_s + c.step_timeout_s)
         except (rex.RayActorError, rex.GetTimeoutError) as lost:
-            raise ActorLost(f"the parameter server did not come back after a fault ({_first_line(lost)})") from err
+            raise ActorLost(f"the parameter server did not come back after a fault ({explain(lost)})") from err
         # Workers: a killed one answers once restarted; a healthy one may first sit out calls of the
         # dropped steps that can never run (see _wait_ready). One that does not answer in time is
         # stuck or its node is gone: it is restarted and left out of the split until it answers.
@@ -248,6 +278,8 @@ class Supervisor:
         else:
             answered = _ping_until([self.workers[rank] for rank in self.live], time.time() + c.rejoin_timeout_s)
             lost = [rank for rank, ok in zip(self.live, answered) if not ok]
+            if lost == self.live:  # the split cannot go on without them: wait for them restarted
+                lost = self._restart(lost)
         for rank in lost:
             self._leave_out(rank)
         if not self.live:
@@ -287,7 +319,7 @@ class Supervisor:
             workers = ray.get([place(w, True) for w in self.workers], timeout=c.rejoin_timeout_s + c.step_timeout_s)
             servers = ray.get([place(server) for server in self.servers], timeout=c.step_timeout_s)
         except rex.RayActorError as err:
-            raise ActorLost(f"an actor could not start: {_cause(err)}") from None
+            raise ActorLost(f"an actor could not start: {explain(err)}") from None
         workers = [{"rank": rank} | w for rank, w in enumerate(workers)]
         return {"server": servers[0] if servers else None, "server_shards": servers, "workers": workers}
 
@@ -325,15 +357,57 @@ def _pid(actor) -> int:
     return os.getpid()
 
 
+def _actor_info(actor) -> dict | None:
+    """The GCS's record of ``actor`` (state, pid, node), or None if it cannot be read; it needs no
+    dashboard, unlike ray.util.state."""
+    try:
+        return ray._private.state.actors(actor_id=actor._actor_id.hex())
+    except Exception as err:  # best-effort: the caller kills the actor with ray.kill regardless
+        log.info("no actor-table entry for %s: %s", actor, _first_line(err))
+        return None
+
+
+@ray.remote(max_retries=0)
+def _end_process(pid: int, grace_s: float) -> None:
+    """SIGKILL process ``pid`` if it has not exited within ``grace_s`` (the time Ray gives it)."""
+    deadline = time.time() + grace_s
+    with contextlib.suppress(ProcessLookupError):
+        while time.time() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+
+
 def _replica_call(worker, method: str):
     return getattr(worker.replica.server, method)()
 
 
-def _cause(err: BaseException) -> str:
-    """The line of an actor's death that says why (the creation task's exception, if any)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    raised = [line for line in lines if line.startswith(("RuntimeError", "ValueError", "ConfigError", "OSError"))]
-    return raised[-1] if raised else (lines[0] if lines else type(err).__name__)
+def explain(err: BaseException) -> str:
+    """What went wrong in an actor: the original error's type and whole message, without Ray's
+    wrapper and traceback (a call's error, or the error that killed an actor's constructor)."""
+    while isinstance(err, rex.RayTaskError) and isinstance(getattr(err, "cause", None), BaseException):
+        if err.cause is err:
+            break
+        err = err.cause
+    if isinstance(err, rex.RayActorError) and err.actor_init_failed:
+        return _creation_error(str(err))
+    if isinstance(err, rex.RayActorError):
+        return _first_line(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def _creation_error(text: str) -> str:
+    """The exception at the end of the constructor's traceback in a RayActorError's message, as
+    ``Type: message`` (all its lines); Ray keeps only that text, not the exception."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if not frames:
+        return lines[0] if lines else "the actor's constructor failed"
+    rest = lines[frames[-1] + 1 :]
+    while rest and (rest[0].startswith(" ") or not rest[0]):  # the frame's source line and ^^^ marks
+        rest = rest[1:]
+    kind, _, message = "\n".join(rest).partition(": ")
+    return f"{kind.rsplit('.', 1)[-1]} in the actor's constructor: {message}" if message else "\n".join(rest)
 
 
 def _wait_ready(actor, timeout_s: float) -> None:

@@ -22,6 +22,11 @@ from distmeta.runtime.control import StepControl
 from distmeta.tasks import TaskBatch, build_source, task_rng
 
 
+class TaskGenerationError(RuntimeError):
+    """The generator could not build a step's tasks (bad data, a shard changed under the run); the
+    message names the step and the original error. Not a fault: a re-run would fail the same way."""
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     """``total`` tasks over ``parts`` workers, sizes differing by at most one."""
     base, extra = divmod(total, parts)
@@ -61,6 +66,7 @@ class TaskGenerator:
         self.ready: queue.Queue = queue.Queue(maxsize=cfg.cluster.prefetch_batches)
         self.current_step, self.current = -1, {}
         self.next_step, self.stride = start_step, stride
+        self.failure: TaskGenerationError | None = None  # the producer's error, once it has stopped on one
         if prefetch:
             threading.Thread(target=self._produce, daemon=True, name="task-prefetch").start()
 
@@ -78,7 +84,8 @@ class TaskGenerator:
             try:
                 item = (step, self.build(step))
             except Exception as err:
-                item = (step, err)
+                message = f"the task generator could not build step {step}: {type(err).__name__}: {err}"
+                item = (step, TaskGenerationError(message).with_traceback(err.__traceback__))
             self.ready.put(item)  # blocks while the queue is full: the bound on prefetching
             if isinstance(item[1], Exception):
                 return
@@ -90,9 +97,7 @@ class TaskGenerator:
         if control.step < self.current_step:
             return self.build(control.step)[rank]
         if control.step != self.current_step:
-            step, slices = self.ready.get()
-            if isinstance(slices, Exception):
-                raise slices
+            step, slices = self._next_ready()
             if step != control.step:
                 raise RuntimeError(f"task generator produced step {step} but step {control.step} was asked for")
             self.current_step, self.current = step, slices
@@ -100,7 +105,17 @@ class TaskGenerator:
 
     def next_batch(self) -> TaskBatch:
         """The next meta-batch of the stream (asynchronous mode: one generator, one whole batch each)."""
-        _, slices = self.ready.get()
-        if isinstance(slices, Exception):
-            raise slices
+        _, slices = self._next_ready()
         return slices[self.ranks[0]]
+
+    def _next_ready(self) -> tuple[int, dict[int, TaskBatch]]:
+        """The next step the producer built. Once it has stopped on an error, every later call
+        raises that error too: the queue stays empty, and a call waiting on it would hold up the
+        run's teardown (a compiled graph waits for each actor's loop to finish its call)."""
+        if self.failure is None:
+            step, slices = self.ready.get()
+            if isinstance(slices, TaskGenerationError):
+                self.failure = slices
+        if self.failure is not None:
+            raise self.failure
+        return step, slices

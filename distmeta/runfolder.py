@@ -1,0 +1,71 @@
+"""A run folder is owned by one run at a time.
+
+Two runs writing one folder would overwrite each other's checkpoints and mix their TensorBoard
+events, and a restarted parameter server in either would load the other's checkpoint. A run
+therefore holds an exclusive ``flock`` on ``<run>/.distmeta-run.lock`` from before it touches the
+folder (a resume moves checkpoints aside first) until it ends; the operating system releases it
+when the process dies, however it dies, so a crashed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from distmeta.config import ConfigError
+
+LOCK_FILE = ".distmeta-run.lock"
+
+# Run folders this process owns -> the lock file's descriptor. flock is per open file, so a second
+# claim from this process (prepare_resume, then train) must reuse the first rather than lock again.
+_OWNED: dict[str, int] = {}
+
+
+def claim(run_dir: Path) -> None:
+    """Own ``run_dir`` for this process until ``release``; refuses at once if another process
+    owns it, naming that process."""
+    key = os.path.abspath(run_dir)
+    if key in _OWNED:
+        return
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise ConfigError(
+            f"run folder {run_dir} is in use by another run ({holder}): two runs in one folder would overwrite "
+            "each other's checkpoints. Wait for it to end, or give this run another run_name"
+        ) from None
+    except OSError as err:  # a filesystem without locks (some network mounts)
+        os.close(fd)
+        raise ConfigError(f"cannot lock run folder {run_dir} ({err}); choose a --logdir on a local disk") from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder | {"command": " ".join(sys.argv)}).encode(), 0)
+    _OWNED[key] = fd
+
+
+def release(run_dir: Path) -> None:
+    """Give up ``run_dir`` (closing the descriptor drops the lock); the lock file stays, as
+    deleting it would let a third run lock a new file while a second still holds the old one."""
+    fd = _OWNED.pop(os.path.abspath(run_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet said which"
