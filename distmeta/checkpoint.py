@@ -257,11 +257,9 @@ def convert_legacy(location: str | Path, out: str | Path | None = None) -> str:
     if not isinstance(state, dict) or "params" not in state or "config" not in state:
         raise CheckpointError(f"{location} is not a distmeta checkpoint (no params/config entries)")
     if out is None:
-        folder, name = split_location(location)
         with fs.open_output_stream(f"{path}.pickle") as f:  # nothing is lost: the original stays beside it
             f.write(data)
-        return CheckpointStore(folder).write(name, state)
-    folder, name = split_location(str(out))
+    folder, name = split_location(str(out or location))
     return CheckpointStore(folder).write(name, state)
 
 

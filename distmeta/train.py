@@ -55,6 +55,7 @@ from distmeta.evaluate import (
     protocol,
     summarize,
 )
+from distmeta.resume import check_shards
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import connect
 from distmeta.runtime.control import StepControl
@@ -141,13 +142,8 @@ def _with_data_fingerprint(cfg: Config) -> Config:
     must find the same data."""
     if cfg.task.source != "shards":
         return cfg
+    check_shards(cfg, cfg)
     found = dataset_fingerprint(cfg.task.shards)
-    expected = cfg.task.shards_fingerprint
-    if expected and found != expected:
-        raise ConfigError(
-            f"the shards at task.shards={cfg.task.shards} are not the data this run was trained on (fingerprint "
-            f"{found[:12]}..., the run's {expected[:12]}...): pass task.shards=PATH of the run's own shards"
-        )
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, shards_fingerprint=found))
 
 
