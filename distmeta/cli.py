@@ -26,6 +26,16 @@ FLAGS = {
 }
 
 
+def _or_auto(kind: type):
+    """An argparse type: a number of ``kind``, or ``auto`` (resolved against the cluster)."""
+
+    def parse(text: str):
+        return text if text == "auto" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error: "invalid int value"
+    return parse
+
+
 def train_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -34,9 +44,9 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--address", help="attach to a Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
-    parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--gpus-per-worker", type=float)
-    parser.add_argument("--cpus-per-worker", type=float)
+    parser.add_argument("--num-workers", type=_or_auto(int), metavar="N|auto", help="default: auto, the cluster's size")
+    parser.add_argument("--gpus-per-worker", type=_or_auto(float), metavar="G|auto")
+    parser.add_argument("--cpus-per-worker", type=_or_auto(float), metavar="C|auto")
     parser.add_argument("--meta-batch-size", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seed", type=int)

@@ -6,6 +6,7 @@ an unknown key or a bad value is rejected with the valid choices named.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -21,6 +22,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says what is wrong and how to fix it."""
+
+
+AUTO = "auto"  # a layout field resolved against the cluster the run lands on
 
 
 @dataclass
@@ -81,9 +85,12 @@ class MetaOptimizerConfig:
 class ClusterConfig:
     address: str | None = None  # None: embedded local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT"
     engine: str = "auto"  # auto | compiled (Ray compiled graph) | tasks (plain actor calls); runtime/engine.py
-    num_workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    # The workers' layout; "auto" (the default) fills the cluster as benchmarks/peers.py measured
+    # fastest: one worker per GPU, or without GPUs one single-threaded worker per CPU core
+    # (runtime/cluster.py, plan_layout). The run's first line says what it chose.
+    num_workers: int | str = AUTO
+    gpus_per_worker: float | str = AUTO
+    cpus_per_worker: float | str = AUTO
     num_task_generators: int = 1
     prefetch_batches: int = 8  # task batches generated ahead of the workers
     max_inflight_steps: int = 4  # steps submitted ahead of the step whose metrics the driver reads
@@ -125,6 +132,10 @@ class TrainConfig:
     meta_batch_size: int = 25
     seed: int = 0
     dtype: str = "float32"  # float32 | float64
+    # bf16: the workers' training forward and backward under torch.autocast to bfloat16 (faster on
+    # CPUs with AVX-512 BF16 or AMX and on GPUs; not the same math: benchmarks/peers.py --bf16,
+    # README "Reduced precision"). Parameters, updates and evaluation stay in train.dtype.
+    autocast: str = "none"  # none | bf16
     log_every: int = 20  # TensorBoard scalars, averaged over this many steps
     print_every_s: float = 5.0
     checkpoint_every: int = 1000  # steps between checkpoints (0: only the final one)
@@ -196,6 +207,11 @@ class Config:
         _choice("algorithm.implementation", self.algorithm.implementation, ("auto", "vmap", "loop"))
         _choice("meta_optimizer.name", self.meta_optimizer.name, ("adam", "sgd"))
         _choice("train.dtype", self.train.dtype, ("float32", "float64"))
+        _choice("train.autocast", self.train.autocast, ("none", "bf16"))
+        if self.train.autocast != "none" and self.train.dtype != "float32":
+            raise ConfigError(
+                f"train.autocast={self.train.autocast} computes in reduced precision: use train.dtype=float32"
+            )
         _choice("train.mode", self.train.mode, ("sync", "async"))
         _choice("train.stale_updates", self.train.stale_updates, ("drop", "scale"))
         for name, value, low in [
@@ -212,7 +228,6 @@ class Config:
             ("algorithm.fce_steps", self.algorithm.fce_steps, 1),
             ("eval.ways", self.eval.ways, 0),
             ("eval.inner_batch_size", self.eval.inner_batch_size, 0),
-            ("cluster.num_workers", self.cluster.num_workers, 1),
             ("cluster.num_task_generators", self.cluster.num_task_generators, 1),
             ("cluster.server_shards", self.cluster.server_shards, 1),
             ("cluster.prefetch_batches", self.cluster.prefetch_batches, 1),
@@ -232,6 +247,7 @@ class Config:
         ]:
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        _check_layout(self.cluster)
         _check_finite(self, "")
         for name, seed in [("train.seed", self.train.seed), ("eval.seed", self.eval.seed)]:
             if not 0 <= seed < 2**63:  # the random streams take seeds as unsigned 64-bit, torch as signed
@@ -258,9 +274,8 @@ class Config:
                 f"cluster.straggler_factor must be 0 (off) or >= 2 (times the mean step time), "
                 f"got {self.cluster.straggler_factor}"
             )
-        if self.cluster.gpus_per_worker < 0 or self.cluster.cpus_per_worker <= 0:
-            raise ConfigError("cluster.gpus_per_worker must be >= 0 and cluster.cpus_per_worker > 0")
-        if self.train.mode == "sync" and self.cluster.num_workers > self.train.meta_batch_size:
+        workers = self.cluster.num_workers
+        if self.train.mode == "sync" and workers != AUTO and workers > self.train.meta_batch_size:
             raise ConfigError(
                 f"cluster.num_workers ({self.cluster.num_workers}) exceeds train.meta_batch_size "
                 f"({self.train.meta_batch_size}): every worker needs at least one task per step"
@@ -268,7 +283,8 @@ class Config:
         if (
             self.train.mode == "async"
             and self.train.stale_updates == "drop"
-            and (self.train.max_staleness < self.cluster.num_workers - 1)
+            and workers != AUTO
+            and (self.train.max_staleness < workers - 1)
         ):
             raise ConfigError(
                 f"train.max_staleness={self.train.max_staleness} with {self.cluster.num_workers} asynchronous workers "
@@ -424,8 +440,11 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, path)
+        kinds = [a for a in args if a is not type(None)]
+        for inner in kinds[:-1]:  # int | str: a number if it is one, else the string
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, inner, path)
+        return _coerce(value, kinds[-1], path)
     if origin is list:
         if not isinstance(value, list):
             value = [value]
@@ -444,6 +463,19 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{path} must be {kind.__name__}, got {value!r}")
+
+
+def _check_layout(cluster: ClusterConfig) -> None:
+    """Each layout field is "auto" or a number in range."""
+    for name, low, strict in (("num_workers", 1, False), ("cpus_per_worker", 0, True), ("gpus_per_worker", 0, False)):
+        value = getattr(cluster, name)
+        if value == AUTO:
+            continue
+        if isinstance(value, str) or (value <= low if strict else value < low):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise ConfigError(f"cluster.{name} must be {AUTO} or a number {bound}, got {value!r}")
+        if name == "num_workers" and not isinstance(value, int):
+            raise ConfigError(f"cluster.num_workers must be {AUTO} or a whole number, got {value!r}")
 
 
 def _check_finite(section: Any, where: str) -> None:

@@ -57,11 +57,13 @@ from distmeta.evaluate import (
 )
 from distmeta.resume import check_shards
 from distmeta.runfolder import claim, release
-from distmeta.runtime.cluster import connect
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
+from distmeta.runtime.control import StepControl, scores_before
 from distmeta.runtime.monitor import Monitor, duration
 from distmeta.runtime.parameter_server import checkpoint_state
 from distmeta.runtime.supervisor import ActorLost, Supervisor
+from distmeta.runtime.task_generator import split_evenly
+from distmeta.runtime.worker import step_seconds
 from distmeta.tasks import build_source
 
 
@@ -112,7 +114,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> Tra
         store = _checked_outputs(cfg, run_dir, resume)
         started_ray = connect(cfg.cluster)
         try:
-            return _train(cfg, source, run_dir, store, started, initial)
+            placed = plan_layout(cfg, lambda: step_seconds(cfg, SPLIT_ABOVE_S))
+            return _train(cfg, placed, source, run_dir, store, started, initial)
         finally:
             if started_ray:
                 ray.shutdown()
@@ -187,9 +190,13 @@ def _checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStor
     return store
 
 
-def _train(cfg: Config, source, run_dir: Path, store: CheckpointStore, started: float, initial) -> TrainResult:
+def _train(
+    cfg: Config, placed: Config, source, run_dir: Path, store: CheckpointStore, started: float, initial
+) -> TrainResult:
+    """``cfg`` as requested (what checkpoints record, ``auto`` included), ``placed`` with the layout
+    it resolved to on this cluster (what the workers and the final evaluation get)."""
     t = cfg.train
-    supervisor = Supervisor(cfg, initial, store.location)
+    supervisor = Supervisor(cfg, initial, store.location, placed)
     try:
         train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
         state = supervisor.checkpoint_state()
@@ -212,7 +219,7 @@ def _train(cfg: Config, source, run_dir: Path, store: CheckpointStore, started: 
         print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
     print(protocol(cfg, "test", cfg.eval.num_tasks), flush=True)
-    rows = _collect_evaluation(cfg, _submit_evaluation(cfg, final_params, "test", final=True), progress=True)
+    rows = _collect_evaluation(cfg, _submit_evaluation(placed, final_params, "test", final=True), progress=True)
     monitor.log_eval(t.steps, "test", rows)
     print(format_rows(rows), flush=True)
     monitor.close(rows)
@@ -228,16 +235,20 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     """The training loop proper; returns (seconds, monitor, best checkpoint, validations still
     running, the signal that stopped it or 0)."""
     c, t = cfg.cluster, cfg.train
-    _report_placement(cfg, run_dir, supervisor.where())
+    placed = supervisor.placed.cluster
+    if t.mode == "async":
+        tasks = f"{t.meta_batch_size} tasks each, max staleness {t.max_staleness} ({t.stale_updates} older)"
+    else:
+        tasks = f"tasks {split_evenly(t.meta_batch_size, placed.num_workers)}"
+    print(
+        f"run {run_dir} | {describe_layout(c, placed)} | {supervisor.engine_name} engine | {tasks} | {t.steps} steps",
+        flush=True,
+    )
+    _report_placement(cfg, run_dir, supervisor.where())  # before the engine starts: its actors run nothing else
     start_step = supervisor.start()
     if start_step:
         print(f"resuming at step {start_step} from {supervisor.restored_from()}", flush=True)
     results = StepResults(cfg, Monitor(run_dir, cfg, start_step), store, BestCheckpoint(cfg, store))
-    staleness = f", max staleness {t.max_staleness} ({t.stale_updates} older)" if t.mode == "async" else ""
-    print(
-        f"run {run_dir} | {supervisor.engine_name} engine | {c.num_workers} worker(s), tasks {supervisor.shares}"
-        f"{staleness} | {t.steps} steps"
-    )
     started = time.time()
     with StopOnSignal() as stop:
         loop = _async_loop if t.mode == "async" else _sync_loop
@@ -257,6 +268,7 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
             epoch=supervisor.epoch,
             checkpoint=step_name(done) if t.checkpoint_every and done % t.checkpoint_every == 0 else None,
             publish=bool(t.eval_every and done % t.eval_every == 0),
+            score_before=scores_before(step, t.log_every, t.steps),
         )
 
     clock = StepClock(c.step_timeout_s, c.straggler_factor)

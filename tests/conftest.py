@@ -23,7 +23,7 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli_env():
     """Environment for launch.py subprocesses: the repo importable, output unbuffered."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -217,7 +217,7 @@ class _Lines:
     [
         (["algorithm.inner_lrr=0.1"], "did you mean algorithm.inner_lr"),
         (["--config", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
-        (["--num-workers", "0"], "cluster.num_workers must be >= 1"),
+        (["--num-workers", "0"], "cluster.num_workers must be auto or a number >= 1, got 0"),
         (["--address", "127.0.0.1:9"], "nothing answers at '127.0.0.1:9'"),
         (["--eval-only"], "--eval-only needs --checkpoint"),
         (["--eval-only", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
@@ -264,7 +264,7 @@ def test_launch_attaches_to_an_existing_cluster_with_address(tmp_path, cli_env, 
             env,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "2 worker(s)" in out.stdout and "step 60/60" in out.stdout
+        assert "| 2 workers x " in out.stdout and "step 60/60" in out.stdout
         assert (tmp_path / "attached" / "checkpoints" / "final.pt").is_file()
         # the cluster outlives the job: launch.py disconnects, it does not shut the cluster down
         assert cluster.head_node.remaining_processes_alive()

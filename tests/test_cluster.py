@@ -14,7 +14,10 @@ import pytest
 import ray
 from test_runtime import small
 
+from distmeta.config import ConfigError, load_config
+from distmeta.runtime.cluster import SPLIT_ABOVE_S, describe_layout, plan_layout
 from distmeta.runtime.supervisor import ActorLost
+from distmeta.runtime.worker import step_seconds
 from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,10 +89,13 @@ def test_a_job_submitted_with_ray_job_submit_runs_on_the_worker_nodes(local_clus
 
 
 def test_launch_attaches_to_the_cluster_by_address(local_cluster, tmp_path, cli_env):
+    """With the default layout (auto): one worker per GPU of the cluster."""
     env = cli_env | {"RAY_AUTH_MODE": "disabled"}
     command = ["python", "launch.py", "--address", f"127.0.0.1:{PORT}", "--logdir", str(tmp_path), "run_name=attached"]
-    run = subprocess.run([*command, *RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    auto = RUN[4:]  # no --num-workers, no --gpus-per-worker
+    run = subprocess.run([*command, *auto], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "| 2 workers x 1 CPU + 1 GPU (auto: num_workers, cpus_per_worker, gpus_per_worker) |" in run.stdout
     check_run(tmp_path / "attached", run.stdout + run.stderr)
 
 
@@ -115,6 +121,42 @@ def test_workers_the_cluster_cannot_place_fail_with_what_the_nodes_have(ray_loca
         ActorLost, match=r"could not place 2 workers .*=strict_spread in 2 s; the cluster's nodes have CPU=4"
     ):
         train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "overrides, layout",
+    [
+        ([], (4, 1.0, 0.0)),  # one single-threaded worker per core of the 4-CPU local Ray
+        (["cluster.num_workers=1"], (1, 4.0, 0.0)),  # the cores shared among the workers asked for
+        (["cluster.num_workers=3"], (3, 1.0, 0.0)),
+        (["cluster.cpus_per_worker=2"], (2, 2.0, 0.0)),
+        (["train.meta_batch_size=3"], (3, 1.0, 0.0)),  # every worker needs a task per step
+        (["train.mode=async", "train.max_staleness=1"], (2, 2.0, 0.0)),  # more would drop most updates
+        (["train.mode=async", "train.max_staleness=1", "train.stale_updates=scale"], (4, 1.0, 0.0)),
+    ],
+)
+def test_the_default_layout_fills_the_cluster(ray_local, overrides, layout):
+    cfg = load_config(None, overrides)
+    placed = plan_layout(cfg, step_seconds=lambda: 1.0).cluster  # a step worth splitting
+    assert (placed.num_workers, placed.cpus_per_worker, placed.gpus_per_worker) == layout
+    assert cfg == load_config(None, overrides)  # the request is what the run records (and a resume re-plans)
+    assert describe_layout(cfg.cluster, placed).startswith(f"{layout[0]} worker")
+
+
+def test_a_step_too_short_to_split_runs_on_one_single_threaded_worker(ray_local):
+    """Coordination would cost more than a second worker saves (the sinusoid MLP: a few ms). The
+    probe itself is timed on real tasks; its speed is the benchmarks' business, not a test's."""
+    cfg = load_config(None, [])
+    placed = plan_layout(cfg, lambda: SPLIT_ABOVE_S / 10).cluster
+    assert (placed.num_workers, placed.cpus_per_worker) == (1, 1.0)
+    assert 0 < step_seconds(cfg, SPLIT_ABOVE_S) < 60  # it runs, on the run's own tasks and model
+
+
+def test_a_layout_larger_than_the_cluster_is_refused_with_what_it_has(ray_local):
+    with pytest.raises(ConfigError, match=r"8 workers x 1 CPU = 8 CPUs, but the Ray cluster has 4"):
+        plan_layout(load_config(None, ["cluster.num_workers=8", "cluster.cpus_per_worker=1"]), lambda: 1.0)
+    with pytest.raises(ConfigError, match=r"1 workers x 1 GPU = 1 GPUs, but the Ray cluster has 0"):
+        plan_layout(load_config(None, ["cluster.num_workers=1", "cluster.gpus_per_worker=1"]), lambda: 1.0)
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])

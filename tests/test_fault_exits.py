@@ -40,7 +40,7 @@ def test_a_lone_stuck_worker_is_restarted_and_the_run_goes_on(ray_local, tmp_pat
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     out = capsys.readouterr().out
-    assert "| tasks engine | 1 worker(s)" in out
+    assert "| 1 worker x 2 CPU (auto: gpus_per_worker) | tasks engine |" in out
     assert result.recoveries == 1 and "with 1 worker(s), tasks [7]" in out
     expected, _ = in_process(cfg)
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)

@@ -190,17 +190,17 @@ def test_a_stuck_worker_is_a_straggler_its_step_is_re_run(ray_local, tmp_path, c
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_soak_a_thousand_steps_with_a_worker_killed_every_fifty(ray_local, tmp_path):
-    kills = list(range(50, 1000, 50))
+def test_soak_three_hundred_steps_with_a_worker_killed_every_forty(ray_local, tmp_path):
+    kills = list(range(40, 300, 40))
     cfg, result, saboteur = faulty_run(
-        tmp_path, "Worker", kills, "train.steps=1000", "cluster.num_workers=3", "train.checkpoint_every=50"
+        tmp_path, "Worker", kills, "train.steps=300", "cluster.num_workers=3", "train.checkpoint_every=20"
     )
     assert len(saboteur.hits) == len(kills) and result.recoveries == len(kills)
     events = EventAccumulator(str(result.run_dir))
     events.Reload()
     assert max(e.value for e in events.Scalars("faults/recovered")) == len(kills)
     logged = [e.step for e in events.Scalars("train/loss_after")]
-    assert logged == sorted(set(logged)) and logged[-1] == 1000  # every window once, none twice
+    assert logged == sorted(set(logged)) and logged[-1] == 300  # every window once, none twice
     expected, _ = in_process(cfg)
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 

@@ -203,3 +203,19 @@ def test_maml_metrics_are_query_losses_before_and_after_adaptation():
     after = query_loss_sum(model, theta, tasks, loss_fn, 2, 0.05)
     assert metrics["loss_before"] == pytest.approx(before, rel=1e-10)
     assert metrics["loss_after"] == pytest.approx(after, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "anil", "metasgd"])
+@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+def test_without_the_score_before_adaptation_the_update_is_the_same(name, implementation):
+    """Training scores the query set before adaptation on logging steps only: leaving that forward
+    pass out must not change the update, only drop the ``*_before`` metrics."""
+    model, _, tasks, _, task_kind = setup("conv4")
+    algorithm = build_algorithm(AlgorithmConfig(name=name, inner_lr=0.05, inner_steps=2), model, task_kind)
+    theta = algorithm.initial_parameters()  # Meta-SGD's learned rates too
+    scored, with_before = algorithm.batch_update(theta, tasks, implementation)
+    unscored, without = algorithm.batch_update(theta, tasks, implementation, score_before=False)
+    assert {n for n in with_before if n.endswith("_before")} == {"loss_before", "accuracy_before"}
+    assert without == {n: v for n, v in with_before.items() if not n.endswith("_before")}
+    for n in scored:
+        assert torch.equal(scored[n], unscored[n]), n

@@ -204,3 +204,28 @@ def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
         worker._params(flat), tasks.to_torch(worker.device, torch.float32), other
     )
     np.testing.assert_allclose(first["update"], worker.layout.flatten(expected).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_is_an_option_close_to_float32_and_only_with_float32_parameters():
+    """train.autocast=bf16 changes the math (so it is off by default), but not by much: the same
+    Conv4 update, in the same direction, from bfloat16 kernels. Metrics and the update stay float32."""
+    from distmeta.runtime.task_generator import TaskGenerator
+    from distmeta.runtime.worker import Worker
+
+    tiny = ["task.source=synthetic", "model.name=conv4", "model.filters=8", "model.downsample=stride"]
+    tiny += ["train.meta_batch_size=2", "algorithm.inner_lr=0.1", "algorithm.implementation=loop"]
+    updates = {}
+    for mode in ("none", "bf16"):
+        cfg = load_config(None, [*tiny, f"train.autocast={mode}"])
+        torch.manual_seed(0)
+        worker = Worker(cfg, device=torch.device("cpu"))
+        tasks = TaskGenerator(cfg, [2], [0], prefetch=False).build(0)[0]
+        flat = flat_parameters(worker.algorithm.initial_parameters(), torch.float32).numpy()
+        result = worker.compute(StepControl(0), tasks, flat)
+        assert result["update"].dtype == np.float32 and set(result["metrics"]) >= {"loss_before", "loss_after"}
+        updates[mode] = result["update"]
+    assert not np.array_equal(updates["none"], updates["bf16"])  # reduced precision really ran
+    cosine = updates["none"] @ updates["bf16"] / np.linalg.norm(updates["none"]) / np.linalg.norm(updates["bf16"])
+    assert cosine > 0.99
+    with pytest.raises(ConfigError, match="train.autocast=bf16 computes in reduced precision: use train.dtype=float32"):
+        load_config(None, ["train.autocast=bf16", "train.dtype=float64"])

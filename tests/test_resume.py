@@ -57,10 +57,17 @@ def launch(args, env, **kwargs):
     )
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cli_env) -> Path:
+    """The run left alone (once for both signals): the folder of its run."""
+    logdir = tmp_path_factory.mktemp("straight")
+    run = launch(["--logdir", str(logdir), "run_name=straight", *RUN], cli_env)
+    assert run.wait(timeout=300) == 0, run.stdout.read()[-3000:]
+    return logdir / "straight"
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
-def test_a_run_stopped_by_a_signal_and_resumed_ends_bit_identical(tmp_path, cli_env, how):
-    straight = launch(["--logdir", str(tmp_path), "run_name=straight", *RUN], cli_env)
-    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-3000:]
+def test_a_run_stopped_by_a_signal_and_resumed_ends_bit_identical(tmp_path, cli_env, how, straight):
 
     # Ctrl-C in a terminal signals the whole foreground process group, Ray's own processes included
     stopped = launch(["--logdir", str(tmp_path), "run_name=stopped", *RUN], cli_env, start_new_session=True)
@@ -85,12 +92,13 @@ def test_a_run_stopped_by_a_signal_and_resumed_ends_bit_identical(tmp_path, cli_
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming at step {at['step']} from" in out
 
-    final = {name: read_checkpoint(tmp_path / name / "checkpoints" / "final.pt") for name in ("straight", "stopped")}
+    runs = {"straight": straight, "stopped": tmp_path / "stopped"}
+    final = {name: read_checkpoint(run / "checkpoints" / "final.pt") for name, run in runs.items()}
     assert np.array_equal(final["stopped"]["params"].numpy(), final["straight"]["params"].numpy())
     adam = [final[name]["optimizer"]["state"][0] for name in ("straight", "stopped")]
     assert all(np.array_equal(adam[0][k].numpy(), adam[1][k].numpy()) for k in ("exp_avg", "exp_avg_sq", "step"))
     for tag in ("train/loss_after", "val/mse_shots10_steps1", "test/mse_shots10_steps1"):
-        assert scalars(tmp_path / "stopped", tag) == scalars(tmp_path / "straight", tag), tag  # each step once
+        assert scalars(runs["stopped"], tag) == scalars(straight, tag), tag  # each step once
 
 
 def _newest(run_dir: Path) -> Path:

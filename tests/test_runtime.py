@@ -24,6 +24,8 @@ def small(*overrides):
     return load_config(
         None,
         [
+            "cluster.num_workers=1",  # tests choose their layout (auto is tested in test_cluster.py)
+            "cluster.cpus_per_worker=1",
             "train.steps=12",
             "train.meta_batch_size=7",  # uneven over 2 and 3 workers
             "train.dtype=float64",
@@ -124,11 +126,13 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
     events = EventAccumulator(str(result.run_dir))
     events.Reload()
     scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-    # training metrics: the mean over each logging window, equal to the same math in one process
+    # training metrics: the mean over each logging window, equal to the same math in one process;
+    # the score before adaptation is taken on the window's last step only (it costs a forward pass)
     for end in (4, 8, 12):
         window = history[end - 4 : end]
-        for name in ("loss_before", "loss_after"):
-            assert scalars[f"train/{name}"][end] == pytest.approx(np.mean([m["train"][name] for m in window]), rel=1e-6)
+        after = np.mean([m["train"]["loss_after"] for m in window])
+        assert scalars["train/loss_after"][end] == pytest.approx(after, rel=1e-6)
+        assert scalars["train/loss_before"][end] == pytest.approx(window[-1]["train"]["loss_before"], rel=1e-6)
         assert scalars["train/lr"][end] == pytest.approx(1e-3)
     # the step-time breakdown and throughput, per window
     for tag in (

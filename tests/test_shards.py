@@ -281,7 +281,7 @@ def test_a_run_whose_shards_moved_resumes_and_evaluates_at_the_new_path_if_the_d
     shutil.copytree(omniglot_shards, tmp_path / "data")
     tiny = ["model.filters=4", "task.ways=3", "task.shots=1", "task.queries=1", "train.meta_batch_size=2"]
     tiny += ["train.checkpoint_every=2", "train.eval_every=0", "eval.num_tasks=4", "eval.queries=1"]
-    tiny += ["eval.inner_steps=[1]", "cluster.prefetch_batches=2"]
+    tiny += ["eval.inner_steps=[1]", "cluster.prefetch_batches=2", "cluster.num_workers=1", "cluster.cpus_per_worker=1"]
     cfg = load_config(
         None, ["task.source=shards", "model.name=conv4", f"task.shards={tmp_path / 'data'}", "train.steps=2", *tiny]
     )

@@ -60,8 +60,10 @@ class MetaAlgorithm:
         self.cfg, self.model, self.kind = cfg, model, kind
         self.model_names = [name for name, _ in model.named_parameters()]
 
-    def chunk_update(self, theta: Params, tasks: Task) -> tuple[Params, dict[str, Tensor]]:
-        """Sum over the chunk's tasks of their updates, and of their metrics."""
+    def chunk_update(self, theta: Params, tasks: Task, score_before: bool = True) -> tuple[Params, dict[str, Tensor]]:
+        """Sum over the chunk's tasks of their updates, and of their metrics. An adaptive learner
+        scores the query set before adaptation (``*_before``) only with ``score_before``: it costs
+        a forward pass the update does not need."""
         raise NotImplementedError
 
     def initial_parameters(self) -> Params:
@@ -75,7 +77,9 @@ class MetaAlgorithm:
         or, with ``shared``, all tasks the same ones. Either way each task is its own batch, so batch
         statistics never mix tasks."""
         if x.shape[0] == 1:  # a single task needs no vmap
-            return functional_call(module, {n: p if shared else p[0] for n, p in params.items()}, (x[0],)).unsqueeze(0)
+            # squeeze, not [0]: a view whose backward is a view too (indexing's scatters into zeros)
+            single = {n: p if shared else p.squeeze(0) for n, p in params.items()}
+            return functional_call(module, single, (x[0],)).unsqueeze(0)
         call = lambda p, inputs: functional_call(module, p, (inputs,))  # noqa: E731
         return vmap(call, in_dims=(None if shared else 0, 0), randomness="error")(params, x)
 
@@ -99,7 +103,10 @@ class MetaAlgorithm:
 
     @staticmethod
     def per_task(theta: Params, num_tasks: int) -> Params:
-        """Each task's own view of the shared parameters (expand: no copy)."""
+        """Each task's own view of the shared parameters (expand: no copy; for one task unsqueeze,
+        whose backward is a view where expand's is a sum)."""
+        if num_tasks == 1:
+            return {n: p.unsqueeze(0) for n, p in theta.items()}
         return {n: p.expand(num_tasks, *p.shape) for n, p in theta.items()}
 
     # --- the inner loop --------------------------------------------------------------------
@@ -151,8 +158,19 @@ class MetaAlgorithm:
 
     # --- a batch of tasks --------------------------------------------------------------------
 
-    def batch_update(self, params: Params, tasks: Task, implementation: str) -> tuple[Params, dict[str, float]]:
+    def batch_update(
+        self, params: Params, tasks: Task, implementation: str, score_before: bool = True
+    ) -> tuple[Params, dict[str, float]]:
         """Sum over all tasks of their updates, and the sums of their metrics (floats)."""
+        update_sum, metric_sums = self.batch_sums(params, tasks, implementation, score_before)
+        names = list(metric_sums)
+        values = torch.stack([metric_sums[n] for n in names]).tolist()  # one device sync, not one per metric
+        return update_sum, dict(zip(names, values))
+
+    def batch_sums(
+        self, params: Params, tasks: Task, implementation: str, score_before: bool = True
+    ) -> tuple[Params, dict[str, Tensor]]:
+        """``batch_update`` with the metric sums left on the device, as 0-dim tensors (no sync)."""
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
@@ -161,13 +179,11 @@ class MetaAlgorithm:
         update_sum: Params = {}
         metric_sums: dict[str, Tensor] = {}
         for chunk in chunks:
-            update, metrics = self.chunk_update(theta, chunk)
+            update, metrics = self.chunk_update(theta, chunk, score_before)
             for sums, new in ((update_sum, update), (metric_sums, metrics)):
                 for name, value in new.items():
                     sums[name] = sums[name] + value if name in sums else value
-        names = list(metric_sums)
-        values = torch.stack([metric_sums[n] for n in names]).tolist()  # one device sync, not one per metric
-        return update_sum, dict(zip(names, values))
+        return update_sum, metric_sums
 
     def batch_trajectory(
         self,
@@ -208,10 +224,12 @@ def one_query_at_a_time(predict: Callable[[Tensor], Tensor], support_x: Tensor, 
     return torch.stack(outputs, 1)
 
 
-def fastest_implementation(algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2) -> tuple[str, dict]:
-    """Time ``vmap`` and ``loop`` on this batch and device; return the faster and the timings (s)."""
+def fastest_implementation(
+    algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2, implementations=IMPLEMENTATIONS
+) -> tuple[str, dict]:
+    """Time ``implementations`` on this batch and device; return the fastest and the timings (s)."""
     timings = {}
-    for implementation in IMPLEMENTATIONS:
+    for implementation in implementations:
         algorithm.batch_update(params, tasks, implementation)  # warm-up: allocator, kernels, caches
         _synchronize(tasks[0].device)
         start = time.perf_counter()

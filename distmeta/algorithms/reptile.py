@@ -12,12 +12,13 @@ from distmeta.algorithms.base import MetaAlgorithm
 class Reptile(MetaAlgorithm):
     first_order = True
 
-    def chunk_update(self, theta, tasks):
+    def chunk_update(self, theta, tasks, score_before=True):
         _, support_y, query_x, query_y = tasks
         loop = self.inner_loop(theta, tasks)
         adapted = self.adapted(loop, support_y, self.cfg.inner_steps, create_graph=False)
         with torch.no_grad():
             update = {name: (loop.params[name] - adapted[name]).sum(0) for name in theta}
-            metrics = self.scores(loop.predict(loop.params, query_x), query_y, "_before")
-            metrics |= self.scores(loop.predict(adapted, query_x), query_y, "_after")
+            metrics = self.scores(loop.predict(adapted, query_x), query_y, "_after")
+            if score_before:
+                metrics |= self.scores(loop.predict(loop.params, query_x), query_y, "_before")
         return update, {name: values.sum() for name, values in metrics.items()}

@@ -1,17 +1,20 @@
-"""Connecting to Ray: an embedded local instance by default, or an existing cluster by address.
-Resources are checked before any actor is created, so a request the cluster cannot satisfy fails
-at once with what the cluster has, instead of waiting forever."""
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster by address,
+and the workers' layout on what it has (``plan_layout``). Resources are checked before any actor
+is created, so a request the cluster cannot satisfy fails at once with what the cluster has,
+instead of waiting forever."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import socket
+from collections.abc import Callable
 
 import ray
 
-from distmeta.config import ClusterConfig, ConfigError
+from distmeta.config import AUTO, ClusterConfig, Config, ConfigError
 
 log = logging.getLogger(__name__)
 ACTOR_NICENESS = 15  # what Ray gives its worker processes
@@ -26,8 +29,9 @@ def connect(cluster: ClusterConfig) -> bool:
     if ray.is_initialized():
         started = False
     elif cluster.address is None:
-        needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker)
         cores = os.cpu_count() or 1
+        numbers = AUTO not in (cluster.num_workers, cluster.cpus_per_worker)
+        needed = math.ceil(cluster.num_workers * cluster.cpus_per_worker) if numbers else cores
         if needed > cores:
             log.warning("%d worker CPUs requested on a %d-core machine: workers will share cores", needed, cores)
         _choose_token_auth()
@@ -62,8 +66,55 @@ def connect(cluster: ClusterConfig) -> bool:
                 "of the cluster, or drop --address to run on an embedded local Ray."
             ) from None
         started = False
-    check_resources(cluster)
     return started
+
+
+SPLIT_ABOVE_S = 0.05  # a CPU step's compute worth splitting over workers: 10x what a worker adds per step
+
+
+def plan_layout(cfg: Config, step_seconds: Callable[[], float]) -> Config:
+    """``cfg`` with its layout's ``auto`` fields resolved against the connected cluster, checked
+    to fit it. With GPUs, one worker per GPU. Without, one worker per CPU core, each
+    single-threaded: on small convolutions torch's second thread adds far less than a second
+    process does (benchmarks/peers.py), and one thread per process never stalls in OpenMP's
+    barriers when cores are short. But only where a step's compute (``step_seconds()``, one
+    single-threaded worker's estimate) is above ``SPLIT_ABOVE_S``: below it, coordination decides
+    and one worker on one core is fastest (sinusoid MAML, 3 ms a step: 3,540 tasks/s on one worker,
+    2,400 on two), the other cores left to the server, the task generator and the driver. An
+    explicit ``num_workers`` with ``auto`` CPUs shares the cores among them. Auto never picks more
+    workers than the run's own checks allow (one task each in a synchronous step; no more than
+    ``train.max_staleness`` + 1 asynchronous ones that drop)."""
+    c, t = cfg.cluster, cfg.train
+    total = ray.cluster_resources()
+    cores, gpus_total = int(total.get("CPU", 1)), total.get("GPU", 0.0)
+    gpus = (1.0 if gpus_total >= 1 else 0.0) if c.gpus_per_worker == AUTO else c.gpus_per_worker
+    workers = c.num_workers
+    if workers == AUTO:
+        per_worker = 1.0 if c.cpus_per_worker == AUTO else c.cpus_per_worker
+        workers = int(gpus_total // gpus) if gpus else int(cores // per_worker)
+        limit = t.meta_batch_size if t.mode == "sync" else t.max_staleness + 1 if t.stale_updates == "drop" else workers
+        workers = max(1, min(workers, limit))
+        if not gpus and workers > 1 and step_seconds() < SPLIT_ABOVE_S:
+            return _placed(cfg, 1, 1.0 if c.cpus_per_worker == AUTO else c.cpus_per_worker, gpus)
+    cpus = c.cpus_per_worker
+    if cpus == AUTO:
+        cpus = 1.0 if gpus else float(max(1, cores // workers))
+    return _placed(cfg, workers, cpus, gpus)
+
+
+def _placed(cfg: Config, workers: int, cpus: float, gpus: float) -> Config:
+    cluster = dataclasses.replace(cfg.cluster, num_workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
+    check_resources(cluster)
+    return dataclasses.replace(cfg, cluster=cluster).validate()
+
+
+def describe_layout(requested: ClusterConfig, placed: ClusterConfig) -> str:
+    """The layout in words, saying which parts ``auto`` chose: "2 workers x 1 CPU (auto)"."""
+    chosen = [n for n in ("num_workers", "cpus_per_worker", "gpus_per_worker") if getattr(requested, n) == AUTO]
+    gpus = f" + {placed.gpus_per_worker:g} GPU" if placed.gpus_per_worker else ""
+    plural = "s" if placed.num_workers != 1 else ""
+    line = f"{placed.num_workers} worker{plural} x {placed.cpus_per_worker:g} CPU{gpus}"
+    return line + (f" (auto: {', '.join(chosen)})" if chosen else "")
 
 
 def _choose_token_auth() -> None:

@@ -95,7 +95,8 @@ class Monitor:
         self.last_step = start_step  # steps re-run after a fault are not logged again
         self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", start_step)
         self.sums: dict[str, float] = defaultdict(float)  # train/* per step, the rest per timed step
-        self.steps = self.timed_steps = 0
+        self.counts: dict[str, int] = defaultdict(int)  # steps that had each train/* metric (*_before: logging steps)
+        self.timed_steps = 0
         self.prev_apply_end: float | None = None
         self.prev_worker_end: dict[int, float] = {}
         self.last_print = time.time()
@@ -125,10 +126,9 @@ class Monitor:
             self.rejected += 1
             self.writer.add_scalar("faults/rejected_steps", self.rejected, step)
         else:
-            for name, value in m["train"].items():
+            for name, value in {**m["train"], "lr": m["lr"]}.items():
                 self.sums[f"train/{name}"] += value
-            self.sums["train/lr"] += m["lr"]
-            self.steps += 1
+                self.counts[f"train/{name}"] += 1
         if self.prev_apply_end is not None:
             step_s = m["apply_finished"] - self.prev_apply_end
             aggregate_s = m["apply_finished"] - m["apply_started"]
@@ -156,7 +156,7 @@ class Monitor:
             self.timed_steps += 1
         self.prev_apply_end = m["apply_finished"]
         self.prev_worker_end = {w["rank"]: w["finished"] for w in m["workers"]}
-        self.latest = {**m["train"], "step": step}
+        self.latest = {**self.latest, **m["train"], "step": step}  # *_before: from the last step that had it
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
             self._flush(step)
         if time.time() - self.last_print >= self.cfg.train.print_every_s or step == self.cfg.train.steps:
@@ -167,11 +167,12 @@ class Monitor:
             if name == "throughput/tasks":
                 self.writer.add_scalar("throughput/tasks_per_s", total / self.sums["time/step_s"], step)
             elif name.startswith("train/"):
-                self.writer.add_scalar(name, total / max(1, self.steps), step)
+                self.writer.add_scalar(name, total / self.counts[name], step)
             else:
                 self.writer.add_scalar(name, total / self.timed_steps, step)
         self.sums.clear()
-        self.steps = self.timed_steps = 0
+        self.counts.clear()
+        self.timed_steps = 0
         if self.staleness:
             self.writer.add_scalar("async/staleness_mean", sum(self.staleness) / len(self.staleness), step)
             self.writer.add_scalar("async/staleness_max", max(self.staleness), step)
@@ -188,8 +189,9 @@ class Monitor:
         m = self.latest
         line = f"step {step}/{total}"
         for name, short, digits in (("loss", "loss", 4), ("accuracy", "acc", 3)):
-            if f"{name}_after" in m:  # an inner loop: the query score before and after adaptation
-                line += f" | {short} {m[f'{name}_before']:.{digits}f} -> {m[f'{name}_after']:.{digits}f}"
+            if f"{name}_after" in m:  # an inner loop: the query score before (once logged) and after adaptation
+                before = f"{m[f'{name}_before']:.{digits}f}" if f"{name}_before" in m else "?"
+                line += f" | {short} {before} -> {m[f'{name}_after']:.{digits}f}"
             elif name in m:
                 line += f" | {short} {m[name]:.{digits}f}"
         if step_s:  # none yet at the first step, which includes start-up

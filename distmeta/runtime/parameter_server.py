@@ -36,7 +36,7 @@ import distmeta
 from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, step_name
 from distmeta.config import Config
 from distmeta.params import DTYPES
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import StepControl, scores_before
 
 
 class ParameterServer:
@@ -152,7 +152,9 @@ class ParameterServer:
 
     def pull(self) -> tuple[StepControl, np.ndarray]:
         """Asynchronous mode: the current parameters and their version, for a worker's first update."""
-        return StepControl(self.step, self.epoch), self.parameters()
+        t = self.cfg.train
+        control = StepControl(self.step, self.epoch, score_before=scores_before(self.step, t.log_every, t.steps))
+        return control, self.parameters()
 
     def push(self, result: dict) -> tuple[dict, StepControl, np.ndarray]:
         """Asynchronous mode: apply one worker's update, computed on the parameters of version

@@ -76,9 +76,10 @@ def is_fault(err: BaseException) -> bool:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, initial_params, checkpoints: str):
-        self.cfg = cfg
-        c = cfg.cluster
+    def __init__(self, cfg: Config, initial_params, checkpoints: str, placed: Config | None = None):
+        """``placed``: ``cfg`` with its layout resolved (``cluster.plan_layout``); the workers get it."""
+        self.cfg, self.placed = cfg, placed or cfg
+        c = self.placed.cluster
         restarts = {"max_restarts": c.actor_restarts}
         # The server and the generators need no core of their own, only (optionally) a place.
         self.service = {"num_cpus": 0, "resources": {c.server_resource: 0.001} if c.server_resource else {}}
@@ -107,13 +108,13 @@ class Supervisor:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
                 **restarts,
             )
-            .remote(cfg, rank)
+            .remote(self.placed, rank)
             for rank in range(c.num_workers)
         ]
         self.live = list(range(c.num_workers))  # ranks in the current split
         self.away: dict[int, ray.ObjectRef] = {}  # ranks out of it, each with a ping that answers when it is back
         self.generators: list = []
-        self.engine_name = choose_engine(cfg)
+        self.engine_name = choose_engine(self.placed)
         self.engine = None
         self.shares: list[int] = []
         self.recoveries = 0

@@ -10,6 +10,7 @@ workers (``join``, ``step``; runtime/allreduce.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,6 +24,7 @@ from distmeta.config import Config
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
 from distmeta.runtime.allreduce import Replica, meeting_point
 from distmeta.runtime.control import StepControl
+from distmeta.runtime.task_generator import TaskGenerator
 from distmeta.tasks import TaskBatch, build_source
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,28 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+def step_seconds(cfg: Config, above_s: float) -> float:
+    """About how long one single-threaded CPU worker takes for a whole training step of ``cfg``,
+    timed here on real tasks after a warm-up: one task, times the meta-batch if that one task
+    alone takes ``above_s`` or more; else the whole meta-batch, the faster implementation (a
+    step of small tasks costs far less than its tasks one by one). ``plan_layout`` splits a
+    meta-batch over several workers only when this outweighs what each worker adds per step."""
+    size = cfg.train.meta_batch_size
+    worker = Worker(cfg, device=torch.device("cpu"))
+    params = worker._params(worker.layout.flatten(worker.algorithm.initial_parameters()).detach().numpy())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = TaskGenerator(cfg, [1], [0], prefetch=False).build(0)[0].to_torch(worker.device, worker.dtype)
+        _, timings = fastest_implementation(worker.algorithm, params, one, repeats=1, implementations=("loop",))
+        if timings["loop"] >= above_s or size == 1:
+            return size * timings["loop"]
+        batch = TaskGenerator(cfg, [size], [0], prefetch=False).build(0)[0].to_torch(worker.device, worker.dtype)
+        return min(fastest_implementation(worker.algorithm, params, batch, repeats=1)[1].values())
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Worker:
     def __init__(self, cfg: Config, rank: int = 0, device: torch.device | None = None):
         self.cfg, self.rank = cfg, rank
@@ -78,11 +102,16 @@ class Worker:
         flat = params[0] if len(params) == 1 else np.concatenate(params)
         named = self._params(flat)
         task_tensors = tasks.to_torch(self.device, self.dtype)
-        if self.implementation == "auto":
-            self.implementation, timings = fastest_implementation(self.algorithm, named, task_tensors)
-            log.info("worker %d: %s is fastest on %s (%s)", self.rank, self.implementation, self.device, timings)
-        update, metrics = self.algorithm.batch_update(named, task_tensors, self.implementation)
-        update = self.layout.flatten(update).detach().cpu().numpy()
+        with self.precision():
+            if self.implementation == "auto":
+                self.implementation, timings = fastest_implementation(self.algorithm, named, task_tensors)
+                log.info("worker %d: %s is fastest on %s (%s)", self.rank, self.implementation, self.device, timings)
+            update, sums = self.algorithm.batch_sums(named, task_tensors, self.implementation, control.score_before)
+        # the update and the metrics come to the host in one copy: a GPU step's only sync
+        names = list(sums)
+        metric_values = torch.stack([sums[n].detach().to(self.dtype) for n in names])
+        host = torch.cat([self.layout.flatten(update).detach(), metric_values]).cpu().numpy()
+        update, metrics = host[: self.layout.size], dict(zip(names, host[self.layout.size :].tolist()))
         result = {
             "step": control.step,  # the version of the parameters it was computed on
             "epoch": control.epoch,
@@ -101,6 +130,12 @@ class Worker:
         if len(self.shards) == 1:
             return result
         return tuple(result | {"update": update[lo:hi]} for lo, hi in self.shards)
+
+    def precision(self):
+        """The training step's precision context: bfloat16 autocast with ``train.autocast=bf16``."""
+        if self.cfg.train.autocast == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def meeting_point(self) -> str:
         """All-reduce mode, the first worker of a new group: where the group meets (HOST:PORT)."""
