@@ -155,7 +155,7 @@ class PlainLoop:
             (F.cross_entropy(logits, qy) / num_tasks).backward()
 
     def parameters(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.w])
+        return theta_flat(self.w)
 
 
 def modules(cfg: Config, theta: list[torch.Tensor]) -> torch.nn.Module:
@@ -340,11 +340,14 @@ def time_plain(plain: PlainLoop, tensors: list, size: int, seconds: float = 3.0)
     while steps < 3 or time.perf_counter() - started < seconds:
         plain.step(steps, tensors[1 + steps % (len(tensors) - 1)])
         steps += 1
+        if tensors[0][0].is_cuda:
+            torch.cuda.synchronize()
     return steps * size / (time.perf_counter() - started)
 
 
 def theta_flat(theta: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in theta])
+    """Parameters as one flat float32 vector on the host, where the core's come from."""
+    return torch.cat([p.detach().reshape(-1) for p in theta]).cpu()
 
 
 def main() -> None:
