@@ -65,16 +65,17 @@ def step_seconds(cfg: Config, above_s: float) -> float:
     meta-batch over several workers only when this outweighs what each worker adds per step."""
     size = cfg.train.meta_batch_size
     worker = Worker(cfg, device=torch.device("cpu"))
-    params = worker._params(worker.layout.flatten(worker.algorithm.initial_parameters()).detach().numpy())
+    params = worker.algorithm.initial_parameters()
+    batch = TaskGenerator(cfg, [size], [0], prefetch=False).build(0)[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = TaskGenerator(cfg, [1], [0], prefetch=False).build(0)[0].to_torch(worker.device, worker.dtype)
+        one = batch.slice(0, 1).to_torch(worker.device, worker.dtype)
         _, timings = fastest_implementation(worker.algorithm, params, one, repeats=1, implementations=("loop",))
         if timings["loop"] >= above_s or size == 1:
             return size * timings["loop"]
-        batch = TaskGenerator(cfg, [size], [0], prefetch=False).build(0)[0].to_torch(worker.device, worker.dtype)
-        return min(fastest_implementation(worker.algorithm, params, batch, repeats=1)[1].values())
+        tasks = batch.to_torch(worker.device, worker.dtype)
+        return min(fastest_implementation(worker.algorithm, params, tasks, repeats=1)[1].values())
     finally:
         torch.set_num_threads(threads)
 
