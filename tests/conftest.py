@@ -18,7 +18,11 @@ def ray_local():
     """One real local Ray for the in-process runtime tests (train() reuses it instead of starting its own)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from distmeta.runtime.cluster import RAY_SYSTEM_CONFIG
+
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG
+    )
     yield ray
     ray.shutdown()
 

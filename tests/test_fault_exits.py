@@ -32,7 +32,7 @@ def test_a_lone_stuck_worker_is_restarted_and_the_run_goes_on(ray_local, tmp_pat
         [50],
         "cluster.num_workers=1",
         "cluster.cpus_per_worker=2",
-        "cluster.rejoin_timeout_s=40",  # room for the restart (Supervisor._kill) on a loaded machine
+        "cluster.rejoin_timeout_s=20",  # room for the restart (Supervisor._kill) on a loaded machine
         "cluster.step_timeout_s=60",
         signum=signal.SIGSTOP,
     )

@@ -178,7 +178,7 @@ def test_a_stuck_worker_is_a_straggler_its_step_is_re_run(ray_local, tmp_path, c
     started = time.time()
     with ray_logs(caplog):
         cfg, result, saboteur = faulty_run(
-            tmp_path, "Worker", [50], f"cluster.engine={engine}", "cluster.rejoin_timeout_s=45", signum=signal.SIGSTOP
+            tmp_path, "Worker", [50], f"cluster.engine={engine}", "cluster.rejoin_timeout_s=15", signum=signal.SIGSTOP
         )
     assert "Error cancelling worker task" not in caplog.text  # the frozen actor's loop ended with its kill
     for _, pid in saboteur.hits:  # if Ray has not killed the frozen process yet, it does not outlive the test
@@ -211,13 +211,16 @@ from pathlib import Path
 import numpy as np, ray
 from ray.cluster_utils import Cluster
 from test_runtime import in_process, saved_params, small
+from distmeta.runtime.cluster import RAY_SYSTEM_CONFIG
 from distmeta.train import train
 
 run_dir = Path(sys.argv[1])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # server and generators only
+# the head runs the server and the generators only
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                        "_system_config": RAY_SYSTEM_CONFIG})
 nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]  # one worker each
 ray.init(address=cluster.address, log_to_driver=False)
-cfg = small("train.steps=2000", "cluster.num_workers=2", "cluster.rejoin_timeout_s=10", "train.checkpoint_every=50",
+cfg = small("train.steps=1000", "cluster.num_workers=2", "cluster.rejoin_timeout_s=10", "train.checkpoint_every=50",
             "cluster.engine=tasks", f"cluster.address={cluster.address}")
 events, results = [], []
 # Cluster.add_node needs the main thread (it installs signal handlers): train in another one

@@ -18,6 +18,14 @@ from distmeta.config import AUTO, ClusterConfig, Config, ConfigError
 
 log = logging.getLogger(__name__)
 ACTOR_NICENESS = 15  # what Ray gives its worker processes
+# The embedded Ray's settings (also given to the clusters the tests start).
+# - Recovery from a timed-out step cancels the calls still queued on healthy actors; each actor then
+#   waits this long for the cancelled calls' sequence numbers before it runs the next call (Ray's
+#   default: 30 s a fault). Calls reach an actor in order, so only cancelled or lost ones leave a gap.
+#   A cluster started with `ray start` takes it as RAY_actor_scheduling_queue_max_reorder_wait_seconds=5.
+# - No dashboard shows the metrics: collecting them only costs cores (after a node is lost, the GCS
+#   and the dashboard agent took both cores of a 2-core machine for a minute).
+RAY_SYSTEM_CONFIG = {"actor_scheduling_queue_max_reorder_wait_seconds": 5, "enable_metrics_collection": False}
 
 
 class ClusterError(RuntimeError):
@@ -39,7 +47,11 @@ def connect(cluster: ClusterConfig) -> bool:
         # plain ray.init() would join, refusing num_cpus); --address auto joins that one
         try:
             ray.init(
-                address="local", num_cpus=max(cores, needed), include_dashboard=False, logging_level=logging.WARNING
+                address="local",
+                num_cpus=max(cores, needed),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                _system_config=RAY_SYSTEM_CONFIG,
             )
         except (RuntimeError, ConnectionError, TimeoutError) as err:  # its processes did not come up in time
             raise ClusterError(

@@ -178,7 +178,8 @@ class TaskEngine:
         """With ``cancel``, cancel the calls of steps still in flight: after a timeout, a call
         waiting for a stuck worker's result would hold up every later call to its actor (Ray runs
         them in submission order). Not after a crash: the lost actor's calls fail at once, while a
-        cancelled call leaves a gap that its actor waits out (30 s) before going on."""
+        cancelled call leaves a gap that its actor waits out (5 s on our embedded Ray,
+        30 s by default: see cluster.RAY_SYSTEM_CONFIG) before going on."""
         for ref in self.in_flight if cancel else []:
             with contextlib.suppress(Exception):  # finished, or its actor is gone: nothing to cancel
                 ray.cancel(ref)
