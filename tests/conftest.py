@@ -18,10 +18,10 @@ def ray_local():
     """One real local Ray for the in-process runtime tests (train() reuses it instead of starting its own)."""
     import ray
 
-    from distmeta.runtime.cluster import RAY_SYSTEM_CONFIG
+    from distmeta.runtime.cluster import ray_system_config
 
     ray.init(
-        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=RAY_SYSTEM_CONFIG
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=ray_system_config()
     )
     yield ray
     ray.shutdown()

@@ -211,13 +211,13 @@ from pathlib import Path
 import numpy as np, ray
 from ray.cluster_utils import Cluster
 from test_runtime import in_process, saved_params, small
-from distmeta.runtime.cluster import RAY_SYSTEM_CONFIG
+from distmeta.runtime.cluster import ray_system_config
 from distmeta.train import train
 
 run_dir = Path(sys.argv[1])
 # the head runs the server and the generators only
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                        "_system_config": RAY_SYSTEM_CONFIG})
+                                                        "_system_config": ray_system_config()})
 nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]  # one worker each
 ray.init(address=cluster.address, log_to_driver=False)
 cfg = small("train.steps=1000", "cluster.num_workers=2", "cluster.rejoin_timeout_s=10", "train.checkpoint_every=50",

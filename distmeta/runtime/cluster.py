@@ -18,6 +18,8 @@ from distmeta.config import AUTO, ClusterConfig, Config, ConfigError
 
 log = logging.getLogger(__name__)
 ACTOR_NICENESS = 15  # what Ray gives its worker processes
+
+
 # The embedded Ray's settings (also given to the clusters the tests start).
 # - Recovery from a timed-out step cancels the calls still queued on healthy actors; each actor then
 #   waits this long for the cancelled calls' sequence numbers before it runs the next call (Ray's
@@ -25,7 +27,9 @@ ACTOR_NICENESS = 15  # what Ray gives its worker processes
 #   A cluster started with `ray start` takes it as RAY_actor_scheduling_queue_max_reorder_wait_seconds=5.
 # - No dashboard shows the metrics: collecting them only costs cores (after a node is lost, the GCS
 #   and the dashboard agent took both cores of a 2-core machine for a minute).
-RAY_SYSTEM_CONFIG = {"actor_scheduling_queue_max_reorder_wait_seconds": 5, "enable_metrics_collection": False}
+def ray_system_config() -> dict:
+    """A new dict each time: ray.init writes its session's spilling folder into the one it is given."""
+    return {"actor_scheduling_queue_max_reorder_wait_seconds": 5, "enable_metrics_collection": False}
 
 
 class ClusterError(RuntimeError):
@@ -51,7 +55,7 @@ def connect(cluster: ClusterConfig) -> bool:
                 num_cpus=max(cores, needed),
                 include_dashboard=False,
                 logging_level=logging.WARNING,
-                _system_config=RAY_SYSTEM_CONFIG,
+                _system_config=ray_system_config(),
             )
         except (RuntimeError, ConnectionError, TimeoutError) as err:  # its processes did not come up in time
             raise ClusterError(

