@@ -20,15 +20,16 @@ log = logging.getLogger(__name__)
 ACTOR_NICENESS = 15  # what Ray gives its worker processes
 
 
-# The embedded Ray's settings (also given to the clusters the tests start).
-# - Recovery from a timed-out step cancels the calls still queued on healthy actors; each actor then
-#   waits this long for the cancelled calls' sequence numbers before it runs the next call (Ray's
-#   default: 30 s a fault). Calls reach an actor in order, so only cancelled or lost ones leave a gap.
-#   A cluster started with `ray start` takes it as RAY_actor_scheduling_queue_max_reorder_wait_seconds=5.
-# - No dashboard shows the metrics: collecting them only costs cores (after a node is lost, the GCS
-#   and the dashboard agent took both cores of a 2-core machine for a minute).
 def ray_system_config() -> dict:
-    """A new dict each time: ray.init writes its session's spilling folder into the one it is given."""
+    """The embedded Ray's settings (the tests' clusters get them too), a new dict each time: ray.init
+    writes its session's spilling folder into the one it is given.
+
+    - After a timed-out step, recovery cancels the calls still queued on healthy actors; each one
+      waits for the cancelled calls' sequence numbers before it runs the next one: 5 s here, 30 s
+      by Ray's default, each fault. Calls reach an actor in order, so only cancelled or lost ones
+      leave a gap. A cluster of your own takes it as RAY_actor_scheduling_queue_max_reorder_wait_seconds.
+    - No dashboard shows the metrics: collecting them only costs cores (after a node was lost, the
+      GCS and the dashboard agent took both cores of a 2-core machine for a minute)."""
     return {"actor_scheduling_queue_max_reorder_wait_seconds": 5, "enable_metrics_collection": False}
 
 

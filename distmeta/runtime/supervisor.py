@@ -413,8 +413,8 @@ def _creation_error(text: str) -> str:
 
 def _wait_ready(actor, timeout_s: float) -> None:
     """Wait until ``actor`` answers. "Unavailable" is temporary: the actor is restarting, or it is
-    skipping calls that were cancelled after it had been sent later ones (Ray makes it wait up to
-    30 s for a call that will never come, then drops the queue)."""
+    skipping calls that were cancelled after it had been sent later ones (Ray makes it wait for a
+    call that will never come, 5 s here: ``cluster.ray_system_config``, then drops the queue)."""
     deadline = time.time() + timeout_s
     while True:
         try:

