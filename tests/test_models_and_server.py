@@ -1,6 +1,9 @@
 """Model shapes for the paper variants, and the parameter server's aggregation and outer steps,
 in one process (no Ray)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -229,3 +232,32 @@ def test_bf16_autocast_is_an_option_close_to_float32_and_only_with_float32_param
     assert cosine > 0.99
     with pytest.raises(ConfigError, match="train.autocast=bf16 computes in reduced precision: use train.dtype=float32"):
         load_config(None, ["train.autocast=bf16", "train.dtype=float64"])
+
+
+FREED_MEMORY = """
+import resource, sys, torch
+from distmeta.runtime.worker import keep_freed_memory
+
+def faults_per_step():
+    # a step's pattern: a few activations of a few MB each, all freed at its end
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        activations = [torch.ones(1 << 20) for _ in range(8)]  # 4 MB each
+        del activations
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+
+default = faults_per_step()
+assert keep_freed_memory(), "mallopt refused the options"
+faults_per_step()  # the heap grows to the step's size once
+print(default, faults_per_step())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the options are glibc's")
+def test_a_cpu_worker_s_process_keeps_the_memory_a_step_frees_instead_of_faulting_it_in_again():
+    """In a fresh process (malloc's thresholds adapt over a process's life): glibc's defaults
+    return each freed 4 MB block to the OS, so every step faults 8 x 1,024 pages in again."""
+    out = subprocess.run([sys.executable, "-c", FREED_MEMORY], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    default, kept = map(float, out.stdout.split())
+    assert default > 4000 and kept < 100, (default, kept)
