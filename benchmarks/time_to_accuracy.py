@@ -82,7 +82,7 @@ def system_run(cfg: Config, every: int) -> tuple[dict[int, tuple[float, np.ndarr
 def accuracy(cfg: Config, params: np.ndarray, tasks: int) -> tuple[float, float]:
     """Mean validation accuracy and its 95% CI after the config's test-time inner steps."""
     cfg.eval.num_tasks, steps = tasks, max(cfg.eval.inner_steps)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         rows = evaluate(cfg, params.astype(np.float32), split="val")
     row = next(r for r in rows if r.steps == steps)
     return row.mean, row.ci95

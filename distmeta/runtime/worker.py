@@ -52,8 +52,8 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
     return torch.device("cpu")
 
 
-# glibc malloc's options (mallopt): M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
-MALLOC_OPTIONS = {-1: 1 << 30, -2: 256 << 20, -3: 32 << 20}
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt options (malloc.h)
+MALLOC_OPTIONS = {M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 256 << 20, M_MMAP_THRESHOLD: 32 << 20}
 
 
 @functools.cache
