@@ -44,7 +44,7 @@ from distmeta.params import shard_bounds
 from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
 from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
-from distmeta.runtime.worker import Worker
+from distmeta.runtime.worker import Worker, worker_process_env
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,14 @@ class Supervisor:
         ]
         self.grouped: dict[int, int] = {}  # all-reduce mode: rank -> the process that joined the current group
         self.placement = reserve_workers(c)
+        cpu_only = {} if c.gpus_per_worker else {"runtime_env": {"env_vars": worker_process_env()}}
         self.workers = [
             ray.remote(Worker)
             .options(
                 num_cpus=c.cpus_per_worker,
                 num_gpus=c.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+                **cpu_only,
                 **restarts,
             )
             .remote(self.placed, rank)

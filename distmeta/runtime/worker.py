@@ -52,22 +52,39 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
     return torch.device("cpu")
 
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt options (malloc.h)
-MALLOC_OPTIONS = {M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 256 << 20, M_MMAP_THRESHOLD: 32 << 20}
+# glibc malloc settings for a CPU worker's process, by their tunable names, with the mallopt
+# option (malloc.h) that sets each one in a running process
+MALLOC_SETTINGS = {
+    "trim_threshold": (-1, 1 << 30),  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap top
+    "top_pad": (-2, 256 << 20),  # M_TOP_PAD: grow the heap 256 MB at a time
+    "mmap_max": (-4, 0),  # M_MMAP_MAX: no block gets an mmap of its own, to be unmapped on free
+    "arena_max": (-8, 1),  # M_ARENA_MAX: every thread allocates from that one heap
+}
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
     """Make this process's malloc keep the memory a step frees for the next step (glibc only).
-    By default glibc serves blocks above 128 KB (adapting up to 32 MB) with fresh mmaps and gives
-    freed heap tops back to the OS, so every CPU step faults in and zeroes its activations anew:
-    160,000 page faults and half of a ProtoNets 60-way step's 0.53 s here; 13,000 and 0.29 s with
-    these options. Returns whether they were set."""
+    By default glibc serves blocks above 128 KB (adapting up to 32 MB, the most it allows) with
+    fresh mmaps and gives freed heap tops back to the OS, so every CPU step faults in and zeroes
+    its activations anew: 160,000 page faults and half of a ProtoNets 60-way step's 0.53 s here;
+    13,000 and 0.29 s with these settings. In a running process they hold for its main thread's
+    heap; a Ray worker computes on a thread of its own, so it gets them at its start from
+    ``worker_process_env``. Returns whether they were set."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all(libc.mallopt(option, value) == 1 for option, value in MALLOC_OPTIONS.items())
+        return all(libc.mallopt(option, value) == 1 for option, value in MALLOC_SETTINGS.values())
     except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator is left as it is
         return False
+
+
+def worker_process_env() -> dict[str, str]:
+    """``MALLOC_SETTINGS`` as glibc reads them when a process starts, for a CPU worker actor's
+    environment. A compiled graph runs the worker's steps on a thread of Ray's, which allocates
+    from an arena of its own: heaps of at most 64 MB that ``mallopt`` does not reach once made, so
+    each activation above that size (mini-ImageNet's first layer: 72 MB) was mmapped and unmapped
+    every step, 100,000 page faults a second per worker. Other platforms ignore the variable."""
+    return {"GLIBC_TUNABLES": ":".join(f"glibc.malloc.{name}={v}" for name, (_, v) in MALLOC_SETTINGS.items())}
 
 
 @functools.cache
