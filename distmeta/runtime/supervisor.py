@@ -100,14 +100,14 @@ class Supervisor:
         ]
         self.grouped: dict[int, int] = {}  # all-reduce mode: rank -> the process that joined the current group
         self.placement = reserve_workers(c)
-        cpu_only = {} if c.gpus_per_worker else {"runtime_env": {"env_vars": worker_process_env()}}
+        malloc_env = {} if c.gpus_per_worker else {"runtime_env": {"env_vars": worker_process_env()}}
         self.workers = [
             ray.remote(Worker)
             .options(
                 num_cpus=c.cpus_per_worker,
                 num_gpus=c.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
-                **cpu_only,
+                **malloc_env,
                 **restarts,
             )
             .remote(self.placed, rank)
