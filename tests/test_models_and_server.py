@@ -3,6 +3,7 @@ in one process (no Ray)."""
 
 import subprocess
 import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -300,5 +301,7 @@ def test_a_cpu_worker_actor_keeps_the_memory_its_compute_thread_frees(ray_local,
         kept = ray_local.get(supervisor.workers[0].__ray_call__.remote(lambda _: faults_on_a_thread_of_its_own()))
     finally:
         supervisor.close()
-    bare = ray_local.get(ray_local.remote(num_cpus=0)(faults_on_a_thread_of_its_own).remote())
+    # a fresh process without the settings (an environment of its own: no pooled worker whose heap has been used)
+    fresh = {"env_vars": {"DISTMETA_TEST_PROCESS": uuid.uuid4().hex}}
+    bare = ray_local.get(ray_local.remote(num_cpus=0, runtime_env=fresh)(faults_on_a_thread_of_its_own).remote())
     assert bare > 10_000 and kept < 100, (bare, kept)
