@@ -6,8 +6,9 @@ same episodes and the same cores, every figure a ratio to that plain loop.
                   optimizer, torch on all cores. It stands in for learn2learn, higher and the
                   torch.func MAML example, which are within 10% of each other on this math.
   higher          the same loop through ``higher.innerloop_ctx``, where ``higher`` is installed.
-  core loop/vmap  distmeta's Worker + ParameterServer in this process, no Ray, torch on all cores,
-                  scoring before adaptation on logging steps only, as training does.
+  core loop/vmap/batched  distmeta's Worker + ParameterServer in this process, no Ray, torch on
+                  all cores, scoring before adaptation on logging steps only, as training does
+                  (batched: the MLP only, its linear layers as batched matrix products).
   core ... bf16   the same under ``train.autocast=bf16`` (bfloat16 autocast: not the same math).
   system          ``train()``: Ray, the layout ``auto`` picks, TensorBoard; its steady-state rate
                   (and with ``--bf16`` once more under ``train.autocast=bf16``).
@@ -274,6 +275,7 @@ def run_case(name: str, case: Case, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
 
     cores = {impl: Core(cfg, impl, device) for impl in args.implementations}
+    cores = {impl: core for impl, core in cores.items() if impl in core.worker.algorithm.implementations()}
     any_core = next(iter(cores.values()))
     theta = [p.clone() for p in any_core.worker._params(any_core.server.parameters()).values()]
     rows: dict[str, object] = {"plain loop": PlainLoop(cfg, theta)}
@@ -283,7 +285,7 @@ def run_case(name: str, case: Case, args) -> dict:
     rows |= {f"core {impl}": core for impl, core in cores.items()}
     if args.bf16:
         bf16 = case_config(case, args, "train.autocast=bf16")
-        rows |= {f"core {impl} bf16": Core(bf16, impl, device) for impl in args.implementations}
+        rows |= {f"core {impl} bf16": Core(bf16, impl, device) for impl in cores}
 
     # the same first step: the plain loop is the same math as distmeta's (float32 round-off apart)
     first = {}
@@ -355,7 +357,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per Conv4 case (each case may set its own)")
     parser.add_argument("--case", action="append", choices=list(CASES), help="default: all")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--implementations", nargs="+", default=["loop", "vmap"])
+    parser.add_argument(
+        "--implementations", nargs="+", default=["loop", "vmap", "batched"], help="each where the case's model has it"
+    )
     parser.add_argument("--bf16", action="store_true", help="also distmeta's core under train.autocast=bf16")
     parser.add_argument("--synthetic", action="store_true", help="Omniglot-shaped synthetic images, no shards")
     parser.add_argument("--no-system", dest="system", action="store_false", help="in-process rows only (no Ray)")

@@ -67,7 +67,7 @@ class AlgorithmConfig:
     # examples per inner step, cycling through the support set (one shot of every class before the
     # next, as Reptile's mini-batches); 0: the whole support set every step
     inner_batch_size: int = 0
-    implementation: str = "auto"  # auto (measured per device) | vmap | loop
+    implementation: str = "auto"  # auto (measured per device) | vmap | loop | batched (mlp only)
     fce: bool = False  # matchingnet: full context embeddings (LSTMs over the support set)
     fce_steps: int = 5  # matchingnet with fce: the attention LSTM's processing steps
 
@@ -204,7 +204,12 @@ class Config:
         _choice("model.downsample", self.model.downsample, ("max_pool", "stride"))
         _choice("algorithm.name", self.algorithm.name, ALGORITHMS)
         _choice("algorithm.inner_optimizer", self.algorithm.inner_optimizer, ("sgd", "adam"))
-        _choice("algorithm.implementation", self.algorithm.implementation, ("auto", "vmap", "loop"))
+        _choice("algorithm.implementation", self.algorithm.implementation, ("auto", "vmap", "loop", "batched"))
+        if self.algorithm.implementation == "batched" and self.model.name != "mlp":
+            raise ConfigError(
+                f"algorithm.implementation=batched runs linear layers as batched matrix products; "
+                f"{self.model.name}'s convolutions have none (vmap runs them): use auto, vmap or loop"
+            )
         _choice("meta_optimizer.name", self.meta_optimizer.name, ("adam", "sgd"))
         _choice("train.dtype", self.train.dtype, ("float32", "float64"))
         _choice("train.autocast", self.train.autocast, ("none", "bf16"))

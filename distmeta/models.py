@@ -31,6 +31,8 @@ class DataSpec:
 class MLP(nn.Module):
     """Fully connected ReLU network, 1-40-40-1 for sinusoid regression (Finn et al., 2017)."""
 
+    children_in_order = True  # forward is features then head: the batched implementation relies on it
+
     def __init__(self, in_features: int, hidden: list[int], out_features: int):
         super().__init__()
         layers: list[nn.Module] = []

@@ -28,7 +28,7 @@ def test_yaml_then_overrides(tmp_path):
         ("algorithm.inner_lrr=0.1", "did you mean algorithm.inner_lr"),
         ("trian.steps=5", "valid keys here: task, model, algorithm"),
         ("algorithm.name=mamll", "choose one of: maml, fomaml, reptile, anil, metasgd, protonet, matchingnet"),
-        ("algorithm.implementation=fast", "choose one of: auto, vmap, loop"),
+        ("algorithm.implementation=fast", "choose one of: auto, vmap, loop, batched"),
         ("cluster.engine=threads", "choose one of: auto, compiled, tasks"),
         ("train.steps=0", "train.steps must be >= 1"),
         ("train.steps=ten", "train.steps must be int"),
@@ -57,6 +57,12 @@ def test_yaml_then_overrides(tmp_path):
 def test_bad_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_the_batched_implementation_is_for_linear_layers_only():
+    assert load_config(None, ["algorithm.implementation=batched"]).algorithm.implementation == "batched"
+    with pytest.raises(ConfigError, match="conv4's convolutions have none"):
+        load_config(None, ["task.source=synthetic", "model.name=conv4", "algorithm.implementation=batched"])
 
 
 def test_allreduce_mode_refuses_what_needs_a_server_or_a_compiled_graph():

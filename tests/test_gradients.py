@@ -1,7 +1,8 @@
 """Every gradient path in float64 against references that share no code with distmeta's
 algorithms: plain per-task ``torch.autograd.grad`` loops, central finite differences,
-``torch.optim.Adam``. Both implementations (vmap and loop) are checked, on an MLP and on a Conv4
-with BatchNorm on batch statistics (where vmapped second-order gradients are easy to get wrong)."""
+``torch.optim.Adam``. Every implementation is checked (vmap and loop on an MLP and on a Conv4 with
+BatchNorm on batch statistics, where vmapped second-order gradients are easy to get wrong; batched,
+for linear layers only, on the MLP)."""
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from distmeta.config import AlgorithmConfig, ModelConfig
 from distmeta.models import DataSpec, build_model
 
 TOL = 1e-6  # relative; float64 agreement is ~1e-13
+# batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it)
+KIND_IMPLEMENTATIONS = [("mlp", "vmap"), ("mlp", "loop"), ("mlp", "batched"), ("conv4", "vmap"), ("conv4", "loop")]
 
 
 def setup(kind: str, num_tasks: int = 3, seed: int = 0):
@@ -85,8 +88,7 @@ def rel(a, b):
     return ((flat(a) - flat(b)).norm() / flat(b).norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv4"])
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("kind, implementation", KIND_IMPLEMENTATIONS)
 def test_maml_meta_gradient_matches_finite_differences(kind, implementation):
     model, theta, tasks, loss_fn, task_kind = setup(kind)
     lr, steps = (0.05, 2) if kind == "mlp" else (0.4, 2)
@@ -112,16 +114,26 @@ def test_maml_meta_gradient_matches_finite_differences(kind, implementation):
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
 @pytest.mark.parametrize("name", ["maml", "fomaml"])
 @pytest.mark.parametrize("batch", [0, 4])  # 4 of 5 or 6 support examples: the mini-batches wrap around
-def test_vmap_loop_and_plain_autograd_agree(kind, name, batch):
+def test_every_implementation_and_plain_autograd_agree(kind, name, batch):
     model, theta, tasks, loss_fn, task_kind = setup(kind, num_tasks=4)
     cfg = AlgorithmConfig(name=name, inner_lr=0.1, inner_steps=3, inner_batch_size=batch)
     algorithm = build_algorithm(cfg, model, task_kind)
     reference = reference_meta_gradient(model, theta, tasks, loss_fn, 3, 0.1, name == "fomaml", batch)
-    vmapped, vmap_metrics = algorithm.batch_update(theta, tasks, "vmap")
     looped, loop_metrics = algorithm.batch_update(theta, tasks, "loop")
-    assert rel(vmapped, reference) < TOL
     assert rel(looped, reference) < TOL
-    assert vmap_metrics == pytest.approx(loop_metrics, rel=TOL)
+    for implementation in algorithm.implementations():
+        update, metrics = algorithm.batch_update(theta, tasks, implementation)
+        assert rel(update, reference) < TOL, implementation
+        assert metrics == pytest.approx(loop_metrics, rel=TOL), implementation
+    assert ("batched" in algorithm.implementations()) == (kind == "mlp")
+
+
+def test_batched_is_refused_where_it_would_be_vmap_under_another_name():
+    model, theta, tasks, _, task_kind = setup("conv4")
+    algorithm = build_algorithm(AlgorithmConfig(name="maml"), model, task_kind)
+    assert algorithm.implementations() == ("vmap", "loop")
+    with pytest.raises(ValueError, match="got 'batched'"):
+        algorithm.batch_update(theta, tasks, "batched")
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
@@ -137,8 +149,7 @@ def test_first_order_maml_is_maml_without_the_inner_jacobian(kind):
     assert rel(first, second) > 1e-4  # the inner Jacobian matters here, so the check above has teeth
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv4"])
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("kind, implementation", KIND_IMPLEMENTATIONS)
 def test_reptile_sgd_delta_by_hand(kind, implementation):
     model, theta, tasks, loss_fn, task_kind = setup(kind)
     algorithm = build_algorithm(AlgorithmConfig(name="reptile", inner_lr=0.05, inner_steps=4), model, task_kind)

@@ -1,8 +1,9 @@
 """ANIL, Meta-SGD, Prototypical and Matching Networks in float64 against references that share no
 code with distmeta's algorithms: central finite differences of the meta-objective and per-task
 autograd loops written from the papers' equations (ANIL, Meta-SGD), and hand-written per-task,
-per-query loops (ProtoNets, Matching Networks; FCE against ``torch.nn.LSTM``). Both
-implementations (vmap and loop) are checked, on Conv4 with BatchNorm on batch statistics."""
+per-query loops (ProtoNets, Matching Networks; FCE against ``torch.nn.LSTM``). Every
+implementation is checked (vmap and loop on Conv4 with BatchNorm on batch statistics; ANIL and
+Meta-SGD also on an MLP, with batched)."""
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from distmeta.config import AlgorithmConfig, ModelConfig
 from distmeta.models import DataSpec, build_model
 
 WAYS, SHOTS, QUERIES = 3, 2, 3
+# batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it)
+MODEL_IMPLEMENTATIONS = [("mlp", "vmap"), ("mlp", "loop"), ("mlp", "batched"), ("conv4", "vmap"), ("conv4", "loop")]
 
 
 def setup(model_name="conv4", num_tasks=3, head=True, seed=0):
@@ -76,8 +79,7 @@ def anil_meta_loss(model, theta, tasks, loss_fn, lr, steps, create_graph):
     return total
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "conv4"])
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("model_name, implementation", MODEL_IMPLEMENTATIONS)
 def test_anil_meta_gradient_matches_finite_differences_and_a_plain_loop(model_name, implementation):
     model, tasks, loss_fn, kind = setup(model_name)
     lr, steps = (0.05, 2) if model_name == "mlp" else (0.4, 2)
@@ -130,8 +132,7 @@ def metasgd_meta_loss(model, theta, tasks, loss_fn, steps, create_graph):
     return total
 
 
-@pytest.mark.parametrize("model_name", ["mlp", "conv4"])
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("model_name, implementation", MODEL_IMPLEMENTATIONS)
 def test_metasgd_meta_gradient_matches_finite_differences_and_a_plain_loop(model_name, implementation):
     model, tasks, loss_fn, kind = setup(model_name)
     lr = 0.05 if model_name == "mlp" else 0.3

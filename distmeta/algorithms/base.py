@@ -9,8 +9,9 @@ Inside a chunk every task has its own copy of the parameters (a leading task axi
 on all of them at once with ``torch.func.vmap`` over ``functional_call``, and gradients come from
 ``torch.autograd.grad``: tasks are independent, so the gradient of the SUM of the task losses with
 respect to task t's parameters is task t's own gradient. ``batch_update`` runs the whole batch as
-one chunk (``vmap``) or task by task without vmap (``loop``); both are exact, and
-``fastest_implementation`` measures which is quicker on the device at hand.
+one chunk (``vmap``), as one chunk through batched matrix products where the model is made of linear
+layers (``batched``, batched.py: an MLP), or task by task without vmap (``loop``); all are exact,
+and ``fastest_implementation`` measures which is quicker on the device at hand.
 
 Gradient-based learners describe their inner loop with ``inner_loop``, an ``InnerLoop``: which
 parameters are adapted, on which inputs, with which step sizes. MAML, first-order MAML and Reptile
@@ -20,6 +21,7 @@ override it. Learners without an inner loop build on ``metric.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
@@ -32,11 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from distmeta.algorithms import batched
 from distmeta.config import AlgorithmConfig
 
 Params = dict[str, Tensor]
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y, each [T, ...]
-IMPLEMENTATIONS = ("vmap", "loop")
+IMPLEMENTATIONS = ("vmap", "loop", "batched")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class MetaAlgorithm:
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
         self.cfg, self.model, self.kind = cfg, model, kind
         self.model_names = [name for name, _ in model.named_parameters()]
+        self.batched_layers = False  # run: batched matrix products instead of vmap (the batched implementation)
 
     def chunk_update(self, theta: Params, tasks: Task, score_before: bool = True) -> tuple[Params, dict[str, Tensor]]:
         """Sum over the chunk's tasks of their updates, and of their metrics. An adaptive learner
@@ -76,6 +80,8 @@ class MetaAlgorithm:
         """``module`` on x [T, N, ...] -> [T, N, ...]. Task t uses its own parameters (params [T, ...])
         or, with ``shared``, all tasks the same ones. Either way each task is its own batch, so batch
         statistics never mix tasks."""
+        if self.batched_layers and batched.supports(module):
+            return batched.forward(module, params, x, shared)
         if x.shape[0] == 1:  # a single task needs no vmap
             # squeeze, not [0]: a view whose backward is a view too (indexing's scatters into zeros)
             single = {n: p if shared else p.squeeze(0) for n, p in params.items()}
@@ -158,6 +164,11 @@ class MetaAlgorithm:
 
     # --- a batch of tasks --------------------------------------------------------------------
 
+    def implementations(self) -> tuple[str, ...]:
+        """The implementations that differ for this model: ``batched`` only where its body is made
+        of linear layers (elsewhere it would be vmap under another name)."""
+        return IMPLEMENTATIONS if batched.supports(self.model.features) else ("vmap", "loop")
+
     def batch_update(
         self, params: Params, tasks: Task, implementation: str, score_before: bool = True
     ) -> tuple[Params, dict[str, float]]:
@@ -171,19 +182,29 @@ class MetaAlgorithm:
         self, params: Params, tasks: Task, implementation: str, score_before: bool = True
     ) -> tuple[Params, dict[str, Tensor]]:
         """``batch_update`` with the metric sums left on the device, as 0-dim tensors (no sync)."""
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation not in self.implementations():
+            raise ValueError(f"implementation must be one of {self.implementations()} here, got {implementation!r}")
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
         num_tasks = len(tasks[0])
-        chunks = [tasks] if implementation == "vmap" else [tuple(t[i : i + 1] for t in tasks) for i in range(num_tasks)]
+        one_chunk = implementation != "loop"
+        chunks = [tasks] if one_chunk else [tuple(t[i : i + 1] for t in tasks) for i in range(num_tasks)]
         update_sum: Params = {}
         metric_sums: dict[str, Tensor] = {}
-        for chunk in chunks:
-            update, metrics = self.chunk_update(theta, chunk, score_before)
-            for sums, new in ((update_sum, update), (metric_sums, metrics)):
-                for name, value in new.items():
-                    sums[name] = sums[name] + value if name in sums else value
+        with self._batched_layers(implementation == "batched"):
+            for chunk in chunks:
+                update, metrics = self.chunk_update(theta, chunk, score_before)
+                for sums, new in ((update_sum, update), (metric_sums, metrics)):
+                    for name, value in new.items():
+                        sums[name] = sums[name] + value if name in sums else value
         return update_sum, metric_sums
+
+    @contextlib.contextmanager
+    def _batched_layers(self, on: bool):
+        before, self.batched_layers = self.batched_layers, on
+        try:
+            yield
+        finally:
+            self.batched_layers = before
 
     def batch_trajectory(
         self,
@@ -225,11 +246,12 @@ def one_query_at_a_time(predict: Callable[[Tensor], Tensor], support_x: Tensor, 
 
 
 def fastest_implementation(
-    algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2, implementations=IMPLEMENTATIONS
+    algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2, implementations=None
 ) -> tuple[str, dict]:
-    """Time ``implementations`` on this batch and device; return the fastest and the timings (s)."""
+    """Time ``implementations`` (default: all that differ for the algorithm's model) on this batch and
+    device; return the fastest and the timings (s)."""
     timings = {}
-    for implementation in implementations:
+    for implementation in implementations or algorithm.implementations():
         algorithm.batch_update(params, tasks, implementation)  # warm-up: allocator, kernels, caches
         _synchronize(tasks[0].device)
         start = time.perf_counter()
