@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from distmeta.algorithms import initial_parameters
 from distmeta.config import Config, load_config
-from distmeta.runtime.control import StepControl, scores_before
+from distmeta.runtime.control import Schedule, StepControl
 from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import TaskGenerator
 from distmeta.runtime.worker import Worker
@@ -226,8 +226,7 @@ class Core:
         self.worker.implementation = implementation
 
     def step(self, step: int, batch) -> None:
-        t = self.cfg.train
-        control = StepControl(step, score_before=scores_before(step, t.log_every, t.steps))
+        control = StepControl(step, score_before=Schedule.of(self.cfg.train).logs(step + 1))  # no checkpoints
         self.server.apply(control, self.worker.compute(control, batch, self.server.parameters()))
 
     def parameters(self) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 from distmeta.config import load_config
 from distmeta.params import shard_bounds
 from distmeta.runtime.allreduce import Replica, meeting_point
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.parameter_server import ParameterServer
 
 INFLIGHT = 4  # steps submitted ahead of the one read, as cluster.max_inflight_steps
@@ -46,23 +46,20 @@ WARMUP_STEPS = 3
 MIN_STEPS = 5
 
 
-def simulated_result(control: StepControl, rank: int, update: np.ndarray) -> dict:
+def simulated_result(control: StepControl, rank: int, update: np.ndarray) -> WorkerUpdate:
     """What ``Worker.compute`` returns, for a ready ``update`` of one task."""
     now = time.time()
-    return {
-        "step": control.step,
-        "epoch": control.epoch,
-        "rank": rank,
-        "update": update,
-        "num_tasks": 1,
-        "finite": True,  # a real worker checks its update (its own time, not the server's)
-        "first_task": rank,
-        "metrics": {"loss": 1.0},
-        "implementation": "simulated",
-        "produced_at": now,
-        "started": now,
-        "finished": now,
-    }
+    return WorkerUpdate(
+        step=control.step,
+        epoch=control.epoch,
+        draw=control.step,
+        update=update,
+        finite=True,  # a real worker checks its update (its own time, not the server's)
+        first_task=rank,
+        metrics={"loss": 1.0},
+        implementation="simulated",
+        timing=WorkerTiming(rank, 1, now, now, now),
+    )
 
 
 class SimulatedWorker:
@@ -81,11 +78,11 @@ class SimulatedWorker:
 class TimedServer(ParameterServer):
     """The real server, also reporting the CPU time of its ``apply``."""
 
-    def apply(self, control: StepControl, *results: dict) -> dict:
+    def apply(self, control: StepControl, *results: WorkerUpdate) -> dict:
         cpu = time.thread_time()
         metrics = super().apply(control, *results)
-        metrics["apply_cpu_s"] = time.thread_time() - cpu
-        return metrics
+        cpu_s = time.thread_time() - cpu
+        return {"apply_started": metrics.apply_started, "apply_finished": metrics.apply_finished, "apply_cpu_s": cpu_s}
 
 
 class AllreduceWorker:

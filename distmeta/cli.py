@@ -200,6 +200,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], settings: dict) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
+    from distmeta.assemble import check_run
     from distmeta.checkpoint import load_checkpoint
     from distmeta.evaluate import check_device, evaluate, format_rows, protocol
     from distmeta.resume import check_shards
@@ -209,7 +210,7 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     bad = [o for o in overrides if not o.startswith(("eval.", "task.shards="))]
     if bad:
         raise ConfigError(f"evaluation overrides must be eval.* fields or task.shards=NEWPATH, got {bad}")
-    cfg = load_config(None, overrides, settings=settings, base=saved.to_dict())
+    cfg = check_run(load_config(None, overrides, settings=settings, base=saved.to_dict()))
     check_shards(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
     check_device(device)
     path = Path(checkpoint)

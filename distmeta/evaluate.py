@@ -18,6 +18,7 @@ import torch
 
 from distmeta.algorithms import ALGORITHMS
 from distmeta.config import Config, ConfigError
+from distmeta.models import MODELS
 from distmeta.runtime.monitor import duration
 from distmeta.runtime.worker import Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
@@ -131,7 +132,7 @@ def protocol(cfg: Config, split: str, num_tasks: int) -> str:
         batch = f"mini-batches of {e.inner_batch_size}" if e.inner_batch_size else "the whole support set"
         lr = "learned per-parameter rates" if learner.learned_inner_lr else f"lr {a.inner_lr}"
         line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, {lr}, on {batch})"
-    if cfg.model.name == "conv4":  # the only model with BatchNorm
+    if MODELS[cfg.model.name].batch_norm:
         together = "the query set" if learner.adaptive else "each episode's support and query sets"
         line += ", batch statistics " + (
             f"over {together} (transductive)"

@@ -8,6 +8,10 @@ must keep no state that changes in ``forward``. That is why BatchNorm uses batch
 Every model is ``features`` (an embedding of width ``feature_dim``) followed by a linear ``head``.
 ANIL adapts only the head; metric-based learners (ProtoNets, Matching Networks) build the model with
 ``output_dim=0``, which leaves the head out so the model returns the embedding itself.
+
+To add a backbone, write an ``nn.Module`` with ``from_config`` and the class attributes below
+(``task_kind``, ``batch_norm``, ``linear_layers``, ``children_in_order``: what the rest of the code
+asks of a model) and register it in ``MODELS``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ class DataSpec:
 class MLP(nn.Module):
     """Fully connected ReLU network, 1-40-40-1 for sinusoid regression (Finn et al., 2017)."""
 
-    children_in_order = True  # forward is features then head: the batched implementation relies on it
+    task_kind = "regression"  # the kind of task source it fits (a source's ``kind``)
+    batch_norm = False  # no batch statistics: scoring a query batch at once is not transductive
+    linear_layers = True  # linear layers only: the batched implementation (algorithms/batched.py) applies
+    children_in_order = True  # forward is features then head, as batched.forward runs it
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, spec: DataSpec) -> MLP:
+        (in_features,) = spec.input_shape
+        return cls(in_features, list(cfg.hidden), spec.output_dim)
 
     def __init__(self, in_features: int, hidden: list[int], out_features: int):
         super().__init__()
@@ -53,6 +65,18 @@ class Conv4(nn.Module):
 
     Omniglot: 64 filters on 1x28x28. mini-ImageNet: 32 filters on 3x84x84 with max-pooling.
     """
+
+    task_kind = "classification"
+    batch_norm = True  # on batch statistics: a query batch scored at once informs each example
+    linear_layers = False
+    children_in_order = True
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, spec: DataSpec) -> Conv4:
+        channels, height, width = spec.input_shape
+        if height != width:
+            raise ValueError(f"conv4 expects square images, got {height}x{width}")
+        return cls(channels, height, cfg.filters, spec.output_dim, cfg.downsample)
 
     def __init__(self, in_channels: int, image_size: int, filters: int, out_features: int, downsample: str):
         super().__init__()
@@ -81,16 +105,9 @@ class Conv4(nn.Module):
         return self.head(self.features(x))
 
 
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
+
+
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    if cfg.name == "mlp":
-        (in_features,) = spec.input_shape
-        return MLP(in_features, list(cfg.hidden), spec.output_dim)
-    if cfg.name == "conv4":
-        channels, height, width = spec.input_shape
-        if height != width:
-            raise ValueError(f"conv4 expects square images, got {height}x{width}")
-        return Conv4(channels, height, cfg.filters, spec.output_dim, cfg.downsample)
-    raise ValueError(f"unknown model {cfg.name!r}; choose one of {MODEL_NAMES}")
-
-
-MODEL_NAMES = ("mlp", "conv4")
+    """The model ``cfg.name`` (a ``ModelConfig``) for data of ``spec``."""
+    return MODELS[cfg.name].from_config(cfg, spec)

@@ -35,6 +35,7 @@ import torch
 
 import distmeta
 from distmeta.algorithms import initial_parameters
+from distmeta.assemble import check_run
 from distmeta.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -58,7 +59,7 @@ from distmeta.evaluate import (
 from distmeta.resume import check_shards
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
-from distmeta.runtime.control import StepControl, scores_before
+from distmeta.runtime.control import Schedule, StepMetrics
 from distmeta.runtime.monitor import Monitor, duration
 from distmeta.runtime.parameter_server import checkpoint_state
 from distmeta.runtime.supervisor import ActorLost, Supervisor
@@ -104,6 +105,7 @@ def checkpoint_location(cfg: Config, run_dir: Path) -> str:
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
     """Train ``cfg`` in ``run_dir``; with ``resume``, continue from the newest checkpoint there."""
     started = time.time()
+    check_run(cfg)  # a combination no component can run fails here, before Ray starts
     run_dir = Path(run_dir or Path(cfg.logdir) / run_name(cfg))
     cfg = dataclasses.replace(cfg, run_name=run_dir.name)  # checkpoints record the run they belong to
     source = _checked_source(cfg)  # bad data fails here, before Ray starts
@@ -259,18 +261,7 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
 
 def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, next_step: int):
     """Submit steps up to ``max_inflight_steps`` ahead of the one whose metrics are read next."""
-    c, t = cfg.cluster, cfg.train
-
-    def control(step: int) -> StepControl:
-        done = step + 1
-        return StepControl(
-            step,
-            epoch=supervisor.epoch,
-            checkpoint=step_name(done) if t.checkpoint_every and done % t.checkpoint_every == 0 else None,
-            publish=bool(t.eval_every and done % t.eval_every == 0),
-            score_before=scores_before(step, t.log_every, t.steps),
-        )
-
+    c, t, schedule = cfg.cluster, cfg.train, Schedule.of(cfg.train)
     clock = StepClock(c.step_timeout_s, c.straggler_factor)
     in_flight: deque[tuple[int, object]] = deque()
     while True:
@@ -282,14 +273,14 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
                 next_step = supervisor.start()
                 clock.restart()
             # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
-            stopping = stop.requested() and next_step % t.log_every == 0
+            stopping = stop.requested() and schedule.logs(next_step)
             while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
-                in_flight.append((next_step, supervisor.engine.submit(control(next_step))))
+                in_flight.append((next_step, supervisor.engine.submit(schedule.control(next_step, supervisor.epoch))))
                 next_step += 1
-                stopping = stop.requested() and next_step % t.log_every == 0
+                stopping = stop.requested() and schedule.logs(next_step)
             if not in_flight:
                 return
-            writes = t.checkpoint_every and (in_flight[0][0] + 1) % t.checkpoint_every == 0
+            writes = schedule.checkpoint(in_flight[0][0] + 1) is not None
             results.handle(supervisor.engine.result(in_flight[0][1], clock.timeout(patient=writes)))
             in_flight.popleft()
             clock.tick()
@@ -318,15 +309,15 @@ def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop:
     """Push each worker's update as it comes (runtime/engine.py's AsyncEngine) until the parameters
     reach version ``train.steps``. No straggler timeout: a slow worker holds back no one."""
     t = cfg.train
-    while step < t.steps and not (stop.requested() and step % t.log_every == 0):
+    while step < t.steps and not (stop.requested() and Schedule.of(t).logs(step)):
         try:
             if supervisor.rejoin_ready():  # the updates in the making are dropped: async loses nothing else
                 supervisor.close()
                 step = supervisor.start()
             metrics = supervisor.engine.next_update(cfg.cluster.step_timeout_s)
-            if not metrics.get("stale"):
+            if not metrics.stale:
                 results.handle(metrics)
-                step = metrics["step"] + 1
+                step = metrics.step + 1
             results.collect_evaluations()
         except Exception as err:
             step = results.recover(supervisor, err, step)
@@ -343,32 +334,31 @@ class StepResults:
         self.evaluated: set[int] = set()
         self.rejected_in_a_row = 0
 
-    def handle(self, metrics: dict) -> None:
+    def handle(self, metrics: StepMetrics) -> None:
         t = self.cfg.train
         metrics = _owned(metrics)
-        if "state" in metrics:  # a CheckpointError (say, a full disk) stops the run; earlier checkpoints stand
-            metrics["checkpoint"] = self.store.write(
-                metrics["checkpoint"], checkpoint_state(self.cfg, metrics.pop("state"))
-            )
+        if metrics.state is not None:  # a CheckpointError (say, a full disk) stops the run; earlier ones stand
+            metrics.checkpoint = self.store.write(metrics.checkpoint, checkpoint_state(self.cfg, metrics.state))
+            metrics.state = None
             self.store.prune(t.checkpoint_keep)
         self.monitor.record(metrics)
-        self.rejected_in_a_row = self.rejected_in_a_row + 1 if metrics["rejected"] else 0
-        for bad in metrics["rejected"]:
-            first, last = bad["tasks"]
+        self.rejected_in_a_row = self.rejected_in_a_row + 1 if metrics.rejected else 0
+        for bad in metrics.rejected:
+            first, last = bad.tasks
             print(
-                f"step {metrics['step']} rejected: worker {bad['rank']} sent a non-finite update for tasks "
+                f"step {metrics.step} rejected: worker {bad.rank} sent a non-finite update for tasks "
                 f"{first}..{last - 1} of the step's meta-batch (train.seed={t.seed}); nothing was applied",
                 flush=True,
             )
         if self.rejected_in_a_row >= t.max_rejected_steps:
             raise FloatingPointError(
-                f"{self.rejected_in_a_row} steps in a row had non-finite updates (the last at step {metrics['step']}); "
+                f"{self.rejected_in_a_row} steps in a row had non-finite updates (the last at step {metrics.step}); "
                 "none was applied. Start a new run with a lower algorithm.inner_lr or meta_optimizer.lr "
                 "(a resumed run keeps them)"
             )
-        at = metrics["step"] + 1
-        if "params" in metrics and at not in self.evaluated:  # a snapshot for validation, off the critical path
-            params = metrics.pop("params")
+        at = metrics.step + 1
+        if metrics.params is not None and at not in self.evaluated:  # a snapshot for validation, off the critical path
+            params, metrics.params = metrics.params, None
             self.evaluated.add(at)
             self.evaluations.append((at, params, _submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
 
@@ -390,13 +380,13 @@ class StepResults:
         return next_step
 
 
-def _owned(metrics: dict) -> dict:
+def _owned(metrics: StepMetrics) -> StepMetrics:
     """The step's metrics with arrays of their own. The parameters and checkpoint state arrive as
     zero-copy views of Ray's buffers (a compiled graph's shared-memory channel, which stays locked,
     and the graph stalled, while a view lives). A view kept past the step, say by the traceback of
     a failed checkpoint write, is released only at interpreter exit, after Ray has shut down: the
     driver then crashed (SIGSEGV in Ray's MutableObjectManager::ReadRelease) instead of exiting 2."""
-    return copy.deepcopy(metrics) if "params" in metrics or "state" in metrics else metrics
+    return copy.deepcopy(metrics) if metrics.params is not None or metrics.state is not None else metrics
 
 
 def _report_placement(cfg: Config, run_dir: Path, placement: dict) -> None:

@@ -20,29 +20,25 @@ from distmeta.checkpoint import CheckpointStore, read_checkpoint, step_name
 from distmeta.config import ConfigError
 from distmeta.evaluate import evaluate
 from distmeta.resume import prepare_resume
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import Rejection, StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
 from distmeta.tasks import build_source
 from distmeta.train import train
 
 
-def update(version: int, values, rank: int = 0, epoch: int = 0, draw: int = 0, num_tasks: int = 2) -> dict:
+def update(version: int, values, rank: int = 0, epoch: int = 0, draw: int = 0, num_tasks: int = 2) -> WorkerUpdate:
     """A worker's result as ``Worker.compute`` returns it: the sum of ``num_tasks`` task updates."""
-    return {
-        "step": version,
-        "epoch": epoch,
-        "draw": draw,
-        "rank": rank,
-        "update": np.asarray(values, dtype=np.float64),
-        "finite": bool(np.isfinite(values).all()),
-        "num_tasks": num_tasks,
-        "first_task": 0,
-        "metrics": {"loss": 1.0 * num_tasks},
-        "implementation": "loop",
-        "produced_at": 0.0,
-        "started": 0.0,
-        "finished": 0.0,
-    }
+    return WorkerUpdate(
+        step=version,
+        epoch=epoch,
+        draw=draw,
+        update=np.asarray(values, dtype=np.float64),
+        finite=bool(np.isfinite(values).all()),
+        first_task=0,
+        metrics={"loss": 1.0 * num_tasks},
+        implementation="loop",
+        timing=WorkerTiming(rank, num_tasks, 0.0, 0.0, 0.0),
+    )
 
 
 @pytest.mark.parametrize("policy", ["drop", "scale"])
@@ -58,23 +54,23 @@ def test_the_server_applies_fresh_updates_and_drops_or_scales_stale_ones(tmp_pat
     lr, grad = 0.5, np.array([2.0, -4.0, 6.0])  # a sum over 2 tasks: the mean is grad / 2
     for version in range(3):  # fresh updates (staleness 0) move the version on
         metrics, control, params = server.push(update(version, grad, draw=version))
-        assert metrics["staleness"] == 0 and not metrics["dropped"] and control.step == version + 1
+        assert metrics.staleness == 0 and not metrics.dropped and control.step == version + 1
     before = server.parameters().copy()
     np.testing.assert_allclose(before, -3 * lr * grad / 2)
     metrics, control, params = server.push(update(2, grad, draw=7))  # 1 version old: within the bound
-    assert metrics["staleness"] == 1 and metrics["scale"] == 1.0 and control.step == 4
+    assert metrics.staleness == 1 and metrics.scale == 1.0 and control.step == 4
     np.testing.assert_allclose(params, before - lr * grad / 2)
     before = params.copy()
     metrics, control, params = server.push(update(0, grad, draw=3))  # 4 versions old: beyond it
-    assert metrics["staleness"] == 4
+    assert metrics.staleness == 4
     if policy == "drop":
-        assert metrics["dropped"] and control.step == 4
+        assert metrics.dropped and control.step == 4
         np.testing.assert_array_equal(params, before)
     else:  # the step shrinks by (S + 1) / (staleness + 1) = 2 / 5
-        assert not metrics["dropped"] and metrics["scale"] == pytest.approx(0.4) and control.step == 5
+        assert not metrics.dropped and metrics.scale == pytest.approx(0.4) and control.step == 5
         np.testing.assert_allclose(params, before - 0.4 * lr * grad / 2)
     stale, control, _ = server.push(update(control.step, grad, epoch=-1))  # from before a fault
-    assert stale["stale"]
+    assert stale.stale
     store = CheckpointStore(str(tmp_path / "checkpoints"))
     store.write(step_name(5), checkpoint_state(cfg, [server.state()]))  # the stream's cursor: after draw 7
     state = store.read(step_name(5))
@@ -86,7 +82,7 @@ def test_a_non_finite_asynchronous_update_is_rejected(tmp_path):
     cfg = small("train.mode=async", "meta_optimizer.name=sgd")
     server = ParameterServer(cfg, np.ones(2))
     metrics, _, params = server.push(update(0, [np.nan, 1.0], rank=1))
-    assert metrics["rejected"] == [{"rank": 1, "tasks": [0, 2]}]
+    assert metrics.rejected == [Rejection(rank=1, tasks=(0, 2))]
     np.testing.assert_array_equal(params, np.ones(2))
 
 
@@ -208,7 +204,7 @@ def test_the_worker_result_carries_what_the_server_needs():
     assert (first.step, second.step) == (5, 8)
     params = initial_parameters(cfg, build_source(cfg.task))
     result = Worker(cfg, device=torch.device("cpu")).compute(StepControl(4, epoch=2), first, params)
-    assert (result["step"], result["epoch"], result["draw"], result["num_tasks"]) == (4, 2, 5, 7)
+    assert (result.step, result.epoch, result.draw, result.num_tasks) == (4, 2, 5, 7)
 
 
 def test_an_asynchronous_run_resumes_at_its_checkpoint_with_the_task_stream_cursor(ray_local, tmp_path):

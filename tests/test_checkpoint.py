@@ -20,7 +20,7 @@ from distmeta.checkpoint import (
     step_name,
 )
 from distmeta.config import load_config
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import Rejection, StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
 
 
@@ -118,11 +118,10 @@ def test_the_server_restores_parameters_optimizer_step_and_rng_from_its_newest_c
     cfg = load_config(None, ["train.dtype=float64", "train.checkpoint_keep=2"])
     server, store = ParameterServer(cfg, np.zeros(4), str(tmp_path)), CheckpointStore(str(tmp_path))
     for step in range(3):
-        update = {"rank": 0, "first_task": 0, "num_tasks": 1, "step": step, "metrics": {}, "implementation": "loop"}
-        update |= {"update": np.arange(4.0) + step, "finite": True, "produced_at": 0.0, "started": 0.0, "finished": 0.0}
+        update = WorkerUpdate(step, 0, step, np.arange(4.0) + step, True, 0, {}, "loop", WorkerTiming(0, 1, 0, 0, 0))
         metrics = server.apply(StepControl(step, checkpoint=step_name(step + 1)), update)
         if step < 2:  # the driver writes what the server sends at a checkpoint step
-            store.write(metrics["checkpoint"], checkpoint_state(cfg, [metrics["state"]]))
+            store.write(metrics.checkpoint, checkpoint_state(cfg, [metrics.state]))
             store.prune(2)
     torch.manual_seed(7)
     store.write(step_name(3), checkpoint_state(cfg, [server.state()]))
@@ -143,21 +142,12 @@ def test_a_step_with_a_non_finite_update_is_rejected_whole_and_reported(tmp_path
     server = ParameterServer(cfg, np.ones(3))
 
     def result(rank, first, update):
-        checked = {"update": np.array(update), "finite": bool(np.isfinite(update).all())}
-        return (
-            {"rank": rank, "first_task": first, "num_tasks": 4, "step": 0}
-            | checked
-            | {
-                "metrics": {"loss": 1.0},
-                "implementation": "loop",
-                "produced_at": 0.0,
-                "started": 0.0,
-                "finished": 0.0,
-            }
-        )
+        finite = bool(np.isfinite(update).all())
+        timing = WorkerTiming(rank, 4, 0, 0, 0)
+        return WorkerUpdate(0, 0, 0, np.array(update), finite, first, {"loss": 1.0}, "loop", timing)
 
     metrics = server.apply(StepControl(0), result(0, 0, [1.0, 1.0, 1.0]), result(1, 4, [1.0, np.inf, 1.0]))
-    assert metrics["rejected"] == [{"rank": 1, "tasks": [4, 8]}]
+    assert metrics.rejected == [Rejection(rank=1, tasks=(4, 8))]
     np.testing.assert_array_equal(server.parameters(), np.ones(3))  # nothing applied, not even worker 0's part
     assert server.status()["step"] == 1 and server.rejected_steps == [0]
     assert server.optimizer.state_dict()["state"] == {}  # Adam never stepped

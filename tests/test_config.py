@@ -1,6 +1,15 @@
+import subprocess
+import sys
+
 import pytest
 
+from distmeta.assemble import check_run
 from distmeta.config import Config, ConfigError, load_config
+
+
+def checked(*overrides: str) -> Config:
+    """A config as a run sees it: the schema's checks (load_config), then every component's (check_run)."""
+    return check_run(load_config(None, list(overrides)))
 
 
 def test_defaults_are_the_sinusoid_maml_job():
@@ -27,7 +36,11 @@ def test_yaml_then_overrides(tmp_path):
     [
         ("algorithm.inner_lrr=0.1", "did you mean algorithm.inner_lr"),
         ("trian.steps=5", "valid keys here: task, model, algorithm"),
-        ("algorithm.name=mamll", "choose one of: maml, fomaml, reptile, anil, metasgd, protonet, matchingnet"),
+        ("algorithm.name=mamll", r"\(did you mean maml\?\); choose one of: maml, fomaml, reptile, anil, metasgd"),
+        ("model.name=resnet", "model.name='resnet' is not valid; choose one of: mlp, conv4"),
+        ("task.source=shards", "task.source=shards needs task.shards=DIR"),
+        ("model.downsample=avg", "model.downsample='avg' is not valid; choose one of: max_pool, stride"),
+        ("model.hidden=[40, 0]", r"model.hidden must be >= 1, got \[40, 0\]"),
         ("algorithm.implementation=fast", "choose one of: auto, vmap, loop, batched"),
         ("cluster.engine=threads", "choose one of: auto, compiled, tasks"),
         ("train.steps=0", "train.steps must be >= 1"),
@@ -56,13 +69,13 @@ def test_yaml_then_overrides(tmp_path):
 )
 def test_bad_values_are_rejected_with_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        checked(override)
 
 
 def test_the_batched_implementation_is_for_linear_layers_only():
-    assert load_config(None, ["algorithm.implementation=batched"]).algorithm.implementation == "batched"
+    assert checked("algorithm.implementation=batched").algorithm.implementation == "batched"
     with pytest.raises(ConfigError, match="conv4's convolutions have none"):
-        load_config(None, ["task.source=synthetic", "model.name=conv4", "algorithm.implementation=batched"])
+        checked("task.source=synthetic", "model.name=conv4", "algorithm.implementation=batched")
 
 
 def test_allreduce_mode_refuses_what_needs_a_server_or_a_compiled_graph():
@@ -86,7 +99,7 @@ IMAGES = ["task.source=synthetic", "model.name=conv4"]
 )
 def test_evaluation_settings_the_algorithm_cannot_use_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [*IMAGES, *overrides])
+        checked(*IMAGES, *overrides)
 
 
 def test_evaluation_defaults_follow_the_algorithm():
@@ -112,7 +125,7 @@ def test_every_shipped_config_loads():
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        assert isinstance(load_config(path), Config)
+        assert isinstance(check_run(load_config(path)), Config)
 
 
 def test_round_trip_through_dict():
@@ -120,3 +133,19 @@ def test_round_trip_through_dict():
 
     cfg = load_config(None, ["algorithm.name=fomaml", "eval.inner_steps=[0, 3]"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def _imports(module: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after importing ``module``."""
+    code = f"import sys, {module}; print(' '.join(sys.modules))"
+    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_the_layers_stay_apart():
+    """The compute core runs without Ray, and the config schema knows no component: a component
+    checks its own options (distmeta.assemble asks them all), so a new one touches no central file."""
+    components = ("distmeta.algorithms", "distmeta.models", "distmeta.tasks", "distmeta.runtime", "distmeta.data")
+    assert not {m for m in _imports("distmeta.config") if m.startswith(components)}
+    for core in ("distmeta.algorithms", "distmeta.models", "distmeta.tasks", "distmeta.params"):
+        loaded = _imports(core)
+        assert "ray" not in loaded and not {m for m in loaded if m.startswith("distmeta.runtime")}, core

@@ -1,6 +1,7 @@
 """Model shapes for the paper variants, and the parameter server's aggregation and outer steps,
 in one process (no Ray)."""
 
+import dataclasses
 import subprocess
 import sys
 import uuid
@@ -11,9 +12,9 @@ import torch
 
 from distmeta.checkpoint import CheckpointStore, step_name
 from distmeta.config import ConfigError, ModelConfig, load_config
-from distmeta.models import DataSpec, build_model
+from distmeta.models import MODELS, DataSpec, build_model
 from distmeta.params import ParamLayout, flat_parameters, shard_bounds
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state, join_metrics
 
 
@@ -25,6 +26,22 @@ def test_sinusoid_mlp_is_1_40_40_1():
     model = build_model(ModelConfig(), DataSpec((1,), 1))
     assert [tuple(p.shape) for p in model.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
     assert model(torch.zeros(7, 1)).shape == (7, 1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_model_class_says_what_its_modules_are(name):
+    """What the rest of the code asks of a model it reads from the class (before any is built): the
+    attributes must say what the built module is."""
+    from torch import nn
+
+    from distmeta.algorithms import batched
+
+    cls = MODELS[name]
+    spec = DataSpec((1,), 1) if cls.task_kind == "regression" else DataSpec((1, 28, 28), 5)
+    model = build_model(ModelConfig(name=name), spec)
+    assert type(model) is cls
+    assert batched.supports(model) == batched.supports(model.features) == cls.linear_layers
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) == cls.batch_norm
 
 
 @pytest.mark.parametrize(
@@ -59,19 +76,17 @@ def test_param_layout_round_trip_is_views():
 
 
 def result(step, rank, update, num_tasks):
-    return {
-        "step": step,
-        "rank": rank,
-        "update": np.asarray(update, dtype=np.float64),
-        "finite": bool(np.isfinite(update).all()),
-        "num_tasks": num_tasks,
-        "first_task": 0,
-        "metrics": {"loss_before": 2.0 * num_tasks, "loss_after": 1.0 * num_tasks},
-        "implementation": "vmap",
-        "produced_at": 0.0,
-        "started": 0.0,
-        "finished": 0.0,
-    }
+    return WorkerUpdate(
+        step=step,
+        epoch=0,
+        draw=step,
+        update=np.asarray(update, dtype=np.float64),
+        finite=bool(np.isfinite(update).all()),
+        first_task=0,
+        metrics={"loss_before": 2.0 * num_tasks, "loss_after": 1.0 * num_tasks},
+        implementation="vmap",
+        timing=WorkerTiming(rank, num_tasks, 0.0, 0.0, 0.0),
+    )
 
 
 def test_uneven_shares_are_weighted_by_task_count_and_reptile_steps_towards_phi():
@@ -83,7 +98,7 @@ def test_uneven_shares_are_weighted_by_task_count_and_reptile_steps_towards_phi(
     metrics = server.apply(StepControl(0), result(0, 0, [3.0, -3.0], 3), result(0, 1, [5.0, 1.0], 1))
     mean = np.array([8.0, -2.0]) / 4  # mean over the 4 tasks of (theta - phi)
     np.testing.assert_allclose(server.parameters(), -0.5 * mean)  # theta + eps * mean(phi - theta)
-    assert metrics["num_tasks"] == 4 and metrics["train"] == {"loss_before": 2.0, "loss_after": 1.0}
+    assert metrics.num_tasks == 4 and metrics.train == {"loss_before": 2.0, "loss_after": 1.0}
 
 
 def test_outer_step_size_anneals_linearly_to_its_final_value():
@@ -98,7 +113,7 @@ def test_outer_step_size_anneals_linearly_to_its_final_value():
         ],
     )
     server = ParameterServer(cfg, np.zeros(1))
-    lrs = [server.apply(StepControl(s), result(s, 0, [-1.0], 1))["lr"] for s in range(5)]
+    lrs = [server.apply(StepControl(s), result(s, 0, [-1.0], 1)).lr for s in range(5)]
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     assert server.parameters()[0] == pytest.approx(sum(lrs))
 
@@ -107,7 +122,7 @@ def test_step_decay_multiplies_the_learning_rate_every_n_steps():
     overrides = ["meta_optimizer.name=sgd", "meta_optimizer.lr=1.0", "meta_optimizer.decay_every=2"]
     cfg = load_config(None, [*overrides, "meta_optimizer.decay_factor=0.5", "train.steps=5", "train.dtype=float64"])
     server = ParameterServer(cfg, np.zeros(1))
-    lrs = [server.apply(StepControl(s), result(s, 0, [-1.0], 1))["lr"] for s in range(5)]
+    lrs = [server.apply(StepControl(s), result(s, 0, [-1.0], 1)).lr for s in range(5)]
     assert lrs == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25])  # the ProtoNets schedule, in miniature
     with pytest.raises(ConfigError, match="not both"):
         load_config(None, [*overrides, "meta_optimizer.final_lr=0.1"])
@@ -124,9 +139,9 @@ def test_finite_updates_whose_sum_overflows_are_rejected_too():
     huge = np.finfo(np.float64).max
     with np.errstate(over="ignore"):
         metrics = server.apply(StepControl(0), result(0, 0, [huge, 0.0], 1), result(0, 1, [huge, 0.0], 1))
-    assert [bad["rank"] for bad in metrics["rejected"]] == [0, 1]  # each finite, their sum is not
+    assert [bad.rank for bad in metrics.rejected] == [0, 1]  # each finite, their sum is not
     np.testing.assert_array_equal(server.parameters(), [0.0, 0.0])  # nothing applied
-    assert server.apply(StepControl(1), result(1, 0, [1.0, -1.0], 1))["rejected"] == []
+    assert server.apply(StepControl(1), result(1, 0, [1.0, -1.0], 1)).rejected == []
     assert server.parameters()[0] < 0 < server.parameters()[1]
     shard = ParameterServer(load_config(None, ["train.dtype=float64"]), np.zeros(128), bounds=(64, 128))
     big = [result(0, rank, np.r_[np.zeros(64), huge, np.zeros(63)][64:], 1) for rank in range(2)]
@@ -140,9 +155,9 @@ def test_the_server_publishes_parameters_and_sends_its_state_at_checkpoint_steps
     metrics = server.apply(
         StepControl(0, checkpoint="step_00000001.pt", publish=True), result(0, 0, [1.0, 2.0, 3.0], 1)
     )
-    np.testing.assert_array_equal(metrics["params"], server.parameters())
-    assert metrics["checkpoint"] == "step_00000001.pt"  # the driver writes it (train.StepResults)
-    saved = checkpoint_state(cfg, [metrics["state"]])
+    np.testing.assert_array_equal(metrics.params, server.parameters())
+    assert metrics.checkpoint == "step_00000001.pt"  # the driver writes it (train.StepResults)
+    saved = checkpoint_state(cfg, [metrics.state])
     assert saved["step"] == 1 and torch.equal(saved["params"], torch.from_numpy(server.parameters()))
     assert saved["config"] == cfg.to_dict() and saved["task_stream"]["next_step"] == 1
 
@@ -167,15 +182,15 @@ def test_sharded_servers_compute_what_one_server_does_and_checkpoint_as_one(tmp_
         parts = [
             shard.apply(
                 StepControl(step, checkpoint="c.pt" if step == 5 else None),
-                *[r | {"update": r["update"][lo:hi]} for r in results],
+                *[dataclasses.replace(r, update=r.update[lo:hi]) for r in results],
             )
             for shard, (lo, hi) in zip(shards, bounds)
         ]
-        assert join_metrics(parts)["rejected"] == whole["rejected"]
+        assert join_metrics(parts).rejected == whole.rejected
         np.testing.assert_array_equal(np.concatenate([shard.parameters() for shard in shards]), single.parameters())
     assert single.rejected_steps == [3] and all(shard.rejected_steps == [3] for shard in shards)
     store = CheckpointStore(str(tmp_path))
-    store.write(step_name(6), checkpoint_state(cfg, join_metrics(parts)["state"]))
+    store.write(step_name(6), checkpoint_state(cfg, join_metrics(parts).state))
     resumed = ParameterServer(cfg, np.zeros(327), str(tmp_path))  # one server from the shards' checkpoint
     np.testing.assert_array_equal(resumed.parameters(), single.parameters())
     for key in ("exp_avg", "exp_avg_sq"):
@@ -202,12 +217,12 @@ def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
     assert set(timings) == {"vmap", "loop", "batched"} and chosen == min(timings, key=timings.get)
     assert worker.implementation == "auto"
     first = worker.compute(StepControl(0), tasks, flat)
-    assert worker.implementation in timings and first["implementation"] == worker.implementation
+    assert worker.implementation in timings and first.implementation == worker.implementation
     other = "loop" if worker.implementation != "loop" else "vmap"
     expected, _ = worker.algorithm.batch_update(
         worker._params(flat), tasks.to_torch(worker.device, torch.float32), other
     )
-    np.testing.assert_allclose(first["update"], worker.layout.flatten(expected).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(first.update, worker.layout.flatten(expected).numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_is_an_option_close_to_float32_and_only_with_float32_parameters():
@@ -226,8 +241,8 @@ def test_bf16_autocast_is_an_option_close_to_float32_and_only_with_float32_param
         tasks = TaskGenerator(cfg, [2], [0], prefetch=False).build(0)[0]
         flat = flat_parameters(worker.algorithm.initial_parameters(), torch.float32).numpy()
         result = worker.compute(StepControl(0), tasks, flat)
-        assert result["update"].dtype == np.float32 and set(result["metrics"]) >= {"loss_before", "loss_after"}
-        updates[mode] = result["update"]
+        assert result.update.dtype == np.float32 and set(result.metrics) >= {"loss_before", "loss_after"}
+        updates[mode] = result.update
     assert not np.array_equal(updates["none"], updates["bf16"])  # reduced precision really ran
     cosine = updates["none"] @ updates["bf16"] / np.linalg.norm(updates["none"]) / np.linalg.norm(updates["bf16"])
     assert cosine > 0.99

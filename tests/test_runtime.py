@@ -130,9 +130,9 @@ def test_tensorboard_event_files_hold_the_run(ray_local, tmp_path):
     # the score before adaptation is taken on the window's last step only (it costs a forward pass)
     for end in (4, 8, 12):
         window = history[end - 4 : end]
-        after = np.mean([m["train"]["loss_after"] for m in window])
+        after = np.mean([m.train["loss_after"] for m in window])
         assert scalars["train/loss_after"][end] == pytest.approx(after, rel=1e-6)
-        assert scalars["train/loss_before"][end] == pytest.approx(window[-1]["train"]["loss_before"], rel=1e-6)
+        assert scalars["train/loss_before"][end] == pytest.approx(window[-1].train["loss_before"], rel=1e-6)
         assert scalars["train/lr"][end] == pytest.approx(1e-3)
     # the step-time breakdown and throughput, per window
     for tag in (
@@ -202,3 +202,18 @@ def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path)
     mse = [(0.5, 0), (0.4, 1), (0.6, 0), (float("nan"), 0), (0.5, 0), (0.3, 0)]
     assert kept_steps("mse", mse) == [1, 1, 1, 1, 1, 6]
     assert kept_steps("accuracy", [(0.5, 0), (0.7, 0), (0.6, 0), (0.7, 0)]) == [1, 2, 2, 2]
+
+
+def test_the_schedule_names_each_step_s_extras():
+    """One schedule for the driver, the asynchronous server and the monitor: windows end every
+    log_every steps and at the run's end; checkpoints and published parameters on their own intervals."""
+    from distmeta.runtime.control import Schedule
+
+    schedule = Schedule.of(small("train.steps=10", "train.checkpoint_every=4", "train.eval_every=6").train)
+    assert [done for done in range(1, 11) if schedule.logs(done)] == [4, 8, 10]
+    assert [schedule.checkpoint(done) for done in (4, 5, 8)] == ["step_00000004.pt", None, "step_00000008.pt"]
+    assert [done for done in range(1, 11) if schedule.publishes(done)] == [6]
+    assert schedule.control(7, epoch=2) == StepControl(7, 2, "step_00000008.pt", publish=False, score_before=True)
+    assert schedule.control(4) == StepControl(4, 0, None, publish=False, score_before=False)
+    never = Schedule.of(small("train.checkpoint_every=0", "train.eval_every=0").train)
+    assert not any(never.checkpoint(done) or never.publishes(done) for done in range(1, 13))

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from distmeta.algorithms import batched
-from distmeta.config import AlgorithmConfig
+from distmeta.config import AlgorithmConfig, Config, ConfigError
 
 Params = dict[str, Tensor]
 Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y, each [T, ...]
@@ -58,11 +58,25 @@ class MetaAlgorithm:
     adaptive: bool = True  # False: metric-based, nothing is adapted per task (evaluated at 0 inner steps)
     uses_head: bool = True  # False: the model is built without its head and returns embeddings
     learned_inner_lr: bool = False  # True: the inner step sizes are meta-parameters, not inner_lr
+    full_context_embeddings: bool = False  # True: algorithm.fce is this learner's option (matchingnet)
 
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
         self.cfg, self.model, self.kind = cfg, model, kind
         self.model_names = [name for name, _ in model.named_parameters()]
         self.batched_layers = False  # run: batched matrix products instead of vmap (the batched implementation)
+
+    @classmethod
+    def check(cls, cfg: Config, kind: str) -> None:
+        """Raise a ``ConfigError`` if this learner cannot run ``cfg`` on tasks of ``kind`` (a task
+        source's: regression or classification). A learner with rules of its own extends it."""
+        a = cfg.algorithm
+        if a.inner_optimizer == "adam" and cls.adaptive and not cls.first_order:
+            raise ConfigError(
+                f"algorithm.inner_optimizer=adam needs a first-order algorithm (fomaml, reptile), "
+                f"not {a.name}: differentiating through Adam's square root is unstable"
+            )
+        if a.fce and not cls.full_context_embeddings:
+            raise ConfigError(f"algorithm.fce is a matchingnet option; {a.name} has no such embeddings")
 
     def chunk_update(self, theta: Params, tasks: Task, score_before: bool = True) -> tuple[Params, dict[str, Tensor]]:
         """Sum over the chunk's tasks of their updates, and of their metrics. An adaptive learner

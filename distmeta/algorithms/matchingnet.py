@@ -49,6 +49,8 @@ class FullContextEmbedding(nn.Module):
 
 
 class MatchingNetworks(MetricAlgorithm):
+    full_context_embeddings = True
+
     def __init__(self, cfg, model, kind):
         super().__init__(cfg, model, kind)
         reference = next(model.parameters())

@@ -12,11 +12,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distmeta.algorithms.base import MetaAlgorithm, Params, Task, one_query_at_a_time
+from distmeta.config import ConfigError
 
 
 class MetricAlgorithm(MetaAlgorithm):
     adaptive = False
     uses_head = False
+
+    @classmethod
+    def check(cls, cfg, kind):
+        super().check(cfg, kind)
+        if kind != "classification":
+            name, source = cfg.algorithm.name, cfg.task.source
+            raise ConfigError(f"algorithm.name={name} classifies; task.source={source} is {kind}")
+        if any(cfg.eval.inner_steps):
+            raise ConfigError(
+                f"algorithm.name={cfg.algorithm.name} has no inner loop; set eval.inner_steps=[0] (or leave it empty)"
+            )
 
     def logits(self, theta: Params, support: Tensor, one_hot: Tensor, query: Tensor) -> Tensor:
         """Embeddings support [T, S, D] with one-hot labels [T, S, ways], query [T, Q, D] -> class

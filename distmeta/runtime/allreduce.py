@@ -17,6 +17,7 @@ results). Rank 0's copy is the one checkpointed and evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from datetime import timedelta
 
@@ -25,10 +26,8 @@ import torch
 import torch.distributed as dist
 
 from distmeta.config import Config
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import Rejection, StepControl, StepMetrics, WorkerTiming, WorkerUpdate
 from distmeta.runtime.parameter_server import ParameterServer
-
-TIMES = ("produced_at", "started", "finished")  # per worker, for the monitor's time breakdown
 
 
 def meeting_point() -> str:
@@ -65,38 +64,42 @@ class Replica:
             device_id=device if cuda else None,
         )
 
-    def apply(self, control: StepControl, result: dict) -> dict:
+    def apply(self, control: StepControl, result: WorkerUpdate) -> StepMetrics:
         """Sum this worker's ``result`` with the others' and take the step. Returns the step's
         metrics, with the parameters or the checkpoint state only from the first worker (the one
         the driver reads). The sum goes into ``result``'s update (on the CPU): no copy of it per step."""
-        names = list(result["metrics"])
-        total = torch.from_numpy(result["update"]).to(self.device)
+        names = list(result.metrics)
+        total = torch.from_numpy(result.update).to(self.device)
         # The small numbers travel in one float64 vector: the metric sums, then a row per worker
         # (non-finite?, first task, task count, times); each fills its own row, the sum gathers them.
-        rows = np.zeros((len(self.ranks), 3 + len(TIMES)))
-        rows[self.position] = [not result["finite"], result["first_task"], result["num_tasks"], *map(result.get, TIMES)]
-        small = torch.from_numpy(np.concatenate([[result["metrics"][name] for name in names], rows.ravel()]))
+        timing = result.timing
+        rows = np.zeros((len(self.ranks), 6))
+        rows[self.position] = [
+            not result.finite,
+            result.first_task,
+            timing.num_tasks,
+            timing.produced_at,
+            timing.started,
+            timing.finished,
+        ]
+        small = torch.from_numpy(np.concatenate([[result.metrics[name] for name in names], rows.ravel()]))
         small = small.to(self.device)
         dist.all_reduce(total)
         dist.all_reduce(small)
         small = small.cpu()
         sums, rows = small[: len(names)].tolist(), small[len(names) :].numpy().reshape(len(self.ranks), -1)
-        summed = result | {
-            "update": total.cpu().numpy(),
-            "finite": not rows[:, 0].any(),
-            "num_tasks": int(rows[:, 2].sum()),
-            "metrics": dict(zip(names, sums)),
-        }
+        summed = dataclasses.replace(
+            result,
+            update=total.cpu().numpy(),
+            finite=not rows[:, 0].any(),
+            metrics=dict(zip(names, sums)),
+            timing=dataclasses.replace(timing, num_tasks=int(rows[:, 2].sum())),
+        )
         metrics = self.server.apply(control, summed)
-        metrics["workers"] = [
-            {"rank": rank, "num_tasks": int(row[2])} | dict(zip(TIMES, row[3:].tolist()))
-            for rank, row in zip(self.ranks, rows)
-        ]
-        if metrics["rejected"]:  # name the workers that sent non-finite updates (all: finite ones overflowed)
+        metrics.workers = [WorkerTiming(rank, int(row[2]), *row[3:].tolist()) for rank, row in zip(self.ranks, rows)]
+        if metrics.rejected:  # name the workers that sent non-finite updates (all: finite ones overflowed)
             flagged = [(rank, row) for rank, row in zip(self.ranks, rows) if row[0]] or list(zip(self.ranks, rows))
-            metrics["rejected"] = [
-                {"rank": rank, "tasks": [int(row[1]), int(row[1] + row[2])]} for rank, row in flagged
-            ]
+            metrics.rejected = [Rejection(rank, (int(row[1]), int(row[1] + row[2]))) for rank, row in flagged]
         if self.position:
-            metrics.pop("params", None), metrics.pop("state", None)
+            metrics.params = metrics.state = None
         return metrics

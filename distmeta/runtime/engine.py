@@ -32,7 +32,7 @@ import time
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import StepControl, StepMetrics
 from distmeta.runtime.parameter_server import join_metrics
 
 PACE_ABOVE_S = 0.02  # shorter steps: sleeping costs more latency than the busy-wait costs CPU
@@ -71,7 +71,7 @@ class CompiledEngine:
     def submit(self, control: StepControl):
         return self.graph.execute(control)
 
-    def result(self, refs, timeout_s: float) -> dict:
+    def result(self, refs, timeout_s: float) -> StepMetrics:
         """A step's metrics. Reading a compiled graph's output busy-waits, which would take a core
         from the workers on a small machine, so first sleep through most of the expected wait."""
         if self.step_s > PACE_ABOVE_S:
@@ -170,7 +170,7 @@ class TaskEngine:
         ]
         return metrics
 
-    def result(self, refs, timeout_s: float) -> dict:
+    def result(self, refs, timeout_s: float) -> StepMetrics:
         """A step's metrics; raises if the step failed or took longer than ``timeout_s``."""
         return join_metrics(ray.get(refs, timeout=timeout_s))
 
@@ -209,7 +209,7 @@ class AsyncEngine:
         )
         self.computing[parts[0]] = (position, parts)  # a call's returns are ready together
 
-    def next_update(self, timeout_s: float) -> dict:
+    def next_update(self, timeout_s: float) -> StepMetrics:
         """Push the first worker update to be ready; returns the server's metrics for it."""
         ready, _ = ray.wait(list(self.computing), num_returns=1, timeout=timeout_s)
         if not ready:
@@ -240,7 +240,7 @@ class AllreduceEngine:
             for position, worker in enumerate(self.workers)
         ]
 
-    def result(self, refs, timeout_s: float) -> dict:
+    def result(self, refs, timeout_s: float) -> StepMetrics:
         """The step's metrics; raises if any worker's part failed or took longer than ``timeout_s``.
         A worker's collective fails when a peer dies: then the peer's death is raised, the fault
         behind the error."""

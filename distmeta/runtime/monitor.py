@@ -33,6 +33,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from distmeta.config import Config, ConfigError
+from distmeta.runtime.control import Schedule, StepMetrics
 
 
 class EventWriteError(ConfigError):
@@ -109,33 +110,33 @@ class Monitor:
         self.dropped = 0
         self.updates: dict[int, int] = defaultdict(int)  # per worker rank
 
-    def record(self, m: dict) -> None:
+    def record(self, m: StepMetrics) -> None:
         """One step's metrics from ``ParameterServer.apply`` (or ``push``, asynchronous mode)."""
-        if "staleness" in m:
-            self.staleness.append(m["staleness"])
-            self.recent_staleness.append(m["staleness"])
-            if m["dropped"]:
+        if m.staleness is not None:
+            self.staleness.append(m.staleness)
+            self.recent_staleness.append(m.staleness)
+            if m.dropped:
                 self.dropped += 1
                 return
-            self.updates[m["workers"][0]["rank"]] += 1
-        step = m["step"] + 1  # parameters after this many updates
+            self.updates[m.workers[0].rank] += 1
+        step = m.step + 1  # parameters after this many updates
         if step <= self.last_step:
             return
         self.last_step = step
-        if m["rejected"]:  # nothing was applied: count it, keep it out of the training curves
+        if m.rejected:  # nothing was applied: count it, keep it out of the training curves
             self.rejected += 1
             self.writer.add_scalar("faults/rejected_steps", self.rejected, step)
         else:
-            for name, value in {**m["train"], "lr": m["lr"]}.items():
+            for name, value in {**m.train, "lr": m.lr}.items():
                 self.sums[f"train/{name}"] += value
                 self.counts[f"train/{name}"] += 1
         if self.prev_apply_end is not None:
-            step_s = m["apply_finished"] - self.prev_apply_end
-            aggregate_s = m["apply_finished"] - m["apply_started"]
-            compute = {w["rank"]: w["finished"] - w["started"] for w in m["workers"]}
+            step_s = m.apply_finished - self.prev_apply_end
+            aggregate_s = m.apply_finished - m.apply_started
+            compute = {w.rank: w.finished - w.started for w in m.workers}
             data_wait_s = max(
-                max(0.0, w["produced_at"] - max(self.prev_apply_end, self.prev_worker_end.get(w["rank"], 0.0)))
-                for w in m["workers"]
+                max(0.0, w.produced_at - max(self.prev_apply_end, self.prev_worker_end.get(w.rank, 0.0)))
+                for w in m.workers
             )
             compute_s = max(compute.values())
             breakdown = {
@@ -149,15 +150,15 @@ class Monitor:
                 self.sums[f"time/{name}"] += value
             for rank, seconds in compute.items():
                 self.sums[f"workers/{rank}/compute_s"] += seconds
-            self.sums["throughput/tasks"] += m["num_tasks"]
-            self.total_tasks += m["num_tasks"]
+            self.sums["throughput/tasks"] += m.num_tasks
+            self.total_tasks += m.num_tasks
             self.total_step_s += step_s
             self.recent_steps = [*self.recent_steps[-199:], step_s]
             self.timed_steps += 1
-        self.prev_apply_end = m["apply_finished"]
-        self.prev_worker_end = {w["rank"]: w["finished"] for w in m["workers"]}
-        self.latest = {**self.latest, **m["train"], "step": step}  # *_before: from the last step that had it
-        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+        self.prev_apply_end = m.apply_finished
+        self.prev_worker_end = {w.rank: w.finished for w in m.workers}
+        self.latest = {**self.latest, **m.train, "step": step}  # *_before: from the last step that had it
+        if Schedule.of(self.cfg.train).logs(step):
             self._flush(step)
         if time.time() - self.last_print >= self.cfg.train.print_every_s or step == self.cfg.train.steps:
             self._print(step)

@@ -26,6 +26,7 @@ with a smaller step (``train.stale_updates``); its staleness goes to the metrics
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 
@@ -33,10 +34,10 @@ import numpy as np
 import torch
 
 import distmeta
-from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version, step_name
+from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version
 from distmeta.config import Config
 from distmeta.params import DTYPES
-from distmeta.runtime.control import StepControl, scores_before
+from distmeta.runtime.control import Rejection, Schedule, StepControl, StepMetrics, WorkerUpdate
 
 
 class ParameterServer:
@@ -133,65 +134,64 @@ class ParameterServer:
         progress = min(1.0, step / max(1, self.cfg.train.steps - 1))
         return opt.lr + (opt.final_lr - opt.lr) * progress
 
-    def apply(self, control: StepControl, *results: dict) -> dict:
+    def apply(self, control: StepControl, *results: WorkerUpdate) -> StepMetrics:
         """Aggregate the workers' results for ``control.step``, apply them, return the step's metrics."""
         started, step = time.time(), control.step
         if control.epoch != self.epoch:
-            return {"stale": True, "step": step}
-        if step != self.step or any(r["step"] != step for r in results):
+            return StepMetrics(step, stale=True)
+        if step != self.step or any(r.step != step for r in results):
             raise RuntimeError(
-                f"parameter server is at step {self.step} but got updates for steps {[r['step'] for r in results]}"
+                f"parameter server is at step {self.step} but got updates for steps {[r.step for r in results]}"
             )
         metrics = self._update(results, started)
-        if control.publish and not metrics["rejected"]:
-            metrics["params"] = self.theta.detach().numpy().copy()
+        if control.publish and not metrics.rejected:
+            metrics.params = self.theta.detach().numpy().copy()
         if control.checkpoint:
-            metrics["checkpoint"], metrics["state"] = control.checkpoint, self.state()
-        metrics["apply_finished"] = time.time()
+            metrics.checkpoint, metrics.state = control.checkpoint, self.state()
+        metrics.apply_finished = time.time()
         return metrics
 
     def pull(self) -> tuple[StepControl, np.ndarray]:
         """Asynchronous mode: the current parameters and their version, for a worker's first update."""
-        t = self.cfg.train
-        control = StepControl(self.step, self.epoch, score_before=scores_before(self.step, t.log_every, t.steps))
+        control = StepControl(self.step, self.epoch, score_before=Schedule.of(self.cfg.train).logs(self.step + 1))
         return control, self.parameters()
 
-    def push(self, result: dict) -> tuple[dict, StepControl, np.ndarray]:
+    def push(self, result: WorkerUpdate) -> tuple[StepMetrics, StepControl, np.ndarray]:
         """Asynchronous mode: apply one worker's update, computed on the parameters of version
-        ``result["step"]``, as its own step, unless it is more than ``train.max_staleness`` versions
+        ``result.step``, as its own step, unless it is more than ``train.max_staleness`` versions
         old (then ``train.stale_updates``: drop it, or scale its step by (S + 1) / (staleness + 1)).
         Returns the metrics and the version the worker computes its next update on."""
         started, t = time.time(), self.cfg.train
-        if result["epoch"] != self.epoch:  # computed before a fault; its worker's chain was restarted
-            return {"stale": True, "step": self.step}, *self.pull()
-        staleness = self.step - result["step"]
-        self.last_draw = max(self.last_draw, result["draw"])
+        if result.epoch != self.epoch:  # computed before a fault; its worker's chain was restarted
+            return StepMetrics(self.step, stale=True), *self.pull()
+        staleness = self.step - result.step
+        self.last_draw = max(self.last_draw, result.draw)
         scale = 1.0
         if staleness > t.max_staleness:
             scale = 0.0 if t.stale_updates == "drop" else (t.max_staleness + 1) / (staleness + 1)
         if scale:
             metrics = self._update([result], started, scale)
         else:  # nothing changes, not even the version
-            metrics = {"step": self.step - 1, "rejected": [], "workers": [_timings(result)]}
-        metrics.update(staleness=staleness, scale=scale, dropped=not scale)
-        done = self.step
-        if scale and t.eval_every and done % t.eval_every == 0 and not metrics["rejected"]:
-            metrics["params"] = self.theta.detach().numpy().copy()
-        if scale and t.checkpoint_every and done % t.checkpoint_every == 0:
-            metrics["checkpoint"], metrics["state"] = step_name(done), self.state()
-        metrics["apply_finished"] = time.time()
+            metrics = StepMetrics(self.step - 1, workers=[result.timing])
+        metrics.staleness, metrics.scale, metrics.dropped = staleness, scale, not scale
+        done, schedule = self.step, Schedule.of(t)
+        if scale and schedule.publishes(done) and not metrics.rejected:
+            metrics.params = self.theta.detach().numpy().copy()
+        if scale and schedule.checkpoint(done):
+            metrics.checkpoint, metrics.state = schedule.checkpoint(done), self.state()
+        metrics.apply_finished = time.time()
         return metrics, *self.pull()
 
-    def _update(self, results: list[dict], started: float, scale: float = 1.0) -> dict:
+    def _update(self, results: list[WorkerUpdate], started: float, scale: float = 1.0) -> StepMetrics:
         """One optimizer step on the task-weighted mean of ``results``' updates (its learning rate
         times ``scale``), unless one holds a NaN or Inf or their sum overflows; the step counts either way."""
         step = self.step
-        num_tasks = sum(r["num_tasks"] for r in results)
+        num_tasks = sum(r.num_tasks for r in results)
         lr = self.learning_rate(step)
-        total = results[0]["update"].copy()
+        total = results[0].update.copy()
         for result in results[1:]:
-            total += result["update"]
-        bad = [r for r in results if not r["finite"]]  # each worker checked its whole update
+            total += result.update
+        bad = [r for r in results if not r.finite]  # each worker checked its whole update
         if not bad and not np.isfinite(total).all():  # finite updates whose sum overflowed
             if (self.lo, self.hi) != (0, self.size):  # the other shards cannot know: stop rather than diverge
                 raise FloatingPointError(
@@ -199,7 +199,7 @@ class ParameterServer:
                     "start a new run with a lower meta_optimizer.lr or algorithm.inner_lr (a resume keeps them)"
                 )
             bad = results
-        rejected = [{"rank": r["rank"], "tasks": [r["first_task"], r["first_task"] + r["num_tasks"]]} for r in bad]
+        rejected = [Rejection(r.rank, (r.first_task, r.first_task + r.num_tasks)) for r in bad]
         if rejected:
             self.rejected_steps.append(step)
         else:
@@ -209,17 +209,16 @@ class ParameterServer:
             self.theta.grad = torch.from_numpy(total).to(self.theta.dtype)
             self.optimizer.step()
         self.step += 1
-        metric_names = results[0]["metrics"]
-        return {
-            "step": step,
-            "lr": lr,
-            "num_tasks": num_tasks,
-            "train": {name: sum(r["metrics"][name] for r in results) / num_tasks for name in metric_names},
-            "workers": [_timings(r) for r in results],
-            "implementation": results[0]["implementation"],
-            "apply_started": started,
-            "rejected": rejected,
-        }
+        return StepMetrics(
+            step,
+            lr=lr,
+            num_tasks=num_tasks,
+            train={name: sum(r.metrics[name] for r in results) / num_tasks for name in results[0].metrics},
+            workers=[r.timing for r in results],
+            implementation=results[0].implementation,
+            apply_started=started,
+            rejected=rejected,
+        )
 
     def state(self) -> dict:
         """What a checkpoint needs from this server: its slice of the parameters and of the
@@ -256,16 +255,14 @@ def checkpoint_state(cfg: Config, parts: list[dict]) -> dict:
     }
 
 
-def join_metrics(parts: list[dict]) -> dict:
+def join_metrics(parts: list[StepMetrics]) -> StepMetrics:
     """One step's metrics from those of each shard: the first shard's, with the parameters it
-    publishes and the state it checkpoints joined from all."""
-    joined = dict(parts[0])
-    if "params" in joined:
-        joined["params"] = np.concatenate([part["params"] for part in parts])
-    if "state" in joined:
-        joined["state"] = [part["state"] for part in parts]
-    if "apply_finished" in joined:
-        joined["apply_finished"] = max(part["apply_finished"] for part in parts)
+    publishes and the state it checkpoints joined from all (the state as a list, one per shard)."""
+    joined = dataclasses.replace(parts[0], apply_finished=max(part.apply_finished for part in parts))
+    if joined.params is not None:
+        joined.params = np.concatenate([part.params for part in parts])
+    if joined.state is not None:
+        joined.state = [part.state for part in parts]
     return joined
 
 
@@ -277,7 +274,3 @@ def _slice_optimizer_state(state: dict, lo: int, hi: int) -> dict:
         for index, values in state["state"].items()
     }
     return state
-
-
-def _timings(result: dict) -> dict:
-    return {k: result[k] for k in ("rank", "num_tasks", "produced_at", "started", "finished")}

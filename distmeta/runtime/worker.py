@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
 from distmeta.runtime.allreduce import Replica, meeting_point
-from distmeta.runtime.control import StepControl
+from distmeta.runtime.control import StepControl, StepMetrics, WorkerTiming, WorkerUpdate
 from distmeta.runtime.task_generator import TaskGenerator
 from distmeta.tasks import TaskBatch, build_source
 
@@ -134,7 +135,9 @@ class Worker:
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         return self.layout.unflatten(torch.tensor(flat, device=self.device, dtype=self.dtype))
 
-    def compute(self, control: StepControl, tasks: TaskBatch, *params: np.ndarray) -> dict | tuple[dict, ...]:
+    def compute(
+        self, control: StepControl, tasks: TaskBatch, *params: np.ndarray
+    ) -> WorkerUpdate | tuple[WorkerUpdate, ...]:
         """The update of ``tasks`` at the parameters ``params`` (one slice per server shard): one
         result, or with several shards a tuple of results holding their slice of the update each."""
         started = time.time()
@@ -151,24 +154,20 @@ class Worker:
         metric_values = torch.stack([sums[n].detach().to(self.dtype) for n in names])
         host = torch.cat([self.layout.flatten(update).detach(), metric_values]).cpu().numpy()
         update, metrics = host[: self.layout.size], dict(zip(names, host[self.layout.size :].tolist()))
-        result = {
-            "step": control.step,  # the version of the parameters it was computed on
-            "epoch": control.epoch,
-            "draw": tasks.step,
-            "rank": self.rank,
-            "update": update,
-            "finite": bool(np.isfinite(update).all()),  # for the whole update: every shard rejects alike
-            "num_tasks": len(tasks),
-            "first_task": tasks.first_task,
-            "metrics": metrics,
-            "implementation": self.implementation,
-            "produced_at": tasks.produced_at,
-            "started": started,
-            "finished": time.time(),
-        }
+        result = WorkerUpdate(
+            step=control.step,
+            epoch=control.epoch,
+            draw=tasks.step,
+            update=update,
+            finite=bool(np.isfinite(update).all()),
+            first_task=tasks.first_task,
+            metrics=metrics,
+            implementation=self.implementation,
+            timing=WorkerTiming(self.rank, len(tasks), tasks.produced_at, started, time.time()),
+        )
         if len(self.shards) == 1:
             return result
-        return tuple(result | {"update": update[lo:hi]} for lo, hi in self.shards)
+        return tuple(dataclasses.replace(result, update=update[lo:hi]) for lo, hi in self.shards)
 
     def precision(self):
         """The training step's precision context: bfloat16 autocast with ``train.autocast=bf16``."""
@@ -191,7 +190,7 @@ class Worker:
         self.replica = Replica(self.cfg, initial, checkpoints, address, ranks, self.rank, self.device)
         return self.replica.server.begin_epoch(epoch), os.getpid()
 
-    def step(self, control: StepControl, tasks: TaskBatch) -> dict:
+    def step(self, control: StepControl, tasks: TaskBatch) -> StepMetrics:
         """All-reduce mode: one whole step (this worker's update, summed with the others', applied)."""
         return self.replica.apply(control, self.compute(control, tasks, self.replica.server.parameters()))
 
@@ -204,7 +203,7 @@ class Worker:
             max(steps),
             self.cfg.eval.inner_batch_size,
             score_at={0, *steps},
-            # without BatchNorm (the MLP) there are no batch statistics: one query batch is the same
-            transductive=self.cfg.eval.transductive or self.cfg.model.name != "conv4",
+            # without BatchNorm there are no batch statistics: one query batch is the same
+            transductive=self.cfg.eval.transductive or not type(self.algorithm.model).batch_norm,
         )
         return {name: values.cpu().numpy() for name, values in trajectory.items()}

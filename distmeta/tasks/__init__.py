@@ -5,8 +5,8 @@ deterministic, so the task-generation actor can rebuild the batch of any step fr
 and a run's data does not depend on how many actors serve it. ``part`` asks for a contiguous slice
 of the batch: the random draws still cover the whole batch (so the slice is exactly those tasks of
 the whole), but only the slice's data is built, so several generators split the work. To add a
-dataset, write a source with ``kind``, ``spec``, ``splits``, ``check`` and ``sample`` and register
-it in ``SOURCES``.
+dataset, write a source with ``kind``, ``spec``, ``splits``, ``check_options``, ``check`` and
+``sample`` and register it in ``SOURCES``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ class TaskSource(Protocol):
 
     @property
     def splits(self) -> tuple[str, ...]: ...  # which of "train", "val", "test" it has
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        """Raise a ``ConfigError`` if the task options (a ``TaskConfig``) cannot make this source; cheap,
+        before a run starts (the data itself is checked when the source is made)."""
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Raise a clear error if ``split`` cannot give episodes of this size."""

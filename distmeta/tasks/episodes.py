@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distmeta.config import ConfigError
 from distmeta.data.shards import ShardedDataset, ShardError
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
@@ -54,9 +55,14 @@ class ShardEpisodes:
         return self.data.split(f"{self.scheme}/{split}")
 
     @classmethod
-    def from_config(cls, cfg) -> ShardEpisodes:
+    def check_options(cls, cfg) -> None:
+        """Before any file is read: the task options name a shard folder."""
         if not cfg.shards:
-            raise ShardError("task.source=shards needs task.shards=DIR (build it with `distmeta data build ...`)")
+            raise ConfigError("task.source=shards needs task.shards=DIR, a folder written by `distmeta data build`")
+
+    @classmethod
+    def from_config(cls, cfg) -> ShardEpisodes:
+        cls.check_options(cfg)
         source = cls(cfg.shards, cfg.split_scheme, cfg.ways, cfg.rotations, map_shards_mb=cfg.map_shards_mb)
         source.check("train", cfg.shots, cfg.queries)
         return source

@@ -21,6 +21,10 @@ class Sinusoid:
     def from_config(cls, cfg) -> Sinusoid:
         return cls()
 
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        """The sinusoid source reads no task options but the episode sizes: nothing to check."""
+
     def check(self, split: str, shots: int, queries: int) -> None:
         """Any number of points can be drawn from a sine: nothing to check."""
 

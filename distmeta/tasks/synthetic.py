@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distmeta.config import ConfigError
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
 
@@ -19,7 +20,7 @@ class SyntheticClasses:
 
     def __init__(self, num_classes: int, ways: int, channels: int, image_size: int):
         if num_classes < 2 * ways:
-            raise ValueError(
+            raise ConfigError(
                 f"synthetic source: task.num_classes={num_classes} leaves fewer than task.ways={ways} "
                 "classes in a split (the test split is a fifth of them); raise num_classes"
             )
@@ -37,6 +38,12 @@ class SyntheticClasses:
     @classmethod
     def from_config(cls, cfg) -> SyntheticClasses:
         return cls(cfg.num_classes, cfg.ways, cfg.channels, cfg.image_size)
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        """The task options (a ``TaskConfig``) can make this source: its classes are generated at init,
+        which checks them, and cheaply (templates only)."""
+        cls.from_config(cfg)
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Examples are generated, so any shots and queries work; the split sizes are checked at init."""

@@ -1,0 +1,54 @@
+"""A run checked as a whole before anything starts: the config against every component it names.
+
+``load_config`` checks the schema (types, choices, bounds, rules between the config's own fields).
+``check_run`` then finds each named component in its registry (``SOURCES``, ``MODELS``,
+``ALGORITHMS``, with a did-you-mean) and asks it whether it can run this config: the task source
+its options, the model the source's kind of task, the algorithm its own rules. Every entry point
+(training, resuming, evaluation) calls it before Ray starts, so a bad combination fails in seconds
+with the fix named, not on a worker minutes later.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from distmeta.algorithms import ALGORITHMS
+from distmeta.config import Config, ConfigError
+from distmeta.models import MODELS
+from distmeta.tasks import SOURCES
+
+
+def check_run(cfg: Config) -> Config:
+    """``cfg``, once every component it names accepts it; raises a ``ConfigError`` naming the fix."""
+    source = registered("task.source", cfg.task.source, SOURCES)
+    model = registered("model.name", cfg.model.name, MODELS)
+    algorithm = registered("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    source.check_options(cfg.task)
+    kind = source.kind
+    if model.task_kind != kind:
+        fitting = " or ".join(name for name, m in MODELS.items() if m.task_kind == kind)
+        raise ConfigError(f"task.source={cfg.task.source} is {kind}; use model.name={fitting}, not {cfg.model.name}")
+    if cfg.algorithm.implementation == "batched" and not model.linear_layers:
+        raise ConfigError(
+            f"algorithm.implementation=batched runs linear layers as batched matrix products; "
+            f"{cfg.model.name}'s convolutions have none (vmap runs them): use auto, vmap or loop"
+        )
+    if cfg.eval.ways and kind == "regression":
+        raise ConfigError(f"eval.ways applies to classification; task.source={cfg.task.source} is regression")
+    algorithm.check(cfg, kind)
+    if cfg.eval.ways not in (0, cfg.task.ways) and algorithm.uses_head:
+        raise ConfigError(
+            f"eval.ways={cfg.eval.ways} differs from task.ways={cfg.task.ways}, but "
+            f"{cfg.algorithm.name}'s model ends in a {cfg.task.ways}-way head; only metric-based learners "
+            f"({', '.join(n for n, a in ALGORITHMS.items() if not a.uses_head)}) test with other ways"
+        )
+    return cfg
+
+
+def registered(key: str, name: str, registry: dict):
+    """``registry[name]``, or a ``ConfigError`` naming the choices (and the closest one)."""
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, registry, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"{key}={name!r} is not valid{hint}; choose one of: {', '.join(registry)}")
