@@ -37,13 +37,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from distmeta.algorithms import initial_parameters
 from distmeta.config import Config, load_config
-from distmeta.runtime.control import Schedule, StepControl
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.local import LocalLoop
 from distmeta.runtime.task_generator import TaskGenerator
-from distmeta.runtime.worker import Worker
-from distmeta.tasks import build_source
 
 
 @dataclass
@@ -214,23 +210,15 @@ def higher_loop(cfg: Config, theta: list[torch.Tensor]):
 # --- distmeta ---------------------------------------------------------------------------------
 
 
-class Core:
+class Core(LocalLoop):
     """distmeta's compute core in one process: what a step of ``train()`` runs, without Ray."""
 
     def __init__(self, cfg: Config, implementation: str, device: torch.device):
-        self.cfg = cfg
-        self.worker, self.server = (
-            Worker(cfg, device=device),
-            ParameterServer(cfg, initial_parameters(cfg, build_source(cfg.task))),
-        )
+        super().__init__(cfg, device)
         self.worker.implementation = implementation
 
-    def step(self, step: int, batch) -> None:
-        control = StepControl(step, score_before=Schedule.of(self.cfg.train).logs(step + 1))  # no checkpoints
-        self.server.apply(control, self.worker.compute(control, batch, self.server.parameters()))
-
     def parameters(self) -> torch.Tensor:
-        return torch.from_numpy(self.server.parameters().copy())
+        return torch.from_numpy(super().parameters())
 
 
 def system(cfg: Config, steps: int, logdir: str) -> tuple[float, str]:

@@ -1,8 +1,9 @@
 """Sinusoid MAML, the paper's setup (K = 10, one inner step, alpha = 0.01, meta-batch 25, Adam 1e-3):
 the full Ray system against plain single-process loops doing the same math, in one run.
 
-  plain-core   the same distmeta objects (TaskGenerator, Worker, ParameterServer) called in one
-               process without Ray: the difference to the system is coordination alone
+  plain-core   distmeta.runtime.local.LocalLoop: the same objects (TaskGenerator, Worker,
+               ParameterServer) in one process without Ray: the difference to the system is
+               coordination alone
   plain-bmm    a hand-batched PyTorch loop (bmm over tasks, autograd with create_graph): the fastest
                plain implementation we know for this model, no torch.func
   ray-system   launch.py's code path: actors, prefetching, pipelining, TensorBoard
@@ -18,25 +19,18 @@ import time
 
 import torch
 
-from distmeta.algorithms import initial_parameters
 from distmeta.config import load_config
 from distmeta.models import build_model
-from distmeta.runtime.control import StepControl
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.local import LocalLoop
 from distmeta.runtime.task_generator import TaskGenerator
-from distmeta.runtime.worker import Worker
 from distmeta.tasks import build_source
 from distmeta.train import train
 
 
 def plain_core(cfg) -> float:
-    initial = initial_parameters(cfg, build_source(cfg.task))
-    generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
-    worker, server = Worker(cfg, device=torch.device("cpu")), ParameterServer(cfg, initial)
+    loop = LocalLoop(cfg)
     start = time.perf_counter()
-    for step in range(cfg.train.steps):
-        control = StepControl(step)
-        server.apply(control, worker.compute(control, generator.build(step)[0], server.parameters()))
+    loop.run()
     return time.perf_counter() - start
 
 

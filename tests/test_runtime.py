@@ -2,8 +2,6 @@
 equal to the same math in one process; TensorBoard holds the run; bad updates and impossible
 resource requests stop the run with a clear error."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +11,7 @@ from distmeta.algorithms import initial_parameters
 from distmeta.checkpoint import CheckpointStore, read_checkpoint
 from distmeta.config import ConfigError, load_config
 from distmeta.runtime.control import StepControl
-from distmeta.runtime.parameter_server import ParameterServer
-from distmeta.runtime.task_generator import TaskGenerator
-from distmeta.runtime.worker import Worker
+from distmeta.runtime.local import LocalLoop
 from distmeta.tasks import build_source
 from distmeta.train import train
 
@@ -42,16 +38,10 @@ def small(*overrides):
 
 
 def in_process(cfg):
-    """The same math without Ray: one worker, one generator, one server, in a plain loop."""
-    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, server_shards=1))
-    initial = initial_parameters(cfg, build_source(cfg.task))
-    generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
-    worker, server = Worker(cfg, device=torch.device("cpu")), ParameterServer(cfg, initial)
-    history = []
-    for step in range(cfg.train.steps):
-        control = StepControl(step)
-        history.append(server.apply(control, worker.compute(control, generator.build(step)[0], server.parameters())))
-    return server.parameters().copy(), history
+    """The same math without Ray: the package's own loop (one worker, one generator, one server)."""
+    loop = LocalLoop(cfg)
+    history = loop.run()
+    return loop.parameters(), history
 
 
 def saved_params(result):
