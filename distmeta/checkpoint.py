@@ -17,16 +17,19 @@ checkpoints as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import pickle
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -35,6 +38,9 @@ import torch
 import distmeta
 from distmeta import tensorfile
 from distmeta.config import Config, ConfigError, config_from_dict
+
+if TYPE_CHECKING:  # evaluate imports the runtime, which imports this module
+    from distmeta.evaluate import EvalRow
 
 log = logging.getLogger(__name__)
 # The earlier format was a torch.save pickle, which is a zip archive. (A tensor file starts with its header's
@@ -294,3 +300,61 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return distmeta.__version__
     return f"{distmeta.__version__} ({commit})" if commit else distmeta.__version__
+
+
+def checkpoint_location(cfg: Config, run_dir: Path) -> str:
+    """The run's checkpoint folder: <run>/checkpoints, or <train.checkpoint_dir>/<run name>."""
+    root = cfg.train.checkpoint_dir
+    return join_location(root, run_dir.name) if root else str(run_dir / "checkpoints")
+
+
+class BestCheckpoint:
+    """Keeps ``best.pt``: the parameters that scored best on the validation split so far, judged on
+    the first evaluation shots after the inner steps they were trained for (``algorithm.inner_steps``
+    when evaluated, else the most evaluated): fewest diverged tasks first (a mean over the surviving
+    tasks flatters a snapshot where some blew up), then accuracy up or MSE down. On a tie the
+    earlier snapshot stays."""
+
+    NAME = "best.pt"
+
+    def __init__(self, cfg: Config, store: CheckpointStore):
+        self.cfg, self.store = cfg, store
+        self.location = store.uri(self.NAME)
+        self.row: EvalRow | None = None
+        self.step = 0
+        from distmeta.evaluate import EvalRow
+
+        try:  # a resumed run competes with the best of its earlier part
+            state = store.read(self.NAME)
+            self.row, self.step = EvalRow(**state["validation"]["row"]), state["step"]
+        except (CheckpointError, KeyError, TypeError):
+            pass
+
+    def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
+        candidates = [r for r in rows if r.shots == rows[0].shots]
+        trained = [r for r in candidates if r.steps == self.cfg.algorithm.inner_steps]
+        row = trained[0] if trained else max(candidates, key=lambda r: r.steps)
+        if not math.isfinite(row.mean) or (self.row is not None and _rank(row) >= _rank(self.row)):
+            return
+        self.row, self.step = row, step
+        state = {
+            "params": torch.from_numpy(params),
+            "step": step,
+            "config": self.cfg.to_dict(),
+            "code_version": code_version(),
+            "distmeta_version": distmeta.__version__,
+            "validation": {
+                "split": "val",
+                "tag": row.tag,
+                "mean": row.mean,
+                "ci95": row.ci95,
+                "tasks": row.tasks,
+                "row": dataclasses.asdict(row),
+            },
+        }
+        self.store.write(self.NAME, state)
+
+
+def _rank(row: EvalRow) -> tuple[int, float]:
+    """Lower is better."""
+    return row.diverged, -row.mean if row.metric == "accuracy" else row.mean

@@ -284,21 +284,12 @@ def load_config(
     settings: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or ``base``, e.g. a checkpoint's config), then a YAML file, then ``settings``
-    ({"section.key": value}, e.g. from command-line flags), then ``section.key=value`` overrides
-    (values in YAML syntax); validated."""
+    """Defaults (or ``base``, e.g. a checkpoint's config), then a YAML file (after the files its
+    ``base:`` key names), then ``settings`` ({"section.key": value}, e.g. from command-line flags),
+    then ``section.key=value`` overrides (values in YAML syntax); validated."""
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
-        _merge(data, loaded)
+        _merge(data, _read_yaml(Path(path), ()))
     for key, value in (settings or {}).items():
         _set(data, key, value, key)
     for item in overrides or []:
@@ -311,6 +302,30 @@ def load_config(
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
         _set(data, key.strip(), value, item)
     return config_from_dict(data)
+
+
+def _read_yaml(path: Path, including: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's sections, on top of those of the files its ``base:`` key names (a path, or a
+    list of them, relative to the file; later ones win), so that a family of configs states only
+    what differs from a shared base."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    if path.resolve() in including:
+        raise ConfigError(f"config file {path} is its own base (through {' -> '.join(map(str, including))})")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+    bases = loaded.pop("base", [])
+    if not isinstance(bases, list | str) or not all(isinstance(b, str) for b in bases if isinstance(bases, list)):
+        raise ConfigError(f"config file {path}: base must be a file name or a list of them, got {bases!r}")
+    data: dict[str, Any] = {}
+    for name in [bases] if isinstance(bases, str) else bases:
+        _merge(data, _read_yaml(path.parent / name, (*including, path.resolve())))
+    _merge(data, loaded)
+    return data
 
 
 def _set(data: dict, dotted: str, value: Any, origin: str) -> None:

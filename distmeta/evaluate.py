@@ -160,13 +160,14 @@ def evaluate_chunk(
         results.append(worker.evaluate(flat_params, tasks, eval_steps(cfg)))
         done += size
         if progress:  # stderr: stdout holds only the protocol and the numbers, which a seed pins exactly
-            rate = done / (time.time() - started)
-            print(
-                f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {duration((total - done) / rate)}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(progress_line(done, total, started), file=sys.stderr, flush=True)
     return results
+
+
+def progress_line(done: int, total: int, started: float) -> str:
+    """An evaluation's progress: tasks done of ``total`` since ``started`` (time.time()), rate, ETA."""
+    rate = done / (time.time() - started)
+    return f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {duration((total - done) / rate)}"
 
 
 def evaluate(
@@ -201,3 +202,45 @@ def format_rows(rows: list[EvalRow]) -> str:
 def _number(x: float) -> str:
     """Nine characters: fixed point, or scientific once a diverged task has swamped a mean."""
     return f"{x:>9.4f}" if abs(x) < 1e4 else f"{x:>9.2e}"
+
+
+def submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):
+    """Evaluation chunks as Ray tasks: during training one task at zero CPUs in the background; at
+    the end one task per chunk with a worker's resources (their actors are gone by then), so the
+    chunks spread over the cluster and report progress. Returns [(chunks, result ref)]."""
+    import ray  # here: evaluation in this process (distmeta evaluate) runs without it
+
+    c = cfg.cluster
+    chunks = evaluation_chunks(cfg, num_tasks)
+    gpus = c.gpus_per_worker if final else 0
+    remote = ray.remote(evaluate_chunk).options(num_cpus=c.cpus_per_worker if final else 0, num_gpus=gpus)
+    params_ref = ray.put(params)
+    groups = [[chunk] for chunk in chunks] if final else [chunks]
+    device = None if gpus else "cpu"  # None: the GPU Ray assigns (or the CPU, with cluster.cpu_fallback)
+    return [(group, remote.remote(cfg, params_ref, split, group, device)) for group in groups]
+
+
+def collect_evaluation(cfg: Config, pending: list, progress: bool = False) -> list[EvalRow]:
+    """The rows of the evaluation ``submit_evaluation`` started (waiting for it); ``progress``
+    prints tasks done, rate and ETA as its chunks finish."""
+    import ray
+
+    refs = [ref for _, ref in pending]
+    total, started, done = sum(chunk[2] for group, _ in pending for chunk in group), time.time(), 0
+    remaining = list(refs)
+    while progress and remaining:  # progress as chunks finish: tasks, rate, ETA
+        finished, remaining = ray.wait(remaining, num_returns=1)
+        done += sum(chunk[2] for group, ref in pending if ref in finished for chunk in group)
+        print(progress_line(done, total, started), flush=True)
+    chunks = [chunk for group, _ in pending for chunk in group]
+    results = [r for part in ray.get(refs) for r in part]
+    return summarize(cfg, group_by_shots(chunks, results))
+
+
+def evaluation_ready(pending: list) -> bool:
+    """Whether every chunk of an evaluation ``submit_evaluation`` started has finished."""
+    import ray
+
+    refs = [ref for _, ref in pending]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return len(ready) == len(refs)

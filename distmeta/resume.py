@@ -14,7 +14,14 @@ import secrets
 import time
 from pathlib import Path
 
-from distmeta.checkpoint import STEP_FILE, CheckpointStore, read_checkpoint, split_location, step_name
+from distmeta.checkpoint import (
+    STEP_FILE,
+    CheckpointStore,
+    checkpoint_location,
+    read_checkpoint,
+    split_location,
+    step_name,
+)
 from distmeta.config import Config, ConfigError, config_from_dict, load_config
 from distmeta.data.shards import MANIFEST, dataset_fingerprint
 from distmeta.runfolder import claim, release
@@ -62,7 +69,7 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
             f"{location} is at step {step}, and the run ends at train.steps={cfg.train.steps}: "
             f"pass train.steps=N with N > {step} to train further"
         )
-    store = CheckpointStore(_store_location(cfg, run_dir))
+    store = CheckpointStore(checkpoint_location(cfg, run_dir))
     claim(run_dir)  # before anything moves: the run folder may be another live run's
     try:
         if cfg.run_name != base.run_name and not _in_store(store, location) and store.step_files():
@@ -120,7 +127,7 @@ def _locate(target: str, cfg: Config) -> tuple[str, Path, dict]:
     file (read once: on an object store a large one takes a while)."""
     if target == "latest":
         run_dir = Path(cfg.logdir) / cfg.run_name if cfg.run_name else _newest_run(cfg)
-        location, state = _newest_in(CheckpointStore(_store_location(cfg, run_dir)))
+        location, state = _newest_in(CheckpointStore(checkpoint_location(cfg, run_dir)))
         return location, run_dir, state
     folder, name = split_location(target)
     if name.endswith(".pt"):
@@ -135,7 +142,7 @@ def _locate(target: str, cfg: Config) -> tuple[str, Path, dict]:
         raise ConfigError(
             f"--resume {target}: no such run folder or checkpoint file (give runs/<run>, a .pt, or latest)"
         )
-    location, state = _newest_in(CheckpointStore(_store_location(cfg, run_dir)))
+    location, state = _newest_in(CheckpointStore(checkpoint_location(cfg, run_dir)))
     return location, _named(cfg, run_dir), state
 
 
@@ -145,18 +152,12 @@ def _named(cfg: Config, own: Path) -> Path:
     return Path(cfg.logdir) / cfg.run_name if cfg.run_name and cfg.run_name != own.name else own
 
 
-def _store_location(cfg: Config, run_dir: Path) -> str:
-    from distmeta.train import checkpoint_location
-
-    return checkpoint_location(cfg, run_dir)
-
-
 def _newest_run(cfg: Config) -> Path:
     """The run under the log folder whose newest checkpoint (wherever its store is) is the newest."""
     logdir = Path(cfg.logdir)
     runs = []
     for run_dir in filter(Path.is_dir, logdir.glob("*")):
-        written = CheckpointStore(_store_location(cfg, run_dir)).last_modified()
+        written = CheckpointStore(checkpoint_location(cfg, run_dir)).last_modified()
         if written is not None:
             runs.append((written, run_dir))
     if not runs:

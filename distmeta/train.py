@@ -20,10 +20,8 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import secrets
 import signal
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,39 +29,30 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 
-import distmeta
 from distmeta.algorithms import initial_parameters
 from distmeta.assemble import check_run
-from distmeta.checkpoint import (
-    CheckpointError,
-    CheckpointStore,
-    code_version,
-    join_location,
-    load_checkpoint,
-    step_name,
-)
+from distmeta.checkpoint import BestCheckpoint, CheckpointStore, checkpoint_location, load_checkpoint, step_name
 from distmeta.config import Config, ConfigError
 from distmeta.data.shards import dataset_fingerprint
 from distmeta.evaluate import (
     EvalRow,
     check_evaluation,
-    evaluate_chunk,
-    evaluation_chunks,
+    collect_evaluation,
+    evaluation_ready,
     format_rows,
-    group_by_shots,
     protocol,
-    summarize,
+    submit_evaluation,
 )
 from distmeta.resume import check_shards
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
 from distmeta.runtime.control import Schedule, StepMetrics
-from distmeta.runtime.monitor import Monitor, duration
+from distmeta.runtime.monitor import Monitor
 from distmeta.runtime.parameter_server import checkpoint_state
 from distmeta.runtime.supervisor import ActorLost, Supervisor
 from distmeta.runtime.task_generator import split_evenly
+from distmeta.runtime.watchdog import StepClock, StopOnSignal
 from distmeta.runtime.worker import step_seconds
 from distmeta.tasks import build_source
 
@@ -94,12 +83,6 @@ def run_name(cfg: Config) -> str:
     second (a backgrounded sweep) in folders of their own."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{stamp}-{secrets.token_hex(3)}"
-
-
-def checkpoint_location(cfg: Config, run_dir: Path) -> str:
-    """The run's checkpoint folder: <run>/checkpoints, or <train.checkpoint_dir>/<run name>."""
-    root = cfg.train.checkpoint_dir
-    return join_location(root, run_dir.name) if root else str(run_dir / "checkpoints")
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
@@ -213,7 +196,7 @@ def _train(
         supervisor.close()
         supervisor.kill_all()
     for at, params, pending in evaluations:
-        best.offer(at, params, monitor.log_eval(at, "val", _collect_evaluation(cfg, pending)))
+        best.offer(at, params, monitor.log_eval(at, "val", collect_evaluation(cfg, pending)))
     if stopped:
         monitor.close()
         raise RunInterrupted(stopped, done, checkpoint, run_dir)
@@ -221,7 +204,7 @@ def _train(
         print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
     print(protocol(cfg, "test", cfg.eval.num_tasks), flush=True)
-    rows = _collect_evaluation(cfg, _submit_evaluation(placed, final_params, "test", final=True), progress=True)
+    rows = collect_evaluation(cfg, submit_evaluation(placed, final_params, "test", final=True), progress=True)
     monitor.log_eval(t.steps, "test", rows)
     print(format_rows(rows), flush=True)
     monitor.close(rows)
@@ -360,13 +343,13 @@ class StepResults:
         if metrics.params is not None and at not in self.evaluated:  # a snapshot for validation, off the critical path
             params, metrics.params = metrics.params, None
             self.evaluated.add(at)
-            self.evaluations.append((at, params, _submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
+            self.evaluations.append((at, params, submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
 
     def collect_evaluations(self) -> None:
         """Log the validations that have finished, in order."""
-        while self.evaluations and _ready(self.evaluations[0][2]):
+        while self.evaluations and evaluation_ready(self.evaluations[0][2]):
             at, params, pending = self.evaluations.popleft()
-            self.best.offer(at, params, self.monitor.log_eval(at, "val", _collect_evaluation(self.cfg, pending)))
+            self.best.offer(at, params, self.monitor.log_eval(at, "val", collect_evaluation(self.cfg, pending)))
 
     def recover(self, supervisor: Supervisor, err: Exception, failed: int) -> int:
         """Recover from a fault at step ``failed`` (``Supervisor.recover``); returns the step to go on from."""
@@ -396,148 +379,3 @@ def _report_placement(cfg: Config, run_dir: Path, placement: dict) -> None:
     nodes = sorted({w["node_id"] for w in workers})
     where = ", ".join(f"{w['rank']}: {w['ip']} node {nodes.index(w['node_id'])} {w['device']}" for w in workers)
     print(f"placement ({cfg.cluster.placement}): {len(workers)} worker(s) on {len(nodes)} node(s): {where}", flush=True)
-
-
-class StepClock:
-    """How long the driver waits for the next step's result before calling the step a straggler's:
-    ``factor`` x the mean of recent step times, at least ``MIN_S``; ``cap_s`` while there are too
-    few steps to measure (start-up, compilation, after a recovery)."""
-
-    MIN_S, WARMUP = 5.0, 5
-
-    def __init__(self, cap_s: float, factor: float):
-        self.cap_s, self.factor = cap_s, factor
-        self.restart()
-
-    def restart(self) -> None:
-        self.last, self.recent = time.time(), deque(maxlen=50)
-
-    def tick(self) -> None:
-        now = time.time()
-        self.recent.append(now - self.last)
-        self.last = now
-
-    def timeout(self, patient: bool = False) -> float:
-        """Seconds left for the next result; ``patient`` (a step that writes a checkpoint): cap_s."""
-        if patient or not self.factor or len(self.recent) < self.WARMUP:
-            return self.cap_s
-        allowed = min(self.cap_s, max(self.MIN_S, self.factor * sum(self.recent) / len(self.recent)))
-        return max(0.1, self.last + allowed - time.time())
-
-
-class StopOnSignal:
-    """The first SIGINT or SIGTERM asks the loop to stop at the next logging step (it then writes a
-    checkpoint); a second SIGINT interrupts at once. Only the main thread can own signals."""
-
-    def __init__(self):
-        self.signum, self.previous, self.announced = 0, {}, False
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._request)
-        return self
-
-    def _request(self, signum, frame) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def requested(self) -> int:
-        """The signal that asked to stop, or 0; announced here, once, not in the handler (a print
-        there could interrupt another print to the same stream)."""
-        if self.signum and not self.announced:
-            self.announced = True
-            name = signal.Signals(self.signum).name
-            print(f"{name}: stopping at the next logging step, then writing a checkpoint", flush=True)
-        return self.signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-class BestCheckpoint:
-    """Keeps ``best.pt``: the parameters that scored best on the validation split so far, judged on
-    the first evaluation shots after the inner steps they were trained for (``algorithm.inner_steps``
-    when evaluated, else the most evaluated): fewest diverged tasks first (a mean over the surviving
-    tasks flatters a snapshot where some blew up), then accuracy up or MSE down. On a tie the
-    earlier snapshot stays."""
-
-    NAME = "best.pt"
-
-    def __init__(self, cfg: Config, store: CheckpointStore):
-        self.cfg, self.store = cfg, store
-        self.location = store.uri(self.NAME)
-        self.row: EvalRow | None = None
-        self.step = 0
-        try:  # a resumed run competes with the best of its earlier part
-            state = store.read(self.NAME)
-            self.row, self.step = EvalRow(**state["validation"]["row"]), state["step"]
-        except (CheckpointError, KeyError, TypeError):
-            pass
-
-    def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
-        candidates = [r for r in rows if r.shots == rows[0].shots]
-        trained = [r for r in candidates if r.steps == self.cfg.algorithm.inner_steps]
-        row = trained[0] if trained else max(candidates, key=lambda r: r.steps)
-        if not math.isfinite(row.mean) or (self.row is not None and _rank(row) >= _rank(self.row)):
-            return
-        self.row, self.step = row, step
-        state = {
-            "params": torch.from_numpy(params),
-            "step": step,
-            "config": self.cfg.to_dict(),
-            "code_version": code_version(),
-            "distmeta_version": distmeta.__version__,
-            "validation": {
-                "split": "val",
-                "tag": row.tag,
-                "mean": row.mean,
-                "ci95": row.ci95,
-                "tasks": row.tasks,
-                "row": dataclasses.asdict(row),
-            },
-        }
-        self.store.write(self.NAME, state)
-
-
-def _rank(row: EvalRow) -> tuple[int, float]:
-    """Lower is better."""
-    return row.diverged, -row.mean if row.metric == "accuracy" else row.mean
-
-
-def _submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):
-    """Evaluation chunks as Ray tasks: during training one task at zero CPUs in the background; at
-    the end one task per chunk with a worker's resources (their actors are gone by then), so the
-    chunks spread over the cluster and report progress. Returns [(chunks, result ref)]."""
-    c = cfg.cluster
-    chunks = evaluation_chunks(cfg, num_tasks)
-    gpus = c.gpus_per_worker if final else 0
-    remote = ray.remote(evaluate_chunk).options(num_cpus=c.cpus_per_worker if final else 0, num_gpus=gpus)
-    params_ref = ray.put(params)
-    groups = [[chunk] for chunk in chunks] if final else [chunks]
-    device = None if gpus else "cpu"  # None: the GPU Ray assigns (or the CPU, with cluster.cpu_fallback)
-    return [(group, remote.remote(cfg, params_ref, split, group, device)) for group in groups]
-
-
-def _collect_evaluation(cfg: Config, pending: list, progress: bool = False) -> list[EvalRow]:
-    refs = [ref for _, ref in pending]
-    total, started, done = sum(chunk[2] for group, _ in pending for chunk in group), time.time(), 0
-    remaining = list(refs)
-    while progress and remaining:  # progress as chunks finish: tasks, rate, ETA
-        finished, remaining = ray.wait(remaining, num_returns=1)
-        done += sum(chunk[2] for group, ref in pending if ref in finished for chunk in group)
-        rate = done / (time.time() - started)
-        print(
-            f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {duration((total - done) / rate)}", flush=True
-        )
-    chunks = [chunk for group, _ in pending for chunk in group]
-    results = [r for part in ray.get(refs) for r in part]
-    return summarize(cfg, group_by_shots(chunks, results))
-
-
-def _ready(pending: list) -> bool:
-    refs = [ref for _, ref in pending]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-    return len(ready) == len(refs)

@@ -128,6 +128,37 @@ def test_every_shipped_config_loads():
         assert isinstance(check_run(load_config(path)), Config)
 
 
+def test_every_shipped_config_resolves_as_recorded():
+    """The configs state only what differs from their bases (configs/base/): each resolves to the
+    values it had when it spelled everything out (tests/shipped_configs.json, written then)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "configs"
+    recorded = json.loads((Path(__file__).parent / "shipped_configs.json").read_text())
+    assert sorted(recorded) == sorted(p.name for p in root.glob("*.yaml"))
+    for name, values in recorded.items():
+        assert load_config(root / name).to_dict() == values, name
+
+
+def test_a_config_builds_on_its_bases_and_bad_bases_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  steps: 7\n  seed: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  seed: 4\n")
+    (tmp_path / "c.yaml").write_text("base: [b.yaml]\nalgorithm:\n  inner_lr: 0.5\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.seed=5"])
+    assert (cfg.train.steps, cfg.train.seed, cfg.algorithm.inner_lr) == (7, 5, 0.5)
+    assert load_config(tmp_path / "b.yaml").train.seed == 4  # later files win over their bases
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(tmp_path / "lost.yaml")
+    (tmp_path / "odd.yaml").write_text("base: {a: 1}\n")
+    with pytest.raises(ConfigError, match="base must be a file name or a list of them"):
+        load_config(tmp_path / "odd.yaml")
+
+
 def test_round_trip_through_dict():
     from distmeta.config import config_from_dict
 

@@ -17,12 +17,12 @@ from test_faults import MODELS
 from test_runtime import saved_params, small
 
 from distmeta.algorithms import initial_parameters
-from distmeta.checkpoint import CheckpointStore, read_checkpoint, step_name
+from distmeta.checkpoint import CheckpointStore, checkpoint_location, read_checkpoint, step_name
 from distmeta.config import ConfigError, load_config
 from distmeta.resume import prepare_resume
 from distmeta.runfolder import release
 from distmeta.tasks import build_source
-from distmeta.train import checkpoint_location, train
+from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [
