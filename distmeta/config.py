@@ -145,7 +145,7 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     # bf16: the workers' training forward and backward under torch.autocast to bfloat16 (faster on
     # CPUs with AVX-512 BF16 or AMX and on GPUs; not the same math: benchmarks/peers.py --bf16,
-    # README "Reduced precision"). Parameters, updates and evaluation stay in train.dtype.
+    # docs/benchmarks.md "Reduced precision"). Parameters, updates and evaluation stay in train.dtype.
     autocast: Literal["none", "bf16"] = "none"
     log_every: int = bounded(20, at_least=1)  # TensorBoard scalars, averaged over this many steps
     print_every_s: float = bounded(5.0, above=0)
