@@ -1,12 +1,11 @@
 """Checkpoints: self-verifying files in a folder that is local or any ``pyarrow.fs`` URI.
 
 A checkpoint is a tensor file (``distmeta.tensorfile``: the safetensors layout, the rest of the
-state as JSON, a SHA-256 over all of it), so reading one never runs code, whoever wrote it. It holds
-``params`` (the flat meta-parameters), ``step``, ``config`` (``Config.to_dict()``) and
-``code_version``; the parameter server's also hold the meta-optimizer state, the RNG states and the
-task stream's cursor, the best-validation one ``validation``. Read them with ``read_checkpoint``; a
-truncated or altered file fails its checksum. Files of the earlier pickle-based format are refused
-with the command that converts them (``distmeta checkpoint convert``).
+state as JSON, a SHA-256 over all of it), so reading one never runs code, whoever wrote it. What
+it holds is ``checkpoint_record``'s (parameters, step, config, code version) and, for a training
+checkpoint, the parameter server's state; the best-validation one adds ``validation``. Read them
+with ``read_checkpoint``; a truncated or altered file fails its checksum. Files of the earlier
+pickle-based format are refused with the command that converts them (``distmeta checkpoint convert``).
 
 A run's folder holds ``step_<N>.pt`` (the last ``train.checkpoint_keep`` kept), ``final.pt`` and
 ``best.pt``. Writes are atomic: a temporary file, fsync (local disks), rename. A reader sees the
@@ -285,6 +284,21 @@ def load_checkpoint(location: str | Path) -> tuple[Config, np.ndarray, dict]:
     return config_from_dict(state["config"]), state["params"].numpy(), state
 
 
+def checkpoint_record(cfg: Config, params: torch.Tensor, step: int) -> dict:
+    """What every checkpoint holds, a training one, ``final.pt`` and ``best.pt`` alike: the flat
+    meta-parameters, the step, the run's config and the code that wrote it. A training checkpoint
+    adds the parameter server's state (``ParameterServer.state``: the optimizer, the task stream's
+    cursor, the RNGs, the rejected steps; ``checkpoint_state`` joins the shards'), ``best.pt`` its
+    ``validation``."""
+    return {
+        "params": params,
+        "step": step,
+        "config": cfg.to_dict(),
+        "code_version": code_version(),
+        "distmeta_version": distmeta.__version__,
+    }
+
+
 @functools.cache
 def code_version() -> str:
     """distmeta's version, with the git commit (and ``+dirty``) when run from a checkout."""
@@ -337,12 +351,7 @@ class BestCheckpoint:
         if not math.isfinite(row.mean) or (self.row is not None and _rank(row) >= _rank(self.row)):
             return
         self.row, self.step = row, step
-        state = {
-            "params": torch.from_numpy(params),
-            "step": step,
-            "config": self.cfg.to_dict(),
-            "code_version": code_version(),
-            "distmeta_version": distmeta.__version__,
+        state = checkpoint_record(self.cfg, torch.from_numpy(params), step) | {
             "validation": {
                 "split": "val",
                 "tag": row.tag,

@@ -181,7 +181,7 @@ def _train(
     """``cfg`` as requested (what checkpoints record, ``auto`` included), ``placed`` with the layout
     it resolved to on this cluster (what the workers and the final evaluation get)."""
     t = cfg.train
-    supervisor = Supervisor(cfg, initial, store.location, placed)
+    supervisor = Supervisor(cfg, initial, store.location, placed, (source.spec, source.kind))
     try:
         train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
         state = supervisor.checkpoint_state()

@@ -33,8 +33,7 @@ import time
 import numpy as np
 import torch
 
-import distmeta
-from distmeta.checkpoint import CheckpointError, CheckpointStore, code_version
+from distmeta.checkpoint import CheckpointError, CheckpointStore, checkpoint_record
 from distmeta.config import Config
 from distmeta.params import DTYPES
 from distmeta.runtime.control import Rejection, Schedule, StepControl, StepMetrics, WorkerUpdate
@@ -246,13 +245,8 @@ def checkpoint_state(cfg: Config, parts: list[dict]) -> dict:
         for key, value in values.items():
             if torch.is_tensor(value) and value.dim() > 0:  # per parameter (not Adam's step count)
                 values[key] = torch.cat([part["optimizer"]["state"][index][key] for part in parts])
-    return parts[0] | {
-        "params": torch.cat([part["params"] for part in parts]),
-        "optimizer": optimizer,
-        "config": cfg.to_dict(),
-        "code_version": code_version(),
-        "distmeta_version": distmeta.__version__,
-    }
+    joined = parts[0] | {"optimizer": optimizer}
+    return joined | checkpoint_record(cfg, torch.cat([part["params"] for part in parts]), parts[0]["step"])
 
 
 def join_metrics(parts: list[StepMetrics]) -> StepMetrics:

@@ -40,6 +40,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from distmeta.config import Config, ConfigError
+from distmeta.models import DataSpec
 from distmeta.params import shard_bounds
 from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
@@ -76,8 +77,16 @@ def is_fault(err: BaseException) -> bool:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, initial_params, checkpoints: str, placed: Config | None = None):
-        """``placed``: ``cfg`` with its layout resolved (``cluster.plan_layout``); the workers get it."""
+    def __init__(
+        self,
+        cfg: Config,
+        initial_params,
+        checkpoints: str,
+        placed: Config | None = None,
+        data: tuple[DataSpec, str] | None = None,
+    ):
+        """``placed``: ``cfg`` with its layout resolved (``cluster.plan_layout``); the workers get it.
+        ``data``: the task source's spec and kind, for the workers (else each makes the source)."""
         self.cfg, self.placed = cfg, placed or cfg
         c = self.placed.cluster
         restarts = {"max_restarts": c.actor_restarts}
@@ -110,7 +119,7 @@ class Supervisor:
                 **malloc_env,
                 **restarts,
             )
-            .remote(self.placed, rank)
+            .remote(self.placed, rank, None, data)
             for rank in range(c.num_workers)
         ]
         self.live = list(range(c.num_workers))  # ranks in the current split

@@ -23,6 +23,7 @@ import torch
 
 from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
+from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
 from distmeta.runtime.allreduce import Replica, meeting_point
 from distmeta.runtime.control import StepControl, StepMetrics, WorkerTiming, WorkerUpdate
@@ -118,15 +119,21 @@ def step_seconds(cfg: Config, above_s: float) -> float:
 
 
 class Worker:
-    def __init__(self, cfg: Config, rank: int = 0, device: torch.device | None = None):
+    def __init__(
+        self, cfg: Config, rank: int = 0, device: torch.device | None = None, data: tuple[DataSpec, str] | None = None
+    ):
+        """``data``: the task source's spec and kind, which the driver has already; without it the
+        worker makes the source to learn them (for shards: opens the dataset)."""
         self.cfg, self.rank = cfg, rank
         c = cfg.cluster
         self.device = device or worker_device(c.gpus_per_worker, c.cpus_per_worker, c.cpu_fallback)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.dtype = DTYPES[cfg.train.dtype]
-        source = build_source(cfg.task)
-        self.algorithm = build_learner(cfg, source.spec, source.kind, self.device, self.dtype)
+        if data is None:
+            source = build_source(cfg.task)
+            data = source.spec, source.kind
+        self.algorithm = build_learner(cfg, *data, self.device, self.dtype)
         self.layout = ParamLayout.of(self.algorithm.initial_parameters())
         self.shards = shard_bounds(self.layout.size, cfg.cluster.server_shards)
         self.implementation = cfg.algorithm.implementation
