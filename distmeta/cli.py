@@ -13,18 +13,6 @@ from pathlib import Path
 
 from distmeta.config import ConfigError, load_config
 
-# Convenience flags and the config field each one sets; any field can also be set as key=value.
-FLAGS = {
-    "address": "cluster.address",
-    "num_workers": "cluster.num_workers",
-    "gpus_per_worker": "cluster.gpus_per_worker",
-    "cpus_per_worker": "cluster.cpus_per_worker",
-    "meta_batch_size": "train.meta_batch_size",
-    "steps": "train.steps",
-    "seed": "train.seed",
-    "logdir": "logdir",
-}
-
 
 def _or_auto(kind: type):
     """An argparse type: a number of ``kind``, or ``auto`` (resolved against the cluster)."""
@@ -36,6 +24,53 @@ def _or_auto(kind: type):
     return parse
 
 
+# Convenience flags, each declared once: the config field it sets and its argparse options. Any
+# field can also be set as section.key=value.
+TRAIN_FLAGS = {
+    "--address": ("cluster.address", {"help": "attach to a Ray cluster: auto, HOST:PORT or ray://HOST:PORT"}),
+    "--num-workers": (
+        "cluster.num_workers",
+        {"type": _or_auto(int), "metavar": "N|auto", "help": "default: auto, the cluster's size"},
+    ),
+    "--gpus-per-worker": ("cluster.gpus_per_worker", {"type": _or_auto(float), "metavar": "G|auto"}),
+    "--cpus-per-worker": ("cluster.cpus_per_worker", {"type": _or_auto(float), "metavar": "C|auto"}),
+    "--meta-batch-size": ("train.meta_batch_size", {"type": int}),
+    "--steps": ("train.steps", {"type": int}),
+    "--seed": ("train.seed", {"type": int}),
+    "--logdir": ("logdir", {"help": "TensorBoard and checkpoint root (default: runs)"}),
+}
+# Evaluation flags and the eval.* field each sets (the rest of the protocol comes from the checkpoint).
+EVAL_FLAGS = {
+    "--episodes": ("eval.num_tasks", {"type": int, "help": "held-out tasks (eval.num_tasks)"}),
+    "--ways": (
+        "eval.ways",
+        {"type": int, "help": "classes per episode (other than training's: metric learners only)"},
+    ),
+    "--shots": ("eval.shots", {"type": int, "nargs": "+", "help": "support examples per class, one or more values"}),
+    "--queries": ("eval.queries", {"type": int, "help": "query examples per class (per task for regression)"}),
+    "--steps": ("eval.inner_steps", {"type": int, "nargs": "+", "help": "inner steps to score after, e.g. 0 1 3"}),
+    "--seed": ("eval.seed", {"type": int, "help": "seed of the held-out task stream (eval.seed)"}),
+    "--transductive": (
+        "eval.transductive",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "batch statistics over the whole query set (default), or each query with the support set alone",
+        },
+    ),
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
+    for flag, (_, options) in flags.items():
+        parser.add_argument(flag, **options)
+
+
+def _settings(args: argparse.Namespace, flags: dict) -> dict:
+    """{config field: value} for the flags given on the command line."""
+    given = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in flags.items()}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def train_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -43,14 +78,7 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
         epilog="Any config field can be set as section.key=value, e.g. algorithm.inner_lr=0.4 train.eval_every=0",
     )
     parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("--address", help="attach to a Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
-    parser.add_argument("--num-workers", type=_or_auto(int), metavar="N|auto", help="default: auto, the cluster's size")
-    parser.add_argument("--gpus-per-worker", type=_or_auto(float), metavar="G|auto")
-    parser.add_argument("--cpus-per-worker", type=_or_auto(float), metavar="C|auto")
-    parser.add_argument("--meta-batch-size", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--logdir", help="TensorBoard and checkpoint root (default: runs)")
+    _add_flags(parser, TRAIN_FLAGS)
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -60,22 +88,14 @@ def train_parser(prog: str) -> argparse.ArgumentParser:
         "a run folder, or a checkpoint file",
     )
     parser.add_argument("--tensorboard", action="store_true", help="serve TensorBoard on the log directory")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint instead of training")
-    parser.add_argument("--checkpoint", help="checkpoint to evaluate (with --eval-only)")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate instead of training: the other arguments are then `distmeta evaluate`'s "
+        "(--checkpoint PATH, --episodes, --ways, ...; see distmeta evaluate --help)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
-
-
-# Evaluation flags and the eval.* field each one sets (the rest of the protocol comes from the checkpoint).
-EVAL_FLAGS = {
-    "episodes": "eval.num_tasks",
-    "ways": "eval.ways",
-    "shots": "eval.shots",
-    "queries": "eval.queries",
-    "steps": "eval.inner_steps",
-    "seed": "eval.seed",
-    "transductive": "eval.transductive",
-}
 
 
 def evaluate_parser(prog: str) -> argparse.ArgumentParser:
@@ -86,29 +106,24 @@ def evaluate_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="e.g. runs/RUN/checkpoints/best.pt or final.pt")
     parser.add_argument("--split", default="test", choices=("val", "test"))
-    parser.add_argument("--episodes", type=int, help="held-out tasks (eval.num_tasks)")
-    parser.add_argument("--ways", type=int, help="classes per episode (other than training's: metric learners only)")
-    parser.add_argument("--shots", type=int, nargs="+", help="support examples per class, one or more values")
-    parser.add_argument("--queries", type=int, help="query examples per class (per task for regression)")
-    parser.add_argument("--steps", type=int, nargs="+", help="inner steps to score after, e.g. 0 1 3")
-    parser.add_argument("--seed", type=int, help="seed of the held-out task stream (eval.seed)")
-    parser.add_argument(
-        "--transductive",
-        action=argparse.BooleanOptionalAction,
-        help="batch statistics over the whole query set (default), or each query with the support set alone",
-    )
+    _add_flags(parser, EVAL_FLAGS)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="other eval.* fields")
     return parser
 
 
 def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--eval-only" in argv:  # exactly `distmeta evaluate`, with its flags
+        return evaluate_main([a for a in argv if a != "--eval-only"], prog=f"{prog} --eval-only")
     args = train_parser(prog).parse_intermixed_args(argv)  # key=value and flags in any order
-    if args.eval_only:
-        if not args.checkpoint:
-            return _fail("--eval-only needs --checkpoint PATH")
-        return _guard(lambda: _evaluate(args.checkpoint, "test", "cpu", args.overrides, {}))
     return _guard(lambda: _train(args))
+
+
+def evaluate_main(argv: list[str], prog: str = "distmeta evaluate") -> int:
+    args = evaluate_parser(prog).parse_intermixed_args(argv)
+    settings = _settings(args, EVAL_FLAGS)
+    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings))
 
 
 def data_parser(prog: str) -> argparse.ArgumentParser:
@@ -161,16 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "checkpoint":
         args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
         return _guard(lambda: _convert_checkpoints(args.paths, args.out))
-    args = evaluate_parser("distmeta evaluate").parse_intermixed_args(argv[1:])
-    settings = {key: getattr(args, name) for name, key in EVAL_FLAGS.items() if getattr(args, name) is not None}
-    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings))
+    return evaluate_main(argv[1:])
 
 
 def _train(args: argparse.Namespace) -> int:
     from distmeta.resume import prepare_resume
     from distmeta.train import RunInterrupted, run_name, train
 
-    flags = {key: getattr(args, name) for name, key in FLAGS.items() if getattr(args, name) is not None}
+    flags = _settings(args, TRAIN_FLAGS)
     if args.resume:
         if args.config:
             raise ConfigError("--resume takes the run's config from its checkpoint; drop --config (use key=value)")

@@ -219,7 +219,7 @@ class _Lines:
         (["--config", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
         (["--num-workers", "0"], "cluster.num_workers must be auto or a number >= 1, got 0"),
         (["--address", "127.0.0.1:9"], "nothing answers at '127.0.0.1:9'"),
-        (["--eval-only"], "--eval-only needs --checkpoint"),
+        (["--eval-only"], "launch.py --eval-only: error: the following arguments are required: --checkpoint"),
         (["--eval-only", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
     ],
 )
