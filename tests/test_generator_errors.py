@@ -72,8 +72,9 @@ def test_a_shard_truncated_mid_run_stops_it_with_the_generator_s_error(ray_local
     (err,) = outcome
     assert isinstance(err, ActorFailed), repr(err)
     message = str(err)
-    assert "TaskGenerationError" in message and "could not build step" in message, message
+    assert "BadTaskData" in message and "could not build step" in message, message
     assert "ShardError: shard shard-00000.arrow ended early: truncated while in use?" in message, message
+    assert "where the actor raised it" not in message  # bad data: the message says it all, no traceback
 
 
 def test_an_actor_s_error_is_named_with_its_whole_message_not_ray_s_wrapper(ray_local, tmp_path):
@@ -101,3 +102,30 @@ def test_an_actor_s_error_is_named_with_its_whole_message_not_ray_s_wrapper(ray_
     with pytest.raises(rex.RayTaskError) as failed:
         ray.get(server.remote(cfg, np.zeros(5)).apply.remote(StepControl(4)))
     assert explain(failed.value) == ("RuntimeError: parameter server is at step 0 but got updates for steps []")
+
+
+def test_a_bug_raised_in_an_actor_comes_with_its_traceback_and_bad_input_with_its_message_alone(ray_local):
+    """A run stopped by an actor's error (not a fault) ends with ``explain``'s line and, unless the
+    error is bad input whose message names the fix, the traceback from where the actor raised it."""
+    import ray
+    import ray.exceptions as rex
+
+    from distmeta.config import ConfigError
+    from distmeta.runtime.control import StepControl
+    from distmeta.runtime.parameter_server import ParameterServer
+    from distmeta.runtime.supervisor import actor_traceback
+
+    server = ray.remote(ParameterServer).options(num_cpus=0).remote(small(), np.zeros(5))
+    with pytest.raises(rex.RayTaskError) as failed:  # an internal inconsistency: a bug to trace
+        ray.get(server.apply.remote(StepControl(4)))
+    trace = actor_traceback(failed.value)
+    assert trace.startswith("\n\nwhere the actor raised it:\n") and "parameter_server.py" in trace, trace
+    assert "in apply" in trace and "RuntimeError: parameter server is at step 0" in trace, trace
+
+    @ray.remote(num_cpus=0)
+    def refuse():
+        raise ConfigError("task.ways=9 exceeds the 5 classes of split 'test'")
+
+    with pytest.raises(rex.RayTaskError) as refused:
+        ray.get(refuse.remote())
+    assert actor_traceback(refused.value) == ""

@@ -39,12 +39,14 @@ import ray.exceptions as rex
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from distmeta.checkpoint import CheckpointError
 from distmeta.config import Config, ConfigError
+from distmeta.data.shards import ShardError
 from distmeta.models import DataSpec
 from distmeta.params import shard_bounds
 from distmeta.runtime.engine import ENGINES, choose_engine
 from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
-from distmeta.runtime.task_generator import TaskGenerator, generator_blocks, split_evenly
+from distmeta.runtime.task_generator import BadTaskData, TaskGenerator, generator_blocks, split_evenly
 from distmeta.runtime.worker import Worker, worker_process_env
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ TIMEOUTS = (rex.GetTimeoutError, rex.RayChannelError)
 MAX_RETRIES_OF_ONE_STEP = 5
 PLACEMENT_REPORT_S = 15.0  # while the workers' placement group is pending, say so this often
 KILL_GRACE_S = 5.0  # a killed worker still there after this is frozen: it is SIGKILLed (see Supervisor._kill)
+
+
+# errors whose message is the whole story: bad input, not a bug to trace (see actor_traceback)
+BAD_INPUT = (ConfigError, ShardError, CheckpointError, BadTaskData)
 
 
 class ActorLost(RuntimeError):
@@ -266,7 +272,7 @@ class Supervisor:
         the step to continue from (the server's). Raises ``ActorLost`` if that is impossible."""
         c = self.cfg.cluster
         if (isinstance(err, rex.RayTaskError) and not is_fault(err)) or getattr(err, "actor_init_failed", False):
-            raise ActorFailed(f"training stopped at step {step}: {explain(err)}") from err
+            raise ActorFailed(f"training stopped at step {step}: {explain(err)}{actor_traceback(err)}") from err
         if c.actor_restarts == 0 or not is_fault(err):
             raise err
         self.failures_of_step = self.failures_of_step + 1 if step == self.failed_step else 1
@@ -406,6 +412,23 @@ def explain(err: BaseException) -> str:
     if isinstance(err, rex.RayActorError):
         return _first_line(err)
     return f"{type(err).__name__}: {err}"
+
+
+def actor_traceback(err: BaseException) -> str:
+    """The traceback of an error an actor's call raised, as Ray recorded it there, to follow the
+    error's message: a bug (in an algorithm, say) is found from where it happened. Empty for bad
+    input (a config, a shard, a checkpoint), whose message names the problem and the fix."""
+    if not isinstance(err, rex.RayTaskError):
+        return ""
+    cause = err
+    while isinstance(cause, rex.RayTaskError) and isinstance(getattr(cause, "cause", None), BaseException):
+        if cause.cause is cause:
+            break
+        cause = cause.cause
+    if isinstance(cause, BAD_INPUT):
+        return ""
+    recorded = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).rstrip()  # Ray's text: the call, then its traceback
+    return f"\n\nwhere the actor raised it:\n{recorded}"
 
 
 def _creation_error(text: str) -> str:

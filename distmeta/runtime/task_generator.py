@@ -17,7 +17,8 @@ import queue
 import threading
 import time
 
-from distmeta.config import Config
+from distmeta.config import Config, ConfigError
+from distmeta.data.shards import ShardError
 from distmeta.runtime.control import StepControl
 from distmeta.tasks import TaskBatch, build_source, task_rng
 
@@ -25,6 +26,10 @@ from distmeta.tasks import TaskBatch, build_source, task_rng
 class TaskGenerationError(RuntimeError):
     """The generator could not build a step's tasks (bad data, a shard changed under the run); the
     message names the step and the original error. Not a fault: a re-run would fail the same way."""
+
+
+class BadTaskData(TaskGenerationError):
+    """A ``TaskGenerationError`` from bad input (a shard or an option): its message says it all."""
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -85,7 +90,8 @@ class TaskGenerator:
                 item = (step, self.build(step))
             except Exception as err:
                 message = f"the task generator could not build step {step}: {type(err).__name__}: {err}"
-                item = (step, TaskGenerationError(message).with_traceback(err.__traceback__))
+                kind = BadTaskData if isinstance(err, ShardError | ConfigError) else TaskGenerationError
+                item = (step, kind(message).with_traceback(err.__traceback__))
             self.ready.put(item)  # blocks while the queue is full: the bound on prefetching
             if isinstance(item[1], Exception):
                 return
