@@ -10,7 +10,7 @@ from distmeta.algorithms.maml import MAML
 
 class ANIL(MAML):
     def inner_loop(self, theta, tasks):
-        support_x = tasks[0]
+        support_x = tasks.support_x
         body = {n.removeprefix("features."): p for n, p in theta.items() if n.startswith("features.")}
         head = {n.removeprefix("head."): p for n, p in theta.items() if n.startswith("head.")}
 

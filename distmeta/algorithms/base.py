@@ -36,9 +36,9 @@ from torch.func import functional_call, vmap
 
 from distmeta.algorithms import batched
 from distmeta.config import AlgorithmConfig, Config, ConfigError
+from distmeta.tasks.batch import TaskTensors
 
 Params = dict[str, Tensor]
-Task = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x, support_y, query_x, query_y, each [T, ...]
 IMPLEMENTATIONS = ("vmap", "loop", "batched")
 
 
@@ -78,7 +78,9 @@ class MetaAlgorithm:
         if a.fce and not cls.full_context_embeddings:
             raise ConfigError(f"algorithm.fce is a matchingnet option; {a.name} has no such embeddings")
 
-    def chunk_update(self, theta: Params, tasks: Task, score_before: bool = True) -> tuple[Params, dict[str, Tensor]]:
+    def chunk_update(
+        self, theta: Params, tasks: TaskTensors, score_before: bool = True
+    ) -> tuple[Params, dict[str, Tensor]]:
         """Sum over the chunk's tasks of their updates, and of their metrics. An adaptive learner
         scores the query set before adaptation (``*_before``) only with ``score_before``: it costs
         a forward pass the update does not need."""
@@ -131,11 +133,11 @@ class MetaAlgorithm:
 
     # --- the inner loop --------------------------------------------------------------------
 
-    def inner_loop(self, theta: Params, tasks: Task) -> InnerLoop:
+    def inner_loop(self, theta: Params, tasks: TaskTensors) -> InnerLoop:
         """What the inner loop adapts: by default every model parameter, on the support images, with
         ``inner_lr``. ANIL and Meta-SGD override this one method."""
-        params = self.per_task({n: theta[n] for n in self.model_names}, len(tasks[0]))
-        return InnerLoop(params, self.forward, tasks[0], self.forward, self.cfg.inner_lr)
+        params = self.per_task({n: theta[n] for n in self.model_names}, len(tasks.support_x))
+        return InnerLoop(params, self.forward, tasks.support_x, self.forward, self.cfg.inner_lr)
 
     def adapt(
         self, loop: InnerLoop, y: Tensor, steps: int, create_graph: bool, batch_size: int | None = None
@@ -184,7 +186,7 @@ class MetaAlgorithm:
         return IMPLEMENTATIONS if batched.supports(self.model.features) else ("vmap", "loop")
 
     def batch_update(
-        self, params: Params, tasks: Task, implementation: str, score_before: bool = True
+        self, params: Params, tasks: TaskTensors, implementation: str, score_before: bool = True
     ) -> tuple[Params, dict[str, float]]:
         """Sum over all tasks of their updates, and the sums of their metrics (floats)."""
         update_sum, metric_sums = self.batch_sums(params, tasks, implementation, score_before)
@@ -193,15 +195,15 @@ class MetaAlgorithm:
         return update_sum, dict(zip(names, values))
 
     def batch_sums(
-        self, params: Params, tasks: Task, implementation: str, score_before: bool = True
+        self, params: Params, tasks: TaskTensors, implementation: str, score_before: bool = True
     ) -> tuple[Params, dict[str, Tensor]]:
         """``batch_update`` with the metric sums left on the device, as 0-dim tensors (no sync)."""
         if implementation not in self.implementations():
             raise ValueError(f"implementation must be one of {self.implementations()} here, got {implementation!r}")
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
-        num_tasks = len(tasks[0])
+        tasks = TaskTensors(*tasks)
         one_chunk = implementation != "loop"
-        chunks = [tasks] if one_chunk else [tuple(t[i : i + 1] for t in tasks) for i in range(num_tasks)]
+        chunks = [tasks] if one_chunk else [tasks.task(i) for i in range(len(tasks.support_x))]
         update_sum: Params = {}
         metric_sums: dict[str, Tensor] = {}
         with self._batched_layers(implementation == "batched"):
@@ -223,7 +225,7 @@ class MetaAlgorithm:
     def batch_trajectory(
         self,
         params: Params,
-        tasks: Task,
+        tasks: TaskTensors,
         steps: int,
         batch_size: int = 0,
         score_at: set[int] | None = None,
@@ -234,6 +236,7 @@ class MetaAlgorithm:
         steps are scored (the query forward costs more than a 1-shot inner step); the rest are NaN.
         Without ``transductive`` each query example is scored alone with the support set
         (``one_query_at_a_time``)."""
+        tasks = TaskTensors(*tasks)
         support_x, support_y, query_x, query_y = tasks
         theta = {n: p.detach().requires_grad_() for n, p in params.items()}
         loop = self.inner_loop(theta, tasks)
@@ -260,18 +263,18 @@ def one_query_at_a_time(predict: Callable[[Tensor], Tensor], support_x: Tensor, 
 
 
 def fastest_implementation(
-    algorithm: MetaAlgorithm, params: Params, tasks: Task, repeats: int = 2, implementations=None
+    algorithm: MetaAlgorithm, params: Params, tasks: TaskTensors, repeats: int = 2, implementations=None
 ) -> tuple[str, dict]:
     """Time ``implementations`` (default: all that differ for the algorithm's model) on this batch and
     device; return the fastest and the timings (s)."""
     timings = {}
     for implementation in implementations or algorithm.implementations():
         algorithm.batch_update(params, tasks, implementation)  # warm-up: allocator, kernels, caches
-        _synchronize(tasks[0].device)
+        _synchronize(tasks.support_x.device)
         start = time.perf_counter()
         for _ in range(repeats):
             algorithm.batch_update(params, tasks, implementation)
-        _synchronize(tasks[0].device)
+        _synchronize(tasks.support_x.device)
         timings[implementation] = (time.perf_counter() - start) / repeats
     return min(timings, key=timings.get), timings
 

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distmeta.algorithms.base import MetaAlgorithm, Params, Task, one_query_at_a_time
+from distmeta.algorithms.base import MetaAlgorithm, Params, one_query_at_a_time
 from distmeta.config import ConfigError
+from distmeta.tasks.batch import TaskTensors
 
 
 class MetricAlgorithm(MetaAlgorithm):
@@ -35,7 +36,7 @@ class MetricAlgorithm(MetaAlgorithm):
         scores [T, Q, ways]."""
         raise NotImplementedError
 
-    def query_logits(self, theta: Params, tasks: Task, transductive: bool = True) -> Tensor:
+    def query_logits(self, theta: Params, tasks: TaskTensors, transductive: bool = True) -> Tensor:
         support_x, support_y, query_x, query_y = tasks
         weights = {n: theta[n] for n in self.model_names}
         # Labels are 0..ways-1; the count comes from both sets, once per chunk (it syncs a GPU).
@@ -52,7 +53,7 @@ class MetricAlgorithm(MetaAlgorithm):
         return one_query_at_a_time(predict, support_x, query_x)
 
     def chunk_update(self, theta, tasks, score_before=True):  # nothing is adapted: no "before"
-        query_y = tasks[3]
+        query_y = tasks.query_y
         logits = self.query_logits(theta, tasks)
         grads = torch.autograd.grad(self.task_losses(logits, query_y).sum(), list(theta.values()))
         return dict(zip(theta, grads)), {name: v.sum() for name, v in self.scores(logits, query_y).items()}
@@ -61,6 +62,7 @@ class MetricAlgorithm(MetaAlgorithm):
         """Query loss and accuracy, [T, 1]: there are no inner steps to score after."""
         if steps:
             raise ValueError(f"{type(self).__name__} has no inner loop; evaluate it at 0 inner steps")
+        tasks = TaskTensors(*tasks)
         with torch.no_grad():
-            scores = self.scores(self.query_logits(params, tasks, transductive), tasks[3])
+            scores = self.scores(self.query_logits(params, tasks, transductive), tasks.query_y)
         return {name: values[:, None] for name, values in scores.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,9 +58,24 @@ class TaskBatch:
             query_y=self.query_y[start:stop],
         )
 
-    def to_torch(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(support_x, support_y, query_x, query_y) on ``device``; uint8 images scaled to [0, 1]."""
-        return tuple(_to_tensor(a, device, dtype) for a in (self.support_x, self.support_y, self.query_x, self.query_y))
+    def to_torch(self, device: torch.device, dtype: torch.dtype) -> TaskTensors:
+        """The tasks as tensors on ``device``; uint8 images scaled to [0, 1]."""
+        arrays = (self.support_x, self.support_y, self.query_x, self.query_y)
+        return TaskTensors(*(_to_tensor(a, device, dtype) for a in arrays))
+
+
+class TaskTensors(NamedTuple):
+    """A chunk of T tasks as tensors, each [T, ...]: what the algorithms compute on (a tuple too:
+    ``support_x, support_y, query_x, query_y = tasks``)."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def task(self, index: int) -> TaskTensors:
+        """Task ``index`` alone, keeping the task axis (a view)."""
+        return TaskTensors(*(t[index : index + 1] for t in self))
 
 
 def _to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
