@@ -51,7 +51,7 @@ def simulated_result(control: StepControl, rank: int, update: np.ndarray) -> Wor
     now = time.time()
     return WorkerUpdate(
         step=control.step,
-        epoch=control.epoch,
+        generation=control.generation,
         draw=control.step,
         update=update,
         finite=True,  # a real worker checks its update (its own time, not the server's)

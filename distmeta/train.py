@@ -258,7 +258,9 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
             # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
             stopping = stop.requested() and schedule.logs(next_step)
             while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
-                in_flight.append((next_step, supervisor.engine.submit(schedule.control(next_step, supervisor.epoch))))
+                in_flight.append(
+                    (next_step, supervisor.engine.submit(schedule.control(next_step, supervisor.generation)))
+                )
                 next_step += 1
                 stopping = stop.requested() and schedule.logs(next_step)
             if not in_flight:

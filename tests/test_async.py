@@ -26,11 +26,11 @@ from distmeta.tasks import build_source
 from distmeta.train import train
 
 
-def update(version: int, values, rank: int = 0, epoch: int = 0, draw: int = 0, num_tasks: int = 2) -> WorkerUpdate:
+def update(version: int, values, rank: int = 0, generation: int = 0, draw: int = 0, num_tasks: int = 2) -> WorkerUpdate:
     """A worker's result as ``Worker.compute`` returns it: the sum of ``num_tasks`` task updates."""
     return WorkerUpdate(
         step=version,
-        epoch=epoch,
+        generation=generation,
         draw=draw,
         update=np.asarray(values, dtype=np.float64),
         finite=bool(np.isfinite(values).all()),
@@ -69,7 +69,7 @@ def test_the_server_applies_fresh_updates_and_drops_or_scales_stale_ones(tmp_pat
     else:  # the step shrinks by (S + 1) / (staleness + 1) = 2 / 5
         assert not metrics.dropped and metrics.scale == pytest.approx(0.4) and control.step == 5
         np.testing.assert_allclose(params, before - 0.4 * lr * grad / 2)
-    stale, control, _ = server.push(update(control.step, grad, epoch=-1))  # from before a fault
+    stale, control, _ = server.push(update(control.step, grad, generation=-1))  # from before a fault
     assert stale.stale
     store = CheckpointStore(str(tmp_path / "checkpoints"))
     store.write(step_name(5), checkpoint_state(cfg, [server.state()]))  # the stream's cursor: after draw 7
@@ -201,10 +201,10 @@ def test_the_worker_result_carries_what_the_server_needs():
     cfg = small("train.mode=async")
     generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], start_step=5, stride=3)
     first, second = generator.next_batch(), generator.next_batch()
-    assert (first.step, second.step) == (5, 8)
+    assert (first.draw, second.draw) == (5, 8)
     params = initial_parameters(cfg, build_source(cfg.task))
-    result = Worker(cfg, device=torch.device("cpu")).compute(StepControl(4, epoch=2), first, params)
-    assert (result.step, result.epoch, result.draw, result.num_tasks) == (4, 2, 5, 7)
+    result = Worker(cfg, device=torch.device("cpu")).compute(StepControl(4, generation=2), first, params)
+    assert (result.step, result.generation, result.draw, result.num_tasks) == (4, 2, 5, 7)
 
 
 def test_an_asynchronous_run_resumes_at_its_checkpoint_with_the_task_stream_cursor(ray_local, tmp_path):

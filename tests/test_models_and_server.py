@@ -78,7 +78,7 @@ def test_param_layout_round_trip_is_views():
 def result(step, rank, update, num_tasks):
     return WorkerUpdate(
         step=step,
-        epoch=0,
+        generation=0,
         draw=step,
         update=np.asarray(update, dtype=np.float64),
         finite=bool(np.isfinite(update).all()),

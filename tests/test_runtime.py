@@ -203,7 +203,7 @@ def test_the_schedule_names_each_step_s_extras():
     assert [done for done in range(1, 11) if schedule.logs(done)] == [4, 8, 10]
     assert [schedule.checkpoint(done) for done in (4, 5, 8)] == ["step_00000004.pt", None, "step_00000008.pt"]
     assert [done for done in range(1, 11) if schedule.publishes(done)] == [6]
-    assert schedule.control(7, epoch=2) == StepControl(7, 2, "step_00000008.pt", publish=False, score_before=True)
+    assert schedule.control(7, generation=2) == StepControl(7, 2, "step_00000008.pt", publish=False, score_before=True)
     assert schedule.control(4) == StepControl(4, 0, None, publish=False, score_before=False)
     never = Schedule.of(small("train.checkpoint_every=0", "train.eval_every=0").train)
     assert not any(never.checkpoint(done) or never.publishes(done) for done in range(1, 13))

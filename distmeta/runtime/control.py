@@ -17,7 +17,7 @@ from distmeta.checkpoint import step_name
 @dataclass(frozen=True)
 class StepControl:
     step: int
-    epoch: int = 0  # the engine generation that sent it: the server ignores steps of an earlier one
+    generation: int = 0  # the engine generation that sent it: the server ignores steps of an earlier one
     checkpoint: str | None = None  # the parameter server writes a checkpoint here after this step
     publish: bool = False  # the parameter server returns the parameters with this step's metrics
     # the workers also score the query set before adaptation (``loss_before``): a forward pass
@@ -55,11 +55,15 @@ class Schedule:
         """The parameters after ``done`` steps are validated (in the background)."""
         return bool(self.eval_every) and done % self.eval_every == 0
 
-    def control(self, step: int, epoch: int = 0) -> StepControl:
-        """The control message of step ``step`` (from 0), sent by engine generation ``epoch``."""
+    def control(self, step: int, generation: int = 0) -> StepControl:
+        """The control message of step ``step`` (from 0), sent by engine generation ``generation``."""
         done = step + 1
         return StepControl(
-            step, epoch, checkpoint=self.checkpoint(done), publish=self.publishes(done), score_before=self.logs(done)
+            step,
+            generation,
+            checkpoint=self.checkpoint(done),
+            publish=self.publishes(done),
+            score_before=self.logs(done),
         )
 
 
@@ -80,7 +84,7 @@ class WorkerUpdate:
     The server divides by the step's task count, so the result does not depend on the split."""
 
     step: int  # the parameter version it was computed on
-    epoch: int  # the engine generation of the control message
+    generation: int  # the engine generation of the control message
     draw: int  # the batch of the task stream its tasks came from
     update: np.ndarray  # flat (with server shards: this shard's slice)
     finite: bool  # of the whole update, so every shard rejects a step alike

@@ -48,21 +48,21 @@ class ParameterServer:
         bounds: tuple[int, int] | None = None,
     ):
         """``initial_params``: the run's initial meta-parameters, or just their number, when they
-        come with the first ``begin_epoch`` (as a Ray actor: a restarted actor gets its constructor
+        come with the first ``begin_generation`` (as a Ray actor: a restarted actor gets its constructor
         arguments again only if they are small enough to travel inline, which no image model's are)."""
         self.cfg = cfg
         given = not isinstance(initial_params, int)
         self.size = len(initial_params) if given else initial_params
         self.lo, self.hi = bounds or (0, self.size)
         self.initial = np.array(initial_params[self.lo : self.hi]) if given else None
-        self.epoch = 0  # the driver's current engine generation (see begin_epoch)
+        self.generation = 0  # the driver's current engine generation (see begin_generation)
         self.store = CheckpointStore(checkpoints) if checkpoints else None
         self.reload()
 
     def reload(self) -> int:
         """Start over from the newest valid checkpoint in the run's folder, or from the initial
         parameters if there is none yet (at start, and after another shard was restarted so that
-        all agree again); returns the step. Without either, the parameters wait for begin_epoch."""
+        all agree again); returns the step. Without either, the parameters wait for begin_generation."""
         self.step = 0  # steps done so far (applied or rejected); also the parameter version
         self.rejected_steps: list[int] = []
         self.last_draw = -1  # asynchronous mode: the newest task batch an update came from
@@ -105,8 +105,8 @@ class ParameterServer:
     def next_draw(self) -> int:
         return self.last_draw + 1 if self.cfg.train.mode == "async" else self.step
 
-    def begin_epoch(self, epoch: int, initial: list | None = None) -> int:
-        """From now on apply only steps sent by engine generation ``epoch``: steps still in flight
+    def begin_generation(self, generation: int, initial: list | None = None) -> int:
+        """From now on apply only steps sent by engine generation ``generation``: steps still in flight
         from before a fault may arrive late, computed on older parameters. Returns the step.
         ``initial``: [an object ref to] the initial parameters, for a server constructed without
         them (a list, so that Ray hands over the ref, fetched only by a server with no parameters)."""
@@ -115,13 +115,15 @@ class ParameterServer:
 
             self.initial = np.array(ray.get(initial[0])[self.lo : self.hi])
             self.reload()
-        self.epoch = epoch
+        self.generation = generation
         return self.step
 
     def parameters(self, control: StepControl | None = None) -> np.ndarray:
         """The current meta-parameters, this server's slice (``control`` only orders this call within a step)."""
         if self.theta is None:
-            raise RuntimeError("parameter server restarted before the run's first checkpoint: it awaits begin_epoch")
+            raise RuntimeError(
+                "parameter server restarted before the run's first checkpoint: it awaits begin_generation"
+            )
         return self.theta.detach().numpy()
 
     def learning_rate(self, step: int) -> float:
@@ -136,7 +138,7 @@ class ParameterServer:
     def apply(self, control: StepControl, *results: WorkerUpdate) -> StepMetrics:
         """Aggregate the workers' results for ``control.step``, apply them, return the step's metrics."""
         started, step = time.time(), control.step
-        if control.epoch != self.epoch:
+        if control.generation != self.generation:
             return StepMetrics(step, stale=True)
         if step != self.step or any(r.step != step for r in results):
             raise RuntimeError(
@@ -152,7 +154,7 @@ class ParameterServer:
 
     def pull(self) -> tuple[StepControl, np.ndarray]:
         """Asynchronous mode: the current parameters and their version, for a worker's first update."""
-        control = StepControl(self.step, self.epoch, score_before=Schedule.of(self.cfg.train).logs(self.step + 1))
+        control = StepControl(self.step, self.generation, score_before=Schedule.of(self.cfg.train).logs(self.step + 1))
         return control, self.parameters()
 
     def push(self, result: WorkerUpdate) -> tuple[StepMetrics, StepControl, np.ndarray]:
@@ -161,7 +163,7 @@ class ParameterServer:
         old (then ``train.stale_updates``: drop it, or scale its step by (S + 1) / (staleness + 1)).
         Returns the metrics and the version the worker computes its next update on."""
         started, t = time.time(), self.cfg.train
-        if result.epoch != self.epoch:  # computed before a fault; its worker's chain was restarted
+        if result.generation != self.generation:  # computed before a fault; its worker's chain was restarted
             return StepMetrics(self.step, stale=True), *self.pull()
         staleness = self.step - result.step
         self.last_draw = max(self.last_draw, result.draw)

@@ -103,7 +103,7 @@ class Supervisor:
         except ValueError as err:
             raise ConfigError(f"cluster.server_shards={c.server_shards}: {err}") from None
         self.allreduce = c.reduce == "allreduce"
-        # The servers get their initial parameters with begin_epoch, not as a constructor argument:
+        # The servers get their initial parameters with begin_generation, not as a constructor argument:
         # one above Ray's inline limit (any image model's) lives in the object store, where Ray
         # frees it once the actor is created, so a restarted server could not be constructed again.
         self.initial, self.checkpoints = ray.put(initial_params), checkpoints
@@ -135,14 +135,14 @@ class Supervisor:
         self.engine = None
         self.shares: list[int] = []
         self.recoveries = 0
-        self.epoch = 0  # engine generations started; steps carry theirs (see ParameterServer.begin_epoch)
+        self.generation = 0  # engine generations started; steps carry theirs (see ParameterServer.begin_generation)
         self.failed_step, self.failures_of_step = -1, 0
 
     def start(self) -> int:
         """Wire the live workers into a new engine at the server's step; returns that step."""
         c, t = self.cfg.cluster, self.cfg.train
-        self.epoch += 1
-        step = self._form_group() if self.allreduce else self._begin_epoch()
+        self.generation += 1
+        step = self._form_group() if self.allreduce else self._begin_generation()
         blocks = generator_blocks(len(self.live), c.num_task_generators)
         for generator in self.generators:
             ray.kill(generator)
@@ -166,10 +166,10 @@ class Supervisor:
         self.engine = ENGINES[self.engine_name](self.servers, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
         return step
 
-    def _begin_epoch(self) -> int:
+    def _begin_generation(self) -> int:
         """Tell the server shards the new engine generation; returns the step they are at."""
         timeout = self.cfg.cluster.step_timeout_s
-        begun = [server.begin_epoch.remote(self.epoch, [self.initial]) for server in self.servers]
+        begun = [server.begin_generation.remote(self.generation, [self.initial]) for server in self.servers]
         steps = ray.get(begun, timeout=timeout)
         if len(set(steps)) > 1:  # a shard was restarted from the checkpoint: all go back to it
             log.warning("parameter-server shards at steps %s: all reload the newest checkpoint", steps)
@@ -190,7 +190,7 @@ class Supervisor:
         address = ray.get(self.workers[self.live[0]].meeting_point.remote(), timeout=c.step_timeout_s)
         joined = ray.get(
             [
-                self.workers[rank].join.remote(address, self.live, self.initial, self.checkpoints, self.epoch)
+                self.workers[rank].join.remote(address, self.live, self.initial, self.checkpoints, self.generation)
                 for rank in self.live
             ],
             timeout=c.rejoin_timeout_s + c.step_timeout_s,

@@ -80,7 +80,7 @@ class TaskGenerator:
         task = self.cfg.task
         rng = task_rng(self.cfg.train.seed, "train", step)
         batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries, self.part)
-        batch.produced_at, batch.first_task, batch.step = time.time(), self.part.start, step
+        batch.produced_at, batch.first_task, batch.draw = time.time(), self.part.start, step
         return {rank: batch.slice(*self.bounds[rank]) for rank in self.ranks}
 
     def _produce(self) -> None:

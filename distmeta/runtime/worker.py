@@ -163,8 +163,8 @@ class Worker:
         update, metrics = host[: self.layout.size], dict(zip(names, host[self.layout.size :].tolist()))
         result = WorkerUpdate(
             step=control.step,
-            epoch=control.epoch,
-            draw=tasks.step,
+            generation=control.generation,
+            draw=tasks.draw,
             update=update,
             finite=bool(np.isfinite(update).all()),
             first_task=tasks.first_task,
@@ -187,15 +187,15 @@ class Worker:
         return meeting_point()
 
     def join(
-        self, address: str, ranks: list[int], initial: np.ndarray, checkpoints: str, epoch: int
+        self, address: str, ranks: list[int], initial: np.ndarray, checkpoints: str, generation: int
     ) -> tuple[int, int]:
         """All-reduce mode: take a copy of the meta-parameters and optimizer (from the newest
         checkpoint, if any) and a place in the process group of the workers ``ranks`` meeting at
-        ``address``, for the steps of engine generation ``epoch``. Returns the copy's step and this
+        ``address``, for the steps of engine generation ``generation``. Returns the copy's step and this
         process's id (a group is only ever joined by a fresh process: the supervisor checks the id
         changed)."""
         self.replica = Replica(self.cfg, initial, checkpoints, address, ranks, self.rank, self.device)
-        return self.replica.server.begin_epoch(epoch), os.getpid()
+        return self.replica.server.begin_generation(generation), os.getpid()
 
     def step(self, control: StepControl, tasks: TaskBatch) -> StepMetrics:
         """All-reduce mode: one whole step (this worker's update, summed with the others', applied)."""

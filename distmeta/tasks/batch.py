@@ -23,7 +23,7 @@ class TaskBatch:
     query_y: np.ndarray
     produced_at: float = 0.0  # wall-clock time the generator finished it (for the data-wait metric)
     first_task: int = 0  # index of the first of these tasks in the step's meta-batch (for fault reports)
-    step: int = -1  # the meta-batch's index in the task stream: its tasks depend only on (seed, step)
+    draw: int = -1  # the meta-batch's index in the task stream: its tasks depend only on (seed, draw)
 
     @classmethod
     def from_episodes(cls, images: np.ndarray, shots: int) -> TaskBatch:
