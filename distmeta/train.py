@@ -293,8 +293,8 @@ def _read_outcomes(dropped: list, timeout_s: float = 1.0) -> None:
 def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, step: int):
     """Push each worker's update as it comes (runtime/engine.py's AsyncEngine) until the parameters
     reach version ``train.steps``. No straggler timeout: a slow worker holds back no one."""
-    t = cfg.train
-    while step < t.steps and not (stop.requested() and Schedule.of(t).logs(step)):
+    t, schedule = cfg.train, Schedule.of(cfg.train)
+    while step < t.steps and not (stop.requested() and schedule.logs(step)):
         try:
             if supervisor.rejoin_ready():  # the updates in the making are dropped: async loses nothing else
                 supervisor.close()

@@ -12,6 +12,8 @@ keeps vmap.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 ELEMENTWISE = {nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Identity: lambda x: x}
 
 
+@functools.cache  # asked on every forward of the batched implementation; a module's structure is fixed
 def supports(module: nn.Module) -> bool:
     """Whether ``forward`` can run ``module``: linear layers, element-wise activations, and
     containers whose forward applies their children in order (``nn.Sequential``, or a model class

@@ -89,7 +89,7 @@ class CheckedWriter:
 
 class Monitor:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout):
-        self.cfg, self.out = cfg, out
+        self.cfg, self.out, self.schedule = cfg, out, Schedule.of(cfg.train)
         # On resume, drop whatever the earlier part logged after its checkpoint (TensorBoard hides
         # events at steps >= purge_step written before it), so no step appears twice.
         self.writer = CheckedWriter(run_dir, purge_step=start_step + 1 if start_step else None)
@@ -158,7 +158,7 @@ class Monitor:
         self.prev_apply_end = m.apply_finished
         self.prev_worker_end = {w.rank: w.finished for w in m.workers}
         self.latest = {**self.latest, **m.train, "step": step}  # *_before: from the last step that had it
-        if Schedule.of(self.cfg.train).logs(step):
+        if self.schedule.logs(step):
             self._flush(step)
         if time.time() - self.last_print >= self.cfg.train.print_every_s or step == self.cfg.train.steps:
             self._print(step)

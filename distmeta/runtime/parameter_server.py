@@ -50,7 +50,7 @@ class ParameterServer:
         """``initial_params``: the run's initial meta-parameters, or just their number, when they
         come with the first ``begin_generation`` (as a Ray actor: a restarted actor gets its constructor
         arguments again only if they are small enough to travel inline, which no image model's are)."""
-        self.cfg = cfg
+        self.cfg, self.schedule = cfg, Schedule.of(cfg.train)
         given = not isinstance(initial_params, int)
         self.size = len(initial_params) if given else initial_params
         self.lo, self.hi = bounds or (0, self.size)
@@ -154,7 +154,7 @@ class ParameterServer:
 
     def pull(self) -> tuple[StepControl, np.ndarray]:
         """Asynchronous mode: the current parameters and their version, for a worker's first update."""
-        control = StepControl(self.step, self.generation, score_before=Schedule.of(self.cfg.train).logs(self.step + 1))
+        control = StepControl(self.step, self.generation, score_before=self.schedule.logs(self.step + 1))
         return control, self.parameters()
 
     def push(self, result: WorkerUpdate) -> tuple[StepMetrics, StepControl, np.ndarray]:
@@ -175,11 +175,11 @@ class ParameterServer:
         else:  # nothing changes, not even the version
             metrics = StepMetrics(self.step - 1, workers=[result.timing])
         metrics.staleness, metrics.scale, metrics.dropped = staleness, scale, not scale
-        done, schedule = self.step, Schedule.of(t)
-        if scale and schedule.publishes(done) and not metrics.rejected:
+        done, checkpoint = self.step, self.schedule.checkpoint(self.step)
+        if scale and self.schedule.publishes(done) and not metrics.rejected:
             metrics.params = self.theta.detach().numpy().copy()
-        if scale and schedule.checkpoint(done):
-            metrics.checkpoint, metrics.state = schedule.checkpoint(done), self.state()
+        if scale and checkpoint:
+            metrics.checkpoint, metrics.state = checkpoint, self.state()
         metrics.apply_finished = time.time()
         return metrics, *self.pull()
 
