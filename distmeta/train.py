@@ -48,8 +48,8 @@ from distmeta.resume import check_shards
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
 from distmeta.runtime.control import Schedule, StepMetrics
+from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.monitor import Monitor
-from distmeta.runtime.parameter_server import checkpoint_state
 from distmeta.runtime.supervisor import ActorLost, Supervisor
 from distmeta.runtime.task_generator import split_evenly
 from distmeta.runtime.watchdog import StepClock, StopOnSignal

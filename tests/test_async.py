@@ -21,7 +21,8 @@ from distmeta.config import ConfigError
 from distmeta.evaluate import evaluate
 from distmeta.resume import prepare_resume
 from distmeta.runtime.control import Rejection, StepControl, WorkerTiming, WorkerUpdate
-from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
+from distmeta.runtime.meta_optimizer import checkpoint_state
+from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.tasks import build_source
 from distmeta.train import train
 

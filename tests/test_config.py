@@ -180,3 +180,7 @@ def test_the_layers_stay_apart():
     for core in ("distmeta.algorithms", "distmeta.models", "distmeta.tasks", "distmeta.params"):
         loaded = _imports(core)
         assert "ray" not in loaded and not {m for m in loaded if m.startswith("distmeta.runtime")}, core
+    # what a step means runs without Ray too: the meta-optimizer, and the loop of runtime/local.py
+    # that tests and benchmarks hold the system to (the parameter server and the worker with it)
+    for ray_free in ("distmeta.runtime.meta_optimizer", "distmeta.runtime.local"):
+        assert "ray" not in _imports(ray_free), ray_free

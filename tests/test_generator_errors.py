@@ -85,7 +85,8 @@ def test_an_actor_s_error_is_named_with_its_whole_message_not_ray_s_wrapper(ray_
 
     from distmeta.checkpoint import CheckpointStore
     from distmeta.runtime.control import StepControl
-    from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
+    from distmeta.runtime.meta_optimizer import checkpoint_state
+    from distmeta.runtime.parameter_server import ParameterServer
     from distmeta.runtime.supervisor import explain
 
     cfg = small()

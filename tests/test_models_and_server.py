@@ -15,7 +15,8 @@ from distmeta.config import ConfigError, ModelConfig, load_config
 from distmeta.models import MODELS, DataSpec, build_model
 from distmeta.params import ParamLayout, flat_parameters, shard_bounds
 from distmeta.runtime.control import StepControl, WorkerTiming, WorkerUpdate
-from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state, join_metrics
+from distmeta.runtime.meta_optimizer import checkpoint_state
+from distmeta.runtime.parameter_server import ParameterServer, join_metrics
 
 
 def count(model):
@@ -188,13 +189,15 @@ def test_sharded_servers_compute_what_one_server_does_and_checkpoint_as_one(tmp_
         ]
         assert join_metrics(parts).rejected == whole.rejected
         np.testing.assert_array_equal(np.concatenate([shard.parameters() for shard in shards]), single.parameters())
-    assert single.rejected_steps == [3] and all(shard.rejected_steps == [3] for shard in shards)
+    assert single.meta.rejected_steps == [3] and all(shard.meta.rejected_steps == [3] for shard in shards)
     store = CheckpointStore(str(tmp_path))
     store.write(step_name(6), checkpoint_state(cfg, join_metrics(parts).state))
     resumed = ParameterServer(cfg, np.zeros(327), str(tmp_path))  # one server from the shards' checkpoint
     np.testing.assert_array_equal(resumed.parameters(), single.parameters())
     for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(resumed.optimizer.state[resumed.theta][key], single.optimizer.state[single.theta][key])
+        assert torch.equal(
+            resumed.meta.optimizer.state[resumed.meta.theta][key], single.meta.optimizer.state[single.meta.theta][key]
+        )
     two = [ParameterServer(cfg, np.zeros(327), str(tmp_path), b) for b in shard_bounds(327, 2)]  # and two shards
     np.testing.assert_array_equal(np.concatenate([s.parameters() for s in two]), single.parameters())
     assert {s.step for s in two} == {6}

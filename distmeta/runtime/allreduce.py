@@ -1,23 +1,28 @@
 """All-reduce mode (``cluster.reduce=allreduce``): no parameter server between the workers.
 
-Each worker keeps its own copy of the meta-parameters and the meta-optimizer: a ``ParameterServer``
-object in its own process, so the update math is the server's. A step: every worker computes the
-update of its share of the meta-batch, the workers sum their updates with ``torch.distributed``
-(gloo on CPU; NCCL on GPU, which every CUDA build of torch carries), and each takes the same
-optimizer step on the same sum, so the copies stay identical. The first worker of a group picks
-where the group meets (its node's address and a free port, ``meeting_point``). Each worker sends
-and receives about twice the update per step (a ring) however many workers there are, where one
-server receives every worker's update and sends every worker the parameters.
+Each worker keeps its own copy of the meta-parameters and the meta-optimizer (a ``MetaOptimizer``,
+as the server holds, so the update math is the server's). A step: every worker computes the update
+of its share of the meta-batch, the workers sum their updates with ``torch.distributed`` (gloo on
+CPU; NCCL on GPU, which every CUDA build of torch carries), and each takes the same optimizer step
+on the same sum, so the copies stay identical. Each worker sends and receives about twice the
+update per step (a ring) however many workers there are, where one server receives every worker's
+update and sends every worker the parameters.
+
+Three parts, one per side: ``Replica`` is a worker's copy and its place in the process group;
+``GroupMember`` is what a worker actor does in this mode (``runtime/worker.Worker`` is one); and
+``Group`` is the supervisor's side: it forms the group and knows which process of each worker is
+in it. The group's first member picks where it meets (its node's address and a free port).
 
 A process group cannot lose or gain a member (and a survivor of a lost NCCL peer cannot be trusted
 to tear its group down). After a fault, and when a worker rejoins, every worker is started afresh
 and the group formed again from the newest checkpoint: the steps since are re-run (with the same
-results). Rank 0's copy is the one checkpointed and evaluated.
+results). The first member's copy is the one checkpointed and evaluated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from datetime import timedelta
 
@@ -25,9 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distmeta.checkpoint import CheckpointStore
 from distmeta.config import Config
 from distmeta.runtime.control import Rejection, StepControl, StepMetrics, WorkerTiming, WorkerUpdate
-from distmeta.runtime.parameter_server import ParameterServer
+from distmeta.runtime.meta_optimizer import MetaOptimizer
 
 
 def meeting_point() -> str:
@@ -40,15 +46,24 @@ def meeting_point() -> str:
 
 
 class Replica:
-    """A worker's copy of the meta-parameters and meta-optimizer, and its place in the process
-    group of the workers ``ranks`` (in group order) that meets at ``address`` (``meeting_point``
-    of the first)."""
+    """A worker's copy of the meta-parameters and meta-optimizer (from the newest checkpoint in
+    ``checkpoints``, if any), and its place in the process group of the workers ``ranks`` (in
+    group order) that meets at ``address``, for the steps of engine generation ``generation``."""
 
     def __init__(
-        self, cfg: Config, initial: np.ndarray, checkpoints: str, address: str, ranks: list[int], rank: int, device
+        self,
+        cfg: Config,
+        initial: np.ndarray,
+        checkpoints: str | None,
+        address: str,
+        ranks: list[int],
+        rank: int,
+        device: torch.device,
+        generation: int = 0,
     ):
-        self.ranks, self.position, self.device = ranks, ranks.index(rank), device
-        self.server = ParameterServer(cfg, initial, checkpoints)  # from the newest checkpoint, if any
+        self.ranks, self.position, self.device, self.generation = ranks, ranks.index(rank), device, generation
+        store = CheckpointStore(checkpoints) if checkpoints else None
+        self.meta = MetaOptimizer.latest(cfg, store, np.asarray(initial), len(initial))
         cuda = device.type == "cuda"
         if cuda and not dist.is_nccl_available():
             raise RuntimeError(
@@ -68,6 +83,9 @@ class Replica:
         """Sum this worker's ``result`` with the others' and take the step. Returns the step's
         metrics, with the parameters or the checkpoint state only from the first worker (the one
         the driver reads). The sum goes into ``result``'s update (on the CPU): no copy of it per step."""
+        if control.generation != self.generation:
+            return StepMetrics(control.step, stale=True)
+        self.meta.check_step(control.step, [result])
         names = list(result.metrics)
         total = torch.from_numpy(result.update).to(self.device)
         # The small numbers travel in one float64 vector: the metric sums, then a row per worker
@@ -95,11 +113,84 @@ class Replica:
             metrics=dict(zip(names, sums)),
             timing=dataclasses.replace(timing, num_tasks=int(rows[:, 2].sum())),
         )
-        metrics = self.server.apply(control, summed)
+        metrics = self.meta.apply([summed])
         metrics.workers = [WorkerTiming(rank, int(row[2]), *row[3:].tolist()) for rank, row in zip(self.ranks, rows)]
         if metrics.rejected:  # name the workers that sent non-finite updates (all: finite ones overflowed)
             flagged = [(rank, row) for rank, row in zip(self.ranks, rows) if row[0]] or list(zip(self.ranks, rows))
             metrics.rejected = [Rejection(rank, (int(row[1]), int(row[1] + row[2]))) for rank, row in flagged]
-        if self.position:
-            metrics.params = metrics.state = None
-        return metrics
+        first = self.position == 0
+        return self.meta.attach(metrics, first and control.publish, control.checkpoint if first else None)
+
+
+class GroupMember:
+    """What a worker actor does in all-reduce mode (``runtime/worker.Worker`` is one): offer a
+    meeting point, join a group with a fresh replica, run whole steps in it, report its copy."""
+
+    replica: Replica | None = None
+
+    def meeting_point(self) -> str:
+        """The first member of a new group: where the group meets (HOST:PORT)."""
+        return meeting_point()
+
+    def join(
+        self, address: str, ranks: list[int], initial: np.ndarray, checkpoints: str, generation: int
+    ) -> tuple[int, int]:
+        """Take a copy of the meta-parameters and optimizer (from the newest checkpoint, if any)
+        and a place in the process group of the workers ``ranks`` meeting at ``address``, for the
+        steps of engine generation ``generation``. Returns the copy's step and this process's id
+        (a group is only ever joined by a fresh process: the supervisor checks the id changed)."""
+        self.replica = Replica(self.cfg, initial, checkpoints, address, ranks, self.rank, self.device, generation)
+        return self.replica.meta.step, os.getpid()
+
+    def step(self, control: StepControl, tasks) -> StepMetrics:
+        """One whole step: this worker's update of ``tasks``, summed with the others', applied."""
+        return self.replica.apply(control, self.compute(control, tasks, self.replica.meta.parameters()))
+
+    def replica_status(self) -> dict:
+        """Where this worker's copy stands (as ``ParameterServer.status``)."""
+        meta = self.replica.meta
+        return {"step": meta.step, "restored_from": meta.restored_from, "next_draw": meta.next_draw()}
+
+    def replica_state(self) -> dict:
+        """This worker's copy as a checkpoint's part (``MetaOptimizer.state``)."""
+        return self.replica.meta.state()
+
+
+class Group:
+    """The supervisor's side: forms the process group of the live workers, and remembers which
+    process of each joined it, so that a worker is restarted before it joins the next group."""
+
+    def __init__(self, workers: list, cluster):
+        self.workers, self.cluster = workers, cluster
+        self.members: dict[int, int] = {}  # rank -> the process that joined the current group
+
+    def joined(self, ranks: list[int]) -> list[int]:
+        """Those of ``ranks`` whose process is in the current group (they need a fresh one)."""
+        return [rank for rank in ranks if rank in self.members]
+
+    def leave(self, rank: int) -> int | None:
+        """Worker ``rank`` leaves the group (it is being restarted): its process id, if it had joined."""
+        return self.members.pop(rank, None)
+
+    def form(self, live: list[int], initial, checkpoints: str, generation: int) -> int:
+        """A new group of the workers ``live`` (each in a process that was in no group), all from
+        the newest checkpoint; returns the step they start at."""
+        import ray
+
+        c = self.cluster
+        address = ray.get(self.workers[live[0]].meeting_point.remote(), timeout=c.step_timeout_s)
+        joined = ray.get(
+            [self.workers[rank].join.remote(address, live, initial, checkpoints, generation) for rank in live],
+            timeout=c.rejoin_timeout_s + c.step_timeout_s,
+        )
+        self.members = {rank: pid for rank, (_, pid) in zip(live, joined)}
+        steps = {step for step, _ in joined}
+        if len(steps) > 1:
+            raise RuntimeError(f"the workers' copies of the parameters are at different steps {sorted(steps)}")
+        return steps.pop()
+
+    def first_copy(self, live: list[int], method: str):
+        """``replica_status`` or ``replica_state`` of the first live worker: the copy the run reads."""
+        import ray
+
+        return ray.get(getattr(self.workers[live[0]], method).remote(), timeout=self.cluster.step_timeout_s)

@@ -14,12 +14,15 @@ exactly the parameters after step t - 1, and the driver may submit steps ahead o
 While a compiled graph is live its actors run nothing else, so checkpoints and parameter snapshots
 for evaluation ride on the step's control message instead of separate calls.
 
-``servers`` are the parameter server's shards (one by default, ``cluster.server_shards``): each
-worker reads every shard's slice of the parameters and sends shard k its slice k of the update.
-A step's result is the shards' metrics joined (``join_metrics``).
+A step's topology is ``wire_step``, the one both engines build: ``servers`` are the parameter
+server's shards (one by default, ``cluster.server_shards``); each worker reads every shard's slice
+of the parameters and sends shard k its slice k of the update. A step's result is the shards'
+metrics joined (``join_metrics``).
 
 Asynchronous mode (``train.mode=async``) has no common steps, and its own engine, ``AsyncEngine``;
 all-reduce mode (``cluster.reduce=allreduce``) has no server, and its own, ``AllreduceEngine``.
+Every engine is an ``Engine`` (it closes); the synchronous ones are ``StepEngine``s (the driver
+submits steps and reads their metrics in order).
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ import contextlib
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import ray
 from ray.dag import InputNode, MultiOutputNode
 
+from distmeta.config import ClusterConfig
 from distmeta.runtime.control import StepControl, StepMetrics
 from distmeta.runtime.parameter_server import join_metrics
 
@@ -39,30 +45,73 @@ PACE_ABOVE_S = 0.02  # shorter steps: sleeping costs more latency than the busy-
 TEARDOWN_S = 10.0  # a compiled graph's healthy actors leave their loops within this after a teardown
 
 
-def _per_shard(output, shards: int) -> list:
-    """A worker call's output as one ref (or graph node) per server shard."""
-    return [output] if shards == 1 else list(output)
+@dataclass(frozen=True)
+class Actors:
+    """The actors of one engine generation: ``feeds[i]`` is the task generator that makes the tasks
+    of ``workers[i]``; ``servers`` are the parameter server's shards (none in all-reduce mode)."""
+
+    servers: list
+    workers: list
+    feeds: list
 
 
-class CompiledEngine:
-    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
-        shards = len(servers)
+def _bind(method, *args, returns: int = 1):
+    """A compiled graph's node for a call of the actor method ``method``."""
+    return method.options(num_returns=returns).bind(*args)
+
+
+def _submit(method, *args, returns: int = 1):
+    """The object ref(s) of a call of the actor method ``method``, submitted now."""
+    return method.options(num_returns=returns).remote(*args)
+
+
+def wire_step(actors: Actors, control, params: list, call) -> tuple[list[list], list]:
+    """One synchronous step through ``actors``: each worker computes the update of its tasks at
+    ``params`` (every shard's slice of the parameters) and returns it as one slice per shard; each
+    shard applies its slice of every worker's. ``call`` is ``_bind`` (a compiled graph) or
+    ``_submit`` (chained actor calls). Returns the workers' outputs and the shards' metrics."""
+    shards = len(actors.servers)
+    outputs = []
+    for rank, worker in enumerate(actors.workers):
+        tasks = call(actors.feeds[rank].batch_for, control, rank)
+        output = call(worker.compute, control, tasks, *params, returns=shards)
+        outputs.append([output] if shards == 1 else list(output))
+    metrics = [call(server.apply, control, *[out[k] for out in outputs]) for k, server in enumerate(actors.servers)]
+    return outputs, metrics
+
+
+class Engine(ABC):
+    """What the driver and the supervisor ask of every engine: it is made for one generation of
+    ``actors`` and closed after it (``cancel``: after a timeout, when actors may be stuck)."""
+
+    def __init__(self, actors: Actors, cluster: ClusterConfig):
+        self.actors = actors
+
+    @abstractmethod
+    def close(self, cancel: bool = False) -> None: ...
+
+
+class StepEngine(Engine):
+    """A synchronous engine: the driver submits steps ahead (``submit``) and reads their metrics in order."""
+
+    @abstractmethod
+    def submit(self, control: StepControl):
+        """Start step ``control``; returns the handle ``result`` reads."""
+
+    @abstractmethod
+    def result(self, handle, timeout_s: float) -> StepMetrics:
+        """The metrics of a submitted step; raises if it failed or took longer than ``timeout_s``."""
+
+
+class CompiledEngine(StepEngine):
+    def __init__(self, actors: Actors, cluster: ClusterConfig):
+        super().__init__(actors, cluster)
         with InputNode() as control:
-            params = [server.parameters.bind(control) for server in servers]
-            outputs = [
-                _per_shard(
-                    worker.compute.options(num_returns=shards).bind(
-                        control, feeds[rank].batch_for.bind(control, rank), *params
-                    ),
-                    shards,
-                )
-                for rank, worker in enumerate(workers)
-            ]
-            graph = MultiOutputNode(
-                [server.apply.bind(control, *[out[k] for out in outputs]) for k, server in enumerate(servers)]
-            )
+            params = [_bind(server.parameters, control) for server in actors.servers]
+            _, metrics = wire_step(actors, control, params, _bind)
+            graph = MultiOutputNode(metrics)
         self.graph = graph.experimental_compile(
-            _max_inflight_executions=max_inflight_steps + 1, _submit_timeout=timeout_s
+            _max_inflight_executions=cluster.max_inflight_steps + 1, _submit_timeout=cluster.step_timeout_s
         )
         self.graph.actor_to_executable_tasks = RunningLoops(self.graph)
 
@@ -141,27 +190,17 @@ KILLED_BY_CLOSE: set[str] = set()  # ids of the actors close() killed: their loo
 logging.getLogger("ray.dag.compiled_dag_node").addFilter(MootCancels())
 
 
-class TaskEngine:
-    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
-        self.servers, self.workers, self.feeds = servers, workers, feeds
-        self.params = [server.parameters.remote() for server in servers]
+class TaskEngine(StepEngine):
+    def __init__(self, actors: Actors, cluster: ClusterConfig):
+        super().__init__(actors, cluster)
+        self.params = [server.parameters.remote() for server in actors.servers]
         self.in_flight: list = []  # the calls of recent steps, cancelled on close
-        self.kept = (max_inflight_steps + 2) * (len(workers) + 2) * len(servers)
+        self.kept = (cluster.max_inflight_steps + 2) * (len(actors.workers) + 2) * len(actors.servers)
 
     def submit(self, control: StepControl):
-        shards = len(self.servers)
-        outputs = [
-            _per_shard(
-                worker.compute.options(num_returns=shards).remote(
-                    control, self.feeds[rank].batch_for.remote(control, rank), *self.params
-                ),
-                shards,
-            )
-            for rank, worker in enumerate(self.workers)
-        ]
-        metrics = [server.apply.remote(control, *[out[k] for out in outputs]) for k, server in enumerate(self.servers)]
+        outputs, metrics = wire_step(self.actors, control, self.params, _submit)
         # after apply: actor calls keep their order
-        self.params = [server.parameters.remote(control) for server in self.servers]
+        self.params = [server.parameters.remote(control) for server in self.actors.servers]
         self.in_flight = [
             *self.in_flight[-self.kept :],
             *[ref for out in outputs for ref in out],
@@ -171,7 +210,6 @@ class TaskEngine:
         return metrics
 
     def result(self, refs, timeout_s: float) -> StepMetrics:
-        """A step's metrics; raises if the step failed or took longer than ``timeout_s``."""
         return join_metrics(ray.get(refs, timeout=timeout_s))
 
     def close(self, cancel: bool = False) -> None:
@@ -186,7 +224,7 @@ class TaskEngine:
         self.in_flight = []
 
 
-class AsyncEngine:
+class AsyncEngine(Engine):
     """Asynchronous mode: each worker runs its own chain (parameters -> tasks -> update -> push ->
     parameters ...), and the driver pushes each update to the server as soon as it exists, as in
     Ray's asynchronous parameter-server example. A push is submitted only once its update is ready,
@@ -194,19 +232,18 @@ class AsyncEngine:
     in submission order). Every shard gets the pushes in the same order, so all take the same
     decisions on staleness."""
 
-    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
-        self.servers, self.workers, self.feeds = servers, workers, feeds
+    def __init__(self, actors: Actors, cluster: ClusterConfig):
+        super().__init__(actors, cluster)
         self.computing: dict[ray.ObjectRef, tuple[int, list]] = {}  # an update in the making -> (position, its parts)
-        for position in range(len(workers)):
-            pulled = [server.pull.options(num_returns=2).remote() for server in servers]
+        for position in range(len(actors.workers)):
+            pulled = [_submit(server.pull, returns=2) for server in actors.servers]
             self._compute(position, pulled[0][0], [params for _, params in pulled])
 
     def _compute(self, position: int, control, params: list) -> None:
-        tasks = self.feeds[position].next_batch.remote()
-        shards = len(self.servers)
-        parts = _per_shard(
-            self.workers[position].compute.options(num_returns=shards).remote(control, tasks, *params), shards
-        )
+        shards = len(self.actors.servers)
+        tasks = self.actors.feeds[position].next_batch.remote()
+        output = _submit(self.actors.workers[position].compute, control, tasks, *params, returns=shards)
+        parts = [output] if shards == 1 else list(output)
         self.computing[parts[0]] = (position, parts)  # a call's returns are ready together
 
     def next_update(self, timeout_s: float) -> StepMetrics:
@@ -215,7 +252,7 @@ class AsyncEngine:
         if not ready:
             raise ray.exceptions.GetTimeoutError(f"no worker finished an update in {timeout_s:g} s")
         position, parts = self.computing.pop(ready[0])
-        pushed = [server.push.options(num_returns=3).remote(part) for server, part in zip(self.servers, parts)]
+        pushed = [_submit(server.push, part, returns=3) for server, part in zip(self.actors.servers, parts)]
         self._compute(position, pushed[0][1], [params for _, _, params in pushed])
         return join_metrics(ray.get([metrics for metrics, _, _ in pushed], timeout=timeout_s))
 
@@ -227,22 +264,19 @@ class AsyncEngine:
         self.computing = {}
 
 
-class AllreduceEngine:
+class AllreduceEngine(StepEngine):
     """All-reduce mode (runtime/allreduce.py): one call per worker and step, which computes, sums
     with the others and applies; the driver reads the first worker's metrics."""
 
-    def __init__(self, servers, workers, feeds, max_inflight_steps: int, timeout_s: float):
-        self.workers, self.feeds = workers, feeds
-
     def submit(self, control: StepControl):
+        feeds = self.actors.feeds
         return [
-            worker.step.remote(control, self.feeds[position].batch_for.remote(control, position))
-            for position, worker in enumerate(self.workers)
+            worker.step.remote(control, feeds[position].batch_for.remote(control, position))
+            for position, worker in enumerate(self.actors.workers)
         ]
 
     def result(self, refs, timeout_s: float) -> StepMetrics:
-        """The step's metrics; raises if any worker's part failed or took longer than ``timeout_s``.
-        A worker's collective fails when a peer dies: then the peer's death is raised, the fault
+        """A worker's collective fails when a peer dies: then the peer's death is raised, the fault
         behind the error."""
         try:
             return join_metrics(ray.get(refs, timeout=timeout_s)[:1])
@@ -260,7 +294,12 @@ class AllreduceEngine:
         """Nothing to cancel: after a fault every worker is started afresh (see Supervisor.start)."""
 
 
-ENGINES = {"compiled": CompiledEngine, "tasks": TaskEngine, "async": AsyncEngine, "allreduce": AllreduceEngine}
+ENGINES: dict[str, type[Engine]] = {
+    "compiled": CompiledEngine,
+    "tasks": TaskEngine,
+    "async": AsyncEngine,
+    "allreduce": AllreduceEngine,
+}
 
 
 def choose_engine(cfg) -> str:

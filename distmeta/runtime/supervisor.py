@@ -44,8 +44,10 @@ from distmeta.config import Config, ConfigError
 from distmeta.data.shards import ShardError
 from distmeta.models import DataSpec
 from distmeta.params import shard_bounds
-from distmeta.runtime.engine import ENGINES, choose_engine
-from distmeta.runtime.parameter_server import ParameterServer, checkpoint_state
+from distmeta.runtime.allreduce import Group
+from distmeta.runtime.engine import ENGINES, Actors, Engine, choose_engine
+from distmeta.runtime.meta_optimizer import checkpoint_state
+from distmeta.runtime.parameter_server import ParameterServer
 from distmeta.runtime.task_generator import BadTaskData, TaskGenerator, generator_blocks, split_evenly
 from distmeta.runtime.worker import Worker, worker_process_env
 
@@ -102,7 +104,7 @@ class Supervisor:
             shards = shard_bounds(len(initial_params), c.server_shards)
         except ValueError as err:
             raise ConfigError(f"cluster.server_shards={c.server_shards}: {err}") from None
-        self.allreduce = c.reduce == "allreduce"
+        allreduce = c.reduce == "allreduce"  # no servers: the workers keep copies (runtime/allreduce.py)
         # The servers get their initial parameters with begin_generation, not as a constructor argument:
         # one above Ray's inline limit (any image model's) lives in the object store, where Ray
         # frees it once the actor is created, so a restarted server could not be constructed again.
@@ -111,9 +113,8 @@ class Supervisor:
             ray.remote(ParameterServer)
             .options(**self.service, **restarts)
             .remote(cfg, len(initial_params), checkpoints, bounds)
-            for bounds in ([] if self.allreduce else shards)
+            for bounds in ([] if allreduce else shards)
         ]
-        self.grouped: dict[int, int] = {}  # all-reduce mode: rank -> the process that joined the current group
         self.placement = reserve_workers(c)
         malloc_env = {} if c.gpus_per_worker else {"runtime_env": {"env_vars": worker_process_env()}}
         self.workers = [
@@ -128,11 +129,12 @@ class Supervisor:
             .remote(self.placed, rank, None, data)
             for rank in range(c.num_workers)
         ]
+        self.group = Group(self.workers, c) if allreduce else None  # all-reduce mode's process group
         self.live = list(range(c.num_workers))  # ranks in the current split
         self.away: dict[int, ray.ObjectRef] = {}  # ranks out of it, each with a ping that answers when it is back
         self.generators: list = []
         self.engine_name = choose_engine(self.placed)
-        self.engine = None
+        self.engine: Engine | None = None
         self.shares: list[int] = []
         self.recoveries = 0
         self.generation = 0  # engine generations started; steps carry theirs (see ParameterServer.begin_generation)
@@ -142,7 +144,7 @@ class Supervisor:
         """Wire the live workers into a new engine at the server's step; returns that step."""
         c, t = self.cfg.cluster, self.cfg.train
         self.generation += 1
-        step = self._form_group() if self.allreduce else self._begin_generation()
+        step = self._form_group() if self.group else self._begin_generation()
         blocks = generator_blocks(len(self.live), c.num_task_generators)
         for generator in self.generators:
             ray.kill(generator)
@@ -163,7 +165,7 @@ class Supervisor:
             ]
         feeds = [generator for generator, positions in zip(self.generators, blocks) for _ in positions]
         workers = [self.workers[rank] for rank in self.live]
-        self.engine = ENGINES[self.engine_name](self.servers, workers, feeds, c.max_inflight_steps, c.step_timeout_s)
+        self.engine = ENGINES[self.engine_name](Actors(self.servers, workers, feeds), c)
         return step
 
     def _begin_generation(self) -> int:
@@ -182,31 +184,19 @@ class Supervisor:
         """All-reduce mode: a new process group of the live workers, each in a process that was
         in no group before (an earlier member is restarted), all from the newest checkpoint.
         Returns the step they start at."""
-        c = self.cfg.cluster
-        for rank in self._restart([rank for rank in self.live if rank in self.grouped]):
+        for rank in self._restart(self.group.joined(self.live)):
             self._leave_out(rank)
         if not self.live:
+            c = self.cfg.cluster
             raise ActorLost(f"no worker came back within cluster.rejoin_timeout_s={c.rejoin_timeout_s:g} s")
-        address = ray.get(self.workers[self.live[0]].meeting_point.remote(), timeout=c.step_timeout_s)
-        joined = ray.get(
-            [
-                self.workers[rank].join.remote(address, self.live, self.initial, self.checkpoints, self.generation)
-                for rank in self.live
-            ],
-            timeout=c.rejoin_timeout_s + c.step_timeout_s,
-        )
-        self.grouped = {rank: pid for rank, (_, pid) in zip(self.live, joined)}
-        steps = {step for step, _ in joined}
-        if len(steps) > 1:
-            raise ActorLost(f"the workers' copies of the parameters are at different steps {sorted(steps)}")
-        return steps.pop()
+        return self.group.form(self.live, self.initial, self.checkpoints, self.generation)
 
     def _restart(self, ranks: list[int]) -> list[int]:
         """Kill the workers ``ranks`` and wait up to ``rejoin_timeout_s`` for each to answer from a
         new process; returns those that did not."""
         pending = {}
         for rank in ranks:
-            grouped = self.grouped.pop(rank, None)
+            grouped = self.group.leave(rank) if self.group else None
             pending[rank] = self._kill(rank) or grouped
         deadline = time.time() + self.cfg.cluster.rejoin_timeout_s
         while pending and time.time() < deadline:
@@ -239,14 +229,9 @@ class Supervisor:
         self.away[rank] = self.workers[rank].__ray_ready__.remote()
         self.live = [r for r in self.live if r != rank]
 
-    def _first_copy(self, method: str):
-        """All-reduce mode: ``method`` of the first live worker's copy of the parameters."""
-        call = self.workers[self.live[0]].__ray_call__.remote(_replica_call, method)
-        return ray.get(call, timeout=self.cfg.cluster.step_timeout_s)
-
     def restored_from(self) -> str | None:
-        if self.allreduce:
-            return self._first_copy("status")["restored_from"]
+        if self.group:
+            return self.group.first_copy(self.live, "replica_status")["restored_from"]
         return ray.get(self.servers[0].status.remote())["restored_from"]
 
     def rejoin_ready(self) -> bool:
@@ -291,7 +276,7 @@ class Supervisor:
         # dropped steps that can never run (see _wait_ready). One that does not answer in time is
         # stuck or its node is gone: it is restarted and left out of the split until it answers.
         # All-reduce: the others may wait in a collective for the lost one; all start afresh.
-        if self.allreduce:
+        if self.group:
             lost = self._restart(list(self.live))
         else:
             answered = _ping_until([self.workers[rank] for rank in self.live], time.time() + c.rejoin_timeout_s)
@@ -343,8 +328,8 @@ class Supervisor:
 
     def checkpoint_state(self) -> dict:
         """The run's state now, as one checkpoint (from every shard, or the first worker's copy)."""
-        if self.allreduce:
-            return checkpoint_state(self.cfg, [self._first_copy("state")])
+        if self.group:
+            return checkpoint_state(self.cfg, [self.group.first_copy(self.live, "replica_state")])
         parts = ray.get([server.state.remote() for server in self.servers], timeout=self.cfg.cluster.step_timeout_s)
         return checkpoint_state(self.cfg, parts)
 
@@ -394,10 +379,6 @@ def _end_process(pid: int, grace_s: float) -> None:
             os.kill(pid, 0)
             time.sleep(0.2)
         os.kill(pid, signal.SIGKILL)
-
-
-def _replica_call(worker, method: str):
-    return getattr(worker.replica.server, method)()
 
 
 def explain(err: BaseException) -> str:

@@ -5,7 +5,7 @@ The update it returns is the SUM over its tasks plus the task count; the paramet
 by the total, so a step's result does not depend on how the batch was split. With the parameters
 split across K server shards it takes their K slices and returns K results, one per shard. In
 all-reduce mode it also holds a copy of the meta-parameters and sums updates with the other
-workers (``join``, ``step``; runtime/allreduce.py).
+workers (its ``GroupMember`` methods, runtime/allreduce.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from distmeta.algorithms import build_learner, fastest_implementation
 from distmeta.config import Config
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
-from distmeta.runtime.allreduce import Replica, meeting_point
-from distmeta.runtime.control import StepControl, StepMetrics, WorkerTiming, WorkerUpdate
+from distmeta.runtime.allreduce import GroupMember
+from distmeta.runtime.control import StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.task_generator import TaskGenerator
 from distmeta.tasks import TaskBatch, build_source
 
@@ -118,7 +118,7 @@ def step_seconds(cfg: Config, above_s: float) -> float:
         torch.set_num_threads(threads)
 
 
-class Worker:
+class Worker(GroupMember):
     def __init__(
         self, cfg: Config, rank: int = 0, device: torch.device | None = None, data: tuple[DataSpec, str] | None = None
     ):
@@ -137,7 +137,6 @@ class Worker:
         self.layout = ParamLayout.of(self.algorithm.initial_parameters())
         self.shards = shard_bounds(self.layout.size, cfg.cluster.server_shards)
         self.implementation = cfg.algorithm.implementation
-        self.replica: Replica | None = None  # all-reduce mode only
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         return self.layout.unflatten(torch.tensor(flat, device=self.device, dtype=self.dtype))
@@ -181,25 +180,6 @@ class Worker:
         if self.cfg.train.autocast == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def meeting_point(self) -> str:
-        """All-reduce mode, the first worker of a new group: where the group meets (HOST:PORT)."""
-        return meeting_point()
-
-    def join(
-        self, address: str, ranks: list[int], initial: np.ndarray, checkpoints: str, generation: int
-    ) -> tuple[int, int]:
-        """All-reduce mode: take a copy of the meta-parameters and optimizer (from the newest
-        checkpoint, if any) and a place in the process group of the workers ``ranks`` meeting at
-        ``address``, for the steps of engine generation ``generation``. Returns the copy's step and this
-        process's id (a group is only ever joined by a fresh process: the supervisor checks the id
-        changed)."""
-        self.replica = Replica(self.cfg, initial, checkpoints, address, ranks, self.rank, self.device)
-        return self.replica.server.begin_generation(generation), os.getpid()
-
-    def step(self, control: StepControl, tasks: TaskBatch) -> StepMetrics:
-        """All-reduce mode: one whole step (this worker's update, summed with the others', applied)."""
-        return self.replica.apply(control, self.compute(control, tasks, self.replica.server.parameters()))
 
     def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> dict[str, np.ndarray]:
         """Per-task query metrics after 0..max(``steps``) inner steps, ``[T, max + 1]`` each, scored
