@@ -1,16 +1,12 @@
 """Checkpoints: self-verifying files in a folder that is local or any ``pyarrow.fs`` URI.
 
-A checkpoint is a tensor file (``distmeta.tensorfile``: the safetensors layout, the rest of the
-state as JSON, a SHA-256 over all of it), so reading one never runs code, whoever wrote it. What
-it holds is ``checkpoint_record``'s (parameters, step, config, code version) and, for a training
-checkpoint, the parameter server's state; the best-validation one adds ``validation``. Read them
-with ``read_checkpoint``; a truncated or altered file fails its checksum. Files of the earlier
-pickle-based format are refused with the command that converts them (``distmeta checkpoint convert``).
-
-A run's folder holds ``step_<N>.pt`` (the last ``train.checkpoint_keep`` kept), ``final.pt`` and
-``best.pt``. Writes are atomic: a temporary file, fsync (local disks), rename. A reader sees the
-old file or the new one, never half of one, and a failed write (a full disk) leaves the previous
-checkpoints as they were.
+A checkpoint is a tensor file (``distmeta.tensorfile``), so reading one never runs code and a
+truncated or altered one fails its checksum. ``CheckpointStore`` is one run's checkpoint folder;
+it writes atomically, so a failed write leaves the earlier checkpoints as they were.
+``checkpoint_record`` and ``read_checkpoint`` build and read a checkpoint, ``BestCheckpoint`` keeps
+``best.pt``, and ``convert_legacy`` rewrites one of the earlier pickle-based format. What a
+checkpoint holds and what a run's folder contains: docs/reliability.md, "Checkpoints." and
+"Checkpoints from distmeta 0.1".
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ class ClusterConfig:
     cpus_per_worker: float | str = AUTO
     num_task_generators: int = bounded(1, at_least=1)
     prefetch_batches: int = bounded(8, at_least=1)  # task batches generated ahead of the workers
-    max_inflight_steps: int = bounded(4, at_least=1)  # steps submitted ahead of the step whose metrics the driver reads
+    # steps (calls, with steps_per_call) submitted ahead of the one whose metrics the driver reads
+    max_inflight_steps: int = bounded(4, at_least=1)
     # Fault tolerance (runtime/supervisor.py). A failed or timed-out step is re-run; the actors that
     # caused it are restarted by Ray up to actor_restarts times (-1: always; 0: a lost actor stops the run)
     actor_restarts: int = bounded(-1, at_least=-1)
@@ -128,6 +129,10 @@ class ClusterConfig:
     # allreduce: no server, the workers sum their updates with torch.distributed and each steps
     # its own copy of the parameters (runtime/allreduce.py)
     reduce: Literal["server", "allreduce"] = "server"
+    # all-reduce mode: each worker call runs up to this many consecutive steps, each on the
+    # parameters after the one before (the same math as one step a call), so that a short step's
+    # coordination is paid once a call; a call ends at a logging step at the latest
+    steps_per_call: int = bounded(1, at_least=1)
     # a worker given a GPU that torch cannot see runs on the CPU (with a warning) instead of stopping
     # the run: for trying a cluster config with fake GPU resources, never for real training
     cpu_fallback: bool = False
@@ -259,6 +264,12 @@ class Config:
             raise ConfigError(
                 "train.mode=async runs on plain actor calls (a compiled graph moves in lock step); "
                 "set cluster.engine=auto or tasks"
+            )
+        if self.cluster.steps_per_call > 1 and self.cluster.reduce != "allreduce":
+            raise ConfigError(
+                f"cluster.steps_per_call={self.cluster.steps_per_call} runs several steps in one worker call, "
+                "which needs the workers to own the meta-optimizer: set cluster.reduce=allreduce, or "
+                "cluster.steps_per_call=1"
             )
         if self.cluster.reduce == "allreduce":
             wrong = [

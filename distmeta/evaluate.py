@@ -1,9 +1,9 @@
 """Evaluation on held-out tasks: adapt, score after each inner step, and summarise honestly.
 
-Means come with a 95% confidence interval, the median, and the number of tasks whose adaptation
-diverged (a single diverging task can swamp a mean). Held-out tasks come in chunks, each rebuilt
-from (eval seed, split, chunk index); ``evaluate`` runs them in this process, ``train.py`` runs the
-same chunks as Ray tasks across the cluster, and both give the same numbers.
+Held-out tasks come in chunks, each rebuilt from (eval seed, split, chunk index), so ``evaluate`` in
+this process and ``submit_evaluation``'s Ray tasks across the cluster give the same numbers: a mean
+with its 95% confidence interval, the median, and the number of diverged tasks (README, "Evaluation
+protocol").
 """
 
 from __future__ import annotations

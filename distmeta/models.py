@@ -7,11 +7,14 @@ must keep no state that changes in ``forward``. That is why BatchNorm uses batch
 
 Every model is ``features`` (an embedding of width ``feature_dim``) followed by a linear ``head``.
 ANIL adapts only the head; metric-based learners (ProtoNets, Matching Networks) build the model with
-``output_dim=0``, which leaves the head out so the model returns the embedding itself.
+``output_dim=0``, which makes the head an ``nn.Identity`` so the model returns the embedding itself.
 
-To add a backbone, write an ``nn.Module`` with ``from_config`` and the class attributes below
-(``task_kind``, ``batch_norm``, ``linear_layers``, ``children_in_order``: what the rest of the code
-asks of a model) and register it in ``MODELS``.
+To add a backbone, write an ``nn.Module`` with a ``from_config(cfg, spec)`` classmethod, the
+``features``, ``head`` and ``feature_dim`` above, and the class attributes the rest of the code asks
+of a model: ``task_kind`` (the ``kind`` of task source it fits), ``batch_norm`` (whether it uses
+batch statistics), ``linear_layers`` (whether the ``batched`` implementation can run it) and
+``children_in_order`` (whether ``forward`` applies its children in order). Register it in
+``MODELS``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Continuing a run: which checkpoint, which run folder, which settings may change.
 
-``launch.py --resume latest`` continues the newest run under the log folder (or the one named by
-``run_name=``); ``--resume PATH`` continues from a run folder or a checkpoint file (a path or a
-``pyarrow.fs`` URI). The run's config comes from its checkpoint. Only settings that do not change
-the training's result may differ (the cluster, the step count, logging, evaluation), so the
-resumed run's parameters are those of the same run left alone.
+``prepare_resume`` decides which checkpoint a resume continues from, in which run folder, and
+refuses any change to a setting that shapes the training's result (those outside ``CHANGEABLE``,
+and ``task.shards`` unless the data there is the same), so the resumed run ends with the parameters
+of the same run left alone (docs/reliability.md, "Resume.").
 """
 
 from __future__ import annotations

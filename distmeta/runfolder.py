@@ -3,8 +3,8 @@
 Two runs writing one folder would overwrite each other's checkpoints and mix their TensorBoard
 events, and a restarted parameter server in either would load the other's checkpoint. A run
 therefore holds an exclusive ``flock`` on ``<run>/.distmeta-run.lock`` from before it touches the
-folder (a resume moves checkpoints aside first) until it ends; the operating system releases it
-when the process dies, however it dies, so a crashed run never leaves a stale lock behind.
+folder until it ends; the operating system releases it when the process dies, so a crashed run
+leaves no stale lock (docs/reliability.md, the row "two runs in one run folder").
 """
 
 from __future__ import annotations

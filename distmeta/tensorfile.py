@@ -1,22 +1,23 @@
 """A file format for tensors and plain data that cannot carry code.
 
-Checkpoints are read from wherever a user points us (a colleague's run, a download, an object
-store), so reading one must never run code: no pickle, not even PyTorch's restricted one. A file is
-the safetensors layout, which any safetensors reader opens:
+Checkpoints are data from wherever a user points us, so reading one must never run code: no pickle,
+not even PyTorch's restricted one (docs/reliability.md, "What is trusted, and what is data."). A
+file is the safetensors layout, which any safetensors reader opens:
 
     8 bytes   header length N, unsigned little-endian
     N bytes   JSON: {name: {"dtype", "shape", "data_offsets": [begin, end]}, ..., "__metadata__": {...}}
+              (padded with spaces to a multiple of 8)
     the rest  the tensors' bytes, back to back
 
-The state around the tensors (numbers, strings, lists, nested dicts, tuples, dicts with integer
-keys as in an optimizer's state) is JSON in the metadata's ``state`` entry, each tensor replaced
-by ``{"$tensor": name}`` (numpy arrays by ``{"$ndarray": name}``), tuples by ``{"$tuple": [...]}``
-and dicts whose keys are not all plain strings by ``{"$dict": [[key, value], ...]}``. Reading builds
-only those types: an unknown tag, dtype or layout is an error, never a call.
+The metadata holds ``format``, ``version``, ``state`` and ``sha256``. The state around the tensors
+(numbers, strings, lists, nested dicts, tuples, dicts with integer keys as in an optimizer's state)
+is JSON in its ``state`` entry, each tensor replaced by ``{"$tensor": name}`` (numpy arrays by
+``{"$ndarray": name}``), tuples by ``{"$tuple": [...]}`` and dicts whose keys are not all plain
+strings (or start with ``$``) by ``{"$dict": [[key, value], ...]}``. Reading builds only those
+types: an unknown tag, dtype or layout is an error, never a call.
 
-The metadata's ``sha256`` covers the tensor index, the state and the bytes, so a torn or altered
-file is detected; it guards against accidents, not attackers (who can recompute it), which is why
-the format itself must be harmless.
+``sha256`` covers the tensor index, the state and the bytes, so a torn or altered file is detected;
+it guards against accidents, not attackers, so the format itself must be harmless.
 """
 
 from __future__ import annotations

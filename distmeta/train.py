@@ -47,7 +47,7 @@ from distmeta.evaluate import (
 from distmeta.resume import check_shards
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
-from distmeta.runtime.control import Schedule, StepMetrics
+from distmeta.runtime.control import Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.monitor import Monitor
 from distmeta.runtime.supervisor import ActorLost, Supervisor
@@ -246,33 +246,33 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
     """Submit steps up to ``max_inflight_steps`` ahead of the one whose metrics are read next."""
     c, t, schedule = cfg.cluster, cfg.train, Schedule.of(cfg.train)
     clock = StepClock(c.step_timeout_s, c.straggler_factor)
-    in_flight: deque[tuple[int, object]] = deque()
+    in_flight: deque[tuple[list[StepControl], object]] = deque()  # each call's steps, and its handle
     while True:
         try:
             if supervisor.rejoin_ready():  # a lost worker is back: finish what is in flight, re-split
                 while in_flight:
-                    results.handle(supervisor.engine.result(in_flight.popleft()[1], clock.timeout()))
+                    results.handle_all(supervisor.engine.result(in_flight.popleft()[1], clock.timeout()))
                 supervisor.close()
                 next_step = supervisor.start()
                 clock.restart()
             # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
             stopping = stop.requested() and schedule.logs(next_step)
             while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
-                in_flight.append(
-                    (next_step, supervisor.engine.submit(schedule.control(next_step, supervisor.generation)))
-                )
-                next_step += 1
+                controls = schedule.controls(next_step, c.steps_per_call, supervisor.generation)
+                in_flight.append((controls, supervisor.engine.submit(controls)))
+                next_step += len(controls)
                 stopping = stop.requested() and schedule.logs(next_step)
             if not in_flight:
                 return
-            writes = schedule.checkpoint(in_flight[0][0] + 1) is not None
-            results.handle(supervisor.engine.result(in_flight[0][1], clock.timeout(patient=writes)))
+            controls, handle = in_flight[0]
+            writes = any(control.checkpoint for control in controls)
+            results.handle_all(supervisor.engine.result(handle, clock.timeout(writes, len(controls))))
             in_flight.popleft()
-            clock.tick()
+            clock.tick(len(controls))
             results.collect_evaluations()
         except Exception as err:  # a fault is recovered from; anything else propagates from recover()
-            failed = in_flight[0][0] if in_flight else next_step
-            dropped = [refs for _, refs in in_flight]
+            failed = in_flight[0][0][0].step if in_flight else next_step
+            dropped = [handle for _, handle in in_flight]
             in_flight.clear()
             next_step = results.recover(supervisor, err, failed)
             _read_outcomes(dropped)
@@ -346,6 +346,11 @@ class StepResults:
             params, metrics.params = metrics.params, None
             self.evaluated.add(at)
             self.evaluations.append((at, params, submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
+
+    def handle_all(self, steps: list[StepMetrics]) -> None:
+        """The metrics of one call's steps, in order."""
+        for metrics in steps:
+            self.handle(metrics)
 
     def collect_evaluations(self) -> None:
         """Log the validations that have finished, in order."""

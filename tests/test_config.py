@@ -84,6 +84,11 @@ def test_allreduce_mode_refuses_what_needs_a_server_or_a_compiled_graph():
     with pytest.raises(ConfigError, match=r"cannot go with train.mode=async \(use train.mode=sync"):
         load_config(None, ["cluster.reduce=allreduce", "train.mode=async"])
     assert load_config(None, ["cluster.reduce=allreduce"]).cluster.reduce == "allreduce"
+    with pytest.raises(
+        ConfigError, match="steps_per_call=4 runs several steps in one worker call.*cluster.reduce=allreduce"
+    ):
+        load_config(None, ["cluster.steps_per_call=4"])  # a server applies each step before the next is computed
+    assert load_config(None, ["cluster.reduce=allreduce", "cluster.steps_per_call=4"]).cluster.steps_per_call == 4
 
 
 IMAGES = ["task.source=synthetic", "model.name=conv4"]

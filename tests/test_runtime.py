@@ -67,13 +67,16 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
     cfg = small(*ALGORITHMS[algorithm])
     expected, _ = in_process(cfg)
     assert not np.allclose(expected, initial_parameters(cfg, build_source(cfg.task)))
-    for workers, engine, implementation, generators, shards, reduce in [
-        (1, "compiled", "vmap", 1, 1, "server"),
-        (2, "compiled", "vmap", 1, 1, "server"),
-        (3, "compiled", "loop", 2, 2, "server"),  # the parameters split across 2 server shards
-        (3, "tasks", "vmap", 2, 3, "server"),
-        (3, "auto", "vmap", 1, 1, "allreduce"),  # no server: the workers sum over gloo, each steps a copy
+    for workers, engine, implementation, generators, shards, reduce, steps_per_call in [
+        (1, "compiled", "vmap", 1, 1, "server", 1),
+        (2, "compiled", "vmap", 1, 1, "server", 1),
+        (3, "compiled", "loop", 2, 2, "server", 1),  # the parameters split across 2 server shards
+        (3, "tasks", "vmap", 2, 3, "server", 1),
+        # no server: the workers sum over gloo, each steps a copy, three steps a call (calls of 3
+        # and 1 steps, as calls end at logging steps; one step a call: test_faults.py)
+        (3, "auto", "vmap", 1, 1, "allreduce", 3),
     ]:
+        layout = f"{workers} workers, {engine}, {shards} shards, reduce={reduce}, {steps_per_call} steps a call"
         cfg = small(
             *ALGORITHMS[algorithm],
             f"cluster.num_workers={workers}",
@@ -82,15 +85,10 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
             f"cluster.num_task_generators={generators}",
             f"cluster.server_shards={shards}",
             f"cluster.reduce={reduce}",
+            f"cluster.steps_per_call={steps_per_call}",
         )
         result = train(cfg, tmp_path / f"{workers}-{engine}-{shards}-{reduce}")
-        np.testing.assert_allclose(
-            saved_params(result),
-            expected,
-            rtol=1e-10,
-            atol=1e-12,
-            err_msg=f"{workers} workers, {engine}, {shards} shards, reduce={reduce}",
-        )
+        np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12, err_msg=layout)
 
 
 def test_checkpoint_holds_parameters_optimizer_step_config_and_the_task_cursor(ray_local, tmp_path):
@@ -207,3 +205,10 @@ def test_the_schedule_names_each_step_s_extras():
     assert schedule.control(4) == StepControl(4, 0, None, publish=False, score_before=False)
     never = Schedule.of(small("train.checkpoint_every=0", "train.eval_every=0").train)
     assert not any(never.checkpoint(done) or never.publishes(done) for done in range(1, 13))
+    # a call of several steps (cluster.steps_per_call) ends at a logging step at the latest
+    calls, step = [], 0
+    while step < 10:
+        calls.append([control.step for control in schedule.controls(step, 3, generation=2)])
+        step = calls[-1][-1] + 1
+    assert calls == [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    assert schedule.controls(6, 3, generation=2) == [schedule.control(s, 2) for s in (6, 7)]

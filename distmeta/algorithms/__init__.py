@@ -1,6 +1,7 @@
-"""Meta-learning algorithms, by name. Add one by writing a ``MetaAlgorithm`` subclass in its own
-file (a ``chunk_update`` method; or, for a MAML variant, an ``inner_loop``; for a metric-based
-learner, a ``logits``) and registering it here."""
+"""Meta-learning algorithms, by name. Add one in its own file: a ``MetaAlgorithm`` subclass with a
+``chunk_update`` (base.py); for a MAML variant, a ``MAML`` subclass overriding ``inner_loop``; for a
+metric-based learner, a ``MetricAlgorithm`` subclass (metric.py) with ``logits``. Then register it
+in ``ALGORITHMS``."""
 
 from dataclasses import replace
 

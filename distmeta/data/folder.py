@@ -1,12 +1,8 @@
 """Any class-per-folder image dataset -> shards (mini-ImageNet, CIFAR-FS, tiered-ImageNet, your own).
 
-Two layouts:
-  ROOT/train/<class>/<image>, ROOT/val/<class>/..., ROOT/test/<class>/...   splits by folder
-  ROOT/<class>/<image> with --splits FILE, a JSON {"train": [classes], "val": [...], "test": [...]}
-
-Images are resized to image_size x image_size with Lanczos antialiasing and stored as RGB, or as
-grayscale when every image is grayscale (or when ``channels`` says so). The manifest's splits are
-``default/train``, ``default/val``, ``default/test`` (``task.split_scheme=default``).
+``build_folder`` writes ``ROOT/<split>/<class>/<image>`` (or ``ROOT/<class>/<image>`` with a JSON
+splits file) as shards with the splits ``default/train``, ``default/val`` and ``default/test``
+(README, "Data: Arrow shards").
 """
 
 from __future__ import annotations

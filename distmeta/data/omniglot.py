@@ -1,17 +1,9 @@
 """Omniglot (Lake et al., 2015) -> shards: 1,623 characters x 20 drawings, 105x105 -> 28x28.
 
 Reads the official ``images_background.zip`` / ``images_evaluation.zip`` (or the folders they unpack
-to). Images are resized with Lanczos antialiasing (Pillow) and inverted so strokes are bright
-(255) on a dark background, as few-shot papers feed them. Splits written to the manifest:
-
-  maml/train, maml/val, maml/test      MAML-style, the sizes of MAML's code (cbfinn): the 1,623 characters
-                                       shuffled with our fixed seed; 1,100 train + 100 validation (1,200)
-                                       and 423 test
-  vinyals/train, vinyals/val,          the Vinyals et al. (2016) split as Prototypical Networks and
-  vinyals/test                         torchmeta ship it: 1,028 / 172 / 423 characters. Test is the last
-                                       423 evaluation characters in name order (Gurmukhi/character42
-                                       on); validation is five background alphabets
-  lake/train, lake/test                background (964 characters) vs evaluation (659) alphabets
+to; ``fetch_omniglot`` downloads and md5-checks them first), resizes with Lanczos antialiasing
+(Pillow), inverts so strokes are bright on a dark background, as few-shot papers feed them, and
+writes the ``maml``, ``vinyals`` and ``lake`` splits to the manifest (README, "Data: Arrow shards").
 """
 
 from __future__ import annotations

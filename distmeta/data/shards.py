@@ -2,12 +2,14 @@
 
 Columns: ``image`` (fixed-size binary, C*H*W uint8 bytes), ``label`` (int32, the class index),
 ``class_name`` and ``group`` (e.g. the Omniglot alphabet). A class's rows are contiguous and never
-span two shards, so an episode gathers from one memory-mapped buffer per class. One record batch
-per file because random ``take`` on a multi-batch IPC file is ~40x slower.
+span two shards, so an episode gathers each class from one shard. One record batch per file because
+random ``take`` on a multi-batch IPC file is ~40x slower.
 
-The manifest records the format version, the schema, the image shape, the classes (name, group,
-shard, first row, rows), the named splits (lists of class indices) and each shard's size and
-SHA-256, so truncation or corruption is caught before training starts.
+The manifest records ``format`` and ``version``, the ``schema`` (column -> Arrow type), the
+``image_shape`` ([C, H, W]), the ``classes`` (``name``, ``group``, ``shard``, ``first_row``,
+``rows``), the named ``splits`` (lists of class indices), the ``shards`` (``file``, ``rows``,
+``bytes``, ``sha256``) and the builder's ``dataset`` and ``source``; the sizes and SHA-256s catch a
+truncated or corrupted shard before training starts.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ update per step (a ring) however many workers there are, where one server receiv
 update and sends every worker the parameters.
 
 Three parts, one per side: ``Replica`` is a worker's copy and its place in the process group;
-``GroupMember`` is what a worker actor does in this mode (``runtime/worker.Worker`` is one); and
+``GroupMember`` is what a worker actor does in this mode (``runtime/worker.Worker`` is one: it
+runs ``cluster.steps_per_call`` steps a call, as it owns the meta-optimizer); and
 ``Group`` is the supervisor's side: it forms the group and knows which process of each worker is
 in it. The group's first member picks where it meets (its node's address and a free port).
 
@@ -142,9 +143,13 @@ class GroupMember:
         self.replica = Replica(self.cfg, initial, checkpoints, address, ranks, self.rank, self.device, generation)
         return self.replica.meta.step, os.getpid()
 
-    def step(self, control: StepControl, tasks) -> StepMetrics:
-        """One whole step: this worker's update of ``tasks``, summed with the others', applied."""
-        return self.replica.apply(control, self.compute(control, tasks, self.replica.meta.parameters()))
+    def steps(self, controls: list[StepControl], batches: list) -> list[StepMetrics]:
+        """Whole steps, one after the other: for each, this worker's update of its batch at the
+        parameters after the step before, summed with the others', applied."""
+        return [
+            self.replica.apply(control, self.compute(control, tasks, self.replica.meta.parameters()))
+            for control, tasks in zip(controls, batches)
+        ]
 
     def replica_status(self) -> dict:
         """Where this worker's copy stands (as ``ParameterServer.status``)."""

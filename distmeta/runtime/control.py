@@ -55,6 +55,14 @@ class Schedule:
         """The parameters after ``done`` steps are validated (in the background)."""
         return bool(self.eval_every) and done % self.eval_every == 0
 
+    def controls(self, step: int, most: int, generation: int = 0) -> list[StepControl]:
+        """The control messages of one call of up to ``most`` steps from ``step``, ending at the
+        next logging step at the latest (where a stop lands, and the run's end)."""
+        controls = [self.control(step, generation)]
+        while len(controls) < most and not self.logs(controls[-1].step + 1):
+            controls.append(self.control(controls[-1].step + 1, generation))
+        return controls
+
     def control(self, step: int, generation: int = 0) -> StepControl:
         """The control message of step ``step`` (from 0), sent by engine generation ``generation``."""
         done = step + 1

@@ -1,28 +1,30 @@
-"""How a step travels through the actors. Both engines mean the same thing: step t's workers use
-exactly the parameters after step t - 1, and the driver may submit steps ahead of their results.
+"""How a step travels through the actors. The synchronous engines all mean the same thing: step t's
+workers use exactly the parameters after step t - 1, and the driver may submit steps ahead of
+their results.
 
   compiled  one Ray compiled graph for the whole run: the actors exchange the step's control
             message, parameters, tasks and updates over shared-memory channels, with no per-step
-            task scheduling. Per-step coordination is about a third of ``tasks``'s. But Ray's channel
-            reads busy-wait: every actor waiting for its input holds a core.
+            task scheduling. But Ray's channel reads busy-wait: an actor waiting for its input
+            spins on a core.
   tasks     ordinary actor calls chained through object refs. Works wherever Ray does.
   auto      (default) compiled for GPU workers and single-threaded CPU workers; tasks for CPU
-            workers with several threads, whose cores the waiting actors would take (measured on
-            2 cores, MAML Conv4: 1 worker x 2 threads 34 tasks/s with tasks, 23 with compiled);
-            tasks also for GPU workers allowed to fall back to the CPU (``cluster.cpu_fallback``).
+            workers with several threads, whose OpenMP barriers the spinning actors would stall,
+            and for GPU workers allowed to fall back to the CPU (``cluster.cpu_fallback``).
+            The measurements behind the choice: README, "How it works", "Engines".
 
 While a compiled graph is live its actors run nothing else, so checkpoints and parameter snapshots
 for evaluation ride on the step's control message instead of separate calls.
 
-A step's topology is ``wire_step``, the one both engines build: ``servers`` are the parameter
+A step's topology is ``wire_step``, which the compiled and the task engine both build: ``servers`` are the parameter
 server's shards (one by default, ``cluster.server_shards``); each worker reads every shard's slice
 of the parameters and sends shard k its slice k of the update. A step's result is the shards'
 metrics joined (``join_metrics``).
 
 Asynchronous mode (``train.mode=async``) has no common steps, and its own engine, ``AsyncEngine``;
-all-reduce mode (``cluster.reduce=allreduce``) has no server, and its own, ``AllreduceEngine``.
-Every engine is an ``Engine`` (it closes); the synchronous ones are ``StepEngine``s (the driver
-submits steps and reads their metrics in order).
+all-reduce mode (``cluster.reduce=allreduce``) has no server, and its own, ``AllreduceEngine``,
+whose workers own the meta-optimizer and so can run several steps a call
+(``cluster.steps_per_call``). Every engine is an ``Engine`` (it closes); the synchronous ones are
+``StepEngine``s (the driver submits calls and reads their steps' metrics in order).
 """
 
 from __future__ import annotations
@@ -92,15 +94,17 @@ class Engine(ABC):
 
 
 class StepEngine(Engine):
-    """A synchronous engine: the driver submits steps ahead (``submit``) and reads their metrics in order."""
+    """A synchronous engine: the driver submits calls ahead (``submit``) and reads their metrics
+    in order. A call is one step, or with ``cluster.steps_per_call`` (all-reduce mode only: the
+    workers own the meta-optimizer) several consecutive steps."""
 
     @abstractmethod
-    def submit(self, control: StepControl):
-        """Start step ``control``; returns the handle ``result`` reads."""
+    def submit(self, controls: list[StepControl]):
+        """Start a call of the consecutive steps ``controls``; returns the handle ``result`` reads."""
 
     @abstractmethod
-    def result(self, handle, timeout_s: float) -> StepMetrics:
-        """The metrics of a submitted step; raises if it failed or took longer than ``timeout_s``."""
+    def result(self, handle, timeout_s: float) -> list[StepMetrics]:
+        """The metrics of a submitted call's steps; raises if it failed or took longer than ``timeout_s``."""
 
 
 class CompiledEngine(StepEngine):
@@ -117,10 +121,11 @@ class CompiledEngine(StepEngine):
 
         self.step_s, self.last_result = 0.0, time.perf_counter()
 
-    def submit(self, control: StepControl):
+    def submit(self, controls: list[StepControl]):
+        (control,) = controls  # one step a call: the server applies each before the next is computed
         return self.graph.execute(control)
 
-    def result(self, refs, timeout_s: float) -> StepMetrics:
+    def result(self, refs, timeout_s: float) -> list[StepMetrics]:
         """A step's metrics. Reading a compiled graph's output busy-waits, which would take a core
         from the workers on a small machine, so first sleep through most of the expected wait."""
         if self.step_s > PACE_ABOVE_S:
@@ -129,7 +134,7 @@ class CompiledEngine(StepEngine):
         now = time.perf_counter()
         self.step_s = 0.9 * self.step_s + 0.1 * (now - self.last_result)  # moving average of the step time
         self.last_result = now
-        return metrics
+        return [metrics]
 
     def close(self, cancel: bool = False) -> None:
         """Tear the graph down. After a timeout (``cancel``) an actor may be frozen: its loop never
@@ -197,7 +202,8 @@ class TaskEngine(StepEngine):
         self.in_flight: list = []  # the calls of recent steps, cancelled on close
         self.kept = (cluster.max_inflight_steps + 2) * (len(actors.workers) + 2) * len(actors.servers)
 
-    def submit(self, control: StepControl):
+    def submit(self, controls: list[StepControl]):
+        (control,) = controls  # one step a call, as CompiledEngine
         outputs, metrics = wire_step(self.actors, control, self.params, _submit)
         # after apply: actor calls keep their order
         self.params = [server.parameters.remote(control) for server in self.actors.servers]
@@ -209,8 +215,8 @@ class TaskEngine(StepEngine):
         ]
         return metrics
 
-    def result(self, refs, timeout_s: float) -> StepMetrics:
-        return join_metrics(ray.get(refs, timeout=timeout_s))
+    def result(self, refs, timeout_s: float) -> list[StepMetrics]:
+        return [join_metrics(ray.get(refs, timeout=timeout_s))]
 
     def close(self, cancel: bool = False) -> None:
         """With ``cancel``, cancel the calls of steps still in flight: after a timeout, a call
@@ -265,21 +271,22 @@ class AsyncEngine(Engine):
 
 
 class AllreduceEngine(StepEngine):
-    """All-reduce mode (runtime/allreduce.py): one call per worker and step, which computes, sums
-    with the others and applies; the driver reads the first worker's metrics."""
+    """All-reduce mode (runtime/allreduce.py): one call per worker for each call's steps, which
+    computes, sums with the others and applies, step after step; the driver reads the first
+    worker's metrics."""
 
-    def submit(self, control: StepControl):
+    def submit(self, controls: list[StepControl]):
         feeds = self.actors.feeds
         return [
-            worker.step.remote(control, feeds[position].batch_for.remote(control, position))
+            worker.steps.remote(controls, feeds[position].batches_for.remote(controls, position))
             for position, worker in enumerate(self.actors.workers)
         ]
 
-    def result(self, refs, timeout_s: float) -> StepMetrics:
+    def result(self, refs, timeout_s: float) -> list[StepMetrics]:
         """A worker's collective fails when a peer dies: then the peer's death is raised, the fault
         behind the error."""
         try:
-            return join_metrics(ray.get(refs, timeout=timeout_s)[:1])
+            return ray.get(refs, timeout=timeout_s)[0]
         except ray.exceptions.RayTaskError as failed:
             for ref in refs:
                 try:

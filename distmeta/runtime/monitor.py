@@ -1,19 +1,10 @@
 """Monitor: turns the parameter server's per-step metrics into TensorBoard scalars and a console
 progress line (step, losses, tasks/s, ETA).
 
-Step-time breakdown, from wall-clock stamps taken by the generator, the workers and the server:
-  step         time between the ends of two consecutive updates
-  data_wait    how long a worker, ready to start (parameters in, previous step done), still waited
-               for its batch to exist
-  compute      the slowest worker's compute time (the critical path)
-  aggregate    the parameter server's aggregation and optimizer step
-  coordination the rest: Ray scheduling and transfers
-Stamps from different nodes assume synchronised clocks (NTP), as Ray's own timeline does.
-
-Asynchronous mode (one worker's update per step): the breakdown is per update, and ``async/*``
-shows how stale the updates were (versions between the parameters a worker used and those it
-updated: mean, max and a histogram per logging window), how many were dropped as too stale, and
-``workers/<rank>/updates`` how many each worker got in.
+It computes the step-time breakdown (waiting for data, compute, aggregation, coordination) from
+wall-clock stamps taken by the generator, the workers and the server; stamps from different nodes
+assume synchronised clocks (NTP), as Ray's own timeline does. In asynchronous mode the breakdown is
+per update, and the monitor also tracks how stale the updates were. The tags: README, "TensorBoard".
 """
 
 from __future__ import annotations

@@ -1,28 +1,13 @@
 """The run's actors, and how the run survives losing them.
 
-The supervisor creates the parameter server, the workers and the task generators, wires them into
-an engine, and rebuilds that wiring after a fault:
-
-  worker lost      Ray restarts it (``cluster.actor_restarts``). The step it was in never reaches the
-                   server (the server applies a step only with every worker's update), so it is
-                   re-run from the server's step with the same tasks: a step's data depends only
-                   on (seed, step).
-  worker stuck     a step slower than ``straggler_factor`` x the recent step time (or than
-                   ``step_timeout_s``) is abandoned; workers that do not answer are restarted.
-  worker gone      one that is not back within ``rejoin_timeout_s`` (its node left the cluster)
-                   leaves the split: the meta-batch is re-split over the others, so every step
-                   still sees all its tasks. It rejoins as soon as Ray places it again.
-  server lost      Ray restarts it; it reloads the newest valid checkpoint and the run re-runs the
-                   steps since, which give the same updates again. With a sharded server the other
-                   shards go back to that checkpoint too, so that all hold the same step.
-  generator lost   generators hold no state but a cursor: they are rebuilt at the server's step.
-
-In asynchronous mode the same recovery rebuilds the workers' chains at the server's version; the
-updates that were in the making are lost, not re-run (asynchronous runs are not exact anyway).
-In all-reduce mode there is no server: after any fault, and when a worker rejoins, every worker is
-started afresh and a new process group formed from the newest checkpoint (runtime/allreduce.py).
-
-Errors in the code or the data (a bad shard, a bug) are not faults: they stop the run.
+The supervisor creates the parameter server (its shards), the workers and the task generators, and
+wires them into an engine. On a fault (``is_fault``: an actor, node or object lost, or a timeout)
+``recover`` restores a working set of actors (a restarted server reloads its newest checkpoint; a
+worker that does not answer within ``rejoin_timeout_s`` leaves the split until it is back) and
+rebuilds the engine at the server's step; in all-reduce mode every worker starts afresh in a new
+process group from the newest checkpoint (runtime/allreduce.py). Errors in the code or the data (a
+bad shard, a bug) are not faults: they stop the run. What each fault costs, and the test that shows
+it: docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ class TaskGenerator:
             self.current_step, self.current = step, slices
         return self.current[rank]
 
+    def batches_for(self, controls: list[StepControl], rank: int) -> list[TaskBatch]:
+        """Worker ``rank``'s tasks for each of the consecutive steps ``controls`` (one call's)."""
+        return [self.batch_for(control, rank) for control in controls]
+
     def next_batch(self) -> TaskBatch:
         """The next meta-batch of the stream (asynchronous mode: one generator, one whole batch each)."""
         _, slices = self._next_ready()

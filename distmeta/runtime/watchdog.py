@@ -23,16 +23,18 @@ class StepClock:
     def restart(self) -> None:
         self.last, self.recent = time.time(), deque(maxlen=50)
 
-    def tick(self) -> None:
+    def tick(self, steps: int = 1) -> None:
+        """A result of ``steps`` steps (one call's) came."""
         now = time.time()
-        self.recent.append(now - self.last)
+        self.recent.append((now - self.last) / steps)
         self.last = now
 
-    def timeout(self, patient: bool = False) -> float:
-        """Seconds left for the next result; ``patient`` (a step that writes a checkpoint): cap_s."""
+    def timeout(self, patient: bool = False, steps: int = 1) -> float:
+        """Seconds left for the next result, of ``steps`` steps; ``patient`` (a call that writes a
+        checkpoint): cap_s."""
         if patient or not self.factor or len(self.recent) < self.WARMUP:
             return self.cap_s
-        allowed = min(self.cap_s, max(self.MIN_S, self.factor * sum(self.recent) / len(self.recent)))
+        allowed = min(self.cap_s, max(self.MIN_S, self.factor * steps * sum(self.recent) / len(self.recent)))
         return max(0.1, self.last + allowed - time.time())
 
 

@@ -5,8 +5,9 @@ deterministic, so the task-generation actor can rebuild the batch of any step fr
 and a run's data does not depend on how many actors serve it. ``part`` asks for a contiguous slice
 of the batch: the random draws still cover the whole batch (so the slice is exactly those tasks of
 the whole), but only the slice's data is built, so several generators split the work. To add a
-dataset, write a source with ``kind``, ``spec``, ``splits``, ``check_options``, ``check`` and
-``sample`` and register it in ``SOURCES``.
+dataset, write a source with what ``TaskSource`` below lists (``kind``, ``spec``, ``splits``,
+``check_options``, ``check``, ``sample``) and a ``from_config(cfg)`` classmethod, which
+``build_source`` calls, and register it in ``SOURCES``.
 """
 
 from __future__ import annotations

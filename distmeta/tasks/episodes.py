@@ -1,10 +1,8 @@
 """N-way K-shot episodes from Arrow shards (see distmeta/data/shards.py).
 
-A whole batch of episodes is drawn with a few vectorised random draws and gathered with one fancy
-index per shard, so only the episodes' bytes are copied out of the memory-mapped files. Within an
-episode classes do not repeat and labels are a random permutation. With ``task.rotations`` the
-training split gains each class rotated by 90, 180 and 270 degrees as three new classes (Santoro
-et al., 2016; Finn et al., 2017).
+A batch of episodes is a few vectorised random draws and one gather per shard, so only the
+episodes' bytes are copied; ``task.rotations`` adds each training class rotated by 90, 180 and 270
+degrees as three new classes (Santoro et al., 2016; Finn et al., 2017).
 """
 
 from __future__ import annotations
