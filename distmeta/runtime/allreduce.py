@@ -153,8 +153,7 @@ class GroupMember:
 
     def replica_status(self) -> dict:
         """Where this worker's copy stands (as ``ParameterServer.status``)."""
-        meta = self.replica.meta
-        return {"step": meta.step, "restored_from": meta.restored_from, "next_draw": meta.next_draw()}
+        return self.replica.meta.status()
 
     def replica_state(self) -> dict:
         """This worker's copy as a checkpoint's part (``MetaOptimizer.state``)."""

@@ -85,6 +85,10 @@ class MetaOptimizer:
         """The task stream's next batch not yet seen in an update (checkpointed as its cursor)."""
         return self.last_draw + 1 if self.cfg.train.mode == "async" else self.step
 
+    def status(self) -> dict:
+        """Where it stands: the step due next, the checkpoint it started from, the stream's cursor."""
+        return {"step": self.step, "restored_from": self.restored_from, "next_draw": self.next_draw()}
+
     def check_step(self, step: int, results: tuple[WorkerUpdate, ...] | list[WorkerUpdate]) -> None:
         """Synchronous mode: raise unless ``results`` are all updates for ``step``, the one due next."""
         if step != self.step or any(r.step != step for r in results):

@@ -67,7 +67,7 @@ class ParameterServer:
         asynchronous mode the task stream's next unseen batch."""
         if self.meta is None:
             return {"step": 0, "restored_from": None, "next_draw": 0}
-        return {"step": self.step, "restored_from": self.meta.restored_from, "next_draw": self.meta.next_draw()}
+        return self.meta.status()
 
     def begin_generation(self, generation: int, initial: list | None = None) -> int:
         """From now on apply only steps sent by engine generation ``generation``: steps still in flight
