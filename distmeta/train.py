@@ -301,7 +301,7 @@ def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop:
                 step = supervisor.start()
             metrics = supervisor.engine.next_update(cfg.cluster.step_timeout_s)
             if not metrics.stale:
-                results.handle(metrics)
+                results.handle_all([metrics])
                 step = metrics.step + 1
             results.collect_evaluations()
         except Exception as err:
@@ -319,9 +319,16 @@ class StepResults:
         self.evaluated: set[int] = set()
         self.rejected_in_a_row = 0
 
+    def handle_all(self, steps: list[StepMetrics]) -> None:
+        """The metrics of one call's steps, in order. All are owned (``_owned``) before any is
+        handled: a failed checkpoint write's traceback then holds no view of Ray's buffers."""
+        steps = [_owned(metrics) for metrics in steps]
+        for metrics in steps:
+            self.handle(metrics)
+
     def handle(self, metrics: StepMetrics) -> None:
+        """One step's metrics, owned (through ``handle_all``)."""
         t = self.cfg.train
-        metrics = _owned(metrics)
         if metrics.state is not None:  # a CheckpointError (say, a full disk) stops the run; earlier ones stand
             metrics.checkpoint = self.store.write(metrics.checkpoint, checkpoint_state(self.cfg, metrics.state))
             metrics.state = None
@@ -346,11 +353,6 @@ class StepResults:
             params, metrics.params = metrics.params, None
             self.evaluated.add(at)
             self.evaluations.append((at, params, submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
-
-    def handle_all(self, steps: list[StepMetrics]) -> None:
-        """The metrics of one call's steps, in order."""
-        for metrics in steps:
-            self.handle(metrics)
 
     def collect_evaluations(self) -> None:
         """Log the validations that have finished, in order."""

@@ -116,8 +116,10 @@ def faulty_run(tmp_path, role, at_steps, *overrides, signum=signal.SIGKILL):
     "engine, model", [("compiled", "sinusoid"), ("tasks", "sinusoid"), ("allreduce", "sinusoid"), ("compiled", "conv4")]
 )
 def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_local, tmp_path, engine, model, caplog):
-    """All-reduce: every worker starts afresh from the checkpoint, and the steps since are re-run."""
-    mode = ["cluster.reduce=allreduce"] if engine == "allreduce" else [f"cluster.engine={engine}"]
+    """All-reduce: every worker starts afresh from the checkpoint, and the steps since are re-run;
+    its calls are of 4 steps, so that checkpoints (every 25) fall inside calls."""
+    allreduce = ["cluster.reduce=allreduce", "cluster.steps_per_call=4"]
+    mode = allreduce if engine == "allreduce" else [f"cluster.engine={engine}"]
     ray_log = logging.getLogger("ray")  # Ray's loggers do not propagate to the root
     ray_log.addHandler(caplog.handler)
     try:

@@ -286,7 +286,8 @@ class AllreduceEngine(StepEngine):
         """A worker's collective fails when a peer dies: then the peer's death is raised, the fault
         behind the error."""
         try:
-            return ray.get(refs, timeout=timeout_s)[0]
+            # the first worker's steps, each as one shard's (its checkpoint state a list of one part)
+            return [join_metrics([metrics]) for metrics in ray.get(refs, timeout=timeout_s)[0]]
         except ray.exceptions.RayTaskError as failed:
             for ref in refs:
                 try:
