@@ -178,11 +178,12 @@ def _imports(module: str) -> set[str]:
 
 
 def test_the_layers_stay_apart():
-    """The compute core runs without Ray, and the config schema knows no component: a component
-    checks its own options (distmeta.assemble asks them all), so a new one touches no central file."""
+    """The compute core (meta-RL's too: rl/local.py imports all of it) runs without Ray, and the
+    config schema knows no component: a component checks its own options (distmeta.assemble asks
+    them all), so a new one touches no central file."""
     components = ("distmeta.algorithms", "distmeta.models", "distmeta.tasks", "distmeta.runtime", "distmeta.data")
     assert not {m for m in _imports("distmeta.config") if m.startswith(components)}
-    for core in ("distmeta.algorithms", "distmeta.models", "distmeta.tasks", "distmeta.params"):
+    for core in ("distmeta.algorithms", "distmeta.models", "distmeta.tasks", "distmeta.params", "distmeta.rl.local"):
         loaded = _imports(core)
         assert "ray" not in loaded and not {m for m in loaded if m.startswith("distmeta.runtime")}, core
     # what a step means runs without Ray too: the meta-optimizer, and the loop of runtime/local.py

@@ -1,0 +1,12 @@
+"""Environments, by name. Add one in its own file (an ``Environment``, base.py) and register it here."""
+
+from distmeta.rl.envs.base import Environment
+from distmeta.rl.envs.navigation import Navigation2D
+from distmeta.rl.envs.tabular import TabularMDP
+
+ENVIRONMENTS: dict[str, type[Environment]] = {
+    "navigation2d": Navigation2D,
+    "tabular_mdp": TabularMDP,
+}
+
+__all__ = ["ENVIRONMENTS", "Environment", "Navigation2D", "TabularMDP"]

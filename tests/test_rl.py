@@ -1,0 +1,314 @@
+"""Meta-RL's core in float64 against independent references: policy gradients and MAML-RL's
+meta-gradient against the closed-form expected return of tabular MDPs (dynamic programming, no
+sampling), the surrogate's derivative against finite differences, conjugate gradient against a
+dense solve, the Fisher-vector product against a dense Hessian, and TRPO's constraint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from distmeta.params import ParamLayout, flat_parameters
+from distmeta.rl.envs import Navigation2D, TabularMDP
+from distmeta.rl.episodes import (
+    BASELINE_REGULARISATION,
+    Episodes,
+    baseline_features,
+    discounted_returns,
+    linear_baseline,
+    rollout,
+    with_advantages,
+)
+from distmeta.rl.evaluate import adaptation_curve
+from distmeta.rl.local import LocalMetaRL
+from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoProblem, MetaRLBatch
+from distmeta.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, per_task, policy_output
+from distmeta.rl.trpo import conjugate_gradient, trust_region_step
+
+F64 = torch.float64
+TINY = TabularMDP.sized(num_states=3, num_actions=2, horizon=4)
+
+
+# --- references ------------------------------------------------------------------------------
+
+
+def expected_return(table_logits: torch.Tensor, task: np.ndarray) -> torch.Tensor:
+    """A tabular policy's expected undiscounted return in ``task``, by dynamic programming over
+    state distributions: differentiable in the policy's logits table [S, A]."""
+    transitions, rewards = (torch.as_tensor(t[0], dtype=F64) for t in TINY.tables(task[None]))
+    policy = torch.softmax(table_logits, -1)
+    state = torch.zeros(TINY.num_states, dtype=F64)
+    state[0] = 1.0
+    total = torch.zeros((), dtype=F64)
+    for _ in range(TINY.horizon):
+        total = total + (state[:, None] * policy * rewards).sum()
+        state = torch.einsum("s,sa,sap->p", state, policy, transitions)
+    return total
+
+
+def table(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A linear categorical policy on one-hot states as its logits table [S, A]."""
+    return params["logits.0.weight"].T + params["logits.0.bias"]
+
+
+def tabular_policy(seed=0) -> tuple[CategoricalMLPPolicy, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    policy = CategoricalMLPPolicy(TINY.observation_dim, TINY.action_dim, (), "tanh").to(F64)
+    theta = {n: torch.randn_like(p) * 0.7 for n, p in policy.named_parameters()}
+    return policy, theta
+
+
+def with_rewards_to_go(episodes: Episodes) -> Episodes:
+    """Advantages = rewards to go (gamma = 1, no baseline): REINFORCE's unbiased estimator."""
+    return dataclasses.replace(episodes, advantages=discounted_returns(episodes, 1.0))
+
+
+def estimate_and_error(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the first axis and its standard error."""
+    return samples.mean(0), samples.std(0) / samples.shape[0] ** 0.5
+
+
+def per_task_gradients(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """d loss.sum() / d each task's own parameters, flattened: [T, P]."""
+    grads = torch.autograd.grad(loss.sum(), list(params.values()))
+    return torch.cat([g.flatten(1) for g in grads], 1)
+
+
+# --- environments, returns, the baseline -------------------------------------------------------
+
+
+def test_navigation_dynamics_follow_the_reference():
+    goals = np.array([[0.3, -0.2], [0.05, 0.0]])
+    env = Navigation2D(goals, episodes=2, rng=np.random.default_rng(0))
+    assert (env.reset() == 0).all()
+    position, reward, done = env.step(np.array([[[1.0, -1.0], [0.02, 0.0]], [[0.05, 0.005], [0.0, 0.0]]]))
+    np.testing.assert_allclose(position[0], [[0.1, -0.1], [0.02, 0.0]])  # clipped to 0.1 per coordinate
+    np.testing.assert_allclose(reward[0], -np.linalg.norm(position[0] - goals[0], axis=-1))
+    np.testing.assert_array_equal(done, [[False, False], [True, False]])  # both coordinates within 0.01
+    tasks = Navigation2D.sample_tasks(np.random.default_rng(1), 1000)
+    assert tasks.min() >= -0.5 and tasks.max() <= 0.5 and abs(tasks.mean()) < 0.03
+
+
+def test_tabular_transitions_follow_the_task():
+    task = TINY.sample_tasks(np.random.default_rng(2), 1)
+    env = TINY(task, episodes=40_000, rng=np.random.default_rng(3))
+    env.reset()
+    _, reward, _ = env.step(np.ones((1, 40_000), dtype=np.int64))
+    transitions, rewards = TINY.tables(task)
+    frequencies = np.bincount(env.state[0], minlength=3) / 40_000
+    np.testing.assert_allclose(frequencies, transitions[0, 0, 1], atol=0.01)
+    np.testing.assert_allclose(reward, rewards[0, 0, 1])
+
+
+def test_rollout_masks_what_follows_an_episodes_end():
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, (8,), "tanh").to(F64)
+    still = {n: torch.zeros_like(p) if n.startswith("mean.2") else p.detach() for n, p in policy.named_parameters()}
+    still["log_std"] = torch.full((2,), -30.0, dtype=F64)  # a policy that stands still
+    goals = np.array([[0.005, 0.0], [0.4, 0.4]])  # the first task's goal is within 0.01 of the start
+    episodes = rollout(policy, per_task(still, 2), Navigation2D, goals, 3, np.random.default_rng(0))
+    assert episodes.observations.shape == (2, 100, 3, 2) and episodes.actions.shape == (2, 100, 3, 2)
+    assert episodes.lengths.tolist() == [[1, 1, 1], [100, 100, 100]]
+    assert (episodes.rewards * (1 - episodes.mask)).abs().sum() == 0 and episodes.rewards[0, 0].sum() != 0
+    moving = {n: p.detach() for n, p in policy.named_parameters()}
+    runs = [rollout(policy, per_task(moving, 2), Navigation2D, goals, 3, np.random.default_rng(0)) for _ in range(2)]
+    assert torch.equal(runs[0].actions, runs[1].actions)  # a pure function of the generator
+
+
+def test_linear_baseline_is_each_tasks_ridge_regression():
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, (8,), "tanh").to(F64)
+    theta = per_task({n: p.detach() for n, p in policy.named_parameters()}, 2)
+    episodes = rollout(policy, theta, Navigation2D, np.array([[0.2, 0.1], [-0.3, 0.4]]), 4, np.random.default_rng(1))
+    features = baseline_features(episodes)
+    weights = torch.randn(2, features.shape[-1], dtype=F64)
+    returns = torch.einsum("thef,tf->the", features, weights) + 0.01 * torch.randn(episodes.rewards.shape, dtype=F64)
+    values = linear_baseline(episodes, returns)
+    for task in range(2):  # numpy's least squares on the ridge's augmented system, [X; sqrt(l) I] w = [y; 0]
+        design = features[task].reshape(-1, features.shape[-1]).numpy()
+        augmented = np.concatenate([design, np.sqrt(BASELINE_REGULARISATION) * np.eye(design.shape[1])])
+        targets = np.concatenate([returns[task].reshape(-1).numpy(), np.zeros(design.shape[1])])
+        reference = design @ np.linalg.lstsq(augmented, targets, rcond=None)[0]
+        np.testing.assert_allclose(values[task].reshape(-1).numpy(), reference, rtol=1e-6, atol=1e-8)
+    assert (values - returns).abs().mean() < 0.02  # and it fits what the features can express
+
+
+def test_advantages_are_returns_minus_values_at_lambda_one():
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, (8,), "tanh").to(F64)
+    theta = per_task({n: p.detach() for n, p in policy.named_parameters()}, 2)
+    episodes = rollout(policy, theta, Navigation2D, np.array([[0.2, 0.1], [-0.3, 0.4]]), 5, np.random.default_rng(1))
+    returns = discounted_returns(episodes, 0.9)
+    values = linear_baseline(episodes, returns)
+    raw = with_advantages(episodes, 0.9, 1.0, normalize=False).advantages
+    torch.testing.assert_close(raw, (returns - values) * episodes.mask)
+    normalized = with_advantages(episodes, 0.9, 1.0).advantages
+    count = episodes.mask.sum((1, 2))
+    torch.testing.assert_close(normalized.sum((1, 2)) / count, torch.zeros(2, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close((normalized**2).sum((1, 2)) / count, torch.ones(2, dtype=F64), atol=1e-6, rtol=0)
+
+
+# --- policy gradients against the closed form --------------------------------------------------
+
+
+def test_policy_gradient_estimator_matches_the_exact_gradient():
+    """REINFORCE with rewards to go, as the inner loss computes it, is unbiased: its mean over many
+    independent batches equals the exact gradient of the expected return, within 4 standard errors."""
+    policy, theta = tabular_policy()
+    tasks = TINY.sample_tasks(np.random.default_rng(5), 2)
+    repeats, episodes_each = 64, 500
+    learner = MamlTrpo(MamlTrpoConfig(), policy, TINY)
+    params = {n: p.requires_grad_() for n, p in per_task(theta, 2 * repeats).items()}
+    episodes = rollout(policy, params, TINY, np.repeat(tasks, repeats, 0), episodes_each, np.random.default_rng(6))
+    # the loss is a mean over the horizon's steps: times the horizon it estimates -grad of the return
+    estimates = -TINY.horizon * per_task_gradients(learner.inner_loss(params, with_rewards_to_go(episodes)), params)
+    layout = ParamLayout.of(theta)
+    for task, samples in zip(tasks, estimates.view(2, repeats, -1)):
+        flat = flat_parameters(theta, F64).requires_grad_()
+        exact = torch.autograd.grad(expected_return(table(layout.unflatten(flat)), task), flat)[0]
+        mean, error = estimate_and_error(samples)
+        assert exact.abs().max() > 10 * error.max()  # the test can tell a wrong gradient from noise
+        assert ((mean - exact).abs() <= 4 * error + 1e-12).all(), (mean, exact, error)
+
+
+def test_maml_meta_gradient_matches_the_derivative_of_the_adapted_return():
+    """MAML-RL's meta-gradient for a fixed batch of pre-update episodes D is an unbiased estimate of
+    d/dtheta J(U(theta, D)), the exact expected return after the inner step U on D; the reference
+    differentiates the closed form by central finite differences (no autograd through U)."""
+    policy, theta = tabular_policy(1)
+    task = TINY.sample_tasks(np.random.default_rng(7), 1)
+    learner = MamlTrpo(MamlTrpoConfig(inner_lr=0.5), policy, TINY)
+    layout = ParamLayout.of(theta)
+    train = with_rewards_to_go(rollout(policy, per_task(theta, 1), TINY, task, 10, np.random.default_rng(8)))
+
+    def adapted_return(flat: torch.Tensor) -> float:
+        with torch.enable_grad():
+            named = {n: p.requires_grad_() for n, p in per_task(layout.unflatten(flat.detach()), 1).items()}
+            adapted = learner.inner_step(named, train, create_graph=False)
+        return float(expected_return(table({n: p[0] for n, p in adapted.items()}).detach(), task[0]))
+
+    flat = flat_parameters(theta, F64)
+    eps = 1e-5
+    basis = torch.eye(len(flat), dtype=F64)
+    reference = torch.tensor(
+        [(adapted_return(flat + eps * e) - adapted_return(flat - eps * e)) / (2 * eps) for e in basis], dtype=F64
+    )
+
+    samples = []
+    adapted = learner.detached_step(per_task(theta, 1), train)
+    for repeat in range(32):
+        valid = rollout(policy, adapted, TINY, task, 2000, np.random.default_rng([9, repeat]))
+        valid = with_rewards_to_go(valid)
+        batch = MetaRLBatch(task, [train], valid, policy_output(policy, adapted, valid.observations))
+        _, gradient = MamlTrpoProblem(learner, layout, flat, batch).gradient()
+        samples.append(-TINY.horizon * gradient)  # the surrogate is a mean over the horizon's steps
+    mean, error = estimate_and_error(torch.stack(samples))
+    assert reference.abs().max() > 10 * error.max()
+    assert ((mean - reference).abs() <= 4 * error + 1e-8).all(), (mean, reference, error)
+
+
+# --- the surrogate and the trust-region step on 2-D navigation ----------------------------------
+
+
+def navigation_problem(first_order=False, seed=0) -> tuple[MamlTrpo, ParamLayout, torch.Tensor, MetaRLBatch]:
+    """A small MAML-TRPO batch on 2-D navigation in float64: 3 tasks, 4 episodes each."""
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(2, 2, (6,), "tanh").to(F64)
+    learner = MamlTrpo(MamlTrpoConfig(episodes_per_task=4, first_order=first_order), policy, Navigation2D)
+    theta = {n: p.detach() for n, p in policy.named_parameters()}
+    tasks = Navigation2D.sample_tasks(np.random.default_rng(seed), 3)
+    batch = learner.collect(theta, tasks, np.random.default_rng(seed + 1))
+    return learner, ParamLayout.of(theta), flat_parameters(theta, F64), batch
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_surrogate_gradient_matches_finite_differences(first_order):
+    """The meta-gradient through the inner step (or around it, first order) is the derivative of the
+    surrogate it claims: central differences of the surrogate recomputed from scratch."""
+    learner, layout, flat, batch = navigation_problem(first_order)
+    _, gradient = MamlTrpoProblem(learner, layout, flat, batch).gradient()
+
+    def surrogate(point: torch.Tensor) -> torch.Tensor:
+        named = {n: p.requires_grad_() for n, p in layout.unflatten(point.clone()).items()}
+        adapted = learner.adapt(named, batch.train, create_graph=False)
+        if first_order:  # the inner gradient held at its value at flat: U(theta) = theta - alpha g(flat)
+            at_flat = learner.adapt(layout.unflatten(flat.clone().requires_grad_()), batch.train, False)
+            shift = {n: at_flat[n] - layout.unflatten(flat)[n] for n in at_flat}
+            adapted = {n: p.expand_as(shift[n]) + shift[n] for n, p in layout.unflatten(point).items()}
+        output = policy_output(learner.policy, adapted, batch.valid.observations)
+        new, old = learner.policy.distribution(output), learner.policy.distribution(batch.old_output)
+        ratio = torch.exp(new.log_prob(batch.valid.actions) - old.log_prob(batch.valid.actions))
+        return -batch.valid.step_mean(ratio * batch.valid.advantages).mean().detach()
+
+    eps = 1e-6
+    basis = torch.eye(len(flat), dtype=F64)
+    reference = torch.stack([(surrogate(flat + eps * e) - surrogate(flat - eps * e)) / (2 * eps) for e in basis])
+    torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-8)
+
+
+def dense_fisher(problem: MamlTrpoProblem, size: int) -> torch.Tensor:
+    return torch.stack([problem.fisher_product(e) for e in torch.eye(size, dtype=F64)])
+
+
+def test_fisher_product_is_the_kl_hessian_and_cg_solves_it():
+    learner, layout, flat, batch = navigation_problem()
+    problem = MamlTrpoProblem(learner, layout, flat, batch)
+
+    def mean_kl(point):
+        return learner.surrogate(layout.unflatten(point), batch, create_graph=True)[1].mean()
+
+    fisher = dense_fisher(problem, len(flat))
+    torch.testing.assert_close(fisher, torch.autograd.functional.hessian(mean_kl, flat.clone()), rtol=1e-7, atol=1e-10)
+    assert torch.linalg.eigvalsh((fisher + fisher.T) / 2).min() > -1e-10  # positive semi-definite at theta
+    _, gradient = problem.gradient()
+    damped = fisher + 1e-2 * torch.eye(len(flat), dtype=F64)
+    solution = conjugate_gradient(lambda v: damped @ v, gradient, iterations=4 * len(flat), tolerance=1e-30)
+    torch.testing.assert_close(solution, torch.linalg.solve(damped, gradient), rtol=1e-6, atol=1e-9)
+
+
+def test_trust_region_step_stays_within_the_kl_bound_and_lowers_the_surrogate():
+    learner, layout, flat, batch = navigation_problem()
+    problem = MamlTrpoProblem(learner, layout, flat, batch)
+    max_kl = 1e-3
+    step = trust_region_step(flat, problem, max_kl, 10, 1e-5, 15, 0.8)
+    assert step.accepted and step.kl <= max_kl and step.loss_after < step.loss_before
+    assert problem.evaluate(step.theta) == (step.loss_after, step.kl)
+    # the full step sits on the quadratic model's boundary: 1/2 s^T F s = max_kl
+    full = (flat - step.theta) / 0.8**step.backtracks
+    fisher = dense_fisher(problem, len(flat)) + 1e-5 * torch.eye(len(flat), dtype=F64)
+    assert float(0.5 * full @ fisher @ full) == pytest.approx(max_kl, rel=1e-6)
+
+
+def test_a_step_is_a_pure_function_of_the_seed_and_the_parameters():
+    """Resuming at step 2 from the parameters after step 1 repeats the run bit for bit."""
+    cfg = MamlTrpoConfig(episodes_per_task=3)
+    straight = LocalMetaRL("navigation2d", cfg, 4, hidden=(8,), dtype=F64)
+    start = straight.theta.clone()
+    straight.run(2)
+    after_two = straight.theta.clone()
+    last = straight.step(2)
+    assert not torch.equal(start, after_two) and last.accepted
+    resumed = LocalMetaRL("navigation2d", cfg, 4, hidden=(8,), dtype=F64)
+    resumed.theta = after_two
+    again = resumed.step(2)
+    assert torch.equal(resumed.theta, straight.theta)
+    timing = {"rollout_s": 0.0, "learn_s": 0.0}
+    assert dataclasses.replace(again, **timing) == dataclasses.replace(last, **timing)
+
+
+def test_adaptation_curve_scores_fresh_episodes_after_each_step():
+    learner, layout, flat, _ = navigation_problem()
+    theta = layout.unflatten(flat)
+    tasks = Navigation2D.sample_tasks(np.random.default_rng(11), 3)
+    curve = adaptation_curve(learner, theta, tasks, [0.1, 0.05], 5, np.random.default_rng(12))
+    assert curve.returns.shape == (3, 3)
+    rng = np.random.default_rng(12)  # the protocol by hand: episodes, a step of 0.1 on them, new episodes
+    first = rollout(learner.policy, per_task(theta, 3), Navigation2D, tasks, 5, rng)
+    adapted = learner.detached_step(per_task(theta, 3), with_advantages(first, 0.99, 1.0), lr=0.1)
+    second = rollout(learner.policy, adapted, Navigation2D, tasks, 5, rng)
+    np.testing.assert_array_equal(curve.returns[:, 0], first.returns().mean(1).numpy())
+    np.testing.assert_array_equal(curve.returns[:, 1], second.returns().mean(1).numpy())
+    np.testing.assert_allclose(curve.ci95, 1.959963984540054 * curve.returns.std(0, ddof=1) / np.sqrt(3))
