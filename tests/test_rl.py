@@ -24,12 +24,13 @@ from distmeta.rl.episodes import (
 )
 from distmeta.rl.evaluate import adaptation_curve
 from distmeta.rl.local import LocalMetaRL
-from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoProblem, MetaRLBatch
+from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoShare, MetaRLBatch
 from distmeta.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, per_task, policy_output
-from distmeta.rl.trpo import conjugate_gradient, trust_region_step
+from distmeta.rl.trpo import MeanOverShares, conjugate_gradient, trust_region_step
 
 F64 = torch.float64
 TINY = TabularMDP.sized(num_states=3, num_actions=2, horizon=4)
+SHORT = type("ShortNavigation", (Navigation2D,), {"horizon": 20})  # 2-D navigation, a fifth of the episode
 
 
 # --- references ------------------------------------------------------------------------------
@@ -61,6 +62,11 @@ def tabular_policy(seed=0) -> tuple[CategoricalMLPPolicy, dict[str, torch.Tensor
     return policy, theta
 
 
+def generators(seed, num_tasks: int) -> list[np.random.Generator]:
+    """One random generator per task."""
+    return [np.random.default_rng([seed, task]) for task in range(num_tasks)]
+
+
 def with_rewards_to_go(episodes: Episodes) -> Episodes:
     """Advantages = rewards to go (gamma = 1, no baseline): REINFORCE's unbiased estimator."""
     return dataclasses.replace(episodes, advantages=discounted_returns(episodes, 1.0))
@@ -82,7 +88,7 @@ def per_task_gradients(loss: torch.Tensor, params: dict[str, torch.Tensor]) -> t
 
 def test_navigation_dynamics_follow_the_reference():
     goals = np.array([[0.3, -0.2], [0.05, 0.0]])
-    env = Navigation2D(goals, episodes=2, rng=np.random.default_rng(0))
+    env = Navigation2D(goals, episodes=2, rngs=generators(0, 2))
     assert (env.reset() == 0).all()
     position, reward, done = env.step(np.array([[[1.0, -1.0], [0.02, 0.0]], [[0.05, 0.005], [0.0, 0.0]]]))
     np.testing.assert_allclose(position[0], [[0.1, -0.1], [0.02, 0.0]])  # clipped to 0.1 per coordinate
@@ -94,7 +100,7 @@ def test_navigation_dynamics_follow_the_reference():
 
 def test_tabular_transitions_follow_the_task():
     task = TINY.sample_tasks(np.random.default_rng(2), 1)
-    env = TINY(task, episodes=40_000, rng=np.random.default_rng(3))
+    env = TINY(task, episodes=40_000, rngs=generators(3, 1))
     env.reset()
     _, reward, _ = env.step(np.ones((1, 40_000), dtype=np.int64))
     transitions, rewards = TINY.tables(task)
@@ -109,20 +115,22 @@ def test_rollout_masks_what_follows_an_episodes_end():
     still = {n: torch.zeros_like(p) if n.startswith("mean.2") else p.detach() for n, p in policy.named_parameters()}
     still["log_std"] = torch.full((2,), -30.0, dtype=F64)  # a policy that stands still
     goals = np.array([[0.005, 0.0], [0.4, 0.4]])  # the first task's goal is within 0.01 of the start
-    episodes = rollout(policy, per_task(still, 2), Navigation2D, goals, 3, np.random.default_rng(0))
+    episodes = rollout(policy, per_task(still, 2), Navigation2D, goals, 3, generators(0, 2))
     assert episodes.observations.shape == (2, 100, 3, 2) and episodes.actions.shape == (2, 100, 3, 2)
     assert episodes.lengths.tolist() == [[1, 1, 1], [100, 100, 100]]
     assert (episodes.rewards * (1 - episodes.mask)).abs().sum() == 0 and episodes.rewards[0, 0].sum() != 0
     moving = {n: p.detach() for n, p in policy.named_parameters()}
-    runs = [rollout(policy, per_task(moving, 2), Navigation2D, goals, 3, np.random.default_rng(0)) for _ in range(2)]
-    assert torch.equal(runs[0].actions, runs[1].actions)  # a pure function of the generator
+    runs = [rollout(policy, per_task(moving, 2), Navigation2D, goals, 3, generators(0, 2)) for _ in range(2)]
+    assert torch.equal(runs[0].actions, runs[1].actions)  # a pure function of the generators
+    alone = rollout(policy, per_task(moving, 1), Navigation2D, goals[1:], 3, generators(0, 2)[1:])
+    assert torch.equal(alone.actions[0], runs[0].actions[1])  # and of the task's own alone
 
 
 def test_linear_baseline_is_each_tasks_ridge_regression():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(2, 2, (8,), "tanh").to(F64)
     theta = per_task({n: p.detach() for n, p in policy.named_parameters()}, 2)
-    episodes = rollout(policy, theta, Navigation2D, np.array([[0.2, 0.1], [-0.3, 0.4]]), 4, np.random.default_rng(1))
+    episodes = rollout(policy, theta, Navigation2D, np.array([[0.2, 0.1], [-0.3, 0.4]]), 4, generators(1, 2))
     features = baseline_features(episodes)
     weights = torch.randn(2, features.shape[-1], dtype=F64)
     returns = torch.einsum("thef,tf->the", features, weights) + 0.01 * torch.randn(episodes.rewards.shape, dtype=F64)
@@ -140,7 +148,7 @@ def test_advantages_are_returns_minus_values_at_lambda_one():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(2, 2, (8,), "tanh").to(F64)
     theta = per_task({n: p.detach() for n, p in policy.named_parameters()}, 2)
-    episodes = rollout(policy, theta, Navigation2D, np.array([[0.2, 0.1], [-0.3, 0.4]]), 5, np.random.default_rng(1))
+    episodes = rollout(policy, theta, Navigation2D, np.array([[0.2, 0.1], [-0.3, 0.4]]), 5, generators(1, 2))
     returns = discounted_returns(episodes, 0.9)
     values = linear_baseline(episodes, returns)
     raw = with_advantages(episodes, 0.9, 1.0, normalize=False).advantages
@@ -162,7 +170,7 @@ def test_policy_gradient_estimator_matches_the_exact_gradient():
     repeats, episodes_each = 64, 500
     learner = MamlTrpo(MamlTrpoConfig(), policy, TINY)
     params = {n: p.requires_grad_() for n, p in per_task(theta, 2 * repeats).items()}
-    episodes = rollout(policy, params, TINY, np.repeat(tasks, repeats, 0), episodes_each, np.random.default_rng(6))
+    episodes = rollout(policy, params, TINY, np.repeat(tasks, repeats, 0), episodes_each, generators(6, 2 * repeats))
     # the loss is a mean over the horizon's steps: times the horizon it estimates -grad of the return
     estimates = -TINY.horizon * per_task_gradients(learner.inner_loss(params, with_rewards_to_go(episodes)), params)
     layout = ParamLayout.of(theta)
@@ -182,7 +190,7 @@ def test_maml_meta_gradient_matches_the_derivative_of_the_adapted_return():
     task = TINY.sample_tasks(np.random.default_rng(7), 1)
     learner = MamlTrpo(MamlTrpoConfig(inner_lr=0.5), policy, TINY)
     layout = ParamLayout.of(theta)
-    train = with_rewards_to_go(rollout(policy, per_task(theta, 1), TINY, task, 10, np.random.default_rng(8)))
+    train = with_rewards_to_go(rollout(policy, per_task(theta, 1), TINY, task, 10, generators(8, 1)))
 
     def adapted_return(flat: torch.Tensor) -> float:
         with torch.enable_grad():
@@ -200,10 +208,10 @@ def test_maml_meta_gradient_matches_the_derivative_of_the_adapted_return():
     samples = []
     adapted = learner.detached_step(per_task(theta, 1), train)
     for repeat in range(32):
-        valid = rollout(policy, adapted, TINY, task, 2000, np.random.default_rng([9, repeat]))
+        valid = rollout(policy, adapted, TINY, task, 2000, generators([9, repeat], 1))
         valid = with_rewards_to_go(valid)
         batch = MetaRLBatch(task, [train], valid, policy_output(policy, adapted, valid.observations))
-        _, gradient = MamlTrpoProblem(learner, layout, flat, batch).gradient()
+        _, gradient = MamlTrpoShare(learner, layout, flat, batch).gradient_sum()  # one task: sum = mean
         samples.append(-TINY.horizon * gradient)  # the surrogate is a mean over the horizon's steps
     mean, error = estimate_and_error(torch.stack(samples))
     assert reference.abs().max() > 10 * error.max()
@@ -214,13 +222,13 @@ def test_maml_meta_gradient_matches_the_derivative_of_the_adapted_return():
 
 
 def navigation_problem(first_order=False, seed=0) -> tuple[MamlTrpo, ParamLayout, torch.Tensor, MetaRLBatch]:
-    """A small MAML-TRPO batch on 2-D navigation in float64: 3 tasks, 4 episodes each."""
+    """A small MAML-TRPO batch on 2-D navigation in float64: 3 tasks, 4 episodes of 20 steps each."""
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(2, 2, (6,), "tanh").to(F64)
-    learner = MamlTrpo(MamlTrpoConfig(episodes_per_task=4, first_order=first_order), policy, Navigation2D)
+    learner = MamlTrpo(MamlTrpoConfig(episodes_per_task=4, first_order=first_order), policy, SHORT)
     theta = {n: p.detach() for n, p in policy.named_parameters()}
     tasks = Navigation2D.sample_tasks(np.random.default_rng(seed), 3)
-    batch = learner.collect(theta, tasks, np.random.default_rng(seed + 1))
+    batch = learner.collect(theta, tasks, generators(seed + 1, 3))
     return learner, ParamLayout.of(theta), flat_parameters(theta, F64), batch
 
 
@@ -229,7 +237,7 @@ def test_surrogate_gradient_matches_finite_differences(first_order):
     """The meta-gradient through the inner step (or around it, first order) is the derivative of the
     surrogate it claims: central differences of the surrogate recomputed from scratch."""
     learner, layout, flat, batch = navigation_problem(first_order)
-    _, gradient = MamlTrpoProblem(learner, layout, flat, batch).gradient()
+    _, gradient = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)]).gradient()
 
     def surrogate(point: torch.Tensor) -> torch.Tensor:
         named = {n: p.requires_grad_() for n, p in layout.unflatten(point.clone()).items()}
@@ -249,13 +257,13 @@ def test_surrogate_gradient_matches_finite_differences(first_order):
     torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-8)
 
 
-def dense_fisher(problem: MamlTrpoProblem, size: int) -> torch.Tensor:
+def dense_fisher(problem: MeanOverShares, size: int) -> torch.Tensor:
     return torch.stack([problem.fisher_product(e) for e in torch.eye(size, dtype=F64)])
 
 
 def test_fisher_product_is_the_kl_hessian_and_cg_solves_it():
     learner, layout, flat, batch = navigation_problem()
-    problem = MamlTrpoProblem(learner, layout, flat, batch)
+    problem = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)])
 
     def mean_kl(point):
         return learner.surrogate(layout.unflatten(point), batch, create_graph=True)[1].mean()
@@ -271,7 +279,7 @@ def test_fisher_product_is_the_kl_hessian_and_cg_solves_it():
 
 def test_trust_region_step_stays_within_the_kl_bound_and_lowers_the_surrogate():
     learner, layout, flat, batch = navigation_problem()
-    problem = MamlTrpoProblem(learner, layout, flat, batch)
+    problem = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)])
     max_kl = 1e-3
     step = trust_region_step(flat, problem, max_kl, 10, 1e-5, 15, 0.8)
     assert step.accepted and step.kl <= max_kl and step.loss_after < step.loss_before
@@ -285,13 +293,13 @@ def test_trust_region_step_stays_within_the_kl_bound_and_lowers_the_surrogate():
 def test_a_step_is_a_pure_function_of_the_seed_and_the_parameters():
     """Resuming at step 2 from the parameters after step 1 repeats the run bit for bit."""
     cfg = MamlTrpoConfig(episodes_per_task=3)
-    straight = LocalMetaRL("navigation2d", cfg, 4, hidden=(8,), dtype=F64)
+    straight = LocalMetaRL(SHORT, cfg, 4, hidden=(8,), dtype=F64)
     start = straight.theta.clone()
     straight.run(2)
     after_two = straight.theta.clone()
     last = straight.step(2)
     assert not torch.equal(start, after_two) and last.accepted
-    resumed = LocalMetaRL("navigation2d", cfg, 4, hidden=(8,), dtype=F64)
+    resumed = LocalMetaRL(SHORT, cfg, 4, hidden=(8,), dtype=F64)
     resumed.theta = after_two
     again = resumed.step(2)
     assert torch.equal(resumed.theta, straight.theta)
@@ -303,12 +311,30 @@ def test_adaptation_curve_scores_fresh_episodes_after_each_step():
     learner, layout, flat, _ = navigation_problem()
     theta = layout.unflatten(flat)
     tasks = Navigation2D.sample_tasks(np.random.default_rng(11), 3)
-    curve = adaptation_curve(learner, theta, tasks, [0.1, 0.05], 5, np.random.default_rng(12))
+    curve = adaptation_curve(learner, theta, tasks, [0.1, 0.05], 5, generators(12, 3))
     assert curve.returns.shape == (3, 3)
-    rng = np.random.default_rng(12)  # the protocol by hand: episodes, a step of 0.1 on them, new episodes
-    first = rollout(learner.policy, per_task(theta, 3), Navigation2D, tasks, 5, rng)
+    rngs = generators(12, 3)  # the protocol by hand: episodes, a step of 0.1 on them, new episodes
+    first = rollout(learner.policy, per_task(theta, 3), SHORT, tasks, 5, rngs)
     adapted = learner.detached_step(per_task(theta, 3), with_advantages(first, 0.99, 1.0), lr=0.1)
-    second = rollout(learner.policy, adapted, Navigation2D, tasks, 5, rng)
+    second = rollout(learner.policy, adapted, SHORT, tasks, 5, rngs)
     np.testing.assert_array_equal(curve.returns[:, 0], first.returns().mean(1).numpy())
     np.testing.assert_array_equal(curve.returns[:, 1], second.returns().mean(1).numpy())
     np.testing.assert_allclose(curve.ci95, 1.959963984540054 * curve.returns.std(0, ddof=1) / np.sqrt(3))
+
+
+def test_shares_of_the_meta_batch_give_the_same_steps():
+    """Split into 1, 2 or 3 shares (the runtime's workers), the meta-batch takes the same steps: each
+    task's episodes come from its own generator and the shares' sums are added in order. The sums'
+    order still changes their last bits, which conjugate gradient amplifies on an ill-conditioned
+    Fisher matrix: at the paper's damping of 1e-5 the parameters differ by 6e-8 after one step here,
+    so this runs at a damping of 0.1, where the steps agree to 1e-14."""
+    cfg = MamlTrpoConfig(episodes_per_task=3, cg_damping=0.1)
+    thetas = []
+    for shares in (1, 2, 3):
+        loop = LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64, shares=shares)
+        metrics = loop.run(2)
+        thetas.append(loop.theta)
+        assert all(m.accepted for m in metrics)
+    assert not torch.equal(thetas[0], LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64).theta)
+    for theta in thetas[1:]:
+        torch.testing.assert_close(theta, thetas[0], rtol=1e-10, atol=1e-12)

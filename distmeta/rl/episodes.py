@@ -49,20 +49,23 @@ def rollout(
     env: type[Environment],
     tasks: np.ndarray,
     episodes: int,
-    rng: np.random.Generator,
+    rngs: list[np.random.Generator],
 ) -> Episodes:
     """``episodes`` episodes of each task's policy (params [T, ...]) in its task, without gradients,
-    in the parameters' dtype and on their device."""
+    in the parameters' dtype and on their device; task t's randomness from ``rngs[t]``."""
     params = {n: p.detach() for n, p in params.items()}
     some = next(iter(params.values()))
-    batch = env(tasks, episodes, rng)
+    # A child of each task's generator: the loop stops once every episode of the batch has ended, so
+    # how much it draws depends on the other tasks, and must not shift what the task draws next.
+    rngs = [rng.spawn(1)[0] for rng in rngs]
+    batch = env(tasks, episodes, rngs)
     observation = batch.reset()
     alive = np.ones((len(tasks), episodes), dtype=bool)
     steps: dict[str, list] = {"observations": [], "actions": [], "rewards": [], "mask": []}
     for _ in range(env.horizon):
         observed = torch.as_tensor(observation, dtype=some.dtype, device=some.device)
         with torch.no_grad():
-            action = policy.sample(policy_output(policy, params, observed), rng)
+            action = policy.sample(policy_output(policy, params, observed), rngs)
         next_observation, reward, done = batch.step(action)
         for name, value in zip(steps, (observation, action, reward * alive, alive.astype(np.float64))):
             steps[name].append(value)

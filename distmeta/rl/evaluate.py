@@ -37,14 +37,14 @@ def adaptation_curve(
     tasks: np.ndarray,
     step_sizes: list[float],
     episodes: int,
-    rng: np.random.Generator,
+    rngs: list[np.random.Generator],
 ) -> AdaptationCurve:
     """Returns after 0 .. len(step_sizes) inner steps, the i-th with ``step_sizes[i]``."""
     cfg = learner.cfg
     params = per_task(theta, len(tasks))
     returns = []
     for step_size in [*step_sizes, None]:
-        collected = rollout(learner.policy, params, learner.env, tasks, episodes, rng)
+        collected = rollout(learner.policy, params, learner.env, tasks, episodes, rngs)
         returns.append(collected.returns().mean(1))
         if step_size is None:
             break

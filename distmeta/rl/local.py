@@ -1,9 +1,11 @@
-"""MAML-TRPO in one process, without Ray: what a meta-RL step means. Step t draws its tasks and
-its rollouts' randomness from ``(seed, t)`` alone, so a run is reproducible and can resume at any
-step from the parameters; the runtime's workers and server move these same objects."""
+"""MAML-TRPO in one process, without Ray: what a meta-RL step means. Step t draws its tasks from
+``(seed, t)`` and task i's rollouts from ``(seed, t, i)`` alone, so a run is reproducible, resumes at
+any step from the parameters (TRPO keeps no other state), and gives the same step whether the
+meta-batch is one share or several (``shares``: the runtime's workers, each with its tasks)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -11,10 +13,10 @@ import numpy as np
 import torch
 
 from distmeta.params import ParamLayout, flat_parameters
-from distmeta.rl.envs import ENVIRONMENTS
-from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoProblem
+from distmeta.rl.envs import ENVIRONMENTS, Environment
+from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoShare
 from distmeta.rl.policies import build_policy
-from distmeta.rl.trpo import trust_region_step
+from distmeta.rl.trpo import MeanOverShares, trust_region_step
 
 
 @dataclass(frozen=True)
@@ -37,23 +39,27 @@ def task_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, 0])
 
 
-def rollout_rng(seed: int, step: int) -> np.random.Generator:
-    """Step ``step``'s actions and transitions."""
-    return np.random.default_rng([seed, step, 1])
+def rollout_rngs(seed: int, step: int, tasks: range) -> list[np.random.Generator]:
+    """The actions and transitions of step ``step``'s tasks ``tasks`` (indices in its meta-batch)."""
+    return [np.random.default_rng([seed, step, 1, task]) for task in tasks]
 
 
 class LocalMetaRL:
     def __init__(
         self,
-        env: str,
+        env: str | type[Environment],
         cfg: MamlTrpoConfig,
         meta_batch_size: int,
         hidden: tuple[int, ...] = (64, 64),
         activation: str = "tanh",
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        shares: int = 1,
     ):
-        self.env, self.cfg, self.meta_batch_size, self.seed = ENVIRONMENTS[env], cfg, meta_batch_size, seed
+        self.env = ENVIRONMENTS[env] if isinstance(env, str) else env
+        self.cfg, self.meta_batch_size, self.seed = cfg, meta_batch_size, seed
+        bounds = np.linspace(0, meta_batch_size, shares + 1).round().astype(int)
+        self.shares = [range(lo, hi) for lo, hi in itertools.pairwise(bounds)]
         torch.manual_seed(seed)
         self.policy = build_policy(self.env, hidden, activation).to(dtype)
         named = {n: p.detach() for n, p in self.policy.named_parameters()}
@@ -64,25 +70,29 @@ class LocalMetaRL:
     def step(self, step: int) -> MetaRLMetrics:
         start = time.perf_counter()
         tasks = self.env.sample_tasks(task_rng(self.seed, step), self.meta_batch_size)
-        batch = self.learner.collect(self.layout.unflatten(self.theta), tasks, rollout_rng(self.seed, step))
+        theta = self.layout.unflatten(self.theta)
+        batches = [
+            self.learner.collect(theta, tasks[share.start : share.stop], rollout_rngs(self.seed, step, share))
+            for share in self.shares
+        ]
         collected = time.perf_counter()
         cfg = self.cfg
-        problem = MamlTrpoProblem(self.learner, self.layout, self.theta, batch)
+        problem = MeanOverShares.local([MamlTrpoShare(self.learner, self.layout, self.theta, b) for b in batches])
         result = trust_region_step(
             self.theta, problem, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_max_steps, cfg.ls_backtrack_ratio
         )
         self.theta = result.theta.detach()
-        environment_steps = int(sum(e.mask.sum() for e in [*batch.train, batch.valid]))
+        episodes = [e for b in batches for e in [*b.train, b.valid]]
         return MetaRLMetrics(
             step,
-            float(batch.train[0].returns().mean()),
-            float(batch.valid.returns().mean()),
+            float(torch.cat([b.train[0].returns() for b in batches]).mean()),
+            float(torch.cat([b.valid.returns() for b in batches]).mean()),
             result.loss_before,
             result.loss_after,
             result.kl,
             result.backtracks,
             result.accepted,
-            environment_steps,
+            int(sum(e.mask.sum() for e in episodes)),
             collected - start,
             time.perf_counter() - collected,
         )

@@ -9,7 +9,8 @@ constant), and theta takes one trust-region step on it. The line search re-adapt
 theta on the episodes already collected, so the step needs the episodes, not new rollouts.
 
 ``MetaRLBatch`` is what one process keeps of its tasks between the rollouts and the step;
-``MamlTrpoProblem`` turns it into the three quantities the trust-region step asks for (trpo.py).
+``MamlTrpoShare`` turns it into the sums over its tasks that the trust-region step asks for
+(trpo.py).
 """
 
 from __future__ import annotations
@@ -89,16 +90,17 @@ class MamlTrpo:
             params = self.inner_step(params, episodes, create_graph)
         return params
 
-    def collect(self, theta: Params, tasks: np.ndarray, rng: np.random.Generator) -> MetaRLBatch:
-        """Roll out, adapt and roll out again for every task: the data of one meta-step."""
+    def collect(self, theta: Params, tasks: np.ndarray, rngs: list[np.random.Generator]) -> MetaRLBatch:
+        """Roll out, adapt and roll out again for every task (task t's randomness from ``rngs[t]``):
+        the data of one meta-step."""
         cfg = self.cfg
         params = per_task(theta, len(tasks))
         train = []
         for _ in range(cfg.inner_steps):
-            episodes = rollout(self.policy, params, self.env, tasks, cfg.episodes_per_task, rng)
+            episodes = rollout(self.policy, params, self.env, tasks, cfg.episodes_per_task, rngs)
             train.append(with_advantages(episodes, cfg.gamma, cfg.gae_lambda))
             params = self.detached_step(params, train[-1])
-        valid = rollout(self.policy, params, self.env, tasks, cfg.episodes_per_task, rng)
+        valid = rollout(self.policy, params, self.env, tasks, cfg.episodes_per_task, rngs)
         valid = with_advantages(valid, cfg.gamma, cfg.gae_lambda)
         with torch.no_grad():
             old_output = policy_output(self.policy, params, valid.observations)
@@ -117,31 +119,32 @@ class MamlTrpo:
         return loss, kl
 
 
-class MamlTrpoProblem:
-    """The trust-region problem of one batch at ``theta`` (flat), means over its tasks. Before the
-    step the surrogate's value is the mean advantage (0 with normalised advantages); what matters
-    is its gradient, through the inner step."""
+class MamlTrpoShare:
+    """A batch's share of the trust-region problem at ``theta`` (flat): sums over its tasks
+    (``ProblemShare``). Before the step the surrogate's value is the mean advantage (0 with
+    normalised advantages); what matters is its gradient, through the inner step."""
 
     def __init__(self, learner: MamlTrpo, layout: ParamLayout, theta: Tensor, batch: MetaRLBatch):
         self.learner, self.layout, self.batch = learner, layout, batch
+        self.num_tasks = len(batch.tasks)
         self.theta = theta.detach().requires_grad_()
         with torch.enable_grad():
             loss, kl = learner.surrogate(self.named(self.theta), batch, create_graph=not learner.cfg.first_order)
-            self.loss = loss.mean()
+            self.loss = loss.sum()
             self.loss_gradient = torch.autograd.grad(self.loss, self.theta, retain_graph=True)[0]
-            self.kl_gradient = torch.autograd.grad(kl.mean(), self.theta, create_graph=True)[0]
+            self.kl_gradient = torch.autograd.grad(kl.sum(), self.theta, create_graph=True)[0]
 
     def named(self, flat: Tensor) -> Params:
         return self.layout.unflatten(flat)
 
-    def gradient(self) -> tuple[float, Tensor]:
+    def gradient_sum(self) -> tuple[float, Tensor]:
         return float(self.loss.detach()), self.loss_gradient.detach()
 
-    def fisher_product(self, vector: Tensor) -> Tensor:
+    def fisher_product_sum(self, vector: Tensor) -> Tensor:
         with torch.enable_grad():
             return torch.autograd.grad(self.kl_gradient @ vector, self.theta, retain_graph=True)[0]
 
-    def evaluate(self, theta: Tensor) -> tuple[float, float]:
+    def evaluate_sum(self, theta: Tensor) -> tuple[float, float]:
         with torch.enable_grad():  # the inner step's gradient; nothing flows back to theta
             loss, kl = self.learner.surrogate(self.named(theta.detach().requires_grad_()), self.batch, False)
-        return float(loss.mean()), float(kl.mean())
+        return float(loss.sum().detach()), float(kl.sum().detach())

@@ -1,7 +1,7 @@
 """Policies: an MLP from observations to an action distribution, a Gaussian with a learned
 state-independent log standard deviation for continuous actions (as in the MAML paper and its
 reference implementations) or a categorical for discrete ones. Actions are drawn with numpy from
-the rollout's generator, so a rollout is a pure function of its seed on any device. Like the supervised models, a
+each task's own generator, so a rollout is a pure function of its seeds on any device. Like the supervised models, a
 policy is run with ``torch.func.functional_call`` on a dict of parameters with a leading task axis
 ([T, ...]), so every task can hold its own adapted copy."""
 
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 from torch.func import functional_call, vmap
 
-from distmeta.rl.envs.base import draw_categorical
+from distmeta.rl.envs.base import draw_categorical, per_task_draws
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
@@ -46,9 +46,9 @@ class GaussianMLPPolicy(nn.Module):
         return Independent(Normal(mean, log_std.exp(), validate_args=False), 1, validate_args=False)
 
     @staticmethod
-    def sample(output: Tensor, rng: np.random.Generator) -> np.ndarray:
+    def sample(output: Tensor, rngs: list[np.random.Generator]) -> np.ndarray:
         mean, log_std = np.split(output.detach().cpu().double().numpy(), 2, -1)
-        return mean + np.exp(log_std) * rng.standard_normal(mean.shape)
+        return mean + np.exp(log_std) * per_task_draws(rngs, "standard_normal", mean.shape[1:])
 
 
 class CategoricalMLPPolicy(nn.Module):
@@ -66,8 +66,8 @@ class CategoricalMLPPolicy(nn.Module):
         return Categorical(logits=output, validate_args=False)
 
     @staticmethod
-    def sample(output: Tensor, rng: np.random.Generator) -> np.ndarray:
-        return draw_categorical(torch.softmax(output.detach().cpu().double(), -1).numpy(), rng)
+    def sample(output: Tensor, rngs: list[np.random.Generator]) -> np.ndarray:
+        return draw_categorical(torch.softmax(output.detach().cpu().double(), -1).numpy(), rngs)
 
 
 def build_policy(env, hidden: tuple[int, ...], activation: str) -> nn.Module:

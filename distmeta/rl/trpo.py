@@ -3,12 +3,15 @@ divergence between the old and the new policy of at most ``max_kl``. Conjugate g
 F x = g with Fisher-vector products only (F is never formed), the step is scaled to the constraint's
 boundary, and a backtracking line search keeps the first step that lowers the loss within it.
 
-The step needs three things of the problem, ``TrustRegionProblem``; in one process they are one
-object's methods, and a problem whose data is spread over workers answers them by summing the
-workers' shares, which is what keeps one update per meta-step whatever the number of workers."""
+The step needs three things of the problem, ``TrustRegionProblem``. A meta-batch's problem is split
+into shares of its tasks (``ProblemShare``: a worker's, on the runtime) that answer with sums over
+their tasks; ``MeanOverShares`` adds the shares' answers in order and divides by the number of
+tasks, so there is one update per meta-step, the same whatever the number of shares."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,6 +29,46 @@ class TrustRegionProblem(Protocol):
 
     def evaluate(self, theta: Tensor) -> tuple[float, float]:
         """The surrogate loss and the mean KL divergence from the current policy at ``theta``."""
+
+
+class ProblemShare(Protocol):
+    num_tasks: int
+
+    def gradient_sum(self) -> tuple[float, Tensor]:
+        """The sums over this share's tasks of the surrogate loss and of its gradient."""
+
+    def fisher_product_sum(self, vector: Tensor) -> Tensor:
+        """The sum over this share's tasks of their KL Hessian times ``vector``."""
+
+    def evaluate_sum(self, theta: Tensor) -> tuple[float, float]:
+        """The sums over this share's tasks of the surrogate loss and the KL divergence at ``theta``."""
+
+
+class MeanOverShares:
+    """A ``TrustRegionProblem`` made of shares: every answer is the shares' sums, added in share
+    order, over the number of tasks. ``gather(method, *args)`` calls ``method`` on every share and
+    returns the answers in share order (``local``: in this process; the runtime: actor calls)."""
+
+    def __init__(self, gather: Callable[..., list], num_tasks: int):
+        self.gather, self.num_tasks = gather, num_tasks
+
+    @classmethod
+    def local(cls, shares: list[ProblemShare]) -> MeanOverShares:
+        return cls(lambda method, *args: [getattr(s, method)(*args) for s in shares], sum(s.num_tasks for s in shares))
+
+    def _mean(self, values: list):
+        return functools.reduce(operator.add, values) / self.num_tasks
+
+    def gradient(self) -> tuple[float, Tensor]:
+        losses, gradients = zip(*self.gather("gradient_sum"))
+        return self._mean(losses), self._mean(gradients)
+
+    def fisher_product(self, vector: Tensor) -> Tensor:
+        return self._mean(self.gather("fisher_product_sum", vector))
+
+    def evaluate(self, theta: Tensor) -> tuple[float, float]:
+        losses, kls = zip(*self.gather("evaluate_sum", theta))
+        return self._mean(losses), self._mean(kls)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ tasks at once. Tasks are numbers (a goal, masses), so the task generator draws t
 
 An environment class is made for one batch: ``tasks`` [T, task_dim] and ``episodes`` per task;
 ``reset`` and ``step`` work on arrays [T, E, ...] (numpy, float64). Episodes that end (``done``)
-stop counting: rollouts mask what follows, so an environment may keep stepping them.
+stop counting: rollouts mask what follows, so an environment may keep stepping them. Each task has
+its own random generator (``rngs``), so a task's episodes are the same whichever worker runs it and
+with whichever other tasks.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ class Environment(ABC):
     horizon: int  # steps in an episode unless it ends sooner
     task_dim: int
 
-    def __init__(self, tasks: np.ndarray, episodes: int, rng: np.random.Generator):
+    def __init__(self, tasks: np.ndarray, episodes: int, rngs: list[np.random.Generator]):
         tasks = np.asarray(tasks, dtype=np.float64)
         if tasks.ndim != 2 or tasks.shape[1] != self.task_dim:
             raise ValueError(f"{type(self).__name__} takes tasks of shape [T, {self.task_dim}], got {tasks.shape}")
-        self.tasks, self.episodes, self.rng = tasks, episodes, rng
+        if len(rngs) != len(tasks):
+            raise ValueError(f"{len(tasks)} tasks need as many random generators, got {len(rngs)}")
+        self.tasks, self.episodes, self.rngs = tasks, episodes, rngs
 
     @classmethod
     @abstractmethod
@@ -42,7 +46,12 @@ class Environment(ABC):
         and whether each episode ended on this step [T, E]."""
 
 
-def draw_categorical(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One index per row of ``probabilities`` [..., K], by inverse CDF (vectorised over the rows)."""
-    uniform = rng.random((*probabilities.shape[:-1], 1))
+def per_task_draws(rngs: list[np.random.Generator], draw: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Task t's ``rngs[t].<draw>(shape)`` for every task, stacked: [T, *shape]."""
+    return np.stack([getattr(rng, draw)(shape) for rng in rngs])
+
+
+def draw_categorical(probabilities: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
+    """One index per row of ``probabilities`` [T, ..., K] (task t's rows from ``rngs[t]``), by inverse CDF."""
+    uniform = per_task_draws(rngs, "random", (*probabilities.shape[1:-1], 1))
     return np.minimum((uniform > probabilities.cumsum(-1)).sum(-1), probabilities.shape[-1] - 1)

@@ -53,7 +53,7 @@ class TabularMDP(Environment):
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         task = np.arange(len(self.tasks))[:, None]
         reward = self.rewards[task, self.state, actions]
-        self.state = draw_categorical(self.transitions[task, self.state, actions], self.rng)
+        self.state = draw_categorical(self.transitions[task, self.state, actions], self.rngs)
         return self._observe(), reward, np.zeros(self.state.shape, dtype=bool)
 
     def _observe(self) -> np.ndarray:
