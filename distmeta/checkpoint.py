@@ -70,12 +70,9 @@ class CheckpointStore:
 
     def check_writable(self) -> None:
         """Fail now, not at the first checkpoint an hour in, if the folder cannot be written."""
-        probe = ".distmeta-write-probe"
         try:
             self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(self.path(probe)) as f:
-                f.write(b"ok")
-            self.fs.delete_file(self.path(probe))
+            probe_write(self.root, self.fs)
         except Exception as err:
             raise CheckpointError(
                 f"cannot write checkpoints to {self.location} ({err}); choose a writable train.checkpoint_dir "
@@ -149,6 +146,24 @@ class CheckpointStore:
                 self.fs.move(self.path(name), self.path(f"{folder}/{name}"))
                 moved.append(name)
         return moved
+
+
+def probe_write(folder: str | Path, fs: pafs.FileSystem | None = None) -> None:
+    """Create and delete a file in ``folder``: a real write, as root passes any permission check but
+    not a read-only mount. Raises what stopped it: for a local folder (no ``fs``) Python's own
+    ``OSError``, whose message reads plainly; else what ``fs`` raised. The file's name carries the
+    process id, so that two processes probing one folder (an evaluation beside a run) cannot
+    delete each other's."""
+    name = f".distmeta-write-probe-{os.getpid()}"
+    if fs is None:
+        probe = Path(folder) / name
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return
+    path = f"{str(folder).rstrip('/')}/{name}"
+    with fs.open_output_stream(path) as f:
+        f.write(b"ok")
+    fs.delete_file(path)
 
 
 def join_location(location: str, name: str) -> str:
@@ -283,7 +298,7 @@ def load_checkpoint(location: str | Path) -> tuple[Config, np.ndarray, dict]:
 def checkpoint_record(cfg: Config, params: torch.Tensor, step: int) -> dict:
     """What every checkpoint holds, a training one, ``final.pt`` and ``best.pt`` alike: the flat
     meta-parameters, the step, the run's config and the code that wrote it. A training checkpoint
-    adds the parameter server's state (``ParameterServer.state``: the optimizer, the task stream's
+    adds the meta-optimizer's state (``MetaOptimizer.state``: the optimizer, the task stream's
     cursor, the RNGs, the rejected steps; ``checkpoint_state`` joins the shards'), ``best.pt`` its
     ``validation``."""
     return {

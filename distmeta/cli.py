@@ -216,7 +216,7 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     from distmeta.assemble import check_run
     from distmeta.checkpoint import load_checkpoint
     from distmeta.evaluate import check_device, evaluate, format_rows, protocol
-    from distmeta.resume import check_shards
+    from distmeta.resume import check_same_data
     from distmeta.runtime.monitor import write_eval_scalars
 
     saved, params, state = load_checkpoint(checkpoint)
@@ -224,7 +224,7 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     if bad:
         raise ConfigError(f"evaluation overrides must be eval.* fields or task.shards=NEWPATH, got {bad}")
     cfg = check_run(load_config(None, overrides, settings=settings, base=saved.to_dict()))
-    check_shards(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
+    check_same_data(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
     check_device(device)
     path = Path(checkpoint)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -237,7 +237,7 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
         )
     print(f"evaluating {path} (step {state['step']}, {cfg.algorithm.name})", flush=True)
     print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
-    rows = evaluate(cfg, params, split=split, device=device, progress=True)
+    rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr)  # see report_progress
     print(format_rows(rows))
     if not unwritable:
         with SummaryWriter(str(run_dir)) as writer:
@@ -246,12 +246,11 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
 
 
 def _unwritable(folder: Path) -> str:
-    """Why no file can be created in ``folder`` (a real attempt: root passes any permission
-    check, not a read-only mount), or "" if one can."""
-    probe = folder / f".distmeta-write-probe-{os.getpid()}"
+    """Why no file can be created in ``folder`` (``probe_write``), or "" if one can."""
+    from distmeta.checkpoint import probe_write
+
     try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_write(folder)
     except OSError as err:
         return err.strerror or str(err)
     return ""

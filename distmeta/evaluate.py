@@ -9,9 +9,9 @@ protocol").
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple, TextIO
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from distmeta.algorithms import ALGORITHMS
 from distmeta.config import Config, ConfigError
 from distmeta.models import MODELS
 from distmeta.runtime.monitor import duration
-from distmeta.runtime.worker import Worker
+from distmeta.runtime.worker import ScoreTrajectory, Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
 
 CHUNK_TASKS = 100
@@ -45,22 +45,30 @@ class EvalRow:
         return f"{self.metric}_{ways}shots{self.shots}_steps{self.steps}"
 
 
-def evaluation_chunks(cfg: Config, num_tasks: int | None = None) -> list[tuple[int, int, int]]:
-    """(shots, chunk index, tasks in chunk). Chunk i holds the same task functions for every shots
-    value, so K = 5, 10, 20 are compared on the same tasks."""
+class EvalChunk(NamedTuple):
+    """A chunk of held-out tasks, rebuilt from (eval seed, split, ``index``) wherever it runs."""
+
+    shots: int
+    index: int
+    num_tasks: int
+
+
+def evaluation_chunks(cfg: Config, num_tasks: int | None = None) -> list[EvalChunk]:
+    """The chunks of an evaluation of ``num_tasks`` tasks (default ``eval.num_tasks``). Chunk i holds
+    the same task functions for every shots value, so K = 5, 10, 20 are compared on the same tasks."""
     num_tasks = num_tasks or cfg.eval.num_tasks
     shots_list = eval_shots(cfg)
     sizes = [min(CHUNK_TASKS, num_tasks - start) for start in range(0, num_tasks, CHUNK_TASKS)]
-    return [(shots, index, size) for shots in shots_list for index, size in enumerate(sizes)]
+    return [EvalChunk(shots, index, size) for shots in shots_list for index, size in enumerate(sizes)]
 
 
-def summarize(cfg: Config, trajectories: dict[int, list[dict[str, np.ndarray]]]) -> list[EvalRow]:
-    """``trajectories[shots]``: chunks of per-task metrics ``[T, steps + 1]`` -> one row per (shots, steps)."""
+def summarize(cfg: Config, trajectories: dict[int, list[ScoreTrajectory]]) -> list[EvalRow]:
+    """``trajectories[shots]``: chunks of per-task scores ``[T, steps + 1]`` -> one row per (shots, steps)."""
     regression = SOURCES[cfg.task.source].kind == "regression"
     rows = []
     for shots, chunks in trajectories.items():
-        loss = np.concatenate([c["loss"] for c in chunks])
-        values = loss if regression else np.concatenate([c["accuracy"] for c in chunks])
+        loss = np.concatenate([c.loss for c in chunks])
+        values = loss if regression else np.concatenate([c.accuracy for c in chunks])
         for steps in eval_steps(cfg):
             diverged = ~np.isfinite(loss[:, steps]) | (loss[:, steps] > cfg.eval.divergence_factor * loss[:, 0])
             finite = values[np.isfinite(values[:, steps]), steps]
@@ -146,34 +154,40 @@ def evaluate_chunk(
     cfg: Config,
     flat_params: np.ndarray,
     split: str,
-    chunks: list[tuple[int, int, int]],
+    chunks: list[EvalChunk],
     device: str | None = None,
-    progress: bool = False,
-) -> list[dict[str, np.ndarray]]:
-    """Per-task query metrics after 0..max(eval_steps) inner steps, for each chunk."""
+    progress: TextIO | None = None,
+) -> list[ScoreTrajectory]:
+    """Per-task query scores after 0..max(eval_steps) inner steps, for each chunk; with
+    ``progress``, a progress line there after each chunk (``report_progress``)."""
     worker = Worker(cfg, device=torch.device(device) if device else None)
     source = eval_source(cfg)
     results = []
-    started, total, done = time.time(), sum(size for _, _, size in chunks), 0
+    started, total, done = time.time(), sum(chunk.num_tasks for chunk in chunks), 0
     for shots, index, size in chunks:
         tasks = source.sample(task_rng(cfg.eval.seed, split, index), size, split, shots, cfg.eval.queries)
         results.append(worker.evaluate(flat_params, tasks, eval_steps(cfg)))
         done += size
-        if progress:  # stderr: stdout holds only the protocol and the numbers, which a seed pins exactly
-            print(progress_line(done, total, started), file=sys.stderr, flush=True)
+        if progress is not None:
+            report_progress(progress, done, total, started)
     return results
 
 
-def progress_line(done: int, total: int, started: float) -> str:
-    """An evaluation's progress: tasks done of ``total`` since ``started`` (time.time()), rate, ETA."""
+def report_progress(out: TextIO, done: int, total: int, started: float) -> None:
+    """An evaluation's progress line on ``out``: tasks done of ``total`` since ``started``
+    (time.time()), rate, ETA. The caller picks the stream: training prints it to stdout, the run's
+    log, beside the training progress line; ``distmeta evaluate`` to stderr, as its stdout holds
+    only the protocol and the numbers, which a seed pins exactly."""
     rate = done / (time.time() - started)
-    return f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {duration((total - done) / rate)}"
+    eta = duration((total - done) / rate)
+    print(f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {eta}", file=out, flush=True)
 
 
 def evaluate(
-    cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu", progress: bool = False
+    cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu", progress: TextIO | None = None
 ) -> list[EvalRow]:
-    """Evaluate meta-parameters in this process (no Ray); ``progress`` prints tasks done, rate, ETA."""
+    """Evaluate meta-parameters in this process (no Ray); ``progress``: where to report tasks
+    done, rate and ETA (``report_progress``), if anywhere."""
     check_device(device)
     check_evaluation(cfg, [split])
     chunks = evaluation_chunks(cfg)
@@ -181,10 +195,10 @@ def evaluate(
     return summarize(cfg, group_by_shots(chunks, results))
 
 
-def group_by_shots(chunks: list[tuple[int, int, int]], results: list[dict]) -> dict[int, list[dict]]:
-    trajectories: dict[int, list] = {}
-    for (shots, _, _), result in zip(chunks, results):
-        trajectories.setdefault(shots, []).append(result)
+def group_by_shots(chunks: list[EvalChunk], results: list[ScoreTrajectory]) -> dict[int, list[ScoreTrajectory]]:
+    trajectories: dict[int, list[ScoreTrajectory]] = {}
+    for chunk, result in zip(chunks, results):
+        trajectories.setdefault(chunk.shots, []).append(result)
     return trajectories
 
 
@@ -220,18 +234,18 @@ def submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = N
     return [(group, remote.remote(cfg, params_ref, split, group, device)) for group in groups]
 
 
-def collect_evaluation(cfg: Config, pending: list, progress: bool = False) -> list[EvalRow]:
-    """The rows of the evaluation ``submit_evaluation`` started (waiting for it); ``progress``
-    prints tasks done, rate and ETA as its chunks finish."""
+def collect_evaluation(cfg: Config, pending: list, progress: TextIO | None = None) -> list[EvalRow]:
+    """The rows of the evaluation ``submit_evaluation`` started (waiting for it); with ``progress``,
+    a progress line there as its chunks finish (``report_progress``)."""
     import ray
 
     refs = [ref for _, ref in pending]
-    total, started, done = sum(chunk[2] for group, _ in pending for chunk in group), time.time(), 0
+    total, started, done = sum(chunk.num_tasks for group, _ in pending for chunk in group), time.time(), 0
     remaining = list(refs)
-    while progress and remaining:  # progress as chunks finish: tasks, rate, ETA
+    while progress is not None and remaining:  # progress as chunks finish: tasks, rate, ETA
         finished, remaining = ray.wait(remaining, num_returns=1)
-        done += sum(chunk[2] for group, ref in pending if ref in finished for chunk in group)
-        print(progress_line(done, total, started), flush=True)
+        done += sum(chunk.num_tasks for group, ref in pending if ref in finished for chunk in group)
+        report_progress(progress, done, total, started)
     chunks = [chunk for group, _ in pending for chunk in group]
     results = [r for part in ray.get(refs) for r in part]
     return summarize(cfg, group_by_shots(chunks, results))

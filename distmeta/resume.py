@@ -22,8 +22,8 @@ from distmeta.checkpoint import (
     step_name,
 )
 from distmeta.config import Config, ConfigError, config_from_dict, load_config
-from distmeta.data.shards import MANIFEST, dataset_fingerprint
 from distmeta.runfolder import claim, release
+from distmeta.tasks import SOURCES
 
 # Settings a resumed run may change: where and how it runs, how long, what it logs.
 CHANGEABLE = (
@@ -51,7 +51,7 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
     _check_resumable(location, state)
     base = config_from_dict(state["config"])
     cfg = load_config(None, overrides, settings=settings, base=base.to_dict())
-    check_shards(base, cfg)  # a moved dataset is accepted at its new path if it is the same data
+    check_same_data(base, cfg)  # a moved dataset is accepted at its new path if it is the same data
     changed = _changed(base.to_dict(), cfg.to_dict())
     refused = [key for key in changed if not key.startswith(CHANGEABLE) and key != "task.shards"]
     if refused:
@@ -94,31 +94,13 @@ def _check_resumable(location: str, state: dict) -> None:
         )
 
 
-def check_shards(saved: Config, cfg: Config) -> None:
-    """The shards ``cfg`` names hold the data of the run ``saved`` came from: at the stored path,
-    or at a new one (``task.shards=NEWPATH``, after the data moved) with the same fingerprint."""
-    if cfg.task.source != "shards":
-        return
-    where, moved = cfg.task.shards, cfg.task.shards != saved.task.shards
-    if not (Path(where) / MANIFEST).is_file():
-        raise ConfigError(
-            f"the run's shards are not at task.shards={where} (no {os.path.abspath(os.path.join(where, MANIFEST))})"
-            + ("" if moved else ": if they moved, pass task.shards=NEWPATH (checked to hold the same data)")
-        )
-    expected = saved.task.shards_fingerprint
-    if not expected:
-        if moved:
-            raise ConfigError(
-                f"this run's checkpoint predates dataset fingerprints, so the shards at task.shards={where} cannot "
-                f"be checked to be its data; put them back at {saved.task.shards} (relative to where it ran)"
-            )
-        return
-    found = dataset_fingerprint(where)
-    if found != expected:
-        raise ConfigError(
-            f"the shards at task.shards={where} are not the data this run was trained on (fingerprint {found[:12]}..., "
-            f"the run's {expected[:12]}...): pass task.shards=PATH of the same shards"
-        )
+def check_same_data(saved: Config, cfg: Config) -> None:
+    """The data ``cfg`` names is that of the run ``saved`` came from, for a source whose data is
+    fingerprinted (its ``check_same_data``: shards may have moved to a new path); others have no
+    data to check."""
+    source = SOURCES.get(cfg.task.source)  # an unknown name is for check_run (or the refused change) to report
+    if source is not None and source.fingerprinted:
+        source.check_same_data(saved.task, cfg.task)
 
 
 def _locate(target: str, cfg: Config) -> tuple[str, Path, dict]:

@@ -22,19 +22,27 @@ import dataclasses
 import json
 import secrets
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import ray
 
 from distmeta.algorithms import initial_parameters
 from distmeta.assemble import check_run
-from distmeta.checkpoint import BestCheckpoint, CheckpointStore, checkpoint_location, load_checkpoint, step_name
+from distmeta.checkpoint import (
+    BestCheckpoint,
+    CheckpointStore,
+    checkpoint_location,
+    load_checkpoint,
+    probe_write,
+    step_name,
+)
 from distmeta.config import Config, ConfigError
-from distmeta.data.shards import dataset_fingerprint
 from distmeta.evaluate import (
     EvalRow,
     check_evaluation,
@@ -44,7 +52,7 @@ from distmeta.evaluate import (
     protocol,
     submit_evaluation,
 )
-from distmeta.resume import check_shards
+from distmeta.resume import check_same_data
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
 from distmeta.runtime.control import Schedule, StepControl, StepMetrics
@@ -54,7 +62,7 @@ from distmeta.runtime.supervisor import ActorLost, Supervisor
 from distmeta.runtime.task_generator import split_evenly
 from distmeta.runtime.watchdog import StepClock, StopOnSignal
 from distmeta.runtime.worker import step_seconds
-from distmeta.tasks import build_source
+from distmeta.tasks import SOURCES, build_source
 
 
 @dataclass
@@ -68,6 +76,21 @@ class TrainResult:
     train_s: float  # the training steps alone: from the first submission to the last update
     wall_s: float  # everything: actors, training, checkpoint, final evaluation
     recoveries: int  # faults recovered from
+
+
+class InFlightCall(NamedTuple):
+    """A call of the synchronous loop whose metrics are not read yet."""
+
+    controls: list[StepControl]  # its steps, in order
+    handle: object  # what the engine's result() reads them from
+
+
+class PendingValidation(NamedTuple):
+    """A validation running in the background on the parameters after ``at`` steps."""
+
+    at: int
+    params: np.ndarray
+    pending: list  # submit_evaluation's chunks and their result refs
 
 
 class RunInterrupted(Exception):
@@ -125,13 +148,14 @@ def _checked_source(cfg: Config):
 
 
 def _with_data_fingerprint(cfg: Config) -> Config:
-    """The config with its shards' fingerprint recorded (so every checkpoint carries it, and the
-    run can find its data again at another path); a config that holds one already (a resumed run)
-    must find the same data."""
-    if cfg.task.source != "shards":
+    """The config with its data's fingerprint recorded, for a source whose data is fingerprinted
+    (so every checkpoint carries it, and the run can find its data again at another path); a
+    config that holds one already (a resumed run) must find the same data."""
+    source = SOURCES[cfg.task.source]  # check_run found it
+    if not source.fingerprinted:
         return cfg
-    check_shards(cfg, cfg)
-    found = dataset_fingerprint(cfg.task.shards)
+    check_same_data(cfg, cfg)
+    found = source.data_fingerprint(cfg.task)
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, shards_fingerprint=found))
 
 
@@ -160,9 +184,7 @@ def _checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStor
     fresh run is known not to overwrite another run's checkpoints."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".distmeta-write-probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_write(run_dir)
     except OSError as err:
         raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
     store = CheckpointStore(checkpoint_location(cfg, run_dir))
@@ -204,7 +226,8 @@ def _train(
         print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
     print(protocol(cfg, "test", cfg.eval.num_tasks), flush=True)
-    rows = collect_evaluation(cfg, submit_evaluation(placed, final_params, "test", final=True), progress=True)
+    pending = submit_evaluation(placed, final_params, "test", final=True)
+    rows = collect_evaluation(cfg, pending, progress=sys.stdout)  # the run's log, beside the training progress line
     monitor.log_eval(t.steps, "test", rows)
     print(format_rows(rows), flush=True)
     monitor.close(rows)
@@ -246,12 +269,12 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
     """Submit steps up to ``max_inflight_steps`` ahead of the one whose metrics are read next."""
     c, t, schedule = cfg.cluster, cfg.train, Schedule.of(cfg.train)
     clock = StepClock(c.step_timeout_s, c.straggler_factor)
-    in_flight: deque[tuple[list[StepControl], object]] = deque()  # each call's steps, and its handle
+    in_flight: deque[InFlightCall] = deque()
     while True:
         try:
             if supervisor.rejoin_ready():  # a lost worker is back: finish what is in flight, re-split
                 while in_flight:
-                    results.handle_all(supervisor.engine.result(in_flight.popleft()[1], clock.timeout()))
+                    results.handle_all(supervisor.engine.result(in_flight.popleft().handle, clock.timeout()))
                 supervisor.close()
                 next_step = supervisor.start()
                 clock.restart()
@@ -259,7 +282,7 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
             stopping = stop.requested() and schedule.logs(next_step)
             while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
                 controls = schedule.controls(next_step, c.steps_per_call, supervisor.generation)
-                in_flight.append((controls, supervisor.engine.submit(controls)))
+                in_flight.append(InFlightCall(controls, supervisor.engine.submit(controls)))
                 next_step += len(controls)
                 stopping = stop.requested() and schedule.logs(next_step)
             if not in_flight:
@@ -271,8 +294,8 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
             clock.tick(len(controls))
             results.collect_evaluations()
         except Exception as err:  # a fault is recovered from; anything else propagates from recover()
-            failed = in_flight[0][0][0].step if in_flight else next_step
-            dropped = [handle for _, handle in in_flight]
+            failed = in_flight[0].controls[0].step if in_flight else next_step
+            dropped = [call.handle for call in in_flight]
             in_flight.clear()
             next_step = results.recover(supervisor, err, failed)
             _read_outcomes(dropped)
@@ -315,7 +338,7 @@ class StepResults:
 
     def __init__(self, cfg: Config, monitor: Monitor, store: CheckpointStore, best: BestCheckpoint):
         self.cfg, self.monitor, self.store, self.best = cfg, monitor, store, best
-        self.evaluations: deque[tuple[int, np.ndarray, list]] = deque()
+        self.evaluations: deque[PendingValidation] = deque()
         self.evaluated: set[int] = set()
         self.rejected_in_a_row = 0
 
@@ -352,11 +375,12 @@ class StepResults:
         if metrics.params is not None and at not in self.evaluated:  # a snapshot for validation, off the critical path
             params, metrics.params = metrics.params, None
             self.evaluated.add(at)
-            self.evaluations.append((at, params, submit_evaluation(self.cfg, params, "val", t.eval_tasks)))
+            pending = submit_evaluation(self.cfg, params, "val", t.eval_tasks)
+            self.evaluations.append(PendingValidation(at, params, pending))
 
     def collect_evaluations(self) -> None:
         """Log the validations that have finished, in order."""
-        while self.evaluations and evaluation_ready(self.evaluations[0][2]):
+        while self.evaluations and evaluation_ready(self.evaluations[0].pending):
             at, params, pending = self.evaluations.popleft()
             self.best.offer(at, params, self.monitor.log_eval(at, "val", collect_evaluation(self.cfg, pending)))
 

@@ -76,7 +76,7 @@ def test_the_server_applies_fresh_updates_and_drops_or_scales_stale_ones(tmp_pat
     store.write(step_name(5), checkpoint_state(cfg, [server.state()]))  # the stream's cursor: after draw 7
     state = store.read(step_name(5))
     assert state["task_stream"]["next_draw"] == 8
-    assert ParameterServer(cfg, np.zeros(3), str(tmp_path / "checkpoints")).status()["next_draw"] == 8
+    assert ParameterServer(cfg, np.zeros(3), str(tmp_path / "checkpoints")).status().next_draw == 8
 
 
 def test_a_non_finite_asynchronous_update_is_rejected(tmp_path):
@@ -200,7 +200,7 @@ def test_the_worker_result_carries_what_the_server_needs():
     from distmeta.runtime.worker import Worker
 
     cfg = small("train.mode=async")
-    generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], start_step=5, stride=3)
+    generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], start_draw=5, stride=3)
     first, second = generator.next_batch(), generator.next_batch()
     assert (first.draw, second.draw) == (5, 8)
     params = initial_parameters(cfg, build_source(cfg.task))

@@ -20,7 +20,7 @@ from distmeta.checkpoint import (
     step_name,
 )
 from distmeta.config import load_config
-from distmeta.runtime.control import Rejection, StepControl, WorkerTiming, WorkerUpdate
+from distmeta.runtime.control import MetaOptimizerStatus, Rejection, StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.parameter_server import ParameterServer
 
@@ -129,7 +129,7 @@ def test_the_server_restores_parameters_optimizer_step_and_rng_from_its_newest_c
     store.prune(2)
     expected_draw = torch.rand(3)
     restarted = ParameterServer(cfg, np.zeros(4), str(tmp_path))
-    assert restarted.status() == {"step": 3, "restored_from": str(tmp_path / step_name(3)), "next_draw": 3}
+    assert restarted.status() == MetaOptimizerStatus(step=3, restored_from=str(tmp_path / step_name(3)), next_draw=3)
     np.testing.assert_array_equal(restarted.parameters(), server.parameters())
     assert torch.equal(torch.rand(3), expected_draw)  # the process RNG continues where it was saved
     moments = restarted.meta.optimizer.state_dict()["state"][0]
@@ -150,5 +150,5 @@ def test_a_step_with_a_non_finite_update_is_rejected_whole_and_reported(tmp_path
     metrics = server.apply(StepControl(0), result(0, 0, [1.0, 1.0, 1.0]), result(1, 4, [1.0, np.inf, 1.0]))
     assert metrics.rejected == [Rejection(rank=1, tasks=(4, 8))]
     np.testing.assert_array_equal(server.parameters(), np.ones(3))  # nothing applied, not even worker 0's part
-    assert server.status()["step"] == 1 and server.meta.rejected_steps == [0]
+    assert server.status().step == 1 and server.meta.rejected_steps == [0]
     assert server.meta.optimizer.state_dict()["state"] == {}  # Adam never stepped

@@ -80,7 +80,7 @@ def test_slices_cover_the_step_batch_whatever_the_split(workers, generators):
     assert sorted(r for block in blocks for r in block) == list(range(workers)) and len(blocks) == generators
     parts = {}
     for ranks in blocks:  # each generator builds only its own block's tasks
-        generator = TaskGenerator(cfg, shares, ranks, start_step=5)
+        generator = TaskGenerator(cfg, shares, ranks, start_draw=5)
         assert generator.part.stop - generator.part.start == sum(shares[r] for r in ranks)
         parts |= {rank: generator.batch_for(StepControl(5), rank) for rank in ranks}
     for name in ("support_x", "query_x", "query_y"):
@@ -90,7 +90,7 @@ def test_slices_cover_the_step_batch_whatever_the_split(workers, generators):
 
 def test_prefetch_queue_is_bounded_and_ordered():
     cfg = load_config(None, ["cluster.prefetch_batches=3"])
-    generator = TaskGenerator(cfg, [25], [0], start_step=10)
+    generator = TaskGenerator(cfg, [25], [0], start_draw=10)
     time.sleep(0.5)
     assert generator.ready.qsize() == 3  # filled ahead, but no further
     assert generator.batch_for(StepControl(10), 0).support_x.shape[0] == 25

@@ -33,7 +33,14 @@ import torch.distributed as dist
 
 from distmeta.checkpoint import CheckpointStore
 from distmeta.config import Config
-from distmeta.runtime.control import Rejection, StepControl, StepMetrics, WorkerTiming, WorkerUpdate
+from distmeta.runtime.control import (
+    MetaOptimizerStatus,
+    Rejection,
+    StepControl,
+    StepMetrics,
+    WorkerTiming,
+    WorkerUpdate,
+)
 from distmeta.runtime.meta_optimizer import MetaOptimizer
 
 
@@ -151,8 +158,8 @@ class GroupMember:
             for control, tasks in zip(controls, batches)
         ]
 
-    def replica_status(self) -> dict:
-        """Where this worker's copy stands (as ``ParameterServer.status``)."""
+    def replica_status(self) -> MetaOptimizerStatus:
+        """Where this worker's copy stands (``MetaOptimizer.status``, as a parameter server answers)."""
         return self.replica.meta.status()
 
     def replica_state(self) -> dict:

@@ -2,7 +2,8 @@
 
 ``StepControl`` drives a step through the actors; each worker answers with a ``WorkerUpdate`` (the
 sums over its tasks); the parameter server answers with ``StepMetrics``. Their arrays stay numpy,
-so Ray moves them zero-copy.
+so Ray moves them zero-copy. Between steps the supervisor asks a meta-optimizer (the parameter
+server's, or an all-reduce worker's copy) where it stands: a ``MetaOptimizerStatus``.
 """
 
 from __future__ import annotations
@@ -134,8 +135,18 @@ class StepMetrics:
     apply_finished: float = 0.0
     params: np.ndarray | None = None  # the parameters after the step, when the control asked to publish
     checkpoint: str | None = None  # the checkpoint the control asked for
-    state: dict | list | None = None  # the server's state for it (a list of the shards' once joined)
+    state: dict | list | None = None  # MetaOptimizer.state for it (a list of the shards' once joined)
     # asynchronous mode: how many versions old the update's parameters were, the scale of its step
     staleness: int | None = None
     scale: float = 1.0
     dropped: bool = False  # too stale: not applied
+
+
+@dataclass(frozen=True)
+class MetaOptimizerStatus:
+    """Where a meta-optimizer stands (``MetaOptimizer.status``); the defaults are a parameter server's
+    that awaits its initial parameters."""
+
+    step: int = 0  # the step due next (the parameters' version)
+    restored_from: str | None = None  # the checkpoint it started from, if any
+    next_draw: int = 0  # the task stream's next batch not yet seen in an update (the stream's cursor)

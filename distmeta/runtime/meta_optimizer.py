@@ -27,7 +27,7 @@ import torch
 from distmeta.checkpoint import CheckpointError, CheckpointStore, checkpoint_record
 from distmeta.config import Config
 from distmeta.params import DTYPES
-from distmeta.runtime.control import Rejection, StepMetrics, WorkerUpdate
+from distmeta.runtime.control import MetaOptimizerStatus, Rejection, StepMetrics, WorkerUpdate
 
 
 class MetaOptimizer:
@@ -85,9 +85,9 @@ class MetaOptimizer:
         """The task stream's next batch not yet seen in an update (checkpointed as its cursor)."""
         return self.last_draw + 1 if self.cfg.train.mode == "async" else self.step
 
-    def status(self) -> dict:
+    def status(self) -> MetaOptimizerStatus:
         """Where it stands: the step due next, the checkpoint it started from, the stream's cursor."""
-        return {"step": self.step, "restored_from": self.restored_from, "next_draw": self.next_draw()}
+        return MetaOptimizerStatus(self.step, self.restored_from, self.next_draw())
 
     def check_step(self, step: int, results: tuple[WorkerUpdate, ...] | list[WorkerUpdate]) -> None:
         """Synchronous mode: raise unless ``results`` are all updates for ``step``, the one due next."""
@@ -151,9 +151,10 @@ class MetaOptimizer:
             "params": self.theta.detach().clone(),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not the live moments
             "step": self.step,
-            # Training draws its randomness from (seed, stream, step) alone: the cursor below is the
-            # task stream's whole state. The process RNGs ride along for code that draws from them.
-            # (asynchronous mode: the next batch of the stream not yet seen in an update)
+            # Training draws its randomness from (seed, stream, draw) alone: the cursor next_draw (in
+            # asynchronous mode the next batch of the stream not yet seen in an update) is the task
+            # stream's whole state. next_step repeats "step" and nothing reads it: it stays, so the
+            # file format does. The process RNGs ride along for code that draws from them.
             "task_stream": {"seed": self.cfg.train.seed, "next_step": self.step, "next_draw": self.next_draw()},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "rejected_steps": self.rejected_steps,

@@ -102,7 +102,8 @@ class Monitor:
         self.updates: dict[int, int] = defaultdict(int)  # per worker rank
 
     def record(self, m: StepMetrics) -> None:
-        """One step's metrics from ``ParameterServer.apply`` (or ``push``, asynchronous mode)."""
+        """One step's metrics from its meta-optimizer (``MetaOptimizer.apply``, through the parameter
+        server's ``apply`` or ``push`` in asynchronous mode, or the first all-reduce worker's copy)."""
         if m.staleness is not None:
             self.staleness.append(m.staleness)
             self.recent_staleness.append(m.staleness)

@@ -25,7 +25,7 @@ import numpy as np
 
 from distmeta.checkpoint import CheckpointStore
 from distmeta.config import Config
-from distmeta.runtime.control import Schedule, StepControl, StepMetrics, WorkerUpdate
+from distmeta.runtime.control import MetaOptimizerStatus, Schedule, StepControl, StepMetrics, WorkerUpdate
 from distmeta.runtime.meta_optimizer import MetaOptimizer
 
 
@@ -62,11 +62,11 @@ class ParameterServer:
         """The step applied next (the parameters' version)."""
         return self.meta.step if self.meta else 0
 
-    def status(self) -> dict:
+    def status(self) -> MetaOptimizerStatus:
         """Where the server stands: the step it expects next, the checkpoint it started from, and in
         asynchronous mode the task stream's next unseen batch."""
         if self.meta is None:
-            return {"step": 0, "restored_from": None, "next_draw": 0}
+            return MetaOptimizerStatus()
         return self.meta.status()
 
     def begin_generation(self, generation: int, initial: list | None = None) -> int:

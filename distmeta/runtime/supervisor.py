@@ -135,14 +135,14 @@ class Supervisor:
             ray.kill(generator)
         if t.mode == "async":  # every worker takes whole meta-batches from one stream, dealt out in turn
             self.shares = [t.meta_batch_size] * len(self.live)
-            first = ray.get(self.servers[0].status.remote(), timeout=c.step_timeout_s)["next_draw"]
+            next_draw = ray.get(self.servers[0].status.remote(), timeout=c.step_timeout_s).next_draw
             self.generators = [
                 ray.remote(TaskGenerator)
                 .options(**self.service)
-                .remote(self.cfg, [t.meta_batch_size], [0], first + g, stride=len(blocks))
+                .remote(self.cfg, [t.meta_batch_size], [0], start_draw=next_draw + g, stride=len(blocks))
                 for g in range(len(blocks))
             ]
-        else:
+        else:  # step t takes draw t: the generators start at the step
             self.shares = split_evenly(t.meta_batch_size, len(self.live))
             self.generators = [
                 ray.remote(TaskGenerator).options(**self.service).remote(self.cfg, self.shares, positions, step)
@@ -216,8 +216,8 @@ class Supervisor:
 
     def restored_from(self) -> str | None:
         if self.group:
-            return self.group.first_copy(self.live, "replica_status")["restored_from"]
-        return ray.get(self.servers[0].status.remote())["restored_from"]
+            return self.group.first_copy(self.live, "replica_status").restored_from
+        return ray.get(self.servers[0].status.remote()).restored_from
 
     def rejoin_ready(self) -> bool:
         """True if a worker that left the split is back (the caller drains its steps and restarts)."""

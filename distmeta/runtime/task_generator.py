@@ -1,14 +1,15 @@
 """Task generation: an actor that builds each step's meta-batch ahead of the workers.
 
-The batch of step t depends only on (seed, t), so a step's data is the same whatever the number
-of generators or workers, and resuming needs only the next step (the cursor). A background thread
-fills a bounded queue (``prefetch_batches`` steps deep) with the slices of the workers this
-generator serves, so by the time a worker asks for step t, its tasks are usually ready. Each
-generator serves a contiguous block of workers and builds only that block's tasks.
+The task stream's batch ``draw`` depends only on (seed, draw), and synchronous step t takes draw t,
+so a step's data is the same whatever the number of generators or workers, and resuming needs only
+the next draw (the cursor). A background thread fills a bounded queue (``prefetch_batches`` draws
+deep) with the slices of the workers this generator serves, so by the time a worker asks for step
+t, its tasks are usually ready. Each generator serves a contiguous block of workers and builds only
+that block's tasks.
 
 In asynchronous mode (``train.mode=async``) a worker takes whole meta-batches as they come
-(``next_batch``); the stream's batches are the synchronous steps' (batch t from (seed, t)), and
-``G`` generators deal them out in turn: generator g builds batches g, g + G, g + 2G, ...
+(``next_batch``); the stream's batches are the synchronous steps' (draw t from (seed, t)), and
+``G`` generators deal them out in turn: generator g builds draws g, g + G, g + 2G, ...
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ class TaskGenerator:
         cfg: Config,
         shares: list[int],
         ranks: list[int],
-        start_step: int = 0,
+        start_draw: int = 0,
         prefetch: bool = True,
         stride: int = 1,
     ):
         """Serve workers ``ranks`` (contiguous) their ``shares[rank]`` tasks of every ``stride``-th
-        step from ``start_step`` on."""
+        draw of the task stream from ``start_draw`` on."""
         if ranks != list(range(ranks[0], ranks[-1] + 1)):
             raise ValueError(f"a task generator serves a contiguous block of workers, not {ranks}")
         self.cfg, self.shares, self.ranks = cfg, shares, ranks
@@ -69,44 +70,45 @@ class TaskGenerator:
         self.part = slice(bounds[ranks[0]], bounds[ranks[-1] + 1])  # this generator's tasks of each step
         self.bounds = {rank: (bounds[rank] - self.part.start, bounds[rank + 1] - self.part.start) for rank in ranks}
         self.ready: queue.Queue = queue.Queue(maxsize=cfg.cluster.prefetch_batches)
-        self.current_step, self.current = -1, {}
-        self.next_step, self.stride = start_step, stride
+        self.current_draw, self.current = -1, {}
+        self.next_draw, self.stride = start_draw, stride
         self.failure: TaskGenerationError | None = None  # the producer's error, once it has stopped on one
         if prefetch:
             threading.Thread(target=self._produce, daemon=True, name="task-prefetch").start()
 
-    def build(self, step: int) -> dict[int, TaskBatch]:
-        """The slices of step ``step``'s meta-batch for this generator's workers."""
+    def build(self, draw: int) -> dict[int, TaskBatch]:
+        """The slices of the task stream's meta-batch ``draw`` for this generator's workers."""
         task = self.cfg.task
-        rng = task_rng(self.cfg.train.seed, "train", step)
+        rng = task_rng(self.cfg.train.seed, "train", draw)
         batch = self.source.sample(rng, sum(self.shares), "train", task.shots, task.queries, self.part)
-        batch.produced_at, batch.first_task, batch.draw = time.time(), self.part.start, step
+        batch.produced_at, batch.first_task, batch.draw = time.time(), self.part.start, draw
         return {rank: batch.slice(*self.bounds[rank]) for rank in self.ranks}
 
     def _produce(self) -> None:
-        step = self.next_step
+        draw = self.next_draw
         while True:
             try:
-                item = (step, self.build(step))
-            except Exception as err:
-                message = f"the task generator could not build step {step}: {type(err).__name__}: {err}"
+                item = (draw, self.build(draw))
+            except Exception as err:  # "step": a synchronous run's step t is draw t, and users read steps
+                message = f"the task generator could not build step {draw}: {type(err).__name__}: {err}"
                 kind = BadTaskData if isinstance(err, ShardError | ConfigError) else TaskGenerationError
-                item = (step, kind(message).with_traceback(err.__traceback__))
+                item = (draw, kind(message).with_traceback(err.__traceback__))
             self.ready.put(item)  # blocks while the queue is full: the bound on prefetching
             if isinstance(item[1], Exception):
                 return
-            step += self.stride
+            draw += self.stride
 
     def batch_for(self, control: StepControl, rank: int) -> TaskBatch:
-        """Worker ``rank``'s tasks for ``control.step``; steps are asked for in order, except when Ray
-        re-runs a call to rebuild a lost object, which gets the step rebuilt."""
-        if control.step < self.current_step:
+        """Worker ``rank``'s tasks for ``control.step`` (synchronous mode: step t takes draw t);
+        steps are asked for in order, except when Ray re-runs a call to rebuild a lost object,
+        which gets the draw rebuilt."""
+        if control.step < self.current_draw:
             return self.build(control.step)[rank]
-        if control.step != self.current_step:
-            step, slices = self._next_ready()
-            if step != control.step:
-                raise RuntimeError(f"task generator produced step {step} but step {control.step} was asked for")
-            self.current_step, self.current = step, slices
+        if control.step != self.current_draw:
+            draw, slices = self._next_ready()
+            if draw != control.step:
+                raise RuntimeError(f"task generator produced step {draw} but step {control.step} was asked for")
+            self.current_draw, self.current = draw, slices
         return self.current[rank]
 
     def batches_for(self, controls: list[StepControl], rank: int) -> list[TaskBatch]:
@@ -119,13 +121,13 @@ class TaskGenerator:
         return slices[self.ranks[0]]
 
     def _next_ready(self) -> tuple[int, dict[int, TaskBatch]]:
-        """The next step the producer built. Once it has stopped on an error, every later call
+        """The next draw the producer built (its index and slices). Once it has stopped on an error, every later call
         raises that error too: the queue stays empty, and a call waiting on it would hold up the
         run's teardown (a compiled graph waits for each actor's loop to finish its call)."""
         if self.failure is None:
-            step, slices = self.ready.get()
+            draw, slices = self.ready.get()
             if isinstance(slices, TaskGenerationError):
                 self.failure = slices
         if self.failure is not None:
             raise self.failure
-        return step, slices
+        return draw, slices

@@ -118,6 +118,15 @@ def step_seconds(cfg: Config, above_s: float) -> float:
         torch.set_num_threads(threads)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreTrajectory:
+    """``Worker.evaluate``'s answer: per-task query scores after 0, 1, ..., max inner steps,
+    ``[T, max + 1]`` each, NaN after the steps not scored (numpy: Ray moves them zero-copy)."""
+
+    loss: np.ndarray
+    accuracy: np.ndarray | None = None  # classification only
+
+
 class Worker(GroupMember):
     def __init__(
         self, cfg: Config, rank: int = 0, device: torch.device | None = None, data: tuple[DataSpec, str] | None = None
@@ -181,9 +190,8 @@ class Worker(GroupMember):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> dict[str, np.ndarray]:
-        """Per-task query metrics after 0..max(``steps``) inner steps, ``[T, max + 1]`` each, scored
-        after 0 and each of ``steps`` (NaN elsewhere)."""
+    def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> ScoreTrajectory:
+        """Per-task query scores after 0..max(``steps``) inner steps, scored after 0 and each of ``steps``."""
         trajectory = self.algorithm.batch_trajectory(
             self._params(flat_params),
             tasks.to_torch(self.device, self.dtype),
@@ -193,4 +201,5 @@ class Worker(GroupMember):
             # without BatchNorm there are no batch statistics: one query batch is the same
             transductive=self.cfg.eval.transductive or not type(self.algorithm.model).batch_norm,
         )
-        return {name: values.cpu().numpy() for name, values in trajectory.items()}
+        scores = {name: values.cpu().numpy() for name, values in trajectory.items()}
+        return ScoreTrajectory(scores["loss"], scores.get("accuracy"))

@@ -1,13 +1,14 @@
 """Task sources: where episodes come from.
 
 A source turns a numpy ``Generator`` into a ``TaskBatch`` of independent tasks. It is pure and
-deterministic, so the task-generation actor can rebuild the batch of any step from (seed, step)
+deterministic, so the task-generation actor can rebuild any batch of the stream from (seed, draw)
 and a run's data does not depend on how many actors serve it. ``part`` asks for a contiguous slice
 of the batch: the random draws still cover the whole batch (so the slice is exactly those tasks of
 the whole), but only the slice's data is built, so several generators split the work. To add a
-dataset, write a source with what ``TaskSource`` below lists (``kind``, ``spec``, ``splits``,
-``check_options``, ``check``, ``sample``) and a ``from_config(cfg)`` classmethod, which
-``build_source`` calls, and register it in ``SOURCES``.
+dataset, write a source with what ``TaskSource`` below lists (``kind``, ``fingerprinted``, ``spec``,
+``splits``, ``check_options``, ``check``, ``sample``; a fingerprinted one also ``data_fingerprint``
+and ``check_same_data``) and a ``from_config(cfg)`` classmethod, which ``build_source`` calls, and
+register it in ``SOURCES``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from distmeta.tasks.synthetic import SyntheticClasses
 
 class TaskSource(Protocol):
     kind: str  # "regression" or "classification"
+    # whether its data is files that a run records the fingerprint of (``task.shards_fingerprint``),
+    # so that a resumed or evaluated run finds the same data, also where it has moved to
+    fingerprinted: bool
 
     @property
     def spec(self) -> DataSpec: ...
@@ -45,10 +49,15 @@ class TaskSource(Protocol):
     ) -> TaskBatch:
         """Tasks ``part`` of a batch of ``num_tasks``: equal to ``sample(...)[part]``."""
 
+    # A fingerprinted source also has, as classmethods on the task options (``TaskConfig``):
+    #   data_fingerprint(cfg) -> str: the fingerprint of the data the options name
+    #   check_same_data(saved, cfg) -> None: raise a ``ConfigError`` unless the options ``cfg`` name
+    #     the data of the run whose options were ``saved`` (at the same path, or a new one)
+
 
 SOURCES = {"sinusoid": Sinusoid, "synthetic": SyntheticClasses, "shards": ShardEpisodes}
 
-# Disjoint random streams: training batches come from (seed, TRAIN, step), held-out evaluation
+# Disjoint random streams: training batches come from (seed, TRAIN, draw), held-out evaluation
 # tasks from (eval seed, EVAL, index), so evaluation never sees a training task's randomness.
 STREAMS = {"train": 0, "val": 1, "test": 2}
 

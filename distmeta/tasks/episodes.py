@@ -7,10 +7,13 @@ degrees as three new classes (Santoro et al., 2016; Finn et al., 2017).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from distmeta.config import ConfigError
-from distmeta.data.shards import ShardedDataset, ShardError
+from distmeta.data.shards import MANIFEST, ShardedDataset, ShardError, dataset_fingerprint
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
 
@@ -34,6 +37,7 @@ def distinct_choices(rng: np.random.Generator, rows: int, k: int, n: int) -> np.
 
 class ShardEpisodes:
     kind = "classification"
+    fingerprinted = True  # a run records its shards' fingerprint, and finds them by it (check_same_data)
 
     def __init__(
         self, root: str, scheme: str, ways: int, rotations: bool, verify: bool = True, map_shards_mb: int = 256
@@ -57,6 +61,37 @@ class ShardEpisodes:
         """Before any file is read: the task options name a shard folder."""
         if not cfg.shards:
             raise ConfigError("task.source=shards needs task.shards=DIR, a folder written by `distmeta data build`")
+
+    @classmethod
+    def data_fingerprint(cls, cfg) -> str:
+        """The fingerprint of the shards the task options name (``dataset_fingerprint``)."""
+        return dataset_fingerprint(cfg.shards)
+
+    @classmethod
+    def check_same_data(cls, saved, cfg) -> None:
+        """The shards the task options ``cfg`` name hold the data of the run whose options were
+        ``saved``: at the stored path, or at a new one (``task.shards=NEWPATH``, after the data
+        moved) with the same fingerprint."""
+        where, moved = cfg.shards, cfg.shards != saved.shards
+        if not (Path(where) / MANIFEST).is_file():
+            raise ConfigError(
+                f"the run's shards are not at task.shards={where} (no {os.path.abspath(os.path.join(where, MANIFEST))})"
+                + ("" if moved else ": if they moved, pass task.shards=NEWPATH (checked to hold the same data)")
+            )
+        expected = saved.shards_fingerprint
+        if not expected:
+            if moved:
+                raise ConfigError(
+                    f"this run's checkpoint predates dataset fingerprints, so the shards at task.shards={where} "
+                    f"cannot be checked to be its data; put them back at {saved.shards} (relative to where it ran)"
+                )
+            return
+        found = cls.data_fingerprint(cfg)
+        if found != expected:
+            raise ConfigError(
+                f"the shards at task.shards={where} are not the data this run was trained on (fingerprint "
+                f"{found[:12]}..., the run's {expected[:12]}...): pass task.shards=PATH of the same shards"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> ShardEpisodes:

@@ -11,6 +11,7 @@ from distmeta.tasks.batch import TaskBatch
 
 class Sinusoid:
     kind = "regression"
+    fingerprinted = False  # procedural: no data files to find again
     spec = DataSpec(input_shape=(1,), output_dim=1)
     splits = ("train", "val", "test")
 

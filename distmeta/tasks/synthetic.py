@@ -16,6 +16,7 @@ _NOISE = 48.0
 
 class SyntheticClasses:
     kind = "classification"
+    fingerprinted = False  # generated from fixed seeds: no data files to find again
     splits = ("train", "val", "test")
 
     def __init__(self, num_classes: int, ways: int, channels: int, image_size: int):
