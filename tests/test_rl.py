@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distmeta.params import ParamLayout, flat_parameters
-from distmeta.rl.envs import Navigation2D, TabularMDP
+from distmeta.rl.envs import CartPoleMass, Navigation2D, PendulumMass, TabularMDP
 from distmeta.rl.episodes import (
     BASELINE_REGULARISATION,
     Episodes,
@@ -338,3 +338,56 @@ def test_shares_of_the_meta_batch_give_the_same_steps():
     assert not torch.equal(thetas[0], LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64).theta)
     for theta in thetas[1:]:
         torch.testing.assert_close(theta, thetas[0], rtol=1e-10, atol=1e-12)
+
+
+# --- classic control with random dynamics (gymnasium) -------------------------------------------
+
+
+def test_cartpole_mass_steps_by_the_equations_of_motion_with_the_tasks_masses():
+    """One Euler step of the cart-pole (Florian, 2007, as gymnasium integrates it) with the task's cart
+    and pole masses, written out here."""
+    cart, pole, half_length, gravity, force, tau = 1.7, 0.15, 0.5, 9.8, 10.0, 0.02
+    env = CartPoleMass(np.array([[cart, pole]]), 1, generators(0, 1))
+    x, x_dot, angle, angle_dot = env.reset()[0, 0]
+    observation, reward, done = env.step(np.array([[1]]))  # push right
+    total = cart + pole
+    temp = (force + pole * half_length * angle_dot**2 * np.sin(angle)) / total
+    angle_acc = (gravity * np.sin(angle) - np.cos(angle) * temp) / (
+        half_length * (4 / 3 - pole * np.cos(angle) ** 2 / total)
+    )
+    x_acc = temp - pole * half_length * angle_acc * np.cos(angle) / total
+    expected = [x + tau * x_dot, x_dot + tau * x_acc, angle + tau * angle_dot, angle_dot + tau * angle_acc]
+    np.testing.assert_allclose(observation[0, 0], expected, rtol=1e-5, atol=1e-7)  # gymnasium's float32
+    assert reward[0, 0] == 1.0 and not done[0, 0]
+
+
+def test_pendulum_mass_steps_with_the_tasks_mass_and_length():
+    mass, length, torque, dt = 1.6, 0.7, 1.5, 0.05
+    env = PendulumMass(np.array([[mass, length]]), 1, generators(0, 1))
+    cos, sin, speed = env.reset()[0, 0]
+    observation, reward, _ = env.step(np.array([[[torque]]]))  # [tasks, episodes, action_dim]
+    angle = np.arctan2(sin, cos)
+    new_speed = speed + (3 * 10.0 / (2 * length) * np.sin(angle) + 3.0 / (mass * length**2) * torque) * dt
+    new_angle = angle + new_speed * dt
+    np.testing.assert_allclose(observation[0, 0], [np.cos(new_angle), np.sin(new_angle), new_speed], rtol=1e-5)
+    cost = ((angle + np.pi) % (2 * np.pi) - np.pi) ** 2 + 0.1 * speed**2 + 0.001 * torque**2
+    np.testing.assert_allclose(reward[0, 0], -cost, rtol=1e-5)
+
+
+@pytest.mark.parametrize("env", ["cartpole_mass", "pendulum_mass"])
+def test_maml_trpo_takes_a_step_on_classic_control(env):
+    loop = LocalMetaRL(env, MamlTrpoConfig(episodes_per_task=3), 2, hidden=(16,), dtype=F64)
+    metrics = loop.step(0)
+    assert metrics.accepted and metrics.kl <= 0.01
+    if env == "cartpole_mass":  # poles fall: episodes end at their own times, and are masked after
+        episodes = rollout(
+            loop.policy,
+            per_task(loop.layout.unflatten(loop.theta), 2),
+            loop.env,
+            loop.env.sample_tasks(np.random.default_rng(0), 2),
+            3,
+            generators(1, 2),
+        )
+        lengths = episodes.lengths
+        assert lengths.max() < 200 and lengths.min() < lengths.max()
+        assert torch.equal(episodes.returns(), lengths)  # a reward of 1 for each step the pole stood
