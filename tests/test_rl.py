@@ -26,6 +26,7 @@ from distmeta.rl.evaluate import adaptation_curve
 from distmeta.rl.local import LocalMetaRL
 from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoShare, MetaRLBatch
 from distmeta.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, per_task, policy_output
+from distmeta.rl.promp import ProMP, ProMPConfig, ProMPShare
 from distmeta.rl.trpo import MeanOverShares, conjugate_gradient, trust_region_step
 
 F64 = torch.float64
@@ -36,15 +37,15 @@ SHORT = type("ShortNavigation", (Navigation2D,), {"horizon": 20})  # 2-D navigat
 # --- references ------------------------------------------------------------------------------
 
 
-def expected_return(table_logits: torch.Tensor, task: np.ndarray) -> torch.Tensor:
+def expected_return(table_logits: torch.Tensor, task: np.ndarray, env: type[TabularMDP] = TINY) -> torch.Tensor:
     """A tabular policy's expected undiscounted return in ``task``, by dynamic programming over
     state distributions: differentiable in the policy's logits table [S, A]."""
-    transitions, rewards = (torch.as_tensor(t[0], dtype=F64) for t in TINY.tables(task[None]))
+    transitions, rewards = (torch.as_tensor(t[0], dtype=F64) for t in env.tables(task[None]))
     policy = torch.softmax(table_logits, -1)
-    state = torch.zeros(TINY.num_states, dtype=F64)
+    state = torch.zeros(env.num_states, dtype=F64)
     state[0] = 1.0
     total = torch.zeros((), dtype=F64)
-    for _ in range(TINY.horizon):
+    for _ in range(env.horizon):
         total = total + (state[:, None] * policy * rewards).sum()
         state = torch.einsum("s,sa,sap->p", state, policy, transitions)
     return total
@@ -210,7 +211,7 @@ def test_maml_meta_gradient_matches_the_derivative_of_the_adapted_return():
     for repeat in range(32):
         valid = rollout(policy, adapted, TINY, task, 2000, generators([9, repeat], 1))
         valid = with_rewards_to_go(valid)
-        batch = MetaRLBatch(task, [train], valid, policy_output(policy, adapted, valid.observations))
+        batch = MetaRLBatch(task, [train], valid)
         _, gradient = MamlTrpoShare(learner, layout, flat, batch).gradient_sum()  # one task: sum = mean
         samples.append(-TINY.horizon * gradient)  # the surrogate is a mean over the horizon's steps
     mean, error = estimate_and_error(torch.stack(samples))
@@ -247,7 +248,7 @@ def test_surrogate_gradient_matches_finite_differences(first_order):
             shift = {n: at_flat[n] - layout.unflatten(flat)[n] for n in at_flat}
             adapted = {n: p.expand_as(shift[n]) + shift[n] for n, p in layout.unflatten(point).items()}
         output = policy_output(learner.policy, adapted, batch.valid.observations)
-        new, old = learner.policy.distribution(output), learner.policy.distribution(batch.old_output)
+        new, old = learner.policy.distribution(output), learner.policy.distribution(batch.valid.behaviour)
         ratio = torch.exp(new.log_prob(batch.valid.actions) - old.log_prob(batch.valid.actions))
         return -batch.valid.step_mean(ratio * batch.valid.advantages).mean().detach()
 
@@ -391,3 +392,110 @@ def test_maml_trpo_takes_a_step_on_classic_control(env):
         lengths = episodes.lengths
         assert lengths.max() < 200 and lengths.min() < lengths.max()
         assert torch.equal(episodes.returns(), lengths)  # a reward of 1 for each step the pole stood
+
+
+# --- ProMP ---------------------------------------------------------------------------------------
+
+
+def per_task_leaves(theta: dict[str, torch.Tensor], num_tasks: int) -> dict[str, torch.Tensor]:
+    """Each task's own copy of theta as a leaf: gradients per task, and Hessians by rows."""
+    return {n: p.detach().expand(num_tasks, *p.shape).clone().requires_grad_() for n, p in theta.items()}
+
+
+def gradients_and_hessians(objective: torch.Tensor, params: dict[str, torch.Tensor]):
+    """Each task's gradient [T, P] and Hessian [T, P, P] of its entry of ``objective`` [T]."""
+    leaves = list(params.values())
+    grads = torch.cat([g.flatten(1) for g in torch.autograd.grad(objective.sum(), leaves, create_graph=True)], 1)
+    rows = [torch.autograd.grad(grads[:, i].sum(), leaves, retain_graph=True) for i in range(grads.shape[1])]
+    hessians = torch.stack([torch.cat([g.flatten(1) for g in row], 1) for row in rows], 1)
+    return grads.detach(), hessians
+
+
+def dice_objective(policy, params, episodes: Episodes) -> torch.Tensor:
+    """DiCE (Foerster et al., 2018), per task: the mean over episodes of sum_t magic(sum_{t' <= t}
+    log pi(a_t' | s_t')) r_t, magic(x) = exp(x - stop_gradient(x)); every derivative of it is an
+    unbiased estimate of the return's."""
+    log_prob = policy.distribution(policy_output(policy, params, episodes.observations)).log_prob(episodes.actions)
+    so_far = log_prob.cumsum(1)
+    return (torch.exp(so_far - so_far.detach()) * episodes.rewards).sum(1).mean(1)
+
+
+@pytest.mark.parametrize("horizon", [1, 4])
+def test_lvc_against_dice_and_the_exact_derivatives(horizon, capsys):
+    """ProMP's LVC inner objective against DiCE on tabular MDPs, over 400 batches of 50 episodes:
+    its gradient is DiCE's, sample by sample (both the policy gradient); its Hessian is DiCE's on a
+    one-step task; over 4 steps it drops the trajectory distribution's cross terms, so it is biased
+    (the paper's section 5) where DiCE's Hessian matches the exact one, with a smaller variance
+    (the ratio is printed)."""
+    env = TabularMDP.sized(num_states=3, num_actions=2, horizon=horizon)
+    policy, theta = tabular_policy(2)
+    batches, task = 400, env.sample_tasks(np.random.default_rng(13), 1)
+    learner = ProMP(ProMPConfig(), policy, env)
+    leaves = per_task_leaves(theta, batches)
+    episodes = rollout(policy, leaves, env, np.repeat(task, batches, 0), 50, generators(14, batches))
+    episodes = with_rewards_to_go(episodes)
+    lvc_grad, lvc_hessian = gradients_and_hessians(-env.horizon * learner.inner_loss(leaves, episodes), leaves)
+    dice_grad, dice_hessian = gradients_and_hessians(dice_objective(policy, leaves, episodes), leaves)
+    torch.testing.assert_close(lvc_grad, dice_grad, rtol=1e-10, atol=1e-12)
+
+    def expected(flat):  # the exact return of this task, a function of the flat parameters
+        return expected_return(table(ParamLayout.of(theta).unflatten(flat)), task[0], env)
+
+    exact = torch.autograd.functional.hessian(expected, flat_parameters(theta, F64))
+    dice_mean, dice_error = estimate_and_error(dice_hessian)
+    assert ((dice_mean - exact).abs() <= 4 * dice_error + 1e-10).all()
+    lvc_mean, lvc_error = estimate_and_error(lvc_hessian)
+    variance_ratio = float(dice_hessian.var(0).sum() / lvc_hessian.var(0).sum())
+    print(f"horizon {horizon}: Hessian variance DiCE / LVC = {variance_ratio:.2f}")
+    if horizon == 1:
+        torch.testing.assert_close(lvc_hessian, dice_hessian, rtol=1e-10, atol=1e-12)
+    else:
+        assert ((lvc_mean - exact).abs() > 6 * lvc_error).any()  # biased
+        assert variance_ratio > 1.5
+
+
+def promp_problem(seed=0) -> tuple[ProMP, ParamLayout, torch.Tensor, MetaRLBatch]:
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(2, 2, (6,), "tanh").to(F64)
+    learner = ProMP(ProMPConfig(episodes_per_task=4), policy, SHORT)
+    theta = {n: p.detach() for n, p in policy.named_parameters()}
+    batch = learner.collect(theta, SHORT.sample_tasks(np.random.default_rng(seed), 3), generators(seed + 1, 3))
+    return learner, ParamLayout.of(theta), flat_parameters(theta, F64), batch
+
+
+def test_promp_adapts_as_maml_where_the_episodes_were_collected():
+    """At the parameters that collected the episodes LVC's gradient is the policy gradient."""
+    learner, layout, flat, batch = promp_problem()
+    maml = MamlTrpo(MamlTrpoConfig(), learner.policy, SHORT)
+    start = per_task(layout.unflatten(flat), 3)
+    lvc, reinforce = (method.detached_step(start, batch.train[0]) for method in (learner, maml))
+    for name in lvc:
+        torch.testing.assert_close(lvc[name], reinforce[name], rtol=1e-12, atol=1e-14)
+
+
+def test_promp_meta_gradient_matches_finite_differences_away_from_the_sampling_parameters():
+    """ProMP's gradient (through the LVC inner step, the clipped ratio and the KL penalty) at a theta
+    its Adam steps reach, where the ratios are no longer 1 and some are clipped."""
+    learner, layout, flat, batch = promp_problem()
+    share = ProMPShare(learner, layout, batch)
+    moved = flat + 0.05 * torch.randn(flat.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    _, gradient = share.gradient_sum(moved)
+
+    def objective(point):
+        return share.evaluate_sum(point)[0]
+
+    eps = 1e-6
+    basis = torch.eye(len(flat), dtype=F64)
+    reference = torch.tensor([(objective(moved + eps * e) - objective(moved - eps * e)) / (2 * eps) for e in basis])
+    torch.testing.assert_close(gradient, reference.to(F64), rtol=1e-5, atol=1e-8)
+
+
+def test_promp_steps_lower_its_objective_and_do_not_depend_on_the_shares():
+    cfg = ProMPConfig(episodes_per_task=3)
+    thetas = []
+    for shares in (1, 3):
+        loop = LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64, shares=shares)
+        metrics = loop.run(2)
+        assert all(m.loss_after < m.loss_before for m in metrics)
+        thetas.append(loop.theta)
+    torch.testing.assert_close(thetas[1], thetas[0], rtol=1e-10, atol=1e-12)

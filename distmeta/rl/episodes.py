@@ -25,6 +25,7 @@ class Episodes:
     actions: Tensor  # [T, H, E, action_dim], or [T, H, E] integers for discrete actions
     rewards: Tensor  # [T, H, E], zero after an episode ends
     mask: Tensor  # [T, H, E]
+    behaviour: Tensor  # [T, H, E, width]: the output of the policy that chose the actions (importance ratios, KL)
     advantages: Tensor | None = None  # [T, H, E], set by ``with_advantages``
 
     @property
@@ -62,10 +63,12 @@ def rollout(
     observation = batch.reset()
     alive = np.ones((len(tasks), episodes), dtype=bool)
     steps: dict[str, list] = {"observations": [], "actions": [], "rewards": [], "mask": []}
+    behaviour = []
     for _ in range(env.horizon):
         observed = torch.as_tensor(observation, dtype=some.dtype, device=some.device)
         with torch.no_grad():
-            action = policy.sample(policy_output(policy, params, observed), rngs)
+            behaviour.append(policy_output(policy, params, observed))
+        action = policy.sample(behaviour[-1], rngs)
         next_observation, reward, done = batch.step(action)
         for name, value in zip(steps, (observation, action, reward * alive, alive.astype(np.float64))):
             steps[name].append(value)
@@ -77,7 +80,7 @@ def rollout(
     floats = {n: torch.as_tensor(v, dtype=some.dtype, device=some.device) for n, v in stacked.items()}
     if env.discrete:
         floats["actions"] = torch.as_tensor(stacked["actions"], device=some.device)
-    return Episodes(**floats)
+    return Episodes(**floats, behaviour=torch.stack(behaviour, 1))
 
 
 def discounted_returns(episodes: Episodes, gamma: float) -> Tensor:

@@ -1,7 +1,9 @@
-"""MAML-TRPO in one process, without Ray: what a meta-RL step means. Step t draws its tasks from
-``(seed, t)`` and task i's rollouts from ``(seed, t, i)`` alone, so a run is reproducible, resumes at
-any step from the parameters (TRPO keeps no other state), and gives the same step whether the
-meta-batch is one share or several (``shares``: the runtime's workers, each with its tasks)."""
+"""Meta-RL in one process, without Ray: what a step means, for MAML-TRPO (a ``MamlTrpoConfig``) and
+ProMP (a ``ProMPConfig``). Step t draws its tasks from ``(seed, t)`` and task i's rollouts from
+``(seed, t, i)`` alone, so a run is reproducible, and gives the same step whether the meta-batch is
+one share or several (``shares``: the runtime's workers, each with its tasks). A MAML-TRPO run
+resumes at any step from the parameters (TRPO keeps no other state); ProMP's Adam moments live in
+its learner."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import torch
 
 from distmeta.params import ParamLayout, flat_parameters
 from distmeta.rl.envs import ENVIRONMENTS, Environment
-from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoShare
+from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig
 from distmeta.rl.policies import build_policy
-from distmeta.rl.trpo import MeanOverShares, trust_region_step
+from distmeta.rl.promp import ProMP, ProMPConfig
+from distmeta.rl.trpo import MeanOverShares
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,11 @@ class MetaRLMetrics:
     step: int
     return_before: float  # mean undiscounted return of the episodes before adaptation
     return_after: float  # ... and after the inner steps
-    loss_before: float  # the surrogate before the meta-step
+    loss_before: float  # the meta-objective before the meta-step
     loss_after: float
-    kl: float
-    backtracks: int
-    accepted: bool
+    kl: float  # mean KL divergence of the new adapted policies from those that collected the episodes
+    backtracks: int  # TRPO's line search (ProMP: 0)
+    accepted: bool  # TRPO: a step within the bound lowered the surrogate (ProMP: always)
     environment_steps: int
     rollout_s: float
     learn_s: float
@@ -48,7 +51,7 @@ class LocalMetaRL:
     def __init__(
         self,
         env: str | type[Environment],
-        cfg: MamlTrpoConfig,
+        cfg: MamlTrpoConfig | ProMPConfig,
         meta_batch_size: int,
         hidden: tuple[int, ...] = (64, 64),
         activation: str = "tanh",
@@ -65,7 +68,7 @@ class LocalMetaRL:
         named = {n: p.detach() for n, p in self.policy.named_parameters()}
         self.layout = ParamLayout.of(named)
         self.theta = flat_parameters(named, dtype)
-        self.learner = MamlTrpo(cfg, self.policy, self.env)
+        self.learner = (ProMP if isinstance(cfg, ProMPConfig) else MamlTrpo)(cfg, self.policy, self.env)
 
     def step(self, step: int) -> MetaRLMetrics:
         start = time.perf_counter()
@@ -76,11 +79,8 @@ class LocalMetaRL:
             for share in self.shares
         ]
         collected = time.perf_counter()
-        cfg = self.cfg
-        problem = MeanOverShares.local([MamlTrpoShare(self.learner, self.layout, self.theta, b) for b in batches])
-        result = trust_region_step(
-            self.theta, problem, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_max_steps, cfg.ls_backtrack_ratio
-        )
+        problem = MeanOverShares.local([self.learner.share(self.layout, self.theta, b) for b in batches])
+        result = self.learner.meta_step(self.theta, problem)
         self.theta = result.theta.detach()
         episodes = [e for b in batches for e in [*b.train, b.valid]]
         return MetaRLMetrics(

@@ -25,14 +25,15 @@ from torch.distributions import kl_divergence
 from distmeta.params import ParamLayout
 from distmeta.rl.envs.base import Environment
 from distmeta.rl.episodes import Episodes, rollout, with_advantages
-from distmeta.rl.policies import action_distribution, per_task, policy_output
+from distmeta.rl.policies import action_distribution, per_task
+from distmeta.rl.trpo import MeanOverShares, MetaStep, trust_region_step
 
 Params = dict[str, Tensor]
 
 
 @dataclass(frozen=True)
-class MamlTrpoConfig:
-    """The MAML paper's 2-D navigation settings (its appendix, and pytorch-maml-rl's config)."""
+class AdaptationConfig:
+    """What MAML-TRPO and ProMP share: the episodes, the advantages and the inner steps."""
 
     gamma: float = 0.99
     gae_lambda: float = 1.0
@@ -40,6 +41,12 @@ class MamlTrpoConfig:
     inner_steps: int = 1
     first_order: bool = False
     episodes_per_task: int = 20
+
+
+@dataclass(frozen=True)
+class MamlTrpoConfig(AdaptationConfig):
+    """The MAML paper's 2-D navigation settings (its appendix, and pytorch-maml-rl's config)."""
+
     max_kl: float = 1e-2
     cg_iters: int = 10
     cg_damping: float = 1e-5
@@ -50,24 +57,41 @@ class MamlTrpoConfig:
 @dataclass(frozen=True)
 class MetaRLBatch:
     """A batch of tasks' episodes: ``train[k]`` collected before inner step k, ``valid`` by the adapted
-    policies, each with advantages; ``old_output`` is the adapted policies' output on ``valid``'s
-    observations at the theta they were collected with (the surrogate's denominator)."""
+    policies, each with advantages (and the output of the policy that collected them: the
+    surrogate's denominator)."""
 
     tasks: np.ndarray
     train: list[Episodes]
     valid: Episodes
-    old_output: Tensor
 
 
 class MamlTrpo:
     def __init__(self, cfg: MamlTrpoConfig, policy: nn.Module, env: type[Environment]):
         self.cfg, self.policy, self.env = cfg, policy, env
 
+    def share(self, layout: ParamLayout, theta: Tensor, batch: MetaRLBatch) -> MamlTrpoShare:
+        """The batch's share of the meta-step's problem at ``theta``."""
+        return MamlTrpoShare(self, layout, theta, batch)
+
+    def meta_step(self, theta: Tensor, problem: MeanOverShares) -> MetaStep:
+        """theta after one TRPO step on the meta-batch's ``problem`` (its shares' means)."""
+        cfg = self.cfg
+        return trust_region_step(
+            theta, problem, cfg.max_kl, cfg.cg_iters, cfg.cg_damping, cfg.ls_max_steps, cfg.ls_backtrack_ratio
+        )
+
     def inner_loss(self, params: Params, episodes: Episodes) -> Tensor:
         """REINFORCE with advantages, per task [T]: minus the mean over episodes and steps of
         log pi(a | s) A."""
         log_prob = action_distribution(self.policy, params, episodes.observations).log_prob(episodes.actions)
         return -episodes.step_mean(log_prob * episodes.advantages)
+
+    def against_behaviour(self, params: Params, episodes: Episodes) -> tuple[Tensor, Tensor]:
+        """Per step [T, H, E]: each task's policy (params) against the one that collected its
+        episodes, pi_o: the importance ratio pi(a | s) / pi_o(a | s) and KL(pi_o || pi)."""
+        new = action_distribution(self.policy, params, episodes.observations)
+        old = self.policy.distribution(episodes.behaviour)
+        return torch.exp(new.log_prob(episodes.actions) - old.log_prob(episodes.actions)), kl_divergence(old, new)
 
     def inner_step(self, params: Params, episodes: Episodes, create_graph: bool, lr: float | None = None) -> Params:
         """One policy-gradient step of every task's parameters [T, ...] on its episodes (step size
@@ -102,21 +126,14 @@ class MamlTrpo:
             params = self.detached_step(params, train[-1])
         valid = rollout(self.policy, params, self.env, tasks, cfg.episodes_per_task, rngs)
         valid = with_advantages(valid, cfg.gamma, cfg.gae_lambda)
-        with torch.no_grad():
-            old_output = policy_output(self.policy, params, valid.observations)
-        return MetaRLBatch(tasks, train, valid, old_output)
+        return MetaRLBatch(tasks, train, valid)
 
     def surrogate(self, theta: Params, batch: MetaRLBatch, create_graph: bool) -> tuple[Tensor, Tensor]:
         """Per task [T]: the TRPO surrogate loss of the policy adapted from ``theta`` on the batch's
         later episodes (minus the importance-weighted advantage) and the mean KL divergence from
         the policy that collected them, KL(old || new)."""
-        adapted = self.adapt(theta, batch.train, create_graph)
-        output = policy_output(self.policy, adapted, batch.valid.observations)
-        new, old = self.policy.distribution(output), self.policy.distribution(batch.old_output)
-        ratio = torch.exp(new.log_prob(batch.valid.actions) - old.log_prob(batch.valid.actions))
-        loss = -batch.valid.step_mean(ratio * batch.valid.advantages)
-        kl = batch.valid.step_mean(kl_divergence(old, new))
-        return loss, kl
+        ratio, kl = self.against_behaviour(self.adapt(theta, batch.train, create_graph), batch.valid)
+        return -batch.valid.step_mean(ratio * batch.valid.advantages), batch.valid.step_mean(kl)
 
 
 class MamlTrpoShare:

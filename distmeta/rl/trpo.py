@@ -45,40 +45,45 @@ class ProblemShare(Protocol):
 
 
 class MeanOverShares:
-    """A ``TrustRegionProblem`` made of shares: every answer is the shares' sums, added in share
-    order, over the number of tasks. ``gather(method, *args)`` calls ``method`` on every share and
-    returns the answers in share order (``local``: in this process; the runtime: actor calls)."""
+    """A meta-batch's problem made of shares (a ``TrustRegionProblem`` when they are
+    ``ProblemShare``s): every answer is the shares' sums, added in share order, over the number of
+    tasks. ``gather(method, *args)`` calls ``method`` on every share and returns the answers in
+    share order (``local``: in this process; the runtime: actor calls)."""
 
     def __init__(self, gather: Callable[..., list], num_tasks: int):
         self.gather, self.num_tasks = gather, num_tasks
 
     @classmethod
-    def local(cls, shares: list[ProblemShare]) -> MeanOverShares:
+    def local(cls, shares: list) -> MeanOverShares:
         return cls(lambda method, *args: [getattr(s, method)(*args) for s in shares], sum(s.num_tasks for s in shares))
 
-    def _mean(self, values: list):
-        return functools.reduce(operator.add, values) / self.num_tasks
+    def mean(self, method: str, *args):
+        """The mean over tasks of the shares' answers to ``method`` (a sum, or a tuple of sums)."""
+        answers = self.gather(method, *args)
+        if not isinstance(answers[0], tuple):
+            return functools.reduce(operator.add, answers) / self.num_tasks
+        return tuple(functools.reduce(operator.add, values) / self.num_tasks for values in zip(*answers))
 
     def gradient(self) -> tuple[float, Tensor]:
-        losses, gradients = zip(*self.gather("gradient_sum"))
-        return self._mean(losses), self._mean(gradients)
+        return self.mean("gradient_sum")
 
     def fisher_product(self, vector: Tensor) -> Tensor:
-        return self._mean(self.gather("fisher_product_sum", vector))
+        return self.mean("fisher_product_sum", vector)
 
     def evaluate(self, theta: Tensor) -> tuple[float, float]:
-        losses, kls = zip(*self.gather("evaluate_sum", theta))
-        return self._mean(losses), self._mean(kls)
+        return self.mean("evaluate_sum", theta)
 
 
 @dataclass(frozen=True)
-class TrustRegionStep:
+class MetaStep:
+    """What a meta-step did: TRPO's here, ProMP's (promp.py) too, which never backtracks."""
+
     theta: Tensor  # the parameters after the step (the old ones if no step was accepted)
     loss_before: float
     loss_after: float
-    kl: float  # mean KL divergence of the accepted step (0 if none)
-    backtracks: int  # halvings (by the backtrack ratio) before the accepted step
-    accepted: bool
+    kl: float  # mean KL divergence of the new policies from those that collected the episodes (0 if no step)
+    backtracks: int = 0  # reductions (by the backtrack ratio) before the accepted step
+    accepted: bool = True
 
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, iterations: int, tolerance=1e-10) -> Tensor:
@@ -108,18 +113,18 @@ def trust_region_step(
     cg_damping: float,
     ls_max_steps: int,
     ls_backtrack_ratio: float,
-) -> TrustRegionStep:
+) -> MetaStep:
     """One TRPO step from ``theta`` on ``problem``."""
     loss, gradient = problem.gradient()
     product = lambda v: problem.fisher_product(v) + cg_damping * v  # noqa: E731
     direction = conjugate_gradient(product, gradient, cg_iters)
     curvature = float(direction @ product(direction))  # s^T F s: the full step's 2 x KL is max_kl's
     if not curvature > 0:  # a zero gradient, or a non-finite solve: no step is better than a wrong one
-        return TrustRegionStep(theta, loss, loss, 0.0, 0, False)
+        return MetaStep(theta, loss, loss, 0.0, 0, False)
     full_step = direction * (2 * max_kl / curvature) ** 0.5
     for backtracks in range(ls_max_steps):
         candidate = theta - ls_backtrack_ratio**backtracks * full_step
         new_loss, kl = problem.evaluate(candidate)
         if new_loss < loss and kl <= max_kl:
-            return TrustRegionStep(candidate, loss, new_loss, kl, backtracks, True)
-    return TrustRegionStep(theta, loss, loss, 0.0, ls_max_steps, False)
+            return MetaStep(candidate, loss, new_loss, kl, backtracks, True)
+    return MetaStep(theta, loss, loss, 0.0, ls_max_steps, False)
