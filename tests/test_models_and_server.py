@@ -263,6 +263,7 @@ def test_bf16_autocast_warns_where_the_cpu_only_emulates_bfloat16(caplog, monkey
     worker = worker_module.Worker(cfg, device=torch.device("cpu"))
     for native, warned in ((True, False), (False, True)):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        worker_module._native_bf16.cache_clear()  # the worker asks the CPU once
         caplog.clear()
         with worker.precision():
             pass

@@ -90,6 +90,12 @@ def worker_process_env() -> dict[str, str]:
 
 
 @functools.cache
+def _native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); asked once, not every step."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache
 def _warn_once(message: str) -> None:
     """Once per process: a worker and the evaluation chunks after it share the process."""
     log.warning(message)
@@ -187,7 +193,7 @@ class Worker(GroupMember):
     def precision(self):
         """The training step's precision context: bfloat16 autocast with ``train.autocast=bf16``."""
         if self.cfg.train.autocast == "bf16":
-            if self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            if self.device.type == "cpu" and not _native_bf16():
                 # measured on an AVX2-only EPYC: the strided Conv4's step 10x slower than float32's
                 _warn_once(
                     f"train.autocast=bf16 on a CPU without native bfloat16 (AVX-512 BF16 or AMX; this one: "

@@ -28,9 +28,17 @@ def _gymnasium_class(module: str, name: str):
 
 
 class GymnasiumTasks(Environment):
-    """T x E gymnasium environments; ``configure(env, task)`` sets a task's constants on one."""
+    """T x E copies of the gymnasium environment ``gymnasium_class`` (module, class name in
+    classic_control); a task is one uniform draw in each of ``task_ranges``, and
+    ``configure(env, task)`` sets it on a copy."""
 
     horizon = 200
+    gymnasium_class: tuple[str, str]
+    task_ranges: tuple[tuple[float, float], ...]
+
+    @classmethod
+    def sample_tasks(cls, rng: np.random.Generator, num_tasks: int) -> np.ndarray:
+        return np.stack([rng.uniform(low, high, num_tasks) for low, high in cls.task_ranges], 1)
 
     def __init__(self, tasks: np.ndarray, episodes: int, rngs: list[np.random.Generator]):
         super().__init__(tasks, episodes, rngs)
@@ -40,7 +48,7 @@ class GymnasiumTasks(Environment):
                 self.configure(env, task)
 
     def make(self):
-        raise NotImplementedError
+        return _gymnasium_class(*self.gymnasium_class)()
 
     def configure(self, env, task: np.ndarray) -> None:
         raise NotImplementedError
@@ -69,13 +77,8 @@ class GymnasiumTasks(Environment):
 
 class CartPoleMass(GymnasiumTasks):
     observation_dim, action_dim, discrete, task_dim = 4, 2, True, 2
-
-    @classmethod
-    def sample_tasks(cls, rng: np.random.Generator, num_tasks: int) -> np.ndarray:
-        return np.stack([rng.uniform(0.5, 2.0, num_tasks), rng.uniform(0.05, 0.2, num_tasks)], 1)
-
-    def make(self):
-        return _gymnasium_class("cartpole", "CartPoleEnv")()
+    gymnasium_class = ("cartpole", "CartPoleEnv")
+    task_ranges = ((0.5, 2.0), (0.05, 0.2))  # cart mass, pole mass
 
     def configure(self, env, task: np.ndarray) -> None:
         env.masscart, env.masspole = float(task[0]), float(task[1])
@@ -88,13 +91,8 @@ class CartPoleMass(GymnasiumTasks):
 
 class PendulumMass(GymnasiumTasks):
     observation_dim, action_dim, discrete, task_dim = 3, 1, False, 2
-
-    @classmethod
-    def sample_tasks(cls, rng: np.random.Generator, num_tasks: int) -> np.ndarray:
-        return np.stack([rng.uniform(0.5, 2.0, num_tasks), rng.uniform(0.5, 2.0, num_tasks)], 1)
-
-    def make(self):
-        return _gymnasium_class("pendulum", "PendulumEnv")()
+    gymnasium_class = ("pendulum", "PendulumEnv")
+    task_ranges = ((0.5, 2.0), (0.5, 2.0))  # mass, length
 
     def configure(self, env, task: np.ndarray) -> None:
         env.m, env.l = float(task[0]), float(task[1])
