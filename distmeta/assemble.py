@@ -10,19 +10,28 @@ with the fix named, not on a worker minutes later.
 
 from __future__ import annotations
 
-import difflib
-
 from distmeta.algorithms import ALGORITHMS
-from distmeta.config import Config, ConfigError
+from distmeta.config import Config, ConfigError, registered
 from distmeta.models import MODELS
+from distmeta.rl.envs import ENVIRONMENTS
+from distmeta.rl.setup import META_RL_ALGORITHMS, check_meta_rl, is_meta_rl
 from distmeta.tasks import SOURCES
 
 
 def check_run(cfg: Config) -> Config:
-    """``cfg``, once every component it names accepts it; raises a ``ConfigError`` naming the fix."""
+    """``cfg``, once every component it names accepts it; raises a ``ConfigError`` naming the fix.
+    A meta-RL run (``algorithm.name`` maml_trpo or promp) is checked by ``rl.setup.check_meta_rl``."""
+    if is_meta_rl(cfg):
+        return check_meta_rl(cfg)
+    if cfg.task.source in ENVIRONMENTS:  # a meta-RL algorithm's name, misspelled
+        registered("algorithm.name", cfg.algorithm.name, META_RL_ALGORITHMS, f"on the environment {cfg.task.source}")
     source = registered("task.source", cfg.task.source, SOURCES)
     model = registered("model.name", cfg.model.name, MODELS)
-    algorithm = registered("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    algorithm = registered("algorithm.name", cfg.algorithm.name, ALGORITHMS | META_RL_ALGORITHMS)
+    if cfg.eval.step_sizes:
+        raise ConfigError(
+            "eval.step_sizes sets meta-RL's test-time step sizes; supervised evaluation uses algorithm.inner_lr"
+        )
     source.check_options(cfg.task)
     kind = source.kind
     if model.task_kind != kind:
@@ -43,12 +52,3 @@ def check_run(cfg: Config) -> Config:
             f"({', '.join(n for n, a in ALGORITHMS.items() if not a.uses_head)}) test with other ways"
         )
     return cfg
-
-
-def registered(key: str, name: str, registry: dict):
-    """``registry[name]``, or a ``ConfigError`` naming the choices (and the closest one)."""
-    if name in registry:
-        return registry[name]
-    close = difflib.get_close_matches(name, registry, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"{key}={name!r} is not valid{hint}; choose one of: {', '.join(registry)}")

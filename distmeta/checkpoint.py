@@ -24,7 +24,6 @@ import pickle
 import re
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -33,9 +32,7 @@ import torch
 import distmeta
 from distmeta import tensorfile
 from distmeta.config import Config, ConfigError, config_from_dict
-
-if TYPE_CHECKING:  # evaluate imports the runtime, which imports this module
-    from distmeta.evaluate import EvalRow
+from distmeta.report import HIGHER_IS_BETTER, EvalRow
 
 log = logging.getLogger(__name__)
 # The earlier format was a torch.save pickle, which is a zip archive. (A tensor file starts with its header's
@@ -337,7 +334,7 @@ class BestCheckpoint:
     """Keeps ``best.pt``: the parameters that scored best on the validation split so far, judged on
     the first evaluation shots after the inner steps they were trained for (``algorithm.inner_steps``
     when evaluated, else the most evaluated): fewest diverged tasks first (a mean over the surviving
-    tasks flatters a snapshot where some blew up), then accuracy up or MSE down. On a tie the
+    tasks flatters a snapshot where some blew up), then accuracy or return up, MSE down. On a tie the
     earlier snapshot stays."""
 
     NAME = "best.pt"
@@ -347,8 +344,6 @@ class BestCheckpoint:
         self.location = store.uri(self.NAME)
         self.row: EvalRow | None = None
         self.step = 0
-        from distmeta.evaluate import EvalRow
-
         try:  # a resumed run competes with the best of its earlier part
             state = store.read(self.NAME)
             self.row, self.step = EvalRow(**state["validation"]["row"]), state["step"]
@@ -377,4 +372,4 @@ class BestCheckpoint:
 
 def _rank(row: EvalRow) -> tuple[int, float]:
     """Lower is better."""
-    return row.diverged, -row.mean if row.metric == "accuracy" else row.mean
+    return row.diverged, -row.mean if HIGHER_IS_BETTER[row.metric] else row.mean

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from distmeta.resume import prepare_resume
-    from distmeta.train import RunInterrupted, run_name, train
+    from distmeta.run import RunInterrupted, run_name
+    from distmeta.train import train
 
     flags = _settings(args, TRAIN_FLAGS)
     if args.resume:
@@ -215,8 +216,12 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
 
     from distmeta.assemble import check_run
     from distmeta.checkpoint import load_checkpoint
-    from distmeta.evaluate import check_device, evaluate, format_rows, protocol
+    from distmeta.evaluate import check_device, evaluate, protocol
+    from distmeta.report import format_rows
     from distmeta.resume import check_same_data
+    from distmeta.rl import evaluate as meta_rl
+    from distmeta.rl.local import LocalMetaRL
+    from distmeta.rl.setup import MetaRLSetup, is_meta_rl
     from distmeta.runtime.monitor import write_eval_scalars
 
     saved, params, state = load_checkpoint(checkpoint)
@@ -236,8 +241,15 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
             file=sys.stderr,
         )
     print(f"evaluating {path} (step {state['step']}, {cfg.algorithm.name})", flush=True)
-    print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
-    rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr)  # see report_progress
+    if is_meta_rl(cfg):
+        if device != "cpu":
+            raise ConfigError(f"--device {device}: meta-RL evaluates on the CPU (rollouts run in numpy)")
+        print(meta_rl.protocol(cfg, split, cfg.eval.num_tasks), flush=True)
+        group = LocalMetaRL(MetaRLSetup.of(cfg))
+        rows = meta_rl.evaluate_returns(group, cfg, params, split, cfg.eval.num_tasks, progress=sys.stderr)
+    else:
+        print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
+        rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr)  # see report_progress
     print(format_rows(rows))
     if not unwritable:
         with SummaryWriter(str(run_dir)) as writer:

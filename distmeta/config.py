@@ -190,6 +190,33 @@ class EvalConfig:
     # the network with the support set alone (Nichol et al., 2018), so queries never inform each other
     transductive: bool = True
     divergence_factor: float = bounded(10.0, above=0)  # a task diverged if its loss ends above this times its start
+    # meta-RL only: the step size of each test-time inner step, the last one repeated (the MAML
+    # paper's 2-D navigation protocol: 0.1, then 0.05); empty: algorithm.inner_lr for every step
+    step_sizes: list[float] = bounded(default_factory=list, above=0)
+
+
+@dataclass
+class RLConfig:
+    """Meta-reinforcement learning (distmeta/rl/): algorithm.name maml_trpo or promp on the
+    environment task.source names. The policy is an MLP of model.hidden; algorithm.inner_lr and
+    inner_steps are the policy-gradient inner loop's, meta_optimizer.lr ProMP's Adam. At test,
+    eval.shots are the episodes per inner step, eval.inner_steps the steps to score after."""
+
+    episodes_per_task: int = bounded(20, at_least=1)  # per task, for each inner step and after the last
+    gamma: float = bounded(0.99, above=0)  # the discount, at most 1
+    gae_lambda: float = bounded(1.0, at_least=0)  # generalised advantage estimation's lambda, at most 1
+    activation: Literal["tanh", "relu"] = "tanh"  # the policy's hidden layers
+    first_order: bool = False  # the meta-gradient treats the inner step's gradient as a constant
+    # maml_trpo: the trust-region meta-step (conjugate gradient, then a backtracking line search)
+    max_kl: float = bounded(1e-2, above=0)
+    cg_iters: int = bounded(10, at_least=1)
+    cg_damping: float = bounded(1e-5, at_least=0)
+    ls_max_steps: int = bounded(15, at_least=1)
+    ls_backtrack_ratio: float = bounded(0.8, above=0)  # below 1
+    # promp: Adam steps (meta_optimizer.lr) on PPO's clipped meta-objective, each batch of episodes
+    ppo_steps: int = bounded(5, at_least=1)
+    clip_eps: float = bounded(0.3, above=0)
+    inner_kl_penalty: float = bounded(5e-4, at_least=0)
 
 
 @dataclass
@@ -201,6 +228,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     logdir: str = "runs"
     run_name: str = ""  # empty: <algorithm>-<source>-<timestamp>-<6 random hex digits>
 
@@ -232,6 +260,13 @@ class Config:
                 f"got {self.cluster.straggler_factor}"
             )
         self._check_modes()
+        for name, value, fine, bound in [
+            ("rl.gamma", self.rl.gamma, self.rl.gamma <= 1, "<= 1"),
+            ("rl.gae_lambda", self.rl.gae_lambda, self.rl.gae_lambda <= 1, "<= 1"),
+            ("rl.ls_backtrack_ratio", self.rl.ls_backtrack_ratio, self.rl.ls_backtrack_ratio < 1, "< 1"),
+        ]:
+            if not fine:
+                raise ConfigError(f"{name} must be {bound}, got {value}")
         if self.eval.ways == 1:
             raise ConfigError("eval.ways must be 0 (the training ways) or >= 2, got 1")
         if self.cluster.address is not None and not _valid_address(self.cluster.address):
@@ -287,6 +322,17 @@ class Config:
                     f"calls: it cannot go with {', '.join(wrong)} (use train.mode=sync, cluster.server_shards=1, "
                     "cluster.engine=auto)"
                 )
+
+
+def registered(key: str, name: str, registry: dict, what: str = ""):
+    """``registry[name]``, or a ``ConfigError`` naming the choices (and the closest one); ``what``
+    says for what, where the key alone does not ("as an environment")."""
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, registry, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    kind = f" {what}" if what else ""
+    raise ConfigError(f"{key}={name!r} is not valid{kind}{hint}; choose one of: {', '.join(registry)}")
 
 
 def load_config(

@@ -8,9 +8,8 @@ protocol").
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import NamedTuple, TextIO
 
 import numpy as np
@@ -19,30 +18,11 @@ import torch
 from distmeta.algorithms import ALGORITHMS
 from distmeta.config import Config, ConfigError
 from distmeta.models import MODELS
-from distmeta.runtime.monitor import duration
+from distmeta.report import EvalRow, report_progress, scored_row
 from distmeta.runtime.worker import ScoreTrajectory, Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
 
 CHUNK_TASKS = 100
-
-
-@dataclass
-class EvalRow:
-    ways: int  # classes per episode; 0 for regression
-    shots: int
-    steps: int
-    metric: str  # "mse" (regression) or "accuracy" (classification)
-    mean: float
-    ci95: float
-    median: float
-    diverged: int
-    tasks: int
-
-    @property
-    def tag(self) -> str:
-        """Its TensorBoard name, e.g. ``accuracy_5way_shots1_steps3`` or ``mse_shots10_steps1``."""
-        ways = f"{self.ways}way_" if self.ways else ""
-        return f"{self.metric}_{ways}shots{self.shots}_steps{self.steps}"
 
 
 class EvalChunk(NamedTuple):
@@ -71,19 +51,14 @@ def summarize(cfg: Config, trajectories: dict[int, list[ScoreTrajectory]]) -> li
         values = loss if regression else np.concatenate([c.accuracy for c in chunks])
         for steps in eval_steps(cfg):
             diverged = ~np.isfinite(loss[:, steps]) | (loss[:, steps] > cfg.eval.divergence_factor * loss[:, 0])
-            finite = values[np.isfinite(values[:, steps]), steps]
-            ci95 = 1.96 * finite.std(ddof=1) / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
             rows.append(
-                EvalRow(
+                scored_row(
+                    values[:, steps],
+                    int(diverged.sum()),
                     ways=0 if regression else cfg.eval.ways or cfg.task.ways,
                     shots=shots,
                     steps=steps,
                     metric="mse" if regression else "accuracy",
-                    mean=float(finite.mean()) if len(finite) else float("nan"),
-                    ci95=float(ci95),
-                    median=float(np.median(finite)) if len(finite) else float("nan"),
-                    diverged=int(diverged.sum()),
-                    tasks=len(loss),
                 )
             )
     return rows
@@ -173,16 +148,6 @@ def evaluate_chunk(
     return results
 
 
-def report_progress(out: TextIO, done: int, total: int, started: float) -> None:
-    """An evaluation's progress line on ``out``: tasks done of ``total`` since ``started``
-    (time.time()), rate, ETA. The caller picks the stream: training prints it to stdout, the run's
-    log, beside the training progress line; ``distmeta evaluate`` to stderr, as its stdout holds
-    only the protocol and the numbers, which a seed pins exactly."""
-    rate = done / (time.time() - started)
-    eta = duration((total - done) / rate)
-    print(f"evaluated {done}/{total} tasks | {rate:.1f} tasks/s | ETA {eta}", file=out, flush=True)
-
-
 def evaluate(
     cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu", progress: TextIO | None = None
 ) -> list[EvalRow]:
@@ -200,22 +165,6 @@ def group_by_shots(chunks: list[EvalChunk], results: list[ScoreTrajectory]) -> d
     for chunk, result in zip(chunks, results):
         trajectories.setdefault(chunk.shots, []).append(result)
     return trajectories
-
-
-def format_rows(rows: list[EvalRow]) -> str:
-    header = ("shots", "steps", "metric", "mean", "± 95% CI", "median", "diverged", "tasks")
-    lines = ["{:>5} {:>5}  {:<8} {:>9} {:>9} {:>9} {:>8} {:>6}".format(*header)]
-    for r in rows:
-        lines.append(
-            f"{r.shots:>5} {r.steps:>5}  {r.metric:<8} {_number(r.mean)} {_number(r.ci95)} {_number(r.median)} "
-            f"{r.diverged:>8} {r.tasks:>6}"
-        )
-    return "\n".join(lines)
-
-
-def _number(x: float) -> str:
-    """Nine characters: fixed point, or scientific once a diverged task has swamped a mean."""
-    return f"{x:>9.4f}" if abs(x) < 1e4 else f"{x:>9.2e}"
 
 
 def submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = None, final: bool = False):

@@ -20,12 +20,9 @@ import contextlib
 import copy
 import dataclasses
 import json
-import secrets
-import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,22 +34,22 @@ from distmeta.assemble import check_run
 from distmeta.checkpoint import (
     BestCheckpoint,
     CheckpointStore,
-    checkpoint_location,
     load_checkpoint,
-    probe_write,
     step_name,
 )
 from distmeta.config import Config, ConfigError
 from distmeta.evaluate import (
-    EvalRow,
     check_evaluation,
     collect_evaluation,
     evaluation_ready,
-    format_rows,
     protocol,
     submit_evaluation,
 )
+from distmeta.report import format_rows
 from distmeta.resume import check_same_data
+from distmeta.rl.setup import is_meta_rl
+from distmeta.rl.train import train_meta_rl
+from distmeta.run import RunInterrupted, TrainResult, checked_outputs, run_name
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
 from distmeta.runtime.control import Schedule, StepControl, StepMetrics
@@ -63,19 +60,6 @@ from distmeta.runtime.task_generator import split_evenly
 from distmeta.runtime.watchdog import StepClock, StopOnSignal
 from distmeta.runtime.worker import step_seconds
 from distmeta.tasks import SOURCES, build_source
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    checkpoint: str  # the final parameters
-    best_checkpoint: str | None  # the parameters that scored best on the validation split, if it ran
-    final_metrics: dict
-    eval_rows: list[EvalRow]
-    tasks_per_s: float  # steady state, all steps but the first
-    train_s: float  # the training steps alone: from the first submission to the last update
-    wall_s: float  # everything: actors, training, checkpoint, final evaluation
-    recoveries: int  # faults recovered from
 
 
 class InFlightCall(NamedTuple):
@@ -93,33 +77,21 @@ class PendingValidation(NamedTuple):
     pending: list  # submit_evaluation's chunks and their result refs
 
 
-class RunInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after the steps in flight; ``checkpoint`` resumes it."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str, run_dir: Path):
-        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
-        super().__init__(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint {checkpoint}")
-
-
-def run_name(cfg: Config) -> str:
-    """``run_name``, or a fresh default name: the random suffix keeps runs started in the same
-    second (a backgrounded sweep) in folders of their own."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{stamp}-{secrets.token_hex(3)}"
-
-
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> TrainResult:
-    """Train ``cfg`` in ``run_dir``; with ``resume``, continue from the newest checkpoint there."""
+    """Train ``cfg`` in ``run_dir``; with ``resume``, continue from the newest checkpoint there. A
+    meta-RL config (``algorithm.name`` maml_trpo or promp) trains in ``rl.train``."""
     started = time.time()
     check_run(cfg)  # a combination no component can run fails here, before Ray starts
     run_dir = Path(run_dir or Path(cfg.logdir) / run_name(cfg))
     cfg = dataclasses.replace(cfg, run_name=run_dir.name)  # checkpoints record the run they belong to
+    if is_meta_rl(cfg):
+        return train_meta_rl(cfg, run_dir, resume, started)
     source = _checked_source(cfg)  # bad data fails here, before Ray starts
     cfg = _with_data_fingerprint(cfg)
     initial = _initial_parameters(cfg, source, resume)
     claim(run_dir)  # held until the run ends (a resume claimed it already, in prepare_resume)
     try:
-        store = _checked_outputs(cfg, run_dir, resume)
+        store = checked_outputs(cfg, run_dir, resume)
         started_ray = connect(cfg.cluster)
         try:
             placed = plan_layout(cfg, lambda: step_seconds(cfg, SPLIT_ABOVE_S))
@@ -177,24 +149,6 @@ def _initial_parameters(cfg: Config, source, resume: bool) -> np.ndarray:
         )
     print(f"starting from the parameters of {cfg.train.init_from} (step {state['step']})", flush=True)
     return params.astype(initial.dtype)
-
-
-def _checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore:
-    """The run's checkpoint folder, once it and the log folder are known to be writable, and a
-    fresh run is known not to overwrite another run's checkpoints."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe_write(run_dir)
-    except OSError as err:
-        raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
-    store = CheckpointStore(checkpoint_location(cfg, run_dir))
-    store.check_writable()
-    if not resume and store.step_files():
-        raise ConfigError(
-            f"run {run_dir.name} already has checkpoints in {store.location}: continue it with "
-            f"`python launch.py --resume {run_dir}`, or give this run another run_name"
-        )
-    return store
 
 
 def _train(

@@ -23,10 +23,11 @@ from distmeta.rl.episodes import (
     with_advantages,
 )
 from distmeta.rl.evaluate import adaptation_curve
-from distmeta.rl.local import LocalMetaRL
+from distmeta.rl.local import LearnerState, LocalMetaRL
 from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig, MamlTrpoShare, MetaRLBatch
 from distmeta.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, per_task, policy_output
 from distmeta.rl.promp import ProMP, ProMPConfig, ProMPShare
+from distmeta.rl.setup import MetaRLSetup
 from distmeta.rl.trpo import MeanOverShares, conjugate_gradient, trust_region_step
 
 F64 = torch.float64
@@ -294,15 +295,14 @@ def test_trust_region_step_stays_within_the_kl_bound_and_lowers_the_surrogate():
 def test_a_step_is_a_pure_function_of_the_seed_and_the_parameters():
     """Resuming at step 2 from the parameters after step 1 repeats the run bit for bit."""
     cfg = MamlTrpoConfig(episodes_per_task=3)
-    straight = LocalMetaRL(SHORT, cfg, 4, hidden=(8,), dtype=F64)
+    straight = LocalMetaRL(MetaRLSetup(SHORT, cfg, 4, hidden=(8,), dtype=F64))
     start = straight.theta.clone()
     straight.run(2)
     after_two = straight.theta.clone()
-    last = straight.step(2)
+    last, _ = straight.step(2)
     assert not torch.equal(start, after_two) and last.accepted
-    resumed = LocalMetaRL(SHORT, cfg, 4, hidden=(8,), dtype=F64)
-    resumed.theta = after_two
-    again = resumed.step(2)
+    resumed = LocalMetaRL(MetaRLSetup(SHORT, cfg, 4, hidden=(8,), dtype=F64), state=LearnerState(2, after_two.numpy()))
+    again, _ = resumed.step(2)
     assert torch.equal(resumed.theta, straight.theta)
     timing = {"rollout_s": 0.0, "learn_s": 0.0}
     assert dataclasses.replace(again, **timing) == dataclasses.replace(last, **timing)
@@ -332,11 +332,11 @@ def test_shares_of_the_meta_batch_give_the_same_steps():
     cfg = MamlTrpoConfig(episodes_per_task=3, cg_damping=0.1)
     thetas = []
     for shares in (1, 2, 3):
-        loop = LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64, shares=shares)
+        loop = LocalMetaRL(MetaRLSetup(SHORT, cfg, 6, hidden=(8,), dtype=F64), shares=shares)
         metrics = loop.run(2)
         thetas.append(loop.theta)
         assert all(m.accepted for m in metrics)
-    assert not torch.equal(thetas[0], LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64).theta)
+    assert not torch.equal(thetas[0], LocalMetaRL(MetaRLSetup(SHORT, cfg, 6, hidden=(8,), dtype=F64)).theta)
     for theta in thetas[1:]:
         torch.testing.assert_close(theta, thetas[0], rtol=1e-10, atol=1e-12)
 
@@ -377,15 +377,15 @@ def test_pendulum_mass_steps_with_the_tasks_mass_and_length():
 
 @pytest.mark.parametrize("env", ["cartpole_mass", "pendulum_mass"])
 def test_maml_trpo_takes_a_step_on_classic_control(env):
-    loop = LocalMetaRL(env, MamlTrpoConfig(episodes_per_task=3), 2, hidden=(16,), dtype=F64)
-    metrics = loop.step(0)
+    loop = LocalMetaRL(MetaRLSetup(env, MamlTrpoConfig(episodes_per_task=3), 2, hidden=(16,), dtype=F64))
+    metrics, _ = loop.step(0)
     assert metrics.accepted and metrics.kl <= 0.01
     if env == "cartpole_mass":  # poles fall: episodes end at their own times, and are masked after
         episodes = rollout(
-            loop.policy,
+            loop.learner.policy,
             per_task(loop.layout.unflatten(loop.theta), 2),
-            loop.env,
-            loop.env.sample_tasks(np.random.default_rng(0), 2),
+            loop.learner.env,
+            loop.learner.env.sample_tasks(np.random.default_rng(0), 2),
             3,
             generators(1, 2),
         )
@@ -494,7 +494,7 @@ def test_promp_steps_lower_its_objective_and_do_not_depend_on_the_shares():
     cfg = ProMPConfig(episodes_per_task=3)
     thetas = []
     for shares in (1, 3):
-        loop = LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64, shares=shares)
+        loop = LocalMetaRL(MetaRLSetup(SHORT, cfg, 6, hidden=(8,), dtype=F64), shares=shares)
         metrics = loop.run(2)
         assert all(m.loss_after < m.loss_before for m in metrics)
         thetas.append(loop.theta)

@@ -10,6 +10,7 @@ from distmeta.rl.envs import Navigation2D
 from distmeta.rl.local import LocalMetaRL
 from distmeta.rl.maml_trpo import MamlTrpoConfig
 from distmeta.rl.promp import ProMPConfig
+from distmeta.rl.setup import MetaRLSetup
 
 F64 = torch.float64
 SHORT = type("ShortNavigation", (Navigation2D,), {"horizon": 20})
@@ -22,15 +23,17 @@ SHORT = type("ShortNavigation", (Navigation2D,), {"horizon": 20})
     ids=["maml_trpo", "promp"],
 )
 def test_workers_take_the_steps_of_one_process(ray_local, cfg):
-    local = LocalMetaRL(SHORT, cfg, 6, hidden=(8,), dtype=F64)
+    setup = MetaRLSetup(SHORT, cfg, 6, hidden=(8,), dtype=F64)
+    local = LocalMetaRL(setup)
     expected = local.run(2)
     for workers in (1, 2, 3):
-        system = RayMetaRL(SHORT, cfg, 6, workers, hidden=(8,), dtype=F64, cpus_per_worker=0.5)
+        system = RayMetaRL(setup, workers, cpus_per_worker=0.5)
         try:
             metrics = system.run(2)
+            theta = torch.tensor(system.get(system.call(system.server, "parameters")))
         finally:
             system.close()
-        torch.testing.assert_close(system.theta, local.theta, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(theta, local.theta, rtol=1e-10, atol=1e-12)
         for got, want in zip(metrics, expected):
             assert got.return_after == pytest.approx(want.return_after, rel=1e-12)
             assert got.environment_steps == want.environment_steps

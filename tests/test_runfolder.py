@@ -17,8 +17,9 @@ from test_runtime import small
 from distmeta.checkpoint import CheckpointStore, step_name
 from distmeta.config import ConfigError
 from distmeta.resume import prepare_resume
+from distmeta.run import run_name
 from distmeta.runfolder import release
-from distmeta.train import run_name, train
+from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLD = (
@@ -103,7 +104,7 @@ def test_two_launches_with_default_names_in_one_second_get_their_own_folders(tmp
     folders, each claimed by its own process."""
     code = (
         "import sys, time; from pathlib import Path; from distmeta.config import load_config; "
-        "from distmeta.runfolder import claim; from distmeta.train import run_name; "
+        "from distmeta.runfolder import claim; from distmeta.run import run_name; "
         "cfg = load_config(None, [f'logdir={sys.argv[1]}']); time.sleep(max(0, float(sys.argv[2]) - time.time())); "
         "run_dir = Path(cfg.logdir) / run_name(cfg); claim(run_dir); print(run_dir, flush=True); sys.stdin.read()"
     )

@@ -175,7 +175,7 @@ def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
 
 def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path):
     from distmeta.checkpoint import BestCheckpoint
-    from distmeta.evaluate import EvalRow
+    from distmeta.report import EvalRow
 
     def kept_steps(metric, offers):
         best, kept = BestCheckpoint(small(), CheckpointStore(tmp_path / metric)), []

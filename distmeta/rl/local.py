@@ -1,27 +1,35 @@
-"""Meta-RL in one process, without Ray: what a step means, for MAML-TRPO (a ``MamlTrpoConfig``) and
-ProMP (a ``ProMPConfig``). Step t draws its tasks from ``(seed, t)`` and task i's rollouts from
-``(seed, t, i)`` alone, so a run is reproducible, and gives the same step whether the meta-batch is
-one share or several (``shares``: the runtime's workers, each with its tasks). A MAML-TRPO run
-resumes at any step from the parameters (TRPO keeps no other state); ProMP's Adam moments live in
-its learner."""
+"""What a meta-RL step means, without Ray: the task generator, the workers and the server, and
+one step through them (``MetaRLGroup.step``); ``LocalMetaRL`` runs them in this process, the
+runtime (distributed.py) as actors, through the same calls.
+
+    task generator --tasks--> workers (episodes, kept) --summaries--> server --metrics-->
+                                 ^                                       |
+                                 +---- sums over their tasks, on ask ----+
+
+Step t draws its tasks from ``(seed, t)`` and task i's episodes from ``(seed, t, i)`` alone, so a
+run is reproducible and takes the same step whether the meta-batch is one share or several (the
+workers, each with its tasks). A step is a pure function of the seed, the step and the server's
+``LearnerState`` (theta, and ProMP's Adam moments): a run resumes from it exactly.
+"""
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from distmeta.params import ParamLayout, flat_parameters
-from distmeta.rl.envs import ENVIRONMENTS, Environment
-from distmeta.rl.maml_trpo import MamlTrpo, MamlTrpoConfig
-from distmeta.rl.policies import build_policy
-from distmeta.rl.promp import ProMP, ProMPConfig
+from distmeta.rl.envs import Environment
+from distmeta.rl.evaluate import adaptation_curve
+from distmeta.rl.setup import MetaRLSetup
 from distmeta.rl.trpo import MeanOverShares
+
+EVAL_SPLITS = {"val": 0, "test": 1}  # the held-out streams: eval.seed's validation and test tasks
 
 
 @dataclass(frozen=True)
@@ -29,14 +37,31 @@ class MetaRLMetrics:
     step: int
     return_before: float  # mean undiscounted return of the episodes before adaptation
     return_after: float  # ... and after the inner steps
+    length_before: float  # mean episode length, before adaptation
+    length_after: float
+    entropy: float  # mean entropy of the pre-update policy's actions on its episodes
     loss_before: float  # the meta-objective before the meta-step
     loss_after: float
     kl: float  # mean KL divergence of the new adapted policies from those that collected the episodes
     backtracks: int  # TRPO's line search (ProMP: 0)
     accepted: bool  # TRPO: a step within the bound lowered the surrogate (ProMP: always)
+    rejected: bool  # the step came out non-finite and was not applied
     environment_steps: int
-    rollout_s: float
-    learn_s: float
+    rollout_s: float  # the slowest worker's episodes
+    learn_s: float  # the meta-step
+
+
+@dataclass
+class LearnerState:
+    """The server's state after ``step`` meta-steps: all a run needs to continue exactly."""
+
+    step: int
+    theta: np.ndarray
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # ProMP: Adam's; TRPO: none
+
+    def owned(self) -> LearnerState:
+        """A copy with writable arrays of its own (Ray hands over read-only views of its buffers)."""
+        return LearnerState(self.step, self.theta.copy(), {key: value.copy() for key, value in self.optimizer.items()})
 
 
 def task_rng(seed: int, step: int) -> np.random.Generator:
@@ -49,40 +74,40 @@ def rollout_rngs(seed: int, step: int, tasks: range) -> list[np.random.Generator
     return [np.random.default_rng([seed, step, 1, task]) for task in tasks]
 
 
+def held_out(env: type[Environment], seed: int, split: str, tasks: range) -> tuple[np.ndarray, list]:
+    """Held-out tasks ``tasks`` (indices in the stream of ``seed``, ``eval.seed``, for ``split``) and
+    their episodes' generators: task i from ``(seed, split, i)`` alone."""
+    code = EVAL_SPLITS[split]
+    drawn = np.concatenate([env.sample_tasks(np.random.default_rng([seed, code, 0, task]), 1) for task in tasks])
+    return drawn, [np.random.default_rng([seed, code, 1, task]) for task in tasks]
+
+
 def even_shares(num_tasks: int, parts: int) -> list[range]:
     """``num_tasks`` task indices in ``parts`` contiguous shares, as even as possible."""
     bounds = np.linspace(0, num_tasks, parts + 1).round().astype(int)
     return [range(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
-@dataclass(frozen=True)
-class MetaRLSetup:
-    """What a run's learner is built from, by the driver and by every worker alike."""
+class TaskStream:
+    """The task generator: step t's meta-batch from ``(seed, t)``, so its cursor is the step. Tasks
+    are a few numbers each (a goal, masses): drawing them costs microseconds."""
 
-    env: str | type[Environment]
-    cfg: MamlTrpoConfig | ProMPConfig
-    meta_batch_size: int
-    hidden: tuple[int, ...] = (64, 64)
-    activation: str = "tanh"
-    seed: int = 0
-    dtype: torch.dtype = torch.float32
+    def __init__(self, setup: MetaRLSetup):
+        self.env, self.seed, self.size = setup.environment, setup.seed, setup.meta_batch_size
 
-    def build(self) -> tuple[MamlTrpo, ParamLayout, Tensor]:
-        """The learner (its policy initialised under ``seed``), the parameters' layout, theta."""
-        env = ENVIRONMENTS[self.env] if isinstance(self.env, str) else self.env
-        torch.manual_seed(self.seed)
-        policy = build_policy(env, self.hidden, self.activation).to(self.dtype)
-        named = {n: p.detach() for n, p in policy.named_parameters()}
-        learner = (ProMP if isinstance(self.cfg, ProMPConfig) else MamlTrpo)(self.cfg, policy, env)
-        return learner, ParamLayout.of(named), flat_parameters(named, self.dtype)
+    def draw(self, step: int) -> np.ndarray:
+        return self.env.sample_tasks(task_rng(self.seed, step), self.size)
 
 
 @dataclass(frozen=True)
 class ShareSummary:
-    """A worker's account of its tasks' episodes at a step: sums over its tasks."""
+    """A worker's account of its tasks' episodes at a step: sums over its tasks of each task's mean."""
 
-    return_before: float  # of each task's mean undiscounted return before adaptation
+    return_before: float  # undiscounted return before adaptation
     return_after: float  # ... after the inner steps
+    length_before: float  # episode length
+    length_after: float
+    entropy: float  # the pre-update policy's, per step
     environment_steps: int
     rollout_s: float
 
@@ -90,31 +115,45 @@ class ShareSummary:
 class ShareWorker:
     """The tasks ``tasks`` (indices in every meta-batch) of a run: it collects their episodes at a
     step's parameters, keeps them, and answers the meta-step's questions about them with sums
-    (``answer``). In this process for ``LocalMetaRL``, a Ray actor for ``RayMetaRL``; numpy in and out."""
+    (``answer``). Numpy in and out, as a Ray actor passes them without copies."""
 
-    def __init__(self, setup: MetaRLSetup, tasks: range):
+    def __init__(self, setup: MetaRLSetup, tasks: range, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
         self.setup, self.tasks = setup, tasks
         self.learner, self.layout, _ = setup.build()
         self.problem = None
 
-    def collect(self, step: int, theta: np.ndarray) -> ShareSummary:
-        start, setup, learner = time.perf_counter(), self.setup, self.learner
-        every_task = learner.env.sample_tasks(task_rng(setup.seed, step), setup.meta_batch_size)
-        tasks = every_task[self.tasks.start : self.tasks.stop]
+    def collect(self, step: int, tasks: np.ndarray, theta: np.ndarray) -> ShareSummary:
+        """Roll out, adapt and roll out again for this worker's share of ``tasks`` (the step's meta-batch)."""
+        start, learner = time.perf_counter(), self.learner
         flat = torch.tensor(theta)
-        batch = learner.collect(self.layout.unflatten(flat), tasks, rollout_rngs(setup.seed, step, self.tasks))
+        mine = tasks[self.tasks.start : self.tasks.stop]
+        batch = learner.collect(self.layout.unflatten(flat), mine, rollout_rngs(self.setup.seed, step, self.tasks))
         self.problem = learner.share(self.layout, flat, batch)
+        first, valid = batch.train[0], batch.valid
+        entropy = first.step_mean(learner.policy.distribution(first.behaviour).entropy())
         return ShareSummary(
-            float(batch.train[0].returns().mean(1).sum()),
-            float(batch.valid.returns().mean(1).sum()),
-            int(sum(e.mask.sum() for e in [*batch.train, batch.valid])),
+            float(first.returns().mean(1).sum()),
+            float(valid.returns().mean(1).sum()),
+            float(first.lengths.double().mean(1).sum()),
+            float(valid.lengths.double().mean(1).sum()),
+            float(entropy.sum()),
+            int(sum(e.mask.sum() for e in [*batch.train, valid])),
             time.perf_counter() - start,
         )
 
     def answer(self, method: str, *args):
         """The share's answer to the meta-step's ``method`` (``ProblemShare``'s, or ProMP's)."""
-        args = [torch.tensor(a) if isinstance(a, np.ndarray) else a for a in args]
-        return to_numpy(getattr(self.problem, method)(*args))
+        return to_numpy(getattr(self.problem, method)(*to_torch(tuple(args))))
+
+    def evaluate(
+        self, theta: np.ndarray, split: str, tasks: range, seed: int, step_sizes: list[float], episodes: int
+    ) -> np.ndarray:
+        """Held-out ``tasks``' mean returns after 0 .. len(step_sizes) inner steps, [T, steps + 1]."""
+        drawn, rngs = held_out(self.setup.environment, seed, split, tasks)
+        theta = self.layout.unflatten(torch.tensor(theta))
+        return adaptation_curve(self.learner, theta, drawn, step_sizes, episodes, rngs).returns
 
 
 def to_numpy(answer):
@@ -126,63 +165,126 @@ def to_numpy(answer):
 def to_torch(answer):
     if isinstance(answer, tuple):
         return tuple(to_torch(a) for a in answer)
-    return torch.tensor(answer) if isinstance(answer, np.ndarray) else answer
+    return torch.tensor(answer) if isinstance(answer, np.ndarray) else answer  # a copy: Ray's arrays are read-only
 
 
-class MetaRLLoop:
-    """The driver's side of a run: each step, every worker collects its share of the meta-batch at
-    theta, then the learner's meta-step asks the workers for sums (``MeanOverShares``) and moves
-    theta. ``call(method, *args)`` calls ``method`` on every worker and returns their answers in order."""
+class MetaRLServer:
+    """The parameter server of meta-RL: theta and the meta-step's own state (``LearnerState``).
+    Each step it takes one meta-step (TRPO's or ProMP's), asking the workers for sums over their
+    tasks through ``gather(method, *args)`` (their answers in worker order). A non-finite step is
+    not applied."""
 
-    def __init__(self, setup: MetaRLSetup, call: Callable[..., list]):
-        self.setup, self.call = setup, call
+    def __init__(self, setup: MetaRLSetup, gather: Callable[..., list], state: LearnerState | None = None):
+        self.setup, self.gather = setup, gather
         self.learner, self.layout, self.theta = setup.build()
-        self.policy, self.env = self.learner.policy, self.learner.env
+        self.step = 0
+        if state is not None:
+            self.restore(state)
 
-    def step(self, step: int) -> MetaRLMetrics:
-        start = time.perf_counter()
-        summaries: list[ShareSummary] = self.call("collect", step, self.theta.numpy())
-        collected = time.perf_counter()
-        problem = MeanOverShares(self._gather, self.setup.meta_batch_size)
+    def parameters(self) -> np.ndarray:
+        return self.theta.numpy()
+
+    def state(self) -> LearnerState:
+        optimizer = {key: value.numpy() for key, value in self.learner.optimizer_state().items()}
+        return LearnerState(self.step, self.theta.numpy().copy(), optimizer)
+
+    def restore(self, state: LearnerState) -> None:
+        self.theta = torch.tensor(state.theta, dtype=self.setup.dtype)
+        optimizer = {key: torch.tensor(value) for key, value in state.optimizer.items()}
+        self.learner.load_optimizer_state(self.theta, optimizer)
+        self.step = state.step
+
+    def meta_step(self, step: int, *summaries: ShareSummary) -> tuple[MetaRLMetrics, LearnerState]:
+        """Step ``step`` on the episodes the workers collected at theta (``summaries``: theirs)."""
+        if step != self.step:
+            raise RuntimeError(f"the server is at step {self.step}, asked for step {step}")
+        start, before = time.perf_counter(), self.state()
+        problem = MeanOverShares(
+            lambda method, *args: to_torch(tuple(self.gather(method, *to_numpy(args)))), self.setup.meta_batch_size
+        )
         result = self.learner.meta_step(self.theta, problem)
-        self.theta = result.theta.detach()
+        rejected = not bool(torch.isfinite(result.theta).all()) or not math.isfinite(result.loss_after)
+        if rejected:
+            self.restore(before)
+        else:
+            self.theta = result.theta.detach()
+        self.step = step + 1
         tasks = self.setup.meta_batch_size
-        return MetaRLMetrics(
+        metrics = MetaRLMetrics(
             step,
             sum(s.return_before for s in summaries) / tasks,
             sum(s.return_after for s in summaries) / tasks,
+            sum(s.length_before for s in summaries) / tasks,
+            sum(s.length_after for s in summaries) / tasks,
+            sum(s.entropy for s in summaries) / tasks,
             result.loss_before,
             result.loss_after,
             result.kl,
             result.backtracks,
-            result.accepted,
+            result.accepted and not rejected,
+            rejected,
             sum(s.environment_steps for s in summaries),
-            collected - start,
-            time.perf_counter() - collected,
+            max(s.rollout_s for s in summaries),
+            time.perf_counter() - start,
         )
+        return metrics, self.state()
 
-    def _gather(self, method: str, *args) -> list:
-        args = [a.detach().cpu().numpy() if isinstance(a, Tensor) else a for a in args]
-        return [to_torch(answer) for answer in self.call("answer", method, *args)]
+
+class MetaRLGroup:
+    """A generator, a server and workers, and a step through them. ``call(actor, method, *args)``
+    starts a call (in this process: makes it) and ``get`` waits for what it returns; the actors'
+    answers travel between them without the driver (Ray: object refs)."""
+
+    setup: MetaRLSetup
+    generator: TaskStream
+    server: MetaRLServer
+    workers: list[ShareWorker]
+
+    def call(self, actor, method: str, *args):
+        return getattr(actor, method)(*args)
+
+    def get(self, result, timeout_s: float | None = None):
+        return result
+
+    def step(self, step: int, timeout_s: float | None = None) -> tuple[MetaRLMetrics, LearnerState]:
+        tasks = self.call(self.generator, "draw", step)
+        theta = self.call(self.server, "parameters")
+        summaries = [self.call(worker, "collect", step, tasks, theta) for worker in self.workers]
+        return self.get(self.call(self.server, "meta_step", step, *summaries), timeout_s)
 
     def run(self, steps: int) -> list[MetaRLMetrics]:
-        return [self.step(step) for step in range(steps)]
+        start = self.get(self.call(self.server, "state")).step
+        return [self.step(step)[0] for step in range(start, start + steps)]
+
+    def evaluate(self, theta: np.ndarray, split: str, tasks: range, seed: int, step_sizes, episodes: int):
+        """Held-out ``tasks``' mean returns after 0 .. len(step_sizes) inner steps, [T, steps + 1],
+        split over the workers (the numbers do not depend on how)."""
+        shares = even_shares(len(tasks), min(len(self.workers), len(tasks)))
+        parts = [
+            self.call(worker, "evaluate", theta, split, tasks[s.start : s.stop], seed, step_sizes, episodes)
+            for worker, s in zip(self.workers, shares)
+        ]
+        return np.concatenate([self.get(part) for part in parts])
 
 
-class LocalMetaRL(MetaRLLoop):
-    """Every worker in this process; ``shares`` of them."""
+class LocalMetaRL(MetaRLGroup):
+    """Every actor in this process; the meta-batch in ``shares`` workers."""
 
-    def __init__(
-        self,
-        env: str | type[Environment],
-        cfg: MamlTrpoConfig | ProMPConfig,
-        meta_batch_size: int,
-        hidden: tuple[int, ...] = (64, 64),
-        activation: str = "tanh",
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        shares: int = 1,
-    ):
-        setup = MetaRLSetup(env, cfg, meta_batch_size, hidden, activation, seed, dtype)
-        self.workers = [ShareWorker(setup, tasks) for tasks in even_shares(meta_batch_size, shares)]
-        super().__init__(setup, lambda method, *args: [getattr(w, method)(*args) for w in self.workers])
+    def __init__(self, setup: MetaRLSetup, shares: int = 1, state: LearnerState | None = None):
+        self.setup = setup
+        self.generator = TaskStream(setup)
+        self.workers = [ShareWorker(setup, tasks) for tasks in even_shares(setup.meta_batch_size, shares)]
+        gather = lambda method, *args: [worker.answer(method, *args) for worker in self.workers]  # noqa: E731
+        self.server = MetaRLServer(setup, gather, state)
+
+    @property
+    def theta(self) -> Tensor:
+        return self.server.theta
+
+    @property
+    def learner(self):
+        return self.server.learner
+
+    @property
+    def layout(self):
+        return self.server.layout

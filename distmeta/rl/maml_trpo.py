@@ -66,12 +66,22 @@ class MetaRLBatch:
 
 
 class MamlTrpo:
+    config_class = MamlTrpoConfig
+
     def __init__(self, cfg: MamlTrpoConfig, policy: nn.Module, env: type[Environment]):
         self.cfg, self.policy, self.env = cfg, policy, env
 
     def share(self, layout: ParamLayout, theta: Tensor, batch: MetaRLBatch) -> MamlTrpoShare:
         """The batch's share of the meta-step's problem at ``theta``."""
         return MamlTrpoShare(self, layout, theta, batch)
+
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """What the meta-step keeps between steps besides theta, for checkpoints: TRPO keeps nothing."""
+        return {}
+
+    def load_optimizer_state(self, theta: Tensor, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"a TRPO meta-step keeps no state, but was given {sorted(state)}")
 
     def meta_step(self, theta: Tensor, problem: MeanOverShares) -> MetaStep:
         """theta after one TRPO step on the meta-batch's ``problem`` (its shares' means)."""

@@ -36,10 +36,34 @@ class ProMPConfig(AdaptationConfig):
 
 
 class ProMP(MamlTrpo):
+    config_class = ProMPConfig
+    ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
     def __init__(self, cfg: ProMPConfig, policy, env):
         super().__init__(cfg, policy, env)
         self.weights: Tensor | None = None  # theta as Adam holds it, with its moments
         self.optimizer: torch.optim.Adam | None = None
+
+    def _start_optimizer(self, theta: Tensor) -> None:
+        self.weights = theta.detach().clone().requires_grad_()
+        self.optimizer = torch.optim.Adam([self.weights], lr=self.cfg.learning_rate)
+
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """Adam's step count and moments (none before the first meta-step)."""
+        if self.optimizer is None:
+            return {}
+        state = self.optimizer.state[self.weights]
+        return {key: state[key].detach().clone() for key in self.ADAM_STATE}
+
+    def load_optimizer_state(self, theta: Tensor, state: dict[str, Tensor]) -> None:
+        """Continue from ``optimizer_state()``'s answer: the next step is the one it would have taken."""
+        if not state:
+            self.weights = self.optimizer = None
+            return
+        if sorted(state) != sorted(self.ADAM_STATE) or state["exp_avg"].shape != theta.shape:
+            raise ValueError(f"not ProMP's Adam state for {theta.numel()} parameters: {sorted(state)}")
+        self._start_optimizer(theta)
+        self.optimizer.state[self.weights] = {key: state[key].detach().clone() for key in self.ADAM_STATE}
 
     def inner_loss(self, params: Params, episodes: Episodes) -> Tensor:
         """LVC, per task [T]: minus the mean over episodes and steps of pi(a|s) / pi_o(a|s) A."""
@@ -67,8 +91,7 @@ class ProMP(MamlTrpo):
     def meta_step(self, theta: Tensor, problem: MeanOverShares) -> MetaStep:
         """``ppo_steps`` Adam steps on the meta-batch's objective (its shares' means), from ``theta``."""
         if self.optimizer is None:
-            self.weights = theta.detach().clone().requires_grad_()
-            self.optimizer = torch.optim.Adam([self.weights], lr=self.cfg.learning_rate)
+            self._start_optimizer(theta)
         with torch.no_grad():
             self.weights.copy_(theta)
         loss_before = None

@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from distmeta.config import Config, ConfigError
+from distmeta.report import duration
 from distmeta.runtime.control import Schedule, StepMetrics
 
 
@@ -78,14 +79,20 @@ class CheckedWriter:
         return checked
 
 
+def run_writer(run_dir: Path, cfg: Config, start_step: int) -> CheckedWriter:
+    """The run's TensorBoard writer, its config written as text. On resume it drops whatever the
+    earlier part logged after its checkpoint (TensorBoard hides events at steps >= purge_step
+    written before it), so no step appears twice."""
+    writer = CheckedWriter(run_dir, purge_step=start_step + 1 if start_step else None)
+    writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", start_step)
+    return writer
+
+
 class Monitor:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout):
         self.cfg, self.out, self.schedule = cfg, out, Schedule.of(cfg.train)
-        # On resume, drop whatever the earlier part logged after its checkpoint (TensorBoard hides
-        # events at steps >= purge_step written before it), so no step appears twice.
-        self.writer = CheckedWriter(run_dir, purge_step=start_step + 1 if start_step else None)
+        self.writer = run_writer(run_dir, cfg, start_step)
         self.last_step = start_step  # steps re-run after a fault are not logged again
-        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", start_step)
         self.sums: dict[str, float] = defaultdict(float)  # train/* per step, the rest per timed step
         self.counts: dict[str, int] = defaultdict(int)  # steps that had each train/* metric (*_before: logging steps)
         self.timed_steps = 0
@@ -213,17 +220,20 @@ class Monitor:
         return rows
 
     def close(self, final_rows=None) -> None:
-        """Write the hyperparameters with the final evaluation as their metrics, then close."""
-        final_rows = final_rows or []
-        flat = _flatten(self.cfg.to_dict())
-        metrics = {f"hparams/{r.tag}": r.mean for r in final_rows}
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, self.latest.get("step", 0))
-        experiment, session_start, session_end = hparams(flat, metrics)
-        with events_written(self.writer.run_dir):
-            for summary in (experiment, session_start, session_end):
-                self.writer.file_writer.add_summary(summary)
-            self.writer.close()
+        close_with_hparams(self.writer, self.cfg, final_rows or [], self.latest.get("step", 0))
+
+
+def close_with_hparams(writer: CheckedWriter, cfg: Config, final_rows: list, step: int) -> None:
+    """Write the hyperparameters with the final evaluation as their metrics, then close ``writer``."""
+    flat = _flatten(cfg.to_dict())
+    metrics = {f"hparams/{r.tag}": r.mean for r in final_rows}
+    for tag, value in metrics.items():
+        writer.add_scalar(tag, value, step)
+    experiment, session_start, session_end = hparams(flat, metrics)
+    with events_written(writer.run_dir):
+        for summary in (experiment, session_start, session_end):
+            writer.file_writer.add_summary(summary)
+        writer.close()
 
 
 def write_eval_scalars(writer: SummaryWriter, step: int, prefix: str, rows) -> None:
@@ -245,9 +255,3 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) or value is None else value
     return flat
-
-
-def duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -32,6 +32,11 @@ class Environment(ABC):
         self.tasks, self.episodes, self.rngs = tasks, episodes, rngs
 
     @classmethod
+    def check_available(cls) -> None:
+        """Raise an ``ImportError`` naming the fix if what the environment runs on is not installed."""
+        return None  # numpy alone
+
+    @classmethod
     @abstractmethod
     def sample_tasks(cls, rng: np.random.Generator, num_tasks: int) -> np.ndarray:
         """``num_tasks`` tasks of the distribution, [num_tasks, task_dim]."""

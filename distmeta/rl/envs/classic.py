@@ -37,6 +37,10 @@ class GymnasiumTasks(Environment):
     task_ranges: tuple[tuple[float, float], ...]
 
     @classmethod
+    def check_available(cls) -> None:
+        _gymnasium_class(*cls.gymnasium_class)
+
+    @classmethod
     def sample_tasks(cls, rng: np.random.Generator, num_tasks: int) -> np.ndarray:
         return np.stack([rng.uniform(low, high, num_tasks) for low, high in cls.task_ranges], 1)
 

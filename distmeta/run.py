@@ -1,0 +1,60 @@
+"""What a training run is, supervised or meta-RL alike: its name, its outputs checked before it
+starts, its result, and the exception that says a signal stopped it."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distmeta.checkpoint import CheckpointStore, checkpoint_location, probe_write
+from distmeta.config import Config, ConfigError
+from distmeta.report import EvalRow
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: str  # the final parameters
+    best_checkpoint: str | None  # the parameters that scored best on the validation split, if it ran
+    final_metrics: dict
+    eval_rows: list[EvalRow]
+    tasks_per_s: float  # steady state, all steps but the first
+    train_s: float  # the training steps alone: from the first submission to the last update
+    wall_s: float  # everything: actors, training, checkpoint, final evaluation
+    recoveries: int  # faults recovered from
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after the steps in flight; ``checkpoint`` resumes it."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str, run_dir: Path):
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        super().__init__(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint {checkpoint}")
+
+
+def run_name(cfg: Config) -> str:
+    """``run_name``, or a fresh default name: the random suffix keeps runs started in the same
+    second (a backgrounded sweep) in folders of their own."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return cfg.run_name or f"{cfg.algorithm.name}-{cfg.task.source}-{stamp}-{secrets.token_hex(3)}"
+
+
+def checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore:
+    """The run's checkpoint folder, once it and the log folder are known to be writable, and a
+    fresh run is known not to overwrite another run's checkpoints."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe_write(run_dir)
+    except OSError as err:
+        raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
+    store = CheckpointStore(checkpoint_location(cfg, run_dir))
+    store.check_writable()
+    if not resume and store.step_files():
+        raise ConfigError(
+            f"run {run_dir.name} already has checkpoints in {store.location}: continue it with "
+            f"`python launch.py --resume {run_dir}`, or give this run another run_name"
+        )
+    return store
