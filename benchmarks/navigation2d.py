@@ -37,7 +37,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(CONFIG, [f"algorithm.name={args.algorithm}", "train.meta_batch_size=20"])
     setup = MetaRLSetup.of(cfg)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # both systems' workers live at once (3 logical CPUs), but only one layout runs at a time
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     layouts = {"plain loop (1 process, 1 thread)": LocalMetaRL(setup)}
     for workers in (1, 2):
         system = RayMetaRL(setup, workers, cpus_per_worker=1)

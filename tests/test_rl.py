@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distmeta.params import ParamLayout, flat_parameters
-from distmeta.rl.envs import CartPoleMass, Navigation2D, PendulumMass, TabularMDP
+from distmeta.rl.envs import ENVIRONMENTS, CartPoleMass, Navigation2D, PendulumMass, TabularMDP
 from distmeta.rl.episodes import (
     BASELINE_REGULARISATION,
     Episodes,
@@ -499,3 +499,54 @@ def test_promp_steps_lower_its_objective_and_do_not_depend_on_the_shares():
         assert all(m.loss_after < m.loss_before for m in metrics)
         thetas.append(loop.theta)
     torch.testing.assert_close(thetas[1], thetas[0], rtol=1e-10, atol=1e-12)
+
+
+# --- MuJoCo locomotion (gymnasium's v5 environments) ---------------------------------------------
+
+
+def raw_step(gymnasium_env: str, seed: int, action: np.ndarray, **options):
+    """One step of a fresh gymnasium environment from reset(seed): (x before, x after, dt, info).
+    x is the root's position: HalfCheetah's root joint, Ant's torso body (v5 measures each so; the
+    torso's frame lags the free joint by one substep after mj_step)."""
+    import gymnasium
+
+    env = gymnasium.make(gymnasium_env, **options).unwrapped
+    env.reset(seed=seed)
+    x = (lambda: env.data.body("torso").xpos[0]) if gymnasium_env.startswith("Ant") else (lambda: env.data.qpos[0])
+    before = float(x())
+    _, _, terminated, _, info = env.step(action)
+    return before, float(x()), env.dt, info, terminated
+
+
+@pytest.mark.parametrize("name", ["halfcheetah_direction", "halfcheetah_velocity", "ant_direction"])
+def test_locomotion_rewards_are_the_reference_shaping_of_the_simulated_motion(name):
+    """Each task's reward from the MuJoCo state itself: the forward velocity as the change of the
+    root's x over the step's time, the control cost from the action, against a plain gymnasium
+    environment from the same seed."""
+    env_class = ENVIRONMENTS[name]
+    tasks = np.array([[1.0], [-1.0]]) if name.endswith("direction") else np.array([[0.3], [1.7]])
+    rngs = generators(5, 2)
+    seeds = [np.random.default_rng([5, t]).integers(2**31) for t in range(2)]  # what reset() draws, per task
+    env = env_class(tasks, 1, rngs)
+    env.reset()
+    action = np.linspace(-0.9, 0.9, env_class.action_dim)
+    _, reward, _ = env.step(np.broadcast_to(action, (2, 1, env_class.action_dim)).copy())
+    gymnasium_env = "Ant-v5" if name.startswith("ant") else "HalfCheetah-v5"
+    options = {"include_cfrc_ext_in_observation": False} if name.startswith("ant") else {}
+    for t, task in enumerate(tasks[:, 0]):
+        before, after, dt, info, _ = raw_step(gymnasium_env, int(seeds[t]), action, **options)
+        velocity = (after - before) / dt
+        if name == "halfcheetah_direction":
+            expected = task * velocity - 0.05 * (action**2).sum()
+        elif name == "halfcheetah_velocity":
+            expected = -abs(velocity - task) - 0.05 * (action**2).sum()
+        else:  # ant: v5's contact cost and healthy reward, its control cost 0.5 |a|^2
+            expected = task * velocity - 0.5 * (action**2).sum() + info["reward_contact"] + 1.0
+        assert reward[t, 0] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert env.reset().shape == (2, 1, env_class.observation_dim)
+
+
+def test_maml_trpo_takes_a_step_on_halfcheetah():
+    loop = LocalMetaRL(MetaRLSetup("halfcheetah_direction", MamlTrpoConfig(episodes_per_task=2), 2, hidden=(16,)))
+    metrics, _ = loop.step(0)
+    assert metrics.accepted and 0 < metrics.kl <= 0.01 and metrics.environment_steps == 2 * 2 * 2 * 200

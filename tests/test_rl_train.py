@@ -177,7 +177,8 @@ def test_an_environment_without_its_optional_extra_names_the_install(cli_env, tm
         [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120
     )
     assert done.returncode == 2
-    assert "task.source=cartpole_mass: this environment runs on gymnasium: pip install 'distmeta[rl]'" in done.stderr
+    expected = "task.source=cartpole_mass: this environment runs on gymnasium's CartPoleEnv: pip install 'distmeta[rl]'"
+    assert expected in done.stderr
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
