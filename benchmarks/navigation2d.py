@@ -2,7 +2,8 @@
 20 episodes a task, 100 steps an episode: 80,000 environment steps a meta-step): a plain
 single-process loop (``LocalMetaRL``: the same generator, workers and server called in this
 process, no Ray, one torch thread) against the system on a local Ray with 1 and with 2 worker
-actors of one core each, the same steps side by side in one run, interleaved step by step. It
+actors of one core each (and one worker without the workers' glibc malloc settings), the same
+steps side by side in one run, interleaved step by step. It
 prints seconds per meta-step, environment steps per second of rollouts per worker, and each
 layout's time as a ratio to the loop's. Run it alone on the machine.
 
@@ -37,13 +38,14 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(CONFIG, [f"algorithm.name={args.algorithm}", "train.meta_batch_size=20"])
     setup = MetaRLSetup.of(cfg)
-    # both systems' workers live at once (3 logical CPUs), but only one layout runs at a time
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    # every system's workers live at once (4 logical CPUs), but only one layout runs at a time
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     layouts = {"plain loop (1 process, 1 thread)": LocalMetaRL(setup)}
-    for workers in (1, 2):
-        system = RayMetaRL(setup, workers, cpus_per_worker=1)
+    for workers, tuned in ((1, False), (1, True), (2, True)):
+        system = RayMetaRL(setup, workers, cpus_per_worker=1, malloc_settings=tuned)
         system.ready(600)
-        layouts[f"system, {workers} worker{'s' * (workers > 1)} x 1 CPU"] = system
+        untuned = "" if tuned else ", glibc malloc untuned"
+        layouts[f"system, {workers} worker{'s' * (workers > 1)} x 1 CPU{untuned}"] = system
     seconds = {name: [] for name in layouts}
     rate = {name: [] for name in layouts}
     rollout_rate = {name: [] for name in layouts}

@@ -46,7 +46,10 @@ EVAL_FLAGS = {
         "eval.ways",
         {"type": int, "help": "classes per episode (other than training's: metric learners only)"},
     ),
-    "--shots": ("eval.shots", {"type": int, "nargs": "+", "help": "support examples per class, one or more values"}),
+    "--shots": (
+        "eval.shots",
+        {"type": int, "nargs": "+", "help": "support examples per class (meta-RL: episodes per inner step), 1+ values"},
+    ),
     "--queries": ("eval.queries", {"type": int, "help": "query examples per class (per task for regression)"}),
     "--steps": ("eval.inner_steps", {"type": int, "nargs": "+", "help": "inner steps to score after, e.g. 0 1 3"}),
     "--seed": ("eval.seed", {"type": int, "help": "seed of the held-out task stream (eval.seed)"}),

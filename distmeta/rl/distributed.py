@@ -12,6 +12,7 @@ import ray
 
 from distmeta.rl.local import LearnerState, MetaRLGroup, MetaRLServer, ShareWorker, TaskStream, even_shares
 from distmeta.rl.setup import MetaRLSetup
+from distmeta.runtime.worker import worker_process_env
 
 
 class RemoteShares:
@@ -27,7 +28,8 @@ class RemoteShares:
 
 class RayMetaRL(MetaRLGroup):
     """The actors of a run: the task generator and the server need no core of their own (their
-    work is microseconds a call), each worker ``cpus_per_worker`` (its torch threads)."""
+    work is microseconds a call), each worker ``cpus_per_worker`` (its torch threads), with glibc's
+    malloc tuned as the supervised workers' (``malloc_settings``)."""
 
     def __init__(
         self,
@@ -36,13 +38,18 @@ class RayMetaRL(MetaRLGroup):
         cpus_per_worker: float = 1,
         state: LearnerState | None = None,
         server_resource: str = "",
+        malloc_settings: bool = True,
     ):
         if not 1 <= num_workers <= setup.meta_batch_size:
             raise ValueError(f"{num_workers} workers for a meta-batch of {setup.meta_batch_size}: give each a task")
         self.setup = setup
         small = {"num_cpus": 0, "resources": {server_resource: 0.001} if server_resource else None}
         self.generator = ray.remote(**small)(TaskStream).remote(setup)
-        worker = ray.remote(num_cpus=cpus_per_worker)(ShareWorker)
+        # glibc keeps what a step frees for the next (runtime/worker.py): the Fisher-vector products'
+        # temporaries are megabytes, mapped and unmapped every call otherwise (0.93x the plain
+        # loop on one worker without, 1.01x with: benchmarks/navigation2d.py)
+        runtime_env = {"env_vars": worker_process_env()} if malloc_settings else None
+        worker = ray.remote(num_cpus=cpus_per_worker, runtime_env=runtime_env)(ShareWorker)
         threads = max(1, int(cpus_per_worker))
         shares = even_shares(setup.meta_batch_size, num_workers)
         self.workers = [worker.remote(setup, tasks, threads) for tasks in shares]

@@ -45,6 +45,11 @@ class GymnasiumTasks(Environment):
             raise
 
     @classmethod
+    def make(cls):
+        """A new copy of the environment."""
+        return cls.gymnasium()(**cls.options)
+
+    @classmethod
     def check_available(cls) -> None:
         cls.gymnasium()
 
@@ -56,7 +61,7 @@ class GymnasiumTasks(Environment):
         super().__init__(tasks, episodes, rngs)
         pool = GymnasiumTasks._pool.setdefault(type(self), [])
         needed = len(self.tasks) * episodes
-        pool.extend(self.gymnasium()(**self.options) for _ in range(needed - len(pool)))
+        pool.extend(self.make() for _ in range(needed - len(pool)))
         self.envs = [pool[t * episodes : (t + 1) * episodes] for t in range(len(self.tasks))]
         for row, task in zip(self.envs, self.tasks):
             for env in row:

@@ -18,11 +18,14 @@ returns are a reference, not a target to the digit.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import numpy as np
 
 from distmeta.rl.envs.gymnasium_tasks import GymnasiumTasks
+
+log = logging.getLogger(__name__)
 
 
 def directions(rng: np.random.Generator, num_tasks: int) -> np.ndarray:
@@ -30,9 +33,28 @@ def directions(rng: np.random.Generator, num_tasks: int) -> np.ndarray:
     return 2.0 * rng.integers(0, 2, (num_tasks, 1)) - 1.0
 
 
+def _model_warning(message: str) -> None:
+    """MuJoCo's warnings while a model compiles. gymnasium's HalfCheetah file sets
+    ``settotalmass``, which MuJoCo 3.17 and later deprecate (the model compiles the same): that
+    one would print once for every copy a rollout makes, so it is dropped; others are logged."""
+    if "settotalmass" not in message:
+        log.warning("MuJoCo: %s", message)
+
+
 class Locomotion(GymnasiumTasks):
     task_dim, discrete = 1, False
     extra = "mujoco"
+
+    @classmethod
+    def make(cls):
+        import mujoco
+
+        previous = mujoco.get_mju_user_warning()
+        mujoco.set_mju_user_warning(_model_warning)
+        try:
+            return super().make()
+        finally:
+            mujoco.set_mju_user_warning(previous)
 
     def action(self, action):
         return np.clip(action, -1.0, 1.0)  # both robots' actuators take [-1, 1]
