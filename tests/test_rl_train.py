@@ -235,3 +235,17 @@ def test_sigterm_stops_a_meta_rl_run_with_a_checkpoint_and_resume_finishes_it(ra
     straight = load_config(NAVIGATION, [*overrides, "run_name=straight", f"train.steps={stopped_at + 2}"])
     train(straight, tmp_path / "straight")  # the same run left alone
     assert torch.equal(final_params(tmp_path / "stopped"), final_params(tmp_path / "straight"))
+
+
+def test_an_actor_whose_constructor_raises_stops_the_run_with_its_error(ray_local, tmp_path):
+    """Not retried on fewer workers, and not reported as a cluster without room."""
+    from distmeta.rl.envs import Navigation2D
+    from distmeta.rl.local import LearnerState
+    from distmeta.rl.train import Actors
+    from distmeta.runtime.supervisor import ActorFailed
+
+    cfg = small(tmp_path)
+    broken = type("Broken", (Navigation2D,), {"observation_dim": "two"})  # the policy cannot be built
+    setup = MetaRLSetup(broken, MetaRLSetup.of(cfg).cfg, 4, hidden=(8,))
+    with pytest.raises(ActorFailed, match="a meta-RL actor did not start: TypeError"):
+        Actors(cfg, cfg.cluster, setup, LearnerState(0, np.zeros(3)))

@@ -67,14 +67,17 @@ class RayMetaRL(MetaRLGroup):
         return [self.generator, self.server, *self.workers]
 
     def ready(self, timeout_s: float) -> list[bool]:
-        """Which actors (``actors``' order) are up within ``timeout_s``."""
+        """Which actors (``actors``' order) are up within ``timeout_s``. A constructor that raised
+        is raised here (a re-run would fail the same way); an actor lost or not yet placed is not up."""
         pings = [actor.__ray_ready__.remote() for actor in self.actors]
         done, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
         answered = []
         for ping in pings:
             try:
                 answered.append(ping in done and ray.get(ping, timeout=0))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except ray.exceptions.RayActorError as err:
+                if err.actor_init_failed:
+                    raise
                 answered.append(False)
         return answered
 
