@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distmeta.params import ParamLayout, flat_parameters
+from distmeta.report import scored_row
 from distmeta.rl.envs import ENVIRONMENTS, CartPoleMass, Navigation2D, PendulumMass, TabularMDP
 from distmeta.rl.episodes import (
     BASELINE_REGULARISATION,
@@ -313,14 +314,15 @@ def test_adaptation_curve_scores_fresh_episodes_after_each_step():
     theta = layout.unflatten(flat)
     tasks = Navigation2D.sample_tasks(np.random.default_rng(11), 3)
     curve = adaptation_curve(learner, theta, tasks, [0.1, 0.05], 5, generators(12, 3))
-    assert curve.returns.shape == (3, 3)
+    assert curve.shape == (3, 3)
     rngs = generators(12, 3)  # the protocol by hand: episodes, a step of 0.1 on them, new episodes
     first = rollout(learner.policy, per_task(theta, 3), SHORT, tasks, 5, rngs)
     adapted = learner.detached_step(per_task(theta, 3), with_advantages(first, 0.99, 1.0), lr=0.1)
     second = rollout(learner.policy, adapted, SHORT, tasks, 5, rngs)
-    np.testing.assert_array_equal(curve.returns[:, 0], first.returns().mean(1).numpy())
-    np.testing.assert_array_equal(curve.returns[:, 1], second.returns().mean(1).numpy())
-    np.testing.assert_allclose(curve.ci95, 1.959963984540054 * curve.returns.std(0, ddof=1) / np.sqrt(3))
+    np.testing.assert_array_equal(curve[:, 0], first.returns().mean(1).numpy())
+    np.testing.assert_array_equal(curve[:, 1], second.returns().mean(1).numpy())
+    row = scored_row(curve[:, 1], 0, ways=0, shots=5, steps=1, metric="return")  # the evaluation's CI
+    np.testing.assert_allclose(row.ci95, 1.96 * curve[:, 1].std(ddof=1) / np.sqrt(3))
 
 
 def test_shares_of_the_meta_batch_give_the_same_steps():

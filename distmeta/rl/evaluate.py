@@ -9,7 +9,6 @@ numbers are the same whichever worker scores it and in whichever chunk."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TextIO
 
 import numpy as np
@@ -22,22 +21,7 @@ from distmeta.rl.maml_trpo import MamlTrpo
 from distmeta.rl.policies import per_task
 from distmeta.rl.setup import eval_episodes, eval_step_sizes, eval_steps
 
-Z95 = 1.959963984540054
 CHUNK_TASKS = 20  # held-out tasks per call, between progress reports
-
-
-@dataclass(frozen=True)
-class AdaptationCurve:
-    returns: np.ndarray  # [tasks, steps + 1]: each task's mean return after k steps
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.returns.mean(0)
-
-    @property
-    def ci95(self) -> np.ndarray:
-        """Half-width of the normal 95% interval of the mean over tasks."""
-        return Z95 * self.returns.std(0, ddof=1) / np.sqrt(len(self.returns))
 
 
 def adaptation_curve(
@@ -47,8 +31,9 @@ def adaptation_curve(
     step_sizes: list[float],
     episodes: int,
     rngs: list[np.random.Generator],
-) -> AdaptationCurve:
-    """Returns after 0 .. len(step_sizes) inner steps, the i-th with ``step_sizes[i]``."""
+) -> np.ndarray:
+    """Each task's mean return after 0 .. len(step_sizes) inner steps, the i-th with
+    ``step_sizes[i]``: [tasks, steps + 1]."""
     cfg = learner.cfg
     params = per_task(theta, len(tasks))
     returns = []
@@ -59,7 +44,7 @@ def adaptation_curve(
             break
         collected = with_advantages(collected, cfg.gamma, cfg.gae_lambda)
         params = learner.detached_step(params, collected, lr=step_size)
-    return AdaptationCurve(torch.stack(returns, 1).double().cpu().numpy())
+    return torch.stack(returns, 1).double().cpu().numpy()
 
 
 def protocol(cfg: Config, split: str, num_tasks: int) -> str:

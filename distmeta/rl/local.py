@@ -153,7 +153,7 @@ class ShareWorker:
         """Held-out ``tasks``' mean returns after 0 .. len(step_sizes) inner steps, [T, steps + 1]."""
         drawn, rngs = held_out(self.setup.environment, seed, split, tasks)
         theta = self.layout.unflatten(torch.tensor(theta))
-        return adaptation_curve(self.learner, theta, drawn, step_sizes, episodes, rngs).returns
+        return adaptation_curve(self.learner, theta, drawn, step_sizes, episodes, rngs)
 
 
 def to_numpy(answer):

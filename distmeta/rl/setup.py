@@ -59,7 +59,8 @@ class MetaRLSetup:
         torch.manual_seed(self.seed)
         policy = build_policy(env, self.hidden, self.activation).to(self.dtype)
         named = {n: p.detach() for n, p in policy.named_parameters()}
-        learner = (ProMP if isinstance(self.cfg, ProMPConfig) else MamlTrpo)(self.cfg, policy, env)
+        kind = next(a for a in META_RL_ALGORITHMS.values() if type(self.cfg) is a.config_class)
+        learner = kind(self.cfg, policy, env)
         return learner, ParamLayout.of(named), flat_parameters(named, self.dtype)
 
 
