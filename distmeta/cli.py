@@ -1,4 +1,5 @@
-"""Command line: ``python launch.py`` / ``distmeta train`` and ``distmeta evaluate``."""
+"""Command line: ``python launch.py`` / ``distmeta train``, ``distmeta evaluate``, ``distmeta adapt``,
+``distmeta data`` and ``distmeta checkpoint``."""
 
 from __future__ import annotations
 
@@ -151,6 +152,22 @@ def data_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def adapt_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Adapt a meta-trained checkpoint to your own labelled images and classify new ones. Images "
+        "are prepared as the checkpoint's training images were; each query image is classified with the support "
+        "set alone (not transductively).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a classification checkpoint, e.g. zoo/NAME.pt")
+    parser.add_argument("--support", required=True, help="folder of class folders: SUPPORT/<class>/<images>")
+    parser.add_argument("--query", required=True, nargs="+", help="image files, or folders of them (searched whole)")
+    parser.add_argument("--steps", type=int, help="inner steps (MAML family; default: as trained)")
+    parser.add_argument("--out", default="adapted", help="where predictions.csv and the adapted model go")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    return parser
+
+
 def checkpoint_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Checkpoint files.")
     actions = parser.add_subparsers(dest="action", required=True)
@@ -167,7 +184,7 @@ def checkpoint_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train", "evaluate", "data", "checkpoint"}
+    commands = {"train", "evaluate", "data", "checkpoint", "adapt"}
     if not argv or argv[0] not in commands:
         print(f"usage: distmeta {{{','.join(sorted(commands))}}} [options]  (distmeta COMMAND --help)", file=sys.stderr)
         return 2
@@ -176,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "data":
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
+    if argv[0] == "adapt":
+        args = adapt_parser("distmeta adapt").parse_args(argv[1:])
+        return _guard(lambda: _adapt(args))
     if argv[0] == "checkpoint":
         args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
         return _guard(lambda: _convert_checkpoints(args.paths, args.out))
@@ -257,6 +277,28 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     if not unwritable:
         with SummaryWriter(str(run_dir)) as writer:
             write_eval_scalars(writer, state["step"], f"eval_only_{split}", rows)
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from distmeta.adaptation import adapt, check_out, class_folders, image_files, write_adapted
+    from distmeta.evaluate import check_device
+
+    check_device(args.device)
+    out = Path(args.out)
+    check_out(out)  # before the work: nothing earlier is overwritten
+    support = class_folders(args.support)
+    queries = image_files(args.query)
+    images = [path for files in support.values() for path in files]
+    labels = [name for name, files in support.items() for _ in files]
+    print(f"adapting {args.checkpoint} to {len(support)} classes, {len(images)} support images", file=sys.stderr)
+    predictor = adapt(args.checkpoint, images, labels, steps=args.steps, device=args.device)
+    predictions = predictor.predict(queries)
+    print("query,predicted,probability")
+    for path, prediction in zip(queries, predictions):
+        print(f"{path},{prediction.label},{prediction.probability:.4f}")
+    for written in write_adapted(out, predictor, args.checkpoint, queries, predictions):
+        print(f"wrote {written}", file=sys.stderr)
     return 0
 
 

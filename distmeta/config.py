@@ -37,6 +37,20 @@ def bounded(default: Any = dataclasses.MISSING, *, at_least: float | None = None
 
 
 @dataclass
+class ImageFormat:
+    """How an image file became a model input: decoded, converted to ``channels`` (1: grayscale, 3:
+    RGB), resized to ``height`` x ``width`` (Lanczos), with ``invert`` each pixel replaced by 255
+    minus itself, then scaled to [0, 1]. Training records it from its data (task.image_format), so
+    a checkpoint alone prepares new images as its training images were (``distmeta adapt``).
+    channels 0: not recorded (data that is not images, or a checkpoint from before distmeta 0.2)."""
+
+    channels: int = bounded(0, at_least=0)
+    height: int = bounded(0, at_least=0)
+    width: int = bounded(0, at_least=0)
+    invert: bool = False
+
+
+@dataclass
 class TaskConfig:
     source: str = "sinusoid"  # sinusoid | synthetic | shards (see distmeta.tasks.SOURCES)
     ways: int = bounded(5, at_least=2)  # classes per episode (classification)
@@ -47,6 +61,8 @@ class TaskConfig:
     # set by training: a SHA-256 over the manifest's classes, splits and shard SHA-256s. A resumed or
     # evaluated run may take task.shards=NEWPATH (the data moved) if the shards there match it
     shards_fingerprint: str = ""
+    # set by training from the data (the shards' manifest, or the synthetic images' shape)
+    image_format: ImageFormat = field(default_factory=ImageFormat)
     split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | vinyals | lake)
     rotations: bool = True  # training classes also rotated by 90, 180, 270 degrees, as new classes
     # shards up to this size are memory-mapped (fastest); larger ones are read with pread, so a task

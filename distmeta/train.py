@@ -87,7 +87,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> Tra
     if is_meta_rl(cfg):
         return train_meta_rl(cfg, run_dir, resume, started)
     source = _checked_source(cfg)  # bad data fails here, before Ray starts
-    cfg = _with_data_fingerprint(cfg)
+    cfg = _with_data_record(cfg, source)
     initial = _initial_parameters(cfg, source, resume)
     claim(run_dir)  # held until the run ends (a resume claimed it already, in prepare_resume)
     try:
@@ -119,16 +119,16 @@ def _checked_source(cfg: Config):
     return source
 
 
-def _with_data_fingerprint(cfg: Config) -> Config:
-    """The config with its data's fingerprint recorded, for a source whose data is fingerprinted
-    (so every checkpoint carries it, and the run can find its data again at another path); a
-    config that holds one already (a resumed run) must find the same data."""
-    source = SOURCES[cfg.task.source]  # check_run found it
-    if not source.fingerprinted:
-        return cfg
-    check_same_data(cfg, cfg)
-    found = source.data_fingerprint(cfg.task)
-    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, shards_fingerprint=found))
+def _with_data_record(cfg: Config, source) -> Config:
+    """The config with what every checkpoint must carry about its data: how its images were made
+    (``task.image_format``, so ``distmeta adapt`` prepares new ones alike) and, for a source whose
+    data is fingerprinted, the fingerprint (so the run can find its data again at another path);
+    a config that holds one already (a resumed run) must find the same data."""
+    task = dataclasses.replace(cfg.task, image_format=source.image_format)
+    if SOURCES[cfg.task.source].fingerprinted:
+        check_same_data(cfg, cfg)
+        task = dataclasses.replace(task, shards_fingerprint=SOURCES[cfg.task.source].data_fingerprint(cfg.task))
+    return dataclasses.replace(cfg, task=task)
 
 
 def _initial_parameters(cfg: Config, source, resume: bool) -> np.ndarray:

@@ -97,6 +97,8 @@ def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printe
     best = read_checkpoint(run_dir / "checkpoints" / "best.pt")
     assert best["step"] == max(validation, key=validation.get)  # accuracy: higher is better
     assert best["validation"]["mean"] == pytest.approx(max(validation.values()), rel=1e-6)
+    # how its images were made, for `distmeta adapt` (tests/test_adapt.py)
+    assert best["config"]["task"]["image_format"] == {"channels": 1, "height": 16, "width": 16, "invert": False}
     assert "protocol: 40 test episodes (seed 1234), 5-way, shots [1], 3 queries per class" in out.stdout
     # learners without an inner loop cannot be asked for inner steps
     refused = run(

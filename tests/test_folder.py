@@ -40,6 +40,7 @@ def test_split_folders_become_splits_and_images_are_resized(tmp_path):
     original = Image.open(tmp_path / "src" / "train" / "ntrain0" / "000.jpg").convert("RGB")
     expected = np.asarray(original.resize((16, 16), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
     np.testing.assert_array_equal(data.images(first["shard"])[first["first_row"]], expected)
+    assert data.manifest["inverted"] is False  # stored as decoded (Omniglot's alone are inverted)
     cfg = load_config(
         None,
         [

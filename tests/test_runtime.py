@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import distmeta
 from distmeta.algorithms import initial_parameters
 from distmeta.checkpoint import CheckpointStore, read_checkpoint
 from distmeta.config import ConfigError, load_config
@@ -98,7 +99,7 @@ def test_checkpoint_holds_parameters_optimizer_step_config_and_the_task_cursor(r
     assert final["step"] == 12 and final["config"] == (cfg.to_dict() | {"run_name": "run"})
     assert final["optimizer"]["state"][0]["step"].item() == 12  # Adam's moments came along
     assert final["task_stream"] == {"seed": 0, "next_step": 12, "next_draw": 12}
-    assert final["code_version"].startswith("0.1.0")
+    assert final["code_version"].startswith(distmeta.__version__)
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000009.pt")["step"] == 9
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "final.pt",

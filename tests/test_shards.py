@@ -50,6 +50,7 @@ def test_ingest_writes_all_of_omniglot_with_its_splits(omniglot_shards):
         "class_name": "string",
         "group": "string",
     }
+    assert manifest["inverted"] is True  # strokes bright: what `distmeta adapt` does to a user's drawings too
 
 
 def test_images_are_antialiased_28x28_with_bright_strokes(omniglot_src, omniglot_shards):

@@ -174,9 +174,11 @@ class MetaAlgorithm:
             params = {n: p - step_size[n] * grads[n] for n, p in params.items()}
             yield params
 
-    def adapted(self, loop: InnerLoop, y: Tensor, steps: int, create_graph: bool) -> Params:
-        """The parameters after all ``steps`` inner steps."""
-        return deque(self.adapt(loop, y, steps, create_graph), maxlen=1)[0]
+    def adapted(
+        self, loop: InnerLoop, y: Tensor, steps: int, create_graph: bool, batch_size: int | None = None
+    ) -> Params:
+        """The parameters after all ``steps`` inner steps (``adapt``'s last)."""
+        return deque(self.adapt(loop, y, steps, create_graph, batch_size), maxlen=1)[0]
 
     # --- a batch of tasks --------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distmeta.data.images import load_image
+from distmeta.config import ImageFormat
+from distmeta.data.images import dataset_image
 from distmeta.data.shards import ClassImages, ShardError, write_shards
 
 SPLITS = ("train", "val", "test")
@@ -65,13 +66,13 @@ def build_folder(
     if channels is None:  # grayscale only if every image is
         grayscale = all(Image.open(p).mode in ("1", "L", "LA", "I;16") for members in files.values() for p in members)
         channels = 1 if grayscale else 3
-    mode = "L" if channels == 1 else "RGB"
+    fmt = ImageFormat(channels=channels, height=image_size, width=image_size)
     classes, splits = [], {f"default/{split}": [] for split in SPLITS}
     for split, folder in pairs:
-        images = np.stack([load_image(str(p), p.read_bytes(), image_size, mode) for p in files[folder]])
+        images = np.stack([dataset_image(str(p), p.read_bytes(), fmt) for p in files[folder]])
         splits[f"default/{split}"].append(len(classes))
         classes.append(ClassImages(f"{split}/{folder.name}" if splits_file is None else folder.name, split, images))
     progress(f"{len(classes)} classes, {sum(len(c.images) for c in classes)} images, {channels} channel(s)")
-    path = write_shards(out, classes, splits, dataset="folder", source=str(src))
+    path = write_shards(out, classes, splits, dataset="folder", source=str(src), inverted=fmt.invert)
     progress(f"wrote {out}")
     return path

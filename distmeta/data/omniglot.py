@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distmeta.config import ImageFormat
 from distmeta.data.download import download
-from distmeta.data.images import load_image
+from distmeta.data.images import dataset_image
 from distmeta.data.shards import ClassImages, ShardError, write_shards
 
 PARTS = ("images_background", "images_evaluation")
@@ -26,6 +27,7 @@ OFFICIAL_MD5 = {
     "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 SIZE = 28
+FORMAT = ImageFormat(channels=1, height=SIZE, width=SIZE, invert=True)  # strokes bright on dark
 SPLIT_SEED = 1
 VINYALS_VAL_ALPHABETS = {"Armenian", "Bengali", "Early_Aramaic", "Hebrew", "Mkhedruli_(Georgian)"}
 VINYALS_TEST_FROM = "Gurmukhi/character42"  # the first test character; evaluation characters from here on
@@ -56,7 +58,7 @@ def read_part(src: Path, part: str) -> dict[tuple[str, str], list[tuple[str, byt
 
 
 def to_image(name: str, data: bytes) -> np.ndarray:
-    return 255 - load_image(name, data, SIZE, "L")[0]  # strokes bright
+    return dataset_image(name, data, FORMAT)[0]
 
 
 def build_omniglot(src: str | Path, out: str | Path, progress=print) -> Path:
@@ -82,7 +84,7 @@ def build_omniglot(src: str | Path, out: str | Path, progress=print) -> Path:
     }
     if len(classes) != 1623:
         progress(f"warning: {len(classes)} characters, the official Omniglot has 1,623; the split sizes assume it")
-    path = write_shards(out, classes, splits, dataset="omniglot", source=str(src))
+    path = write_shards(out, classes, splits, dataset="omniglot", source=str(src), inverted=FORMAT.invert)
     progress(f"wrote {len(classes)} classes to {out}")
     return path
 

@@ -8,8 +8,9 @@ random ``take`` on a multi-batch IPC file is ~40x slower.
 The manifest records ``format`` and ``version``, the ``schema`` (column -> Arrow type), the
 ``image_shape`` ([C, H, W]), the ``classes`` (``name``, ``group``, ``shard``, ``first_row``,
 ``rows``), the named ``splits`` (lists of class indices), the ``shards`` (``file``, ``rows``,
-``bytes``, ``sha256``) and the builder's ``dataset`` and ``source``; the sizes and SHA-256s catch a
-truncated or corrupted shard before training starts.
+``bytes``, ``sha256``), the builder's ``dataset`` and ``source``, and ``inverted`` (whether the builder
+stored 255 minus each decoded pixel; absent in manifests before distmeta 0.2, where only Omniglot's
+were); the sizes and SHA-256s catch a truncated or corrupted shard before training starts.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def _check_manifest(manifest: dict) -> None:
     shape = _field(manifest, "image_shape", list, "")
     if len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
         raise ShardError(f"image_shape must be [channels, height, width] of positive integers, got {shape!r}")
+    if "inverted" in manifest:
+        _field(manifest, "inverted", bool, "")
     shards = _field(manifest, "shards", list, "")
     for i, shard in enumerate(shards):
         where = f"shards[{i}]"

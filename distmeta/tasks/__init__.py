@@ -5,8 +5,8 @@ deterministic, so the task-generation actor can rebuild any batch of the stream 
 and a run's data does not depend on how many actors serve it. ``part`` asks for a contiguous slice
 of the batch: the random draws still cover the whole batch (so the slice is exactly those tasks of
 the whole), but only the slice's data is built, so several generators split the work. To add a
-dataset, write a source with what ``TaskSource`` below lists (``kind``, ``fingerprinted``, ``spec``,
-``splits``, ``check_options``, ``check``, ``sample``; a fingerprinted one also ``data_fingerprint``
+dataset, write a source with what ``TaskSource`` below lists (``kind``, ``fingerprinted``, ``image_format``,
+``spec``, ``splits``, ``check_options``, ``check``, ``sample``; a fingerprinted one also ``data_fingerprint``
 and ``check_same_data``) and a ``from_config(cfg)`` classmethod, which ``build_source`` calls, and
 register it in ``SOURCES``.
 """
@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from distmeta.config import ImageFormat
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
 from distmeta.tasks.episodes import ShardEpisodes
@@ -29,6 +30,7 @@ class TaskSource(Protocol):
     # whether its data is files that a run records the fingerprint of (``task.shards_fingerprint``),
     # so that a resumed or evaluated run finds the same data, also where it has moved to
     fingerprinted: bool
+    image_format: ImageFormat  # how its images were made from files; ImageFormat() if it has none
 
     @property
     def spec(self) -> DataSpec: ...

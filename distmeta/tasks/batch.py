@@ -61,7 +61,7 @@ class TaskBatch:
     def to_torch(self, device: torch.device, dtype: torch.dtype) -> TaskTensors:
         """The tasks as tensors on ``device``; uint8 images scaled to [0, 1]."""
         arrays = (self.support_x, self.support_y, self.query_x, self.query_y)
-        return TaskTensors(*(_to_tensor(a, device, dtype) for a in arrays))
+        return TaskTensors(*(to_tensor(a, device, dtype) for a in arrays))
 
 
 class TaskTensors(NamedTuple):
@@ -78,7 +78,7 @@ class TaskTensors(NamedTuple):
         return TaskTensors(*(t[index : index + 1] for t in self))
 
 
-def _to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_tensor(array: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """On a GPU: copied into pinned host memory (torch caches it) and from there asynchronously,
     as uint8 (a quarter of float32's bytes), converted on the device."""
     if device.type == "cuda":

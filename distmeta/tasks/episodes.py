@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distmeta.config import ConfigError
+from distmeta.config import ConfigError, ImageFormat
 from distmeta.data.shards import MANIFEST, ShardedDataset, ShardError, dataset_fingerprint
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
@@ -51,6 +51,14 @@ class ShardEpisodes:
         self.rows = np.array([c["rows"] for c in classes])
         self.splits = tuple(s for s in ("train", "val", "test") if f"{scheme}/{s}" in self.data.splits)
         self.pool("train")  # raises, naming the splits there are, if the scheme is unknown
+
+    @property
+    def image_format(self) -> ImageFormat:
+        """How the builder made the images from their files (``ImageFormat``)."""
+        channels, height, width = self.data.image_shape
+        manifest = self.data.manifest
+        inverted = manifest.get("inverted", manifest.get("dataset") == "omniglot")  # before 0.2: Omniglot's only
+        return ImageFormat(channels=channels, height=height, width=width, invert=inverted)
 
     def pool(self, split: str) -> np.ndarray:
         """The class indices of ``split`` under this scheme."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distmeta.config import ImageFormat
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
 
@@ -13,6 +14,7 @@ class Sinusoid:
     kind = "regression"
     fingerprinted = False  # procedural: no data files to find again
     spec = DataSpec(input_shape=(1,), output_dim=1)
+    image_format = ImageFormat()  # not images
     splits = ("train", "val", "test")
 
     def __init__(self, amplitude=(0.1, 5.0), phase=(0.0, np.pi), x_range=(-5.0, 5.0)):

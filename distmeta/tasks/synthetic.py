@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmeta.config import ConfigError
+from distmeta.config import ConfigError, ImageFormat
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
 
@@ -27,6 +27,7 @@ class SyntheticClasses:
             )
         self.ways = ways
         self.spec = DataSpec(input_shape=(channels, image_size, image_size), output_dim=ways)
+        self.image_format = ImageFormat(channels=channels, height=image_size, width=image_size)
         rng = np.random.default_rng(_TEMPLATE_SEED)
         self.templates = rng.integers(0, 256, size=(num_classes, channels, image_size, image_size)).astype(np.float32)
         cut = num_classes - max(ways, num_classes // 5)

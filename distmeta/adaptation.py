@@ -1,0 +1,380 @@
+"""Adapt a meta-trained checkpoint to your own few labelled images, then classify new ones.
+
+``adapt(checkpoint, support_images, support_labels)`` returns a ``Predictor``. The images are
+prepared as the checkpoint's training images were (``task.image_format``: channels, size, inversion,
+scaling). The MAML family (MAML, first-order MAML, Reptile, ANIL, Meta-SGD) takes inner SGD steps
+on the support set, as many as it was trained with unless told otherwise, at its inner step size
+(Meta-SGD: its learned ones; ANIL: the head only); ProtoNets and Matching Networks embed the support
+set and compare (no steps). With fewer classes than the head was trained for, the head's first rows
+serve them, as a training episode's labels 0..n-1 did.
+
+Predictions are not transductive: each query image goes through the network with the support set
+alone, so with BatchNorm's batch statistics an image's prediction never depends on which other
+images are classified with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+import distmeta
+from distmeta.algorithms import ALGORITHMS, build_learner
+from distmeta.algorithms.base import one_query_at_a_time
+from distmeta.checkpoint import read_checkpoint
+from distmeta.config import Config, ConfigError, ImageFormat, config_from_dict
+from distmeta.data.images import UnreadableImage, decode, prepare
+from distmeta.models import DataSpec
+from distmeta.params import DTYPES, ParamLayout
+from distmeta.tasks import SOURCES
+from distmeta.tasks.batch import TaskTensors, to_tensor
+
+ImageInput = str | Path | Image.Image | np.ndarray  # a file, a decoded image, or its pixels (H x W [x C] uint8)
+QUERY_CHUNK = 256  # query images per forward batch group
+
+
+class AdaptError(ConfigError):
+    """Input ``adapt`` cannot use; the message names it and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    label: str  # the predicted class: one of the support labels
+    probability: float  # the model's probability of that class
+
+
+class Predictor:
+    """A checkpoint adapted to one support set. ``predict`` and ``probabilities`` classify new images;
+    ``state_dict`` and ``module`` give the adapted network where the learner adapts one."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        learner,
+        params: dict[str, Tensor],
+        support: TaskTensors,
+        classes: list[str],
+        predict,
+        steps: int = 0,
+    ):
+        self.cfg, self.learner, self.params, self.support, self.classes = cfg, learner, params, support, classes
+        self.steps = steps  # inner steps taken on the support set
+        self.image_format = cfg.task.image_format
+        self._predict = predict  # images [1, N, ...] -> class scores [1, N, classes] (the adapted network), or None
+        self.device, self.dtype = support.support_x.device, support.support_x.dtype
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the network itself was adapted (the MAML family), rather than compared with the support set."""
+        return self.learner.adaptive
+
+    def probabilities(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """[len(images), classes]: each image's class probabilities, classes in ``self.classes`` order."""
+        x = self._inputs(images)
+        chunks = [self._logits(x[i : i + QUERY_CHUNK]) for i in range(0, len(x), QUERY_CHUNK)]
+        return torch.softmax(torch.cat(chunks).double(), -1).cpu().numpy()
+
+    def predict(self, images: Sequence[ImageInput]) -> list[Prediction]:
+        """The most probable class of each image, with its probability."""
+        probabilities = self.probabilities(images)
+        best = probabilities.argmax(1)
+        return [Prediction(self.classes[c], float(p[c])) for c, p in zip(best, probabilities)]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The adapted network's parameters, as ``module()`` holds them (MAML family only)."""
+        if not self.adaptive:
+            raise AdaptError(
+                f"{self.cfg.algorithm.name} adapts no network: it classifies by comparing embeddings with the "
+                "support set, so there is no adapted model to save (the checkpoint's embedding is the model)"
+            )
+        return {name: self.params[name].detach().clone().cpu() for name in self.learner.model_names}
+
+    def module(self) -> nn.Module:
+        """A plain ``nn.Module`` (distmeta.models) holding the adapted parameters: outputs are class
+        scores in ``self.classes`` order. Its BatchNorm uses batch statistics, as in training."""
+        model = self.learner.model
+        model.load_state_dict(self.state_dict())
+        return model
+
+    def _inputs(self, images: Sequence[ImageInput]) -> Tensor:
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            images = [images]
+        if not len(images):
+            raise AdaptError("no query images to classify")
+        return to_tensor(_prepared(images, self.image_format), self.device, self.dtype)
+
+    @torch.no_grad()
+    def _logits(self, query_x: Tensor) -> Tensor:
+        """[N, classes] for query images [N, ...], each scored with the support set alone."""
+        support_x, support_y = self.support.support_x, self.support.support_y
+        query_x = query_x[None]
+        transductive = not type(self.learner.model).batch_norm  # no batch statistics: one batch is the same
+        if self._predict is None:
+            dummy = torch.zeros(query_x.shape[:2], dtype=support_y.dtype, device=self.device)
+            tasks = TaskTensors(support_x, support_y, query_x, dummy)
+            return self.learner.query_logits(self.params, tasks, transductive)[0]
+        if transductive:
+            return self._predict(query_x)[0]
+        return one_query_at_a_time(self._predict, support_x, query_x)[0]
+
+
+def adapt(
+    checkpoint: str | Path,
+    support_images: Sequence[ImageInput],
+    support_labels: Sequence,
+    steps: int | None = None,
+    device: str = "cpu",
+) -> Predictor:
+    """The checkpoint adapted to the labelled support images (at least one per class; the classes are
+    the distinct labels, sorted by their text). ``steps``: inner steps for the MAML family (default:
+    as trained); learners without an inner loop take none."""
+    cfg, theta = _load(checkpoint)
+    if len(support_images) != len(support_labels):
+        raise AdaptError(f"{len(support_images)} support images but {len(support_labels)} labels: give one label each")
+    classes = sorted({str(label) for label in support_labels})
+    if not classes:
+        raise AdaptError("no support images: give at least one labelled image per class")
+    learner_class = ALGORITHMS[cfg.algorithm.name]
+    if len(classes) < 2:
+        raise AdaptError(f"one class ({classes[0]!r}) in the support set: a classifier needs at least two")
+    if learner_class.uses_head and len(classes) > cfg.task.ways:
+        raise AdaptError(
+            f"{len(classes)} classes in the support set, but the checkpoint's head was trained for "
+            f"{cfg.task.ways}-way episodes ({cfg.algorithm.name} has a head with that many outputs): use at most "
+            f"{cfg.task.ways} classes, or a metric learner (protonet, matchingnet), which takes any number"
+        )
+    if steps is None:
+        steps = cfg.algorithm.inner_steps if learner_class.adaptive else 0
+    if steps < 0 or (steps and not learner_class.adaptive):
+        raise AdaptError(
+            f"--steps {steps}: "
+            + ("must be 0 or more" if steps < 0 else f"{cfg.algorithm.name} has no inner loop; leave --steps out")
+        )
+    dtype = DTYPES[cfg.train.dtype]
+    device = torch.device(device)
+    labels = [classes.index(str(label)) for label in support_labels]
+    order = _one_shot_of_each_class_first(labels)
+    x = to_tensor(_prepared([support_images[i] for i in order], cfg.task.image_format), device, dtype)[None]
+    y = torch.tensor([labels[i] for i in order], device=device)[None]
+    support = TaskTensors(x, y, x[:, :0], y[:, :0])
+    learner = _learner(cfg, len(classes), device, dtype)
+    params = _for_classes(ParamLayout.of(learner.initial_parameters()), theta, len(classes), cfg, device, dtype)
+    if not learner.adaptive:
+        return Predictor(cfg, learner, params, support, classes, predict=None)
+    theta = {n: p.requires_grad_() for n, p in params.items()}
+    loop = learner.inner_loop(theta, support)
+    adapted = loop.params
+    if steps:
+        adapted = learner.adapted(
+            loop, support.support_y, steps, create_graph=False, batch_size=cfg.eval.inner_batch_size
+        )
+    adapted = {n: p.detach() for n, p in adapted.items()}
+    if not all(torch.isfinite(p).all() for p in adapted.values()):
+        raise AdaptError(f"adaptation diverged (non-finite parameters after {steps} inner steps): use fewer --steps")
+    model_params = {n: p.detach() for n, p in params.items()}
+    for name, value in adapted.items():  # ANIL's loop names the head's parameters without "head."
+        model_params[name if name in model_params else f"head.{name}"] = value[0]
+    return Predictor(cfg, learner, model_params, support, classes, functools.partial(loop.predict, adapted), steps)
+
+
+def _load(checkpoint: str | Path) -> tuple[Config, Tensor]:
+    """The checkpoint's config and flat parameters, once it is known to be one ``adapt`` can use."""
+    state = read_checkpoint(checkpoint)
+    written_by = str(state.get("distmeta_version", "an unknown version"))
+    if _version(written_by) > _version(distmeta.__version__):
+        raise AdaptError(
+            f"checkpoint {checkpoint} was written by distmeta {written_by}, newer than this one "
+            f"({distmeta.__version__}): upgrade distmeta (pip install -U distmeta) to adapt it"
+        )
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as err:
+        raise AdaptError(
+            f"checkpoint {checkpoint} was written by distmeta {written_by}, whose config this version "
+            f"({distmeta.__version__}) cannot read ({err}); adapt it with distmeta {written_by}"
+        ) from None
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise AdaptError(
+            f"checkpoint {checkpoint} is a {cfg.algorithm.name} policy (meta-RL): adapt classifies images; "
+            "score an RL checkpoint with `distmeta evaluate --checkpoint ...`"
+        )
+    if SOURCES[cfg.task.source].kind != "classification":
+        raise AdaptError(
+            f"checkpoint {checkpoint} was trained on {cfg.task.source} ({SOURCES[cfg.task.source].kind}); "
+            "adapt classifies images: use a checkpoint trained on image classification (shards, synthetic)"
+        )
+    if not cfg.task.image_format.channels:
+        cfg = _with_recorded_format(cfg, checkpoint, written_by)
+    return cfg, state["params"]
+
+
+def _with_recorded_format(cfg: Config, checkpoint, written_by: str) -> Config:
+    """A checkpoint from before checkpoints recorded their image format: the format its shards' manifest
+    gives, if the shards are still where it was trained."""
+    try:
+        fmt = SOURCES[cfg.task.source].from_config(cfg.task).image_format
+    except (ConfigError, ValueError, OSError) as err:
+        raise AdaptError(
+            f"checkpoint {checkpoint} (distmeta {written_by}) does not record how its training images were "
+            f"prepared, and its data at task.shards={cfg.task.shards} cannot tell ({err}); put the shards "
+            "back there, or retrain with this version, whose checkpoints record it"
+        ) from None
+    return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, image_format=fmt))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    numbers = []
+    for part in text.split()[0].split(".")[:3] if text.strip() else []:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers)
+
+
+def _learner(cfg: Config, num_classes: int, device: torch.device, dtype: torch.dtype):
+    fmt = cfg.task.image_format
+    spec = DataSpec(input_shape=(fmt.channels, fmt.height, fmt.width), output_dim=num_classes)
+    return build_learner(cfg, spec, "classification", device, dtype)
+
+
+def _for_classes(
+    layout: ParamLayout, theta: Tensor, num_classes: int, cfg: Config, device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """The checkpoint's parameters for a head of ``num_classes`` outputs: its first rows (a training
+    episode's labels 0..n-1 used them), Meta-SGD's learned rates for them alike."""
+    full = _learner(cfg, cfg.task.ways, torch.device("cpu"), dtype)
+    named = ParamLayout.of(full.initial_parameters()).unflatten(theta.to(dtype))
+    params = {}
+    for name, shape in layout.shapes.items():
+        value = named[name]
+        if tuple(value.shape) != shape:  # a head's weight or bias (or its learned rates): keep the first rows
+            value = value[: shape[0]]
+        params[name] = value.to(device).clone()
+    return params
+
+
+def _one_shot_of_each_class_first(labels: list[int]) -> list[int]:
+    """Indices of ``labels`` in shot-major order (one example of each class, then the next), the
+    order the inner loop's mini-batches expect (see ``MetaAlgorithm.adapt``)."""
+    seen: dict[int, int] = {}
+    rank = []
+    for label in labels:
+        rank.append(seen.get(label, 0))
+        seen[label] = rank[-1] + 1
+    return sorted(range(len(labels)), key=lambda i: (rank[i], labels[i]))
+
+
+def _prepared(images: Sequence[ImageInput], fmt: ImageFormat) -> np.ndarray:
+    """Images as the checkpoint's training shards stored theirs: [N, C, H, W] uint8 (``to_tensor``
+    scales them to [0, 1] in the model's dtype, as a worker does)."""
+    arrays = []
+    for i, image in enumerate(images):
+        if isinstance(image, (str, Path)):
+            try:
+                image = decode(str(image), Path(image).read_bytes())
+            except OSError as err:
+                raise AdaptError(f"cannot read image {image}: {err.strerror or err}") from None
+            except UnreadableImage as err:
+                raise AdaptError(f"{err}: give PNG, JPEG or another format Pillow reads") from None
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise AdaptError(
+                    f"image {i} is an array of {image.dtype} {image.shape}; give uint8 pixels, H x W or H x W x C"
+                )
+            image = Image.fromarray(image)
+        elif not isinstance(image, Image.Image):
+            raise AdaptError(f"image {i} is a {type(image).__name__}; give a file path, a PIL image or a uint8 array")
+        arrays.append(prepare(image, fmt))
+    return np.stack(arrays)
+
+
+# --- files: the command line's support folders, query paths and outputs ---------------------------
+
+PREDICTIONS, MODEL, RECORD = "predictions.csv", "adapted.pt", "adapted.json"
+
+
+def class_folders(root: str | Path) -> dict[str, list[Path]]:
+    """{class: its image files} for ``root/<class>/<image>``; hidden files are skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AdaptError(f"--support {root} is not a folder: give one folder per class, SUPPORT/<class>/<images>")
+    loose = [p.name for p in _visible(root.iterdir(), root) if p.is_file()]
+    if loose:
+        raise AdaptError(
+            f"--support {root} holds files outside class folders ({', '.join(sorted(loose)[:3])}): put each image "
+            "in the folder of its class, SUPPORT/<class>/<image>"
+        )
+    folders = [d for d in _visible(root.iterdir(), root) if d.is_dir()]
+    classes = {d.name: sorted(p for p in _visible(d.rglob("*"), d) if p.is_file()) for d in folders}
+    empty = sorted(name for name, files in classes.items() if not files)
+    if empty:
+        raise AdaptError(f"class folder(s) {', '.join(empty)} in {root} hold no images: each class needs at least one")
+    if not classes:
+        raise AdaptError(f"--support {root} holds no class folders: SUPPORT/<class>/<images>")
+    return dict(sorted(classes.items()))
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The files named, and every file under the folders named (sorted, hidden files skipped)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in _visible(path.rglob("*"), path) if p.is_file())
+            if not found:
+                raise AdaptError(f"--query folder {path} holds no files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise AdaptError(f"--query {path} does not exist")
+    return files
+
+
+def _visible(paths, root: Path) -> list[Path]:
+    """``paths`` but those hidden below ``root`` (a dot file, or inside a dot folder: .DS_Store, .git)."""
+    return [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output folder that holds an earlier adaptation's files: nothing is overwritten."""
+    taken = [name for name in (PREDICTIONS, MODEL, RECORD) if (out / name).exists()]
+    if taken:
+        raise AdaptError(f"--out {out} already holds {', '.join(taken)} from an earlier run: choose another --out")
+
+
+def write_adapted(
+    out: Path, predictor: Predictor, checkpoint: str | Path, queries: list[Path], predictions: list[Prediction]
+) -> list[Path]:
+    """Write the predictions (CSV), the adapted network's state dict (MAML family) and a JSON record of
+    what was adapted; returns the files written."""
+    check_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / PREDICTIONS]
+    with open(out / PREDICTIONS, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["query", "predicted", "probability"])
+        rows.writerows([str(path), p.label, f"{p.probability:.6f}"] for path, p in zip(queries, predictions))
+    if predictor.adaptive:
+        torch.save(predictor.state_dict(), out / MODEL)
+        written.append(out / MODEL)
+    cfg = predictor.cfg
+    record = {
+        "checkpoint": str(checkpoint),
+        "algorithm": cfg.algorithm.name,
+        "steps": predictor.steps,
+        "classes": predictor.classes,
+        "image_format": dataclasses.asdict(predictor.image_format),
+        "model": dataclasses.asdict(cfg.model) | {"output_dim": len(predictor.classes)},
+        "state_dict": MODEL if predictor.adaptive else None,
+    }
+    (out / RECORD).write_text(json.dumps(record, indent=1))
+    written.append(out / RECORD)
+    return written

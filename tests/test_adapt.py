@@ -1,0 +1,261 @@
+"""`distmeta adapt` and `distmeta.adapt`: a checkpoint adapted to a user's own labelled images.
+
+The adapted parameters and the predictions are checked in float64 against a plain reference
+written here (SGD on the cross-entropy with torch.func, prototypes from the embeddings, each query
+with the support set alone); the images must reach the network exactly as the training shards
+stored them (real Omniglot PNGs against the shards built from the same zips)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.func import functional_call
+
+import distmeta
+from distmeta.adaptation import AdaptError, _prepared
+from distmeta.algorithms import build_learner
+from distmeta.checkpoint import CheckpointStore, checkpoint_record, read_checkpoint
+from distmeta.config import ImageFormat, config_from_dict, load_config
+from distmeta.models import DataSpec, build_model
+from distmeta.params import ParamLayout, flat_parameters
+from distmeta.tasks import ShardEpisodes
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 16
+FORMAT = ImageFormat(channels=1, height=SIZE, width=SIZE)
+
+
+def conv4_checkpoint(folder: Path, *overrides: str, ways: int = 5, fmt: ImageFormat = FORMAT, **extra) -> Path:
+    """A float64 Conv4 checkpoint of a synthetic-image run, its parameters the seed's initialisation
+    plus noise (so a head's rows differ), as training writes it."""
+    cfg = load_config(
+        None,
+        [
+            "task.source=synthetic",
+            f"task.ways={ways}",
+            f"task.image_size={SIZE}",
+            "model.name=conv4",
+            "model.filters=6",
+            "train.dtype=float64",
+            "algorithm.inner_lr=0.3",
+            *overrides,
+        ],
+    )
+    cfg.task.image_format = fmt
+    torch.manual_seed(0)
+    spec = DataSpec((1, SIZE, SIZE), ways)
+    learner = build_learner(cfg, spec, "classification", dtype=torch.float64)
+    params = flat_parameters(learner.initial_parameters(), torch.float64)
+    params = params + 0.05 * torch.randn_like(params)
+    state = checkpoint_record(cfg, params, 7) | extra
+    CheckpointStore(folder).write("model.pt", state)
+    return folder / "model.pt"
+
+
+def conv4(classes: int) -> torch.nn.Module:
+    """The checkpoints' network built by hand, float64, with ``classes`` outputs (0: the embedding)."""
+    model_cfg = load_config(None, ["model.name=conv4", "model.filters=6"]).model
+    return build_model(model_cfg, DataSpec((1, SIZE, SIZE), classes)).double()
+
+
+def images(seed: int, count: int, size: int = SIZE) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(count)]
+
+
+def reference_inputs(pixels: list[np.ndarray]) -> torch.Tensor:
+    return torch.tensor(np.stack(pixels)[:, None], dtype=torch.float64) / 255.0
+
+
+def reference_weights(checkpoint: Path, classes: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's network, read with the loader and its head cut to ``classes`` rows by hand."""
+    state = read_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    full = build_learner(cfg, DataSpec((1, SIZE, SIZE), cfg.task.ways), "classification", dtype=torch.float64)
+    layout = ParamLayout.of(full.initial_parameters())
+    named = layout.unflatten(state["params"])
+    return {n: (p[:classes] if n.startswith(("head.", "inner_lr.head.")) else p).clone() for n, p in named.items()}
+
+
+def plain_sgd(model, weights, x, y, steps, lr, adapted_names):
+    """``steps`` SGD steps of the mean cross-entropy on (x, y), of ``adapted_names`` only; ``lr`` a
+    number or a per-parameter dict (Meta-SGD)."""
+    weights = dict(weights)
+    for _ in range(steps):
+        current = {n: weights[n].detach().requires_grad_(n in adapted_names) for n in model.state_dict()}
+        loss = F.cross_entropy(functional_call(model, current, (x,)), y)
+        grads = torch.autograd.grad(loss, [current[n] for n in adapted_names])
+        for name, grad in zip(adapted_names, grads):
+            rate = lr[name] if isinstance(lr, dict) else lr
+            weights[name] = weights[name] - rate * grad
+    return weights
+
+
+def one_at_a_time(model, weights, support_x, query_x):
+    """Each query's logits from a batch of the support set and that query alone."""
+    return torch.stack([functional_call(model, weights, (torch.cat([support_x, q[None]]),))[-1] for q in query_x])
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile", "anil", "metasgd"])
+def test_adapted_network_and_predictions_match_plain_sgd_in_float64(tmp_path, algorithm):
+    checkpoint = conv4_checkpoint(tmp_path, f"algorithm.name={algorithm}")
+    support, query = images(1, 6), images(2, 4)
+    labels = ["b", "a", "c", "a", "b", "c"]  # 3 of the head's 5 classes, in no order
+    predictor = distmeta.adapt(checkpoint, support, labels, steps=3)
+    assert predictor.classes == ["a", "b", "c"]
+
+    weights = reference_weights(checkpoint, 3)
+    model = conv4(3)
+    x = reference_inputs(support)
+    y = torch.tensor([["a", "b", "c"].index(label) for label in labels])
+    names = [n for n, _ in model.named_parameters()]
+    adapted_names = [n for n in names if n.startswith("head.")] if algorithm == "anil" else names
+    lr = {n: weights[f"inner_lr.{n}"] for n in names} if algorithm == "metasgd" else 0.3
+    expected = plain_sgd(model, {n: weights[n] for n in names}, x, y, 3, lr, adapted_names)
+
+    adapted = predictor.state_dict()
+    assert sorted(adapted) == sorted(names)
+    for name in names:
+        torch.testing.assert_close(adapted[name], expected[name], rtol=1e-9, atol=1e-11, msg=name)
+    logits = one_at_a_time(model, expected, x, reference_inputs(query))
+    np.testing.assert_allclose(predictor.probabilities(query), torch.softmax(logits, -1).numpy(), rtol=1e-8, atol=1e-12)
+    best = [p.label for p in predictor.predict(query)]
+    assert best == [["a", "b", "c"][i] for i in logits.argmax(-1).tolist()]
+    # a prediction is each image's own, whichever images are classified with it
+    np.testing.assert_allclose(predictor.probabilities(query[2:3]), predictor.probabilities(query)[2:3], rtol=1e-12)
+
+
+def test_prototypes_and_matching_predictions_match_the_embeddings(tmp_path):
+    support, query = images(3, 6), images(4, 3)
+    labels = ["x", "y", "z", "x", "y", "w"]
+    classes = ["w", "x", "y", "z"]
+    for algorithm in ("protonet", "matchingnet"):
+        checkpoint = conv4_checkpoint(tmp_path / algorithm, f"algorithm.name={algorithm}")
+        predictor = distmeta.adapt(checkpoint, support, labels)
+        assert not predictor.adaptive and predictor.classes == classes
+        weights = reference_weights(checkpoint, 4)
+        embed = conv4(0)
+        one_hot = F.one_hot(torch.tensor([classes.index(label) for label in labels]), 4).double()
+        rows = []
+        for q in reference_inputs(query):
+            embedded = functional_call(embed, weights, (torch.cat([reference_inputs(support), q[None]]),))
+            s, e = embedded[:-1], embedded[-1]
+            if algorithm == "protonet":  # minus the squared distance to each class's mean embedding
+                prototypes = one_hot.T @ s / one_hot.sum(0)[:, None]
+                rows.append(-(e - prototypes).pow(2).sum(-1))
+            else:  # attention: softmax over cosine similarities to the support examples, summed per class
+                attention = torch.softmax(F.cosine_similarity(e[None], s, dim=-1), 0)
+                rows.append((attention @ one_hot).log())
+        expected = torch.softmax(torch.stack(rows), -1).numpy()
+        np.testing.assert_allclose(predictor.probabilities(query), expected, rtol=1e-6, atol=1e-9, err_msg=algorithm)
+        with pytest.raises(AdaptError, match="adapts no network"):
+            predictor.state_dict()
+        with pytest.raises(AdaptError, match="has no inner loop"):
+            distmeta.adapt(checkpoint, support, labels, steps=2)
+
+
+def test_bad_support_sets_and_checkpoints_get_clear_errors(tmp_path):
+    checkpoint = conv4_checkpoint(tmp_path, ways=3)
+    support = images(5, 4)
+    adapt = distmeta.adapt
+    error = AdaptError
+    with pytest.raises(error, match="4 classes in the support set, but the checkpoint's head was trained for 3-way"):
+        adapt(checkpoint, support, ["a", "b", "c", "d"])
+    with pytest.raises(error, match="one class"):
+        adapt(checkpoint, support, ["a"] * 4)
+    with pytest.raises(error, match="4 support images but 3 labels"):
+        adapt(checkpoint, support, ["a", "b", "c"])
+    with pytest.raises(error, match="uint8"):
+        adapt(checkpoint, [np.zeros((SIZE, SIZE), np.float32)] * 2, ["a", "b"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a picture")
+    with pytest.raises(error, match=r"bad.png is not an image Pillow can read"):
+        adapt(checkpoint, [bad, support[0]], ["a", "b"])
+    newer = conv4_checkpoint(tmp_path / "newer", distmeta_version="99.0.0")
+    with pytest.raises(error, match=r"written by distmeta 99.0.0, newer than this one"):
+        adapt(newer, support[:2], ["a", "b"])
+    unrecorded = conv4_checkpoint(tmp_path / "old", "task.source=shards", "task.shards=/nowhere", fmt=ImageFormat())
+    with pytest.raises(error, match=r"does not record how its training images were prepared.*task.shards=/nowhere"):
+        adapt(unrecorded, support[:2], ["a", "b"])
+    state = read_checkpoint(checkpoint)
+    state["config"]["task"]["colour_space"] = "lab"  # a key of a version this one does not know
+    CheckpointStore(tmp_path / "future").write("model.pt", state)
+    with pytest.raises(error, match=r"whose config this version .* cannot read .*colour_space"):
+        adapt(tmp_path / "future" / "model.pt", support[:2], ["a", "b"])
+    regression = tmp_path / "sine"
+    cfg = load_config(None, [])
+    CheckpointStore(regression).write("model.pt", checkpoint_record(cfg, torch.zeros(1761, dtype=torch.float64), 1))
+    with pytest.raises(error, match="trained on sinusoid .regression.; adapt classifies images"):
+        adapt(regression / "model.pt", support[:2], ["a", "b"])
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_path, cli_env):
+    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=maml", "algorithm.inner_steps=2")
+    support_dir, query_dir = tmp_path / "support", tmp_path / "query"
+    support = images(6, 4, size=20)  # any size: resized as the training images were
+    labels = ["cat", "dog", "cat", "dog"]
+    for i, (pixels, label) in enumerate(zip(support, labels)):
+        write_png(support_dir / label / f"{i}.png", pixels)
+    (support_dir / "cat" / ".DS_Store").write_bytes(b"\0")  # hidden files are no images
+    query = images(7, 3, size=20)
+    paths = [write_png(query_dir / f"q{i}.png", pixels) for i, pixels in enumerate(query)]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "distmeta", "adapt", "--checkpoint", str(checkpoint)]
+    command += ["--support", str(support_dir), "--query", str(query_dir), "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["query"] for r in rows] == [str(p) for p in paths]
+    assert run.stdout.splitlines()[0] == "query,predicted,probability" and len(run.stdout.splitlines()) == 4
+
+    predictor = distmeta.adapt(checkpoint, [Image.open(p) for p in sorted(support_dir.rglob("*.png"))], sorted(labels))
+    expected = predictor.predict([Image.open(p) for p in paths])
+    assert [r["predicted"] for r in rows] == [p.label for p in expected]
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], [p.probability for p in expected], atol=1e-6)
+
+    record = json.loads((out / "adapted.json").read_text())
+    assert record["classes"] == ["cat", "dog"] and record["steps"] == 2 and record["image_format"]["height"] == SIZE
+    model = conv4(2)
+    model.load_state_dict(torch.load(out / "adapted.pt", weights_only=True))
+    for name, value in predictor.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name].double(), value)
+
+    again = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert again.returncode == 2 and "already holds predictions.csv" in again.stderr  # nothing is overwritten
+    (support_dir / "dog" / "1.png").unlink()
+    (support_dir / "dog" / "3.png").unlink()
+    command[command.index(str(out))] = str(tmp_path / "out2")
+    empty = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert empty.returncode == 2 and "class folder(s) dog" in empty.stderr and "at least one" in empty.stderr
+
+
+def test_omniglot_files_reach_the_network_as_the_training_shards_stored_them(omniglot_src, omniglot_shards, tmp_path):
+    """A drawing from the official zip, prepared by adapt with the format training recorded, equals
+    the shard's row for it (decoded, resized, inverted, scaled)."""
+    source = ShardEpisodes(str(omniglot_shards), "maml", 5, rotations=False)
+    fmt = source.image_format
+    assert fmt == ImageFormat(channels=1, height=28, width=28, invert=True)
+    name = "images_evaluation/Atlantean/character01"
+    with zipfile.ZipFile(omniglot_src / "images_evaluation.zip") as z:
+        files = sorted(n for n in z.namelist() if n.startswith(name + "/") and n.endswith(".png"))
+        (tmp_path / "drawing.png").write_bytes(z.read(files[3]))
+    index = [c["name"] for c in source.data.classes].index("Atlantean/character01")
+    stored = source.data.gather(source.shard[index], np.array([source.first_row[index] + 3]))[0]
+    np.testing.assert_array_equal(_prepared([tmp_path / "drawing.png"], fmt)[0], stored)
