@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from distmeta.config import ConfigError, load_config
+from distmeta.data import FASHION_MNIST_DEBIAN, NOTO_DEBIAN
 
 
 def _or_auto(kind: type):
@@ -110,6 +111,14 @@ def evaluate_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="e.g. runs/RUN/checkpoints/best.pt or final.pt")
     parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument(
+        "--shards",
+        help="score on another dataset's episodes (cross-domain transfer): a folder of shards of images of the "
+        "training data's shape, e.g. data/glyphs or data/fashion_mnist",
+    )
+    parser.add_argument(
+        "--split-scheme", help="with --shards: the scheme of its splits (default: the training one, or its only one)"
+    )
     _add_flags(parser, EVAL_FLAGS)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="other eval.* fields")
@@ -127,7 +136,8 @@ def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
 def evaluate_main(argv: list[str], prog: str = "distmeta evaluate") -> int:
     args = evaluate_parser(prog).parse_intermixed_args(argv)
     settings = _settings(args, EVAL_FLAGS)
-    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings))
+    other = (args.shards, args.split_scheme)
+    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings, other))
 
 
 def data_parser(prog: str) -> argparse.ArgumentParser:
@@ -143,6 +153,12 @@ def data_parser(prog: str) -> argparse.ArgumentParser:
     omniglot = datasets.add_parser("omniglot", help="the official Omniglot zips (or their folders) -> 28x28 shards")
     omniglot.add_argument("--src", required=True, help="folder holding images_background.zip and images_evaluation.zip")
     omniglot.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    fashion = datasets.add_parser("fashion-mnist", help="Fashion-MNIST's IDX files -> 28x28 shards (10 classes)")
+    fashion.add_argument("--src", default=str(FASHION_MNIST_DEBIAN), help=f"default: {FASHION_MNIST_DEBIAN} (apt)")
+    fashion.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    glyphs = datasets.add_parser("glyphs", help="characters of scripts Omniglot lacks, rendered -> 28x28 shards")
+    glyphs.add_argument("--fonts", default=str(NOTO_DEBIAN), help=f"Noto *.ttf files (default: {NOTO_DEBIAN}, apt)")
+    glyphs.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     folder = datasets.add_parser("folder", help="a class-per-folder image dataset -> shards")
     folder.add_argument("--src", required=True, help="ROOT/{train,val,test}/<class>/, or ROOT/<class>/ with --splits")
     folder.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
@@ -234,12 +250,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], settings: dict) -> int:
+def _evaluate(
+    checkpoint: str, split: str, device: str, overrides: list[str], settings: dict, other=(None, None)
+) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     from distmeta.assemble import check_run
     from distmeta.checkpoint import load_checkpoint
-    from distmeta.evaluate import check_device, evaluate, protocol
+    from distmeta.evaluate import check_device, evaluate, on_other_data, protocol
     from distmeta.report import format_rows
     from distmeta.resume import check_same_data
     from distmeta.rl import evaluate as meta_rl
@@ -252,7 +270,15 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
     if bad:
         raise ConfigError(f"evaluation overrides must be eval.* fields or task.shards=NEWPATH, got {bad}")
     cfg = check_run(load_config(None, overrides, settings=settings, base=saved.to_dict()))
-    check_same_data(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
+    other_shards, scheme = other
+    if scheme and not other_shards:
+        raise ConfigError("--split-scheme goes with --shards (another dataset); the training data keeps its own")
+    if other_shards:
+        if is_meta_rl(cfg):
+            raise ConfigError("--shards: a meta-RL checkpoint is scored on its environment, not on image shards")
+        cfg = check_run(on_other_data(cfg, other_shards, split, scheme))
+    else:
+        check_same_data(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
     check_device(device)
     path = Path(checkpoint)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -271,12 +297,17 @@ def _evaluate(checkpoint: str, split: str, device: str, overrides: list[str], se
         group = LocalMetaRL(MetaRLSetup.of(cfg))
         rows = meta_rl.evaluate_returns(group, cfg, params, split, cfg.eval.num_tasks, progress=sys.stderr)
     else:
-        print(protocol(cfg, split, cfg.eval.num_tasks), flush=True)
+        line = protocol(cfg, split, cfg.eval.num_tasks)
+        if other_shards:  # say so: these are not the training data's episodes
+            trained_on = saved.task.shards or saved.task.source
+            line += f"; on other data: {other_shards} ({cfg.task.split_scheme}/{split}), trained on {trained_on}"
+        print(line, flush=True)
         rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr)  # see report_progress
     print(format_rows(rows))
     if not unwritable:
         with SummaryWriter(str(run_dir)) as writer:
-            write_eval_scalars(writer, state["step"], f"eval_only_{split}", rows)
+            prefix = f"eval_only_{split}" if not other_shards else f"eval_only_{Path(other_shards).name}_{split}"
+            write_eval_scalars(writer, state["step"], prefix, rows)
     return 0
 
 
@@ -314,7 +345,9 @@ def _unwritable(folder: Path) -> str:
 
 
 def _build_data(args: argparse.Namespace) -> int:
+    from distmeta.data.fashion_mnist import build_fashion_mnist
     from distmeta.data.folder import build_folder
+    from distmeta.data.glyphs import build_glyphs
     from distmeta.data.omniglot import OFFICIAL_URL, build_omniglot, fetch_omniglot
 
     started = time.time()
@@ -322,6 +355,10 @@ def _build_data(args: argparse.Namespace) -> int:
         path = fetch_omniglot(args.out, url=args.mirror or OFFICIAL_URL)
     elif args.dataset == "omniglot":
         path = build_omniglot(args.src, args.out)
+    elif args.dataset == "fashion-mnist":
+        path = build_fashion_mnist(args.src, args.out)
+    elif args.dataset == "glyphs":
+        path = build_glyphs(args.fonts, args.out)
     else:
         path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels)
     print(f"{path} written in {time.time() - started:.1f} s")

@@ -102,6 +102,45 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device} cannot be used: {hint}; use --device cpu") from None
 
 
+def on_other_data(cfg: Config, shards: str, split: str, scheme: str | None = None) -> Config:
+    """``cfg`` with its held-out episodes drawn from the shards at ``shards``, another dataset than
+    the one it was trained on (cross-domain transfer): from their split ``<scheme>/<split>``, where
+    the scheme is ``scheme``, else the training scheme if those shards have it, else their only one.
+    The images must have the shape the model was trained on."""
+    from distmeta.data.shards import read_manifest
+
+    kind = SOURCES[cfg.task.source].kind
+    if kind != "classification":
+        raise ConfigError(
+            f"--shards: the checkpoint was trained on {cfg.task.source} ({kind}); it classifies no images"
+        )
+    manifest = read_manifest(shards)
+    trained = cfg.task.image_format
+    shape = tuple(manifest["image_shape"])
+    if trained.channels and shape != (trained.channels, trained.height, trained.width):
+        raise ConfigError(
+            f"--shards {shards} holds images of shape {list(shape)}, the checkpoint's model takes "
+            f"{[trained.channels, trained.height, trained.width]}: build them at that size (distmeta data build ...)"
+        )
+    schemes = sorted({name.split("/")[0] for name in manifest["splits"]})
+    if scheme is None:
+        if f"{cfg.task.split_scheme}/{split}" in manifest["splits"]:
+            scheme = cfg.task.split_scheme
+        elif len(schemes) == 1:
+            scheme = schemes[0]
+        else:
+            raise ConfigError(f"--shards {shards} has the split schemes {schemes}: choose one with --split-scheme")
+    if f"{scheme}/{split}" not in manifest["splits"]:
+        held = sorted(n for n in manifest["splits"] if n.startswith(f"{scheme}/"))
+        raise ConfigError(
+            f"--shards {shards} has no split {scheme}/{split} (it has {', '.join(held) or 'none of that scheme'})"
+        )
+    task = replace(
+        cfg.task, source="shards", shards=str(shards), split_scheme=scheme, rotations=False, shards_fingerprint=""
+    )
+    return replace(cfg, task=task)
+
+
 def protocol(cfg: Config, split: str, num_tasks: int) -> str:
     """The evaluation protocol in one line, printed with every result so it can be reproduced."""
     e, a = cfg.eval, cfg.algorithm

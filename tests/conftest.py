@@ -46,6 +46,31 @@ def omniglot_src():
     return src
 
 
+def debian_data(path: Path, package: str) -> Path:
+    """A dataset Debian installs (``.ci/run`` installs it with apt): skipped on a machine without it,
+    a failure in CI, where it must be."""
+    if not path.exists():
+        message = f"{path} is missing: install it with `apt-get install {package}`"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (.ci/run does)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_src():
+    from distmeta.data import FASHION_MNIST_DEBIAN
+
+    return debian_data(FASHION_MNIST_DEBIAN, "dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def noto_fonts():
+    from distmeta.data import NOTO_DEBIAN
+
+    return debian_data(NOTO_DEBIAN, "fonts-noto-core")
+
+
 @pytest.fixture(scope="session")
 def omniglot_shards(omniglot_src, tmp_path_factory):
     from distmeta.data.omniglot import build_omniglot
