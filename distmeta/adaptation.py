@@ -146,7 +146,7 @@ def adapt(
     learner_class = ALGORITHMS[cfg.algorithm.name]
     if len(classes) < 2:
         raise AdaptError(f"one class ({classes[0]!r}) in the support set: a classifier needs at least two")
-    if learner_class.uses_head and len(classes) > cfg.task.ways:
+    if learner_class.uses_head and not learner_class.supervised and len(classes) > cfg.task.ways:
         raise AdaptError(
             f"{len(classes)} classes in the support set, but the checkpoint's head was trained for "
             f"{cfg.task.ways}-way episodes ({cfg.algorithm.name} has a head with that many outputs): use at most "

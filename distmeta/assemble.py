@@ -45,10 +45,11 @@ def check_run(cfg: Config) -> Config:
     if cfg.eval.ways and kind == "regression":
         raise ConfigError(f"eval.ways applies to classification; task.source={cfg.task.source} is regression")
     algorithm.check(cfg, kind)
-    if cfg.eval.ways not in (0, cfg.task.ways) and algorithm.uses_head:
+    if cfg.eval.ways not in (0, cfg.task.ways) and algorithm.uses_head and not algorithm.supervised:
+        any_ways = [n for n, a in ALGORITHMS.items() if not a.uses_head or a.supervised]
         raise ConfigError(
             f"eval.ways={cfg.eval.ways} differs from task.ways={cfg.task.ways}, but "
-            f"{cfg.algorithm.name}'s model ends in a {cfg.task.ways}-way head; only metric-based learners "
-            f"({', '.join(n for n, a in ALGORITHMS.items() if not a.uses_head)}) test with other ways"
+            f"{cfg.algorithm.name}'s model ends in a {cfg.task.ways}-way head; only learners that test without "
+            f"that head ({', '.join(any_ways)}) test with other ways"
         )
     return cfg

@@ -65,6 +65,10 @@ class TaskConfig:
     image_format: ImageFormat = field(default_factory=ImageFormat)
     split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | vinyals | lake)
     rotations: bool = True  # training classes also rotated by 90, 180, 270 degrees, as new classes
+    # training episodes' labels: "episode", 0..ways-1 in each episode (meta-learning); "class", the
+    # training split's class index (supervised pre-training over every class: algorithm baseline).
+    # Validation and test episodes are labelled 0..ways-1 either way
+    labels: Literal["episode", "class"] = "episode"
     # shards up to this size are memory-mapped (fastest); larger ones are read with pread, so a task
     # generator's resident memory stays flat however large the dataset (see data/shards.py)
     map_shards_mb: int = bounded(256, at_least=0)
@@ -84,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # maml | fomaml | reptile | anil | metasgd | protonet | matchingnet (see distmeta.algorithms.ALGORITHMS)
+    # maml | fomaml | reptile | anil | metasgd | protonet | matchingnet | baseline (see distmeta.algorithms.ALGORITHMS)
     name: str = "maml"
     inner_lr: float = bounded(0.01, above=0)
     inner_steps: int = bounded(1, at_least=1)
@@ -96,6 +100,7 @@ class AlgorithmConfig:
     implementation: Literal["auto", "vmap", "loop", "batched"] = "auto"
     fce: bool = False  # matchingnet: full context embeddings (LSTMs over the support set)
     fce_steps: int = bounded(5, at_least=1)  # matchingnet with fce: the attention LSTM's processing steps
+    finetune: Literal["head", "all"] = "head"  # baseline: what its test-time steps train (a new head, or all)
 
 
 @dataclass

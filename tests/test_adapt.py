@@ -259,3 +259,23 @@ def test_omniglot_files_reach_the_network_as_the_training_shards_stored_them(omn
     index = [c["name"] for c in source.data.classes].index("Atlantean/character01")
     stored = source.data.gather(source.shard[index], np.array([source.first_row[index] + 3]))[0]
     np.testing.assert_array_equal(_prepared([tmp_path / "drawing.png"], fmt)[0], stored)
+
+
+def test_the_transfer_baseline_adapts_a_new_head_of_any_number_of_classes(tmp_path):
+    """A baseline checkpoint (head over its training classes) serves more classes than an episode had:
+    its head is replaced, at 0 steps by the support set's class centroids (nearest centroid)."""
+    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=baseline", "task.labels=class", ways=3)
+    support, query = images(8, 6), images(9, 3)
+    labels = ["a", "b", "c", "d", "e", "f"]  # six classes, one image each
+    predictor = distmeta.adapt(checkpoint, support, labels, steps=0)
+    model = conv4(0)
+    weights = {n.removeprefix("features."): p for n, p in reference_weights(checkpoint, 6).items() if "features." in n}
+    x = reference_inputs(support)
+    centroids = functional_call(model.features, weights, (x,))  # one image per class: its features
+    expected = []
+    for q in reference_inputs(query):  # each query in a batch with the support set
+        feature = functional_call(model.features, weights, (torch.cat([x, q[None]]),))[-1]
+        expected.append(-((feature - centroids) ** 2).sum(-1))
+    probabilities = torch.softmax(torch.stack(expected), -1).numpy()
+    np.testing.assert_allclose(predictor.probabilities(query), probabilities, rtol=1e-8, atol=1e-12)
+    assert predictor.state_dict()["head.weight"].shape == (6, 6 * 1)  # filters x 1 x 1 features

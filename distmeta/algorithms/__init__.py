@@ -1,7 +1,8 @@
-"""Meta-learning algorithms, by name. Add one in its own file: a ``MetaAlgorithm`` subclass with a
-``chunk_update`` (base.py); for a MAML variant, a ``MAML`` subclass overriding ``inner_loop``; for a
-metric-based learner, a ``MetricAlgorithm`` subclass (metric.py) with ``logits``. Then register it
-in ``ALGORITHMS``."""
+"""Meta-learning algorithms, by name, and the transfer-learning baseline they are compared with
+(baseline.py). Add one in its own file: a ``MetaAlgorithm`` subclass with a ``chunk_update``
+(base.py); for a MAML variant, a ``MAML`` subclass overriding ``inner_loop``; for a metric-based
+learner, a ``MetricAlgorithm`` subclass (metric.py) with ``logits``. Then register it in
+``ALGORITHMS``."""
 
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ import torch
 
 from distmeta.algorithms.anil import ANIL
 from distmeta.algorithms.base import IMPLEMENTATIONS, MetaAlgorithm, fastest_implementation
+from distmeta.algorithms.baseline import TransferBaseline
 from distmeta.algorithms.maml import MAML, FirstOrderMAML
 from distmeta.algorithms.matchingnet import MatchingNetworks
 from distmeta.algorithms.metasgd import MetaSGD
@@ -26,6 +28,7 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     "metasgd": MetaSGD,
     "protonet": PrototypicalNetworks,
     "matchingnet": MatchingNetworks,
+    "baseline": TransferBaseline,
 }
 
 

@@ -59,6 +59,7 @@ class MetaAlgorithm:
     uses_head: bool = True  # False: the model is built without its head and returns embeddings
     learned_inner_lr: bool = False  # True: the inner step sizes are meta-parameters, not inner_lr
     full_context_embeddings: bool = False  # True: algorithm.fce is this learner's option (matchingnet)
+    supervised: bool = False  # True: trained on task.labels=class, a head over every training class (baseline)
 
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
         self.cfg, self.model, self.kind = cfg, model, kind
@@ -77,6 +78,11 @@ class MetaAlgorithm:
             )
         if a.fce and not cls.full_context_embeddings:
             raise ConfigError(f"algorithm.fce is a matchingnet option; {a.name} has no such embeddings")
+        if cfg.task.labels == "class" and not cls.supervised:
+            raise ConfigError(
+                f"task.labels=class labels images with their training class, for algorithm.name=baseline; "
+                f"{a.name} learns from episodes labelled 0..ways-1: leave task.labels=episode"
+            )
 
     def chunk_update(
         self, theta: Params, tasks: TaskTensors, score_before: bool = True

@@ -26,13 +26,15 @@ class TaskBatch:
     draw: int = -1  # the meta-batch's index in the task stream: its tasks depend only on (seed, draw)
 
     @classmethod
-    def from_episodes(cls, images: np.ndarray, shots: int) -> TaskBatch:
-        """From images ``[T, N, K + Q, ...]`` (task, class, example): class i gets label i, the first
-        ``shots`` examples of each class are the support set, the rest the query set. The support
-        set is shot-major (example j has label j mod N), so any run of N support examples holds one
-        of each class: inner-loop mini-batches (``inner_batch_size``) cycle through it in order."""
+    def from_episodes(cls, images: np.ndarray, shots: int, classes: np.ndarray | None = None) -> TaskBatch:
+        """From images ``[T, N, K + Q, ...]`` (task, class, example): class i gets label i (or, with
+        ``classes`` [T, N], label ``classes[t, i]``), the first ``shots`` examples of each class are
+        the support set, the rest the query set. The support set is shot-major (example j is of
+        class j mod N), so any run of N support examples holds one of each class: inner-loop
+        mini-batches (``inner_batch_size``) cycle through it in order."""
         num_tasks, ways, per_class = images.shape[:3]
-        labels = np.broadcast_to(np.arange(ways)[None, :, None], (num_tasks, ways, per_class))
+        classes = np.broadcast_to(np.arange(ways), (num_tasks, ways)) if classes is None else classes
+        labels = np.broadcast_to(classes[:, :, None], (num_tasks, ways, per_class))
 
         def flat(a: np.ndarray, shot_major: bool) -> np.ndarray:  # [T, N, k, ...] -> [T, N*k, ...]
             a = a.swapaxes(1, 2) if shot_major else a

@@ -40,17 +40,26 @@ class ShardEpisodes:
     fingerprinted = True  # a run records its shards' fingerprint, and finds them by it (check_same_data)
 
     def __init__(
-        self, root: str, scheme: str, ways: int, rotations: bool, verify: bool = True, map_shards_mb: int = 256
+        self,
+        root: str,
+        scheme: str,
+        ways: int,
+        rotations: bool,
+        verify: bool = True,
+        map_shards_mb: int = 256,
+        class_labels: bool = False,
     ):
+        """``class_labels``: training episodes are labelled with the training split's class index
+        (``task.labels=class``), and the model's output is one score per training class."""
         self.data = ShardedDataset(root, verify=verify, map_bytes=map_shards_mb << 20)
-        self.scheme, self.ways, self.rotations = scheme, ways, rotations
-        self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=ways)
+        self.scheme, self.ways, self.rotations, self.class_labels = scheme, ways, rotations, class_labels
         classes = self.data.classes
         self.shard = np.array([c["shard"] for c in classes])
         self.first_row = np.array([c["first_row"] for c in classes])
         self.rows = np.array([c["rows"] for c in classes])
         self.splits = tuple(s for s in ("train", "val", "test") if f"{scheme}/{s}" in self.data.splits)
-        self.pool("train")  # raises, naming the splits there are, if the scheme is unknown
+        train_classes = len(self.pool("train")) * (ROTATIONS if rotations else 1)  # raises if the scheme is unknown
+        self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=train_classes if class_labels else ways)
 
     @property
     def image_format(self) -> ImageFormat:
@@ -104,7 +113,14 @@ class ShardEpisodes:
     @classmethod
     def from_config(cls, cfg) -> ShardEpisodes:
         cls.check_options(cfg)
-        source = cls(cfg.shards, cfg.split_scheme, cfg.ways, cfg.rotations, map_shards_mb=cfg.map_shards_mb)
+        source = cls(
+            cfg.shards,
+            cfg.split_scheme,
+            cfg.ways,
+            cfg.rotations,
+            map_shards_mb=cfg.map_shards_mb,
+            class_labels=cfg.labels == "class",
+        )
         source.check("train", cfg.shots, cfg.queries)
         return source
 
@@ -154,4 +170,5 @@ class ShardEpisodes:
             for k in range(1, ROTATIONS):
                 mask = rotation == k
                 images[mask] = np.rot90(images[mask], k, axes=(-2, -1))
-        return TaskBatch.from_episodes(images, shots)
+        labels = picked[part] if self.class_labels and split == "train" else None  # a rotation is a class of its own
+        return TaskBatch.from_episodes(images, shots, labels)

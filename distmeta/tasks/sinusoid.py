@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distmeta.config import ImageFormat
+from distmeta.config import ConfigError, ImageFormat
 from distmeta.models import DataSpec
 from distmeta.tasks.batch import TaskBatch
 
@@ -26,7 +26,9 @@ class Sinusoid:
 
     @classmethod
     def check_options(cls, cfg) -> None:
-        """The sinusoid source reads no task options but the episode sizes: nothing to check."""
+        """The sinusoid source reads no task options but the episode sizes (and has no classes)."""
+        if cfg.labels == "class":
+            raise ConfigError("task.labels=class labels classes; sinusoid is regression (leave task.labels=episode)")
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Any number of points can be drawn from a sine: nothing to check."""

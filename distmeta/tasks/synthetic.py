@@ -19,14 +19,13 @@ class SyntheticClasses:
     fingerprinted = False  # generated from fixed seeds: no data files to find again
     splits = ("train", "val", "test")
 
-    def __init__(self, num_classes: int, ways: int, channels: int, image_size: int):
+    def __init__(self, num_classes: int, ways: int, channels: int, image_size: int, class_labels: bool = False):
         if num_classes < 2 * ways:
             raise ConfigError(
                 f"synthetic source: task.num_classes={num_classes} leaves fewer than task.ways={ways} "
                 "classes in a split (the test split is a fifth of them); raise num_classes"
             )
-        self.ways = ways
-        self.spec = DataSpec(input_shape=(channels, image_size, image_size), output_dim=ways)
+        self.ways, self.class_labels = ways, class_labels
         self.image_format = ImageFormat(channels=channels, height=image_size, width=image_size)
         rng = np.random.default_rng(_TEMPLATE_SEED)
         self.templates = rng.integers(0, 256, size=(num_classes, channels, image_size, image_size)).astype(np.float32)
@@ -36,10 +35,12 @@ class SyntheticClasses:
             "val": np.arange(cut, num_classes),
             "test": np.arange(cut, num_classes),
         }
+        # with class_labels, one output per training class (task.labels=class)
+        self.spec = DataSpec(input_shape=(channels, image_size, image_size), output_dim=cut if class_labels else ways)
 
     @classmethod
     def from_config(cls, cfg) -> SyntheticClasses:
-        return cls(cfg.num_classes, cfg.ways, cfg.channels, cfg.image_size)
+        return cls(cfg.num_classes, cfg.ways, cfg.channels, cfg.image_size, class_labels=cfg.labels == "class")
 
     @classmethod
     def check_options(cls, cfg) -> None:
@@ -62,4 +63,5 @@ class SyntheticClasses:
         for task, seed in enumerate(noise_seeds):
             noise[task] = np.random.default_rng(seed).normal(0.0, _NOISE, shape)
         images = np.clip(self.templates[classes][:, :, None] + noise, 0, 255).astype(np.uint8)  # [T, N, K+Q, C, H, W]
-        return TaskBatch.from_episodes(images, shots)
+        labels = pool[picks][part] if self.class_labels and split == "train" else None  # train's pool is 0..cut-1
+        return TaskBatch.from_episodes(images, shots, labels)

@@ -1,0 +1,142 @@
+"""The transfer-learning baseline in float64 against references that share no code with distmeta's
+algorithms: its pre-training gradient against a per-episode autograd loop and central finite
+differences, the class labels its episodes carry against the images, and its test-time head (the
+nearest-centroid classifier at 0 steps, SGD from there on) against a hand-written loop."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from distmeta.algorithms import build_algorithm
+from distmeta.assemble import check_run
+from distmeta.config import AlgorithmConfig, ConfigError, ModelConfig, load_config
+from distmeta.models import DataSpec, build_model
+from distmeta.tasks import build_source, task_rng
+
+CLASSES, WAYS, SHOTS, QUERIES = 7, 3, 2, 3
+
+
+def episodes(num_tasks=2, seed=0):
+    """Random 3-way episodes whose labels are training-class indices in [0, 7)."""
+    generator = torch.Generator().manual_seed(seed)
+    sx = torch.rand(num_tasks, WAYS * SHOTS, 1, 16, 16, dtype=torch.float64, generator=generator)
+    qx = torch.rand(num_tasks, WAYS * QUERIES, 1, 16, 16, dtype=torch.float64, generator=generator)
+    classes = torch.stack([torch.randperm(CLASSES, generator=generator)[:WAYS] for _ in range(num_tasks)])
+    sy = classes[:, torch.arange(WAYS).repeat(SHOTS)]
+    qy = classes[:, torch.arange(WAYS).repeat_interleave(QUERIES)]
+    return sx, sy, qx, qy
+
+
+def learner(finetune="head", lr=0.2, implementation_model=None):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="conv4", filters=4), DataSpec((1, 16, 16), CLASSES)).double()
+    return build_algorithm(AlgorithmConfig(name="baseline", inner_lr=lr, finetune=finetune), model, "classification")
+
+
+@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_image(implementation):
+    baseline = learner()
+    theta = {n: p.detach().clone() for n, p in baseline.model.named_parameters()}
+    tasks = episodes()
+
+    def objective(params):  # each episode (support and query images) one batch, as its batch statistics
+        total = 0.0
+        for sx, sy, qx, qy in zip(*tasks):
+            logits = functional_call(baseline.model, params, (torch.cat([sx, qx]),))
+            total = total + F.cross_entropy(logits, torch.cat([sy, qy]))
+        return total
+
+    params = {n: p.clone().requires_grad_() for n, p in theta.items()}
+    expected = dict(zip(params, torch.autograd.grad(objective(params), list(params.values()))))
+    update, metrics = baseline.batch_update(theta, tasks, implementation)
+    for name in theta:
+        torch.testing.assert_close(update[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert metrics["loss"] == pytest.approx(objective(theta).item(), rel=1e-12)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):  # and along random directions, by central differences
+        direction = {n: torch.randn(p.shape, dtype=torch.float64, generator=generator) for n, p in theta.items()}
+        eps = 1e-6
+        plus = objective({n: p + eps * direction[n] for n, p in theta.items()})
+        minus = objective({n: p - eps * direction[n] for n, p in theta.items()})
+        analytic = sum((update[n] * direction[n]).sum() for n in theta)
+        assert analytic.item() == pytest.approx(((plus - minus) / (2 * eps)).item(), rel=1e-6)
+
+
+def reference_head_steps(model, theta, tasks, steps, lr, finetune):
+    """Per task, by hand: the class centroids of the support features as a linear head (2c, -|c|^2),
+    then ``steps`` SGD steps of the support cross-entropy on the head (or on everything), then the
+    query accuracy."""
+    accuracies = []
+    for sx, sy, qx, qy in zip(*tasks):
+        body = {n: p for n, p in theta.items() if n.startswith("features.")}
+
+        def features(params, x):
+            return functional_call(model.features, {n.removeprefix("features."): p for n, p in params.items()}, (x,))
+
+        support = features(body, sx)
+        centroids = torch.stack([support[sy == c].mean(0) for c in range(int(sy.max()) + 1)])
+        weights = {**body, "w": 2 * centroids, "b": -(centroids**2).sum(1)}
+        trained = ["w", "b"] if finetune == "head" else list(weights)
+        for _ in range(steps):
+            current = {n: p.detach().requires_grad_(n in trained) for n, p in weights.items()}
+            loss = F.cross_entropy(features(current, sx) @ current["w"].T + current["b"], sy)
+            grads = dict(zip(trained, torch.autograd.grad(loss, [current[n] for n in trained])))
+            weights = {n: p - lr * grads[n] if n in grads else p for n, p in weights.items()}
+        logits = features(weights, qx) @ weights["w"].T + weights["b"]
+        accuracies.append((logits.argmax(1) == qy).double().mean())
+    return torch.stack(accuracies)
+
+
+@pytest.mark.parametrize("finetune", ["head", "all"])
+def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune):
+    baseline = learner(finetune)
+    theta = {n: p.detach().clone() for n, p in baseline.model.named_parameters()}
+    sx, _, qx, _ = episodes(num_tasks=3, seed=2)
+    sy = torch.arange(WAYS).repeat(SHOTS).expand(3, -1)  # test episodes: labels 0..ways-1
+    qy = torch.arange(WAYS).repeat_interleave(QUERIES).expand(3, -1)
+    tasks = (sx, sy, qx, qy)
+    scores = baseline.batch_trajectory(theta, tasks, steps=4)
+    for steps in (0, 1, 4):
+        expected = reference_head_steps(baseline.model, theta, tasks, steps, 0.2, finetune)
+        torch.testing.assert_close(scores["accuracy"][:, steps], expected, msg=f"{steps} steps")
+    # at 0 steps the head is the nearest-centroid classifier: the ProtoNets rule on these features
+    body = {n.removeprefix("features."): p for n, p in theta.items() if n.startswith("features.")}
+    features = functional_call(baseline.model.features, body, (qx[0],))
+    support = functional_call(baseline.model.features, body, (sx[0],))
+    centroids = torch.stack([support[sy[0] == c].mean(0) for c in range(WAYS)])
+    nearest = torch.cdist(features, centroids).argmin(1)
+    assert scores["accuracy"][0, 0].item() == pytest.approx((nearest == qy[0]).double().mean().item())
+
+
+def test_training_episodes_carry_class_labels_and_test_episodes_do_not():
+    cfg = load_config(
+        None,
+        [
+            *("task.source=synthetic", "model.name=conv4", "task.labels=class", "algorithm.name=baseline"),
+            *("task.num_classes=50", "task.image_size=8", "task.shots=2", "task.queries=3"),
+        ],
+    )
+    source = build_source(cfg.task)
+    assert source.spec.output_dim == 40  # one output per training class (a fifth held out)
+    batch = source.sample(task_rng(0, "train", 0), 4, "train", 2, 3)
+    templates = source.templates.reshape(50, -1)
+    for x, y in ((batch.support_x, batch.support_y), (batch.query_x, batch.query_y)):
+        nearest = ((x.reshape(*x.shape[:2], 1, -1) - templates) ** 2).sum(-1).argmin(-1)
+        np.testing.assert_array_equal(nearest, y)  # each image is of the class its label names
+    assert batch.support_y.max() >= WAYS  # global indices, not 0..ways-1
+    test = source.sample(task_rng(0, "test", 0), 4, "test", 2, 3)
+    assert sorted(np.unique(test.support_y)) == list(range(cfg.task.ways))
+
+
+def test_labels_and_algorithms_must_agree():
+    base = ["task.source=synthetic", "model.name=conv4"]
+    with pytest.raises(ConfigError, match="algorithm.name=baseline pre-trains a classifier .* set task.labels=class"):
+        check_run(load_config(None, [*base, "algorithm.name=baseline"]))
+    with pytest.raises(ConfigError, match="task.labels=class labels images .* maml learns from episodes"):
+        check_run(load_config(None, [*base, "task.labels=class"]))
+    with pytest.raises(ConfigError, match="sinusoid is regression"):
+        check_run(load_config(None, ["task.labels=class", "algorithm.name=baseline"]))
+    ok = check_run(load_config(None, [*base, "task.labels=class", "algorithm.name=baseline", "eval.ways=4"]))
+    assert ok.eval.ways == 4  # a new head at test: any number of ways
