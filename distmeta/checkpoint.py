@@ -276,6 +276,23 @@ def convert_legacy(location: str | Path, out: str | Path | None = None) -> str:
     return CheckpointStore(folder).write(name, state)
 
 
+EXPORTED = ("params", "step", "config", "code_version", "distmeta_version", "validation")
+
+
+def export_checkpoint(location: str | Path, out: str | Path) -> str:
+    """Write the trained parameters of the checkpoint at ``location`` as a small, self-contained file at
+    ``out`` (the zoo's format): the parameters, the step, the config and the code that wrote them
+    (and ``best.pt``'s validation score), checksummed like every checkpoint, without the optimizer's
+    state or the task stream's cursor, so it adapts, evaluates and initialises (``train.init_from``)
+    but does not resume. Returns where it is."""
+    state = read_checkpoint(location)
+    folder, name = split_location(str(out))
+    store = CheckpointStore(folder)
+    if store.fs.get_file_info(store.path(name)).type != pafs.FileType.NotFound:
+        raise CheckpointError(f"{out} exists: export to a new name (nothing is overwritten)")
+    return store.write(name, {key: state[key] for key in EXPORTED if key in state})
+
+
 def _numpy_globals() -> list:
     """What pickles of numpy arrays and scalars (the old RNG state, evaluation scores) name."""
     try:

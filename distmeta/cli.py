@@ -195,6 +195,12 @@ def checkpoint_parser(prog: str) -> argparse.ArgumentParser:
         "--out",
         help="where to write the new one (one path only; default: in its place, the old file kept as NAME.pt.pickle)",
     )
+    export = actions.add_parser(
+        "export",
+        help="the trained parameters and config alone (no optimizer state), small and checksummed, as zoo/ holds",
+    )
+    export.add_argument("path", help="a checkpoint, e.g. runs/<run>/checkpoints/final.pt")
+    export.add_argument("--out", required=True, help="the new file, e.g. zoo/omniglot_maml_5w1s.pt")
     return parser
 
 
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guard(lambda: _adapt(args))
     if argv[0] == "checkpoint":
         args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
+        if args.action == "export":
+            return _guard(lambda: _export_checkpoint(args.path, args.out))
         return _guard(lambda: _convert_checkpoints(args.paths, args.out))
     return evaluate_main(argv[1:])
 
@@ -281,9 +289,10 @@ def _evaluate(
         check_same_data(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
     check_device(device)
     path = Path(checkpoint)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    unwritable = _unwritable(run_dir)
-    if unwritable:  # the evaluation itself only reads: it goes on, and says what it will not write
+    # a run's checkpoint: its TensorBoard gets the scores; any other file (an export, zoo/) gets none
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    unwritable = _unwritable(run_dir) if run_dir else "not in a run's checkpoints/ folder"
+    if run_dir and unwritable:  # the evaluation itself only reads: it goes on, and says what it will not write
         print(
             f"note: {run_dir} is not writable ({unwritable}): the results are printed, no eval_only_{split} "
             "TensorBoard events are written",
@@ -373,6 +382,19 @@ def _convert_checkpoints(paths: list[str], out: str | None) -> int:
     for path in paths:
         written = convert_legacy(path, out)
         print(f"converted {path} -> {written}" + ("" if out else f" (the original kept as {path}.pickle)"), flush=True)
+    return 0
+
+
+def _export_checkpoint(path: str, out: str) -> int:
+    import hashlib
+
+    from distmeta.checkpoint import export_checkpoint, filesystem
+
+    written = export_checkpoint(path, out)
+    fs, where = filesystem(written)
+    with fs.open_input_file(where) as f:
+        data = f.read()
+    print(f"exported {path} -> {written} ({len(data) / 1e6:.2f} MB, sha256 {hashlib.sha256(data).hexdigest()})")
     return 0
 
 

@@ -71,6 +71,19 @@ def test_launch_trains_evaluates_and_the_loss_falls(tmp_path, cli_env):
     )
     assert command.returncode == 0 and "50" in command.stdout, command.stderr[-3000:]
 
+    # exported as zoo/ holds them: parameters and config alone, the same scores, no events beside it
+    exported = tmp_path / "zoo" / "sinusoid_maml.pt"
+    export = run(["-m", "distmeta", "checkpoint", "export", str(checkpoint), "--out", str(exported)], cli_env)
+    assert export.returncode == 0 and "sha256" in export.stdout, export.stderr[-3000:]
+    small = read_checkpoint(exported)
+    assert sorted(small) == ["code_version", "config", "distmeta_version", "params", "step"]
+    assert exported.stat().st_size < checkpoint.stat().st_size / 2  # no optimizer state, no task stream
+    again = run(["launch.py", "--eval-only", "--checkpoint", str(exported), "eval.num_tasks=200"], cli_env)
+    assert again.returncode == 0 and row in [line.split() for line in again.stdout.splitlines()], again.stdout
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["sinusoid_maml.pt"]
+    refused = run(["-m", "distmeta", "checkpoint", "export", str(checkpoint), "--out", str(exported)], cli_env)
+    assert refused.returncode == 2 and "exists: export to a new name" in refused.stderr
+
 
 def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printed_protocol(tmp_path, cli_env):
     images = ["task.source=synthetic", "model.name=conv4", "model.filters=8", "task.image_size=16"]

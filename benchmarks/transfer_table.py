@@ -1,0 +1,62 @@
+"""The cross-domain transfer table (README, "Transfer across domains"): each checkpoint, trained on
+Omniglot's training split, scored on its own test split and on other datasets' test episodes, at
+5-way 1-shot and 5-shot, mean ± 95% CI over 600 episodes, after the inner steps each learner is
+tested with.
+
+    python benchmarks/transfer_table.py --row "MAML=runs/maml/checkpoints/final.pt" \\
+        --row "ProtoNets=runs/proto/checkpoints/best.pt" \\
+        --row "baseline, nearest centroid=runs/base/checkpoints/final.pt@0" \\
+        --row "baseline, fine-tuned=runs/base/checkpoints/final.pt@100" \\
+        --dataset glyphs=data/glyphs --dataset Fashion-MNIST=data/fashion_mnist
+
+A row is NAME=CHECKPOINT[@STEPS] (default steps: the largest of the checkpoint's eval.inner_steps).
+Evaluation runs in this process (distmeta.evaluate), as `distmeta evaluate --shards` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from distmeta.checkpoint import load_checkpoint
+from distmeta.evaluate import eval_steps, evaluate, on_other_data
+
+SHOTS = (1, 5)
+
+
+def score(cfg, params, steps: int, shots: int, episodes: int, shards: str | None) -> str:
+    cfg = on_other_data(cfg, shards, "test") if shards else cfg
+    cfg = dataclasses.replace(
+        cfg, eval=dataclasses.replace(cfg.eval, num_tasks=episodes, ways=5, shots=[shots], inner_steps=[steps])
+    )
+    (row,) = [r for r in evaluate(cfg, params) if r.steps == steps]
+    return f"{100 * row.mean:.1f} ± {100 * row.ci95:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--row", action="append", required=True, help="NAME=CHECKPOINT[@STEPS]")
+    parser.add_argument("--dataset", action="append", default=[], help="NAME=SHARDS (other domains' columns)")
+    parser.add_argument("--episodes", type=int, default=600)
+    args = parser.parse_args()
+    datasets = [("Omniglot", None)] + [tuple(d.split("=", 1)) for d in args.dataset]
+    header = [f"{name} {shots}-shot" for name, _ in datasets for shots in SHOTS]
+    print("| model | steps | " + " | ".join(header) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in header) + " |")
+    for row in args.row:
+        name, target = row.split("=", 1)
+        path, _, steps = target.partition("@")
+        cfg, params, state = load_checkpoint(path)
+        steps = int(steps) if steps else max(eval_steps(cfg))
+        started = time.time()
+        cells = [score(cfg, params, steps, shots, args.episodes, shards) for _, shards in datasets for shots in SHOTS]
+        print(f"| {name} | {steps} | " + " | ".join(cells) + " |", flush=True)
+        print(
+            f"{name}: {path} (training step {state['step']}), scored in {time.time() - started:.0f} s", file=sys.stderr
+        )
+
+
+if __name__ == "__main__":
+    main()
