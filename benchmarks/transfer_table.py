@@ -6,10 +6,11 @@ tested with.
     python benchmarks/transfer_table.py --row "MAML=runs/maml/checkpoints/final.pt" \\
         --row "ProtoNets=runs/proto/checkpoints/best.pt" \\
         --row "baseline, nearest centroid=runs/base/checkpoints/final.pt@0" \\
-        --row "baseline, fine-tuned=runs/base/checkpoints/final.pt@100" \\
+        --row "baseline, fine-tuned=runs/base/checkpoints/final.pt@100@algorithm.head_init=zero" \\
         --dataset glyphs=data/glyphs --dataset Fashion-MNIST=data/fashion_mnist
 
-A row is NAME=CHECKPOINT[@STEPS] (default steps: the largest of the checkpoint's eval.inner_steps).
+A row is NAME=CHECKPOINT[@STEPS[@algorithm.FIELD=VALUE...]] (default steps: the largest of the
+checkpoint's eval.inner_steps; the fields: the baseline's test-time finetune and head_init).
 Evaluation runs in this process (distmeta.evaluate), as `distmeta evaluate --shards` does.
 """
 
@@ -21,6 +22,7 @@ import sys
 import time
 
 from distmeta.checkpoint import load_checkpoint
+from distmeta.config import load_config
 from distmeta.evaluate import eval_steps, evaluate, on_other_data
 
 SHOTS = (1, 5)
@@ -47,8 +49,9 @@ def main() -> None:
     print("| --- | --- | " + " | ".join("---" for _ in header) + " |")
     for row in args.row:
         name, target = row.split("=", 1)
-        path, _, steps = target.partition("@")
+        path, steps, *settings = [*target.split("@"), ""][: max(2, target.count("@") + 1)]
         cfg, params, state = load_checkpoint(path)
+        cfg = load_config(None, settings, base=cfg.to_dict())
         steps = int(steps) if steps else max(eval_steps(cfg))
         started = time.time()
         cells = [score(cfg, params, steps, shots, args.episodes, shards) for _, shards in datasets for shots in SHOTS]

@@ -65,6 +65,10 @@ EVAL_FLAGS = {
 }
 
 
+# algorithm fields that only shape evaluation (the trained parameters do not depend on them)
+TEST_TIME_ALGORITHM_FIELDS = ("algorithm.finetune=", "algorithm.head_init=")
+
+
 def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
     for flag, (_, options) in flags.items():
         parser.add_argument(flag, **options)
@@ -274,9 +278,12 @@ def _evaluate(
     from distmeta.runtime.monitor import write_eval_scalars
 
     saved, params, state = load_checkpoint(checkpoint)
-    bad = [o for o in overrides if not o.startswith(("eval.", "task.shards="))]
+    bad = [o for o in overrides if not o.startswith(("eval.", "task.shards=", *TEST_TIME_ALGORITHM_FIELDS))]
     if bad:
-        raise ConfigError(f"evaluation overrides must be eval.* fields or task.shards=NEWPATH, got {bad}")
+        raise ConfigError(
+            f"evaluation overrides must be eval.* fields, task.shards=NEWPATH or the baseline's test-time "
+            f"{', '.join(f.rstrip('=') for f in TEST_TIME_ALGORITHM_FIELDS)}, got {bad}"
+        )
     cfg = check_run(load_config(None, overrides, settings=settings, base=saved.to_dict()))
     other_shards, scheme = other
     if scheme and not other_shards:

@@ -100,7 +100,11 @@ class AlgorithmConfig:
     implementation: Literal["auto", "vmap", "loop", "batched"] = "auto"
     fce: bool = False  # matchingnet: full context embeddings (LSTMs over the support set)
     fce_steps: int = bounded(5, at_least=1)  # matchingnet with fce: the attention LSTM's processing steps
-    finetune: Literal["head", "all"] = "head"  # baseline: what its test-time steps train (a new head, or all)
+    # baseline, at test only (so `distmeta evaluate` may change them): what its steps train (a new head,
+    # or all), and where the new head starts (the support set's class centroids: 0 steps is the
+    # nearest-centroid classifier; or zero, as a freshly made head: Chen et al.'s fine-tuning)
+    finetune: Literal["head", "all"] = "head"
+    head_init: Literal["centroid", "zero"] = "centroid"
 
 
 @dataclass

@@ -29,10 +29,11 @@ def episodes(num_tasks=2, seed=0):
     return sx, sy, qx, qy
 
 
-def learner(finetune="head", lr=0.2, implementation_model=None):
+def learner(finetune="head", head_init="centroid", lr=0.2):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="conv4", filters=4), DataSpec((1, 16, 16), CLASSES)).double()
-    return build_algorithm(AlgorithmConfig(name="baseline", inner_lr=lr, finetune=finetune), model, "classification")
+    cfg = AlgorithmConfig(name="baseline", inner_lr=lr, finetune=finetune, head_init=head_init)
+    return build_algorithm(cfg, model, "classification")
 
 
 @pytest.mark.parametrize("implementation", ["vmap", "loop"])
@@ -64,9 +65,9 @@ def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_ima
         assert analytic.item() == pytest.approx(((plus - minus) / (2 * eps)).item(), rel=1e-6)
 
 
-def reference_head_steps(model, theta, tasks, steps, lr, finetune):
+def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init):
     """Per task, by hand: the class centroids of the support features as a linear head (2c, -|c|^2),
-    then ``steps`` SGD steps of the support cross-entropy on the head (or on everything), then the
+    or a zero head, then ``steps`` SGD steps of the support cross-entropy on the head (or on everything), then the
     query accuracy."""
     accuracies = []
     for sx, sy, qx, qy in zip(*tasks):
@@ -78,6 +79,8 @@ def reference_head_steps(model, theta, tasks, steps, lr, finetune):
         support = features(body, sx)
         centroids = torch.stack([support[sy == c].mean(0) for c in range(int(sy.max()) + 1)])
         weights = {**body, "w": 2 * centroids, "b": -(centroids**2).sum(1)}
+        if head_init == "zero":
+            weights |= {"w": torch.zeros_like(weights["w"]), "b": torch.zeros_like(weights["b"])}
         trained = ["w", "b"] if finetune == "head" else list(weights)
         for _ in range(steps):
             current = {n: p.detach().requires_grad_(n in trained) for n, p in weights.items()}
@@ -89,9 +92,9 @@ def reference_head_steps(model, theta, tasks, steps, lr, finetune):
     return torch.stack(accuracies)
 
 
-@pytest.mark.parametrize("finetune", ["head", "all"])
-def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune):
-    baseline = learner(finetune)
+@pytest.mark.parametrize("finetune, head_init", [("head", "centroid"), ("all", "centroid"), ("head", "zero")])
+def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune, head_init):
+    baseline = learner(finetune, head_init)
     theta = {n: p.detach().clone() for n, p in baseline.model.named_parameters()}
     sx, _, qx, _ = episodes(num_tasks=3, seed=2)
     sy = torch.arange(WAYS).repeat(SHOTS).expand(3, -1)  # test episodes: labels 0..ways-1
@@ -99,8 +102,11 @@ def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune)
     tasks = (sx, sy, qx, qy)
     scores = baseline.batch_trajectory(theta, tasks, steps=4)
     for steps in (0, 1, 4):
-        expected = reference_head_steps(baseline.model, theta, tasks, steps, 0.2, finetune)
+        expected = reference_head_steps(baseline.model, theta, tasks, steps, 0.2, finetune, head_init)
         torch.testing.assert_close(scores["accuracy"][:, steps], expected, msg=f"{steps} steps")
+    if head_init == "zero":  # a fresh head scores every class alike: the first class wins each query
+        assert (scores["accuracy"][:, 0] == 1 / WAYS).all()
+        return
     # at 0 steps the head is the nearest-centroid classifier: the ProtoNets rule on these features
     body = {n.removeprefix("features."): p for n, p in theta.items() if n.startswith("features.")}
     features = functional_call(baseline.model.features, body, (qx[0],))

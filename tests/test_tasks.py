@@ -106,3 +106,22 @@ def test_a_failing_source_is_reported_to_the_worker_that_asks():
         generator.batch_for(StepControl(0), 0)
     with pytest.raises(TaskGenerationError, match="could not build step 0"):  # again, not a wait on an empty queue
         generator.batch_for(StepControl(0), 0)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "protonet"])
+def test_evaluation_in_bounded_passes_scores_exactly_as_one_pass(monkeypatch, algorithm):
+    """Held-out tasks go through the model a few at a time (memory stays bounded); the scores are those
+    of all the tasks in one batch, since tasks share nothing."""
+    from distmeta.runtime import worker
+
+    overrides = ["task.source=synthetic", "model.name=conv4", "model.filters=8", "task.image_size=16"]
+    cfg = load_config(None, [*overrides, f"algorithm.name={algorithm}", "train.dtype=float64", "eval.queries=4"])
+    tasks = build_source(cfg.task).sample(task_rng(1, "test", 0), 7, "test", cfg.task.shots, 4)
+    evaluator = worker.Worker(cfg, device=torch.device("cpu"))
+    params = evaluator.layout.flatten(evaluator.algorithm.initial_parameters()).numpy()
+    steps = [0] if algorithm == "protonet" else [0, 2]
+    whole = evaluator.evaluate(params, tasks, steps)
+    monkeypatch.setattr(worker, "EVAL_EXAMPLES_PER_PASS", 3 * (cfg.task.shots + 4) * cfg.task.ways)  # 3 tasks
+    passes = evaluator.evaluate(params, tasks, steps)
+    np.testing.assert_allclose(passes.accuracy, whole.accuracy, rtol=0, atol=0)
+    np.testing.assert_allclose(passes.loss, whole.loss, rtol=1e-12, atol=1e-14)

@@ -7,9 +7,11 @@ training class, and every image of the step (support and query alike) is one min
 cross-entropy over all training classes; the update is its gradient, descended by the meta-optimizer
 like any other. At test the trained head is dropped: a new one starts at the support set's class
 centroids of the features (weight 2c, bias -|c|^2, so its scores are the negative squared distances
-up to a per-query constant: the nearest-centroid classifier, which is the score after 0 steps), and
-each inner step is SGD on the support set's cross-entropy of that head (``algorithm.finetune=head``,
-the features fixed) or of the whole network (``all``), at ``algorithm.inner_lr``.
+up to a per-query constant: the nearest-centroid classifier, which is the score after 0 steps), or
+at zero (``algorithm.head_init=zero``: a fresh head, as Chen et al. fine-tune; with one shot the
+centroid head already fits the support set, so its steps barely move it), and each inner step is
+SGD on the support set's cross-entropy of that head (``algorithm.finetune=head``, the features
+fixed) or of the whole network (``all``), at ``algorithm.inner_lr``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class TransferBaseline(MetaAlgorithm):
         body = {n: p.detach() for n, p in theta.items() if n.startswith("features.")}
         shared_features = self.run(self.model.features, _strip(body), support_x, shared=True)
         head = _centroid_head(shared_features.detach(), support_y)
+        if self.cfg.head_init == "zero":
+            head = {n: torch.zeros_like(p) for n, p in head.items()}
         if self.cfg.finetune == "head":
             params = {n: p.requires_grad_() for n, p in head.items()}
 

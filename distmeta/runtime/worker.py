@@ -54,6 +54,11 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
     return torch.device("cpu")
 
 
+# Evaluation passes hold at most about this many examples (support and query sets of whole tasks):
+# 2,000 Omniglot images keep Conv4-64's activations near 2 GB; a chunk of 100 five-way tasks at
+# once held 7 to 12 GB, and Ray's memory monitor killed actors on the 24 GiB machine.
+EVAL_EXAMPLES_PER_PASS = 2000
+
 # glibc malloc settings for a CPU worker's process, by their tunable names, with the mallopt
 # option (malloc.h) that sets each one in a running process
 MALLOC_SETTINGS = {
@@ -203,15 +208,23 @@ class Worker(GroupMember):
         return contextlib.nullcontext()
 
     def evaluate(self, flat_params: np.ndarray, tasks: TaskBatch, steps: list[int]) -> ScoreTrajectory:
-        """Per-task query scores after 0..max(``steps``) inner steps, scored after 0 and each of ``steps``."""
-        trajectory = self.algorithm.batch_trajectory(
-            self._params(flat_params),
-            tasks.to_torch(self.device, self.dtype),
-            max(steps),
-            self.cfg.eval.inner_batch_size,
-            score_at={0, *steps},
-            # without BatchNorm there are no batch statistics: one query batch is the same
-            transductive=self.cfg.eval.transductive or not type(self.algorithm.model).batch_norm,
-        )
-        scores = {name: values.cpu().numpy() for name, values in trajectory.items()}
+        """Per-task query scores after 0..max(``steps``) inner steps, scored after 0 and each of ``steps``.
+        Tasks go through the model a few at a time (``EVAL_EXAMPLES_PER_PASS``): they are independent,
+        so the scores are the same, and memory stays bounded however many tasks a chunk holds."""
+        params = self._params(flat_params)
+        examples = tasks.support_x.shape[1] + tasks.query_x.shape[1]
+        per_pass = max(1, EVAL_EXAMPLES_PER_PASS // examples)
+        passes = []
+        for start in range(0, len(tasks), per_pass):
+            trajectory = self.algorithm.batch_trajectory(
+                params,
+                tasks.slice(start, start + per_pass).to_torch(self.device, self.dtype),
+                max(steps),
+                self.cfg.eval.inner_batch_size,
+                score_at={0, *steps},
+                # without BatchNorm there are no batch statistics: one query batch is the same
+                transductive=self.cfg.eval.transductive or not type(self.algorithm.model).batch_norm,
+            )
+            passes.append({name: values.cpu().numpy() for name, values in trajectory.items()})
+        scores = {name: np.concatenate([p[name] for p in passes]) for name in passes[0]}
         return ScoreTrajectory(scores["loss"], scores.get("accuracy"))
