@@ -5,8 +5,9 @@ prepared as the checkpoint's training images were (``task.image_format``: channe
 scaling). The MAML family (MAML, first-order MAML, Reptile, ANIL, Meta-SGD) takes inner SGD steps
 on the support set, as many as it was trained with unless told otherwise, at its inner step size
 (Meta-SGD: its learned ones; ANIL: the head only); ProtoNets and Matching Networks embed the support
-set and compare (no steps). With fewer classes than the head was trained for, the head's first rows
-serve them, as a training episode's labels 0..n-1 did.
+set and compare (no steps); the transfer baseline trains a new head (``algorithm.head_init``,
+``finetune``). With fewer classes than the head was trained for, the head's first rows serve them,
+as a training episode's labels 0..n-1 did.
 
 Predictions are not transductive: each query image goes through the network with the support set
 alone, so with BatchNorm's batch statistics an image's prediction never depends on which other
@@ -150,7 +151,7 @@ def adapt(
         raise AdaptError(
             f"{len(classes)} classes in the support set, but the checkpoint's head was trained for "
             f"{cfg.task.ways}-way episodes ({cfg.algorithm.name} has a head with that many outputs): use at most "
-            f"{cfg.task.ways} classes, or a metric learner (protonet, matchingnet), which takes any number"
+            f"{cfg.task.ways} classes, or a learner that tests without that head (protonet, matchingnet, baseline)"
         )
     if steps is None:
         steps = cfg.algorithm.inner_steps if learner_class.adaptive else 0
