@@ -21,6 +21,8 @@ import dataclasses
 import sys
 import time
 
+import torch
+
 from distmeta.checkpoint import load_checkpoint
 from distmeta.config import load_config
 from distmeta.evaluate import eval_steps, evaluate, on_other_data
@@ -29,11 +31,11 @@ SHOTS = (1, 5)
 
 
 def score(cfg, params, steps: int, shots: int, episodes: int, shards: str | None) -> str:
-    cfg = on_other_data(cfg, shards, "test") if shards else cfg
     cfg = dataclasses.replace(
         cfg, eval=dataclasses.replace(cfg.eval, num_tasks=episodes, ways=5, shots=[shots], inner_steps=[steps])
     )
-    (row,) = [r for r in evaluate(cfg, params) if r.steps == steps]
+    cfg, model_data = on_other_data(cfg, shards, "test") if shards else (cfg, None)
+    (row,) = [r for r in evaluate(cfg, params, model_data=model_data) if r.steps == steps]
     return f"{100 * row.mean:.1f} ± {100 * row.ci95:.1f}"
 
 
@@ -42,7 +44,9 @@ def main() -> None:
     parser.add_argument("--row", action="append", required=True, help="NAME=CHECKPOINT[@STEPS]")
     parser.add_argument("--dataset", action="append", default=[], help="NAME=SHARDS (other domains' columns)")
     parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: beside a training run)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     datasets = [("Omniglot", None)] + [tuple(d.split("=", 1)) for d in args.dataset]
     header = [f"{name} {shots}-shot" for name, _ in datasets for shots in SHOTS]
     print("| model | steps | " + " | ".join(header) + " |")

@@ -288,10 +288,12 @@ def _evaluate(
     other_shards, scheme = other
     if scheme and not other_shards:
         raise ConfigError("--split-scheme goes with --shards (another dataset); the training data keeps its own")
+    model_data = None  # the model's spec comes from the data, unless the data is another dataset's
     if other_shards:
         if is_meta_rl(cfg):
             raise ConfigError("--shards: a meta-RL checkpoint is scored on its environment, not on image shards")
-        cfg = check_run(on_other_data(cfg, other_shards, split, scheme))
+        cfg, model_data = on_other_data(cfg, other_shards, split, scheme)
+        cfg = check_run(cfg)
     else:
         check_same_data(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
     check_device(device)
@@ -318,7 +320,7 @@ def _evaluate(
             trained_on = saved.task.shards or saved.task.source
             line += f"; on other data: {other_shards} ({cfg.task.split_scheme}/{split}), trained on {trained_on}"
         print(line, flush=True)
-        rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr)  # see report_progress
+        rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr, model_data=model_data)
     print(format_rows(rows))
     if not unwritable:
         with SummaryWriter(str(run_dir)) as writer:

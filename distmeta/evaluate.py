@@ -17,7 +17,7 @@ import torch
 
 from distmeta.algorithms import ALGORITHMS
 from distmeta.config import Config, ConfigError
-from distmeta.models import MODELS
+from distmeta.models import MODELS, DataSpec
 from distmeta.report import EvalRow, report_progress, scored_row
 from distmeta.runtime.worker import ScoreTrajectory, Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
@@ -102,11 +102,15 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device} cannot be used: {hint}; use --device cpu") from None
 
 
-def on_other_data(cfg: Config, shards: str, split: str, scheme: str | None = None) -> Config:
+def on_other_data(
+    cfg: Config, shards: str, split: str, scheme: str | None = None
+) -> tuple[Config, tuple[DataSpec, str]]:
     """``cfg`` with its held-out episodes drawn from the shards at ``shards``, another dataset than
     the one it was trained on (cross-domain transfer): from their split ``<scheme>/<split>``, where
     the scheme is ``scheme``, else the training scheme if those shards have it, else their only one.
-    The images must have the shape the model was trained on."""
+    The images must have the shape the model was trained on. Also returns what the model was built
+    for (``evaluate``'s ``model_data``): the new data cannot say (the baseline's head has one output
+    per training class)."""
     from distmeta.data.shards import read_manifest
 
     kind = SOURCES[cfg.task.source].kind
@@ -135,10 +139,24 @@ def on_other_data(cfg: Config, shards: str, split: str, scheme: str | None = Non
         raise ConfigError(
             f"--shards {shards} has no split {scheme}/{split} (it has {', '.join(held) or 'none of that scheme'})"
         )
+    model_data = trained_model_data(cfg)
+    ways = cfg.eval.ways or cfg.task.ways  # the training episodes' shape means nothing on this data
     task = replace(
         cfg.task, source="shards", shards=str(shards), split_scheme=scheme, rotations=False, shards_fingerprint=""
     )
-    return replace(cfg, task=task)
+    task = replace(task, ways=ways)
+    return replace(cfg, task=task, eval=replace(cfg.eval, ways=0)), model_data
+
+
+def trained_model_data(cfg: Config) -> tuple[DataSpec, str]:
+    """The spec and kind a checkpoint's model was built for: from the recorded image format and the
+    training ways, or, for a head over the training classes (``task.labels=class``) or a checkpoint
+    that records no format, from the training data itself."""
+    fmt = cfg.task.image_format
+    if cfg.task.labels == "class" or not fmt.channels:
+        source = build_source(cfg.task)
+        return source.spec, source.kind
+    return DataSpec((fmt.channels, fmt.height, fmt.width), cfg.task.ways), "classification"
 
 
 def protocol(cfg: Config, split: str, num_tasks: int) -> str:
@@ -171,10 +189,12 @@ def evaluate_chunk(
     chunks: list[EvalChunk],
     device: str | None = None,
     progress: TextIO | None = None,
+    model_data: tuple[DataSpec, str] | None = None,
 ) -> list[ScoreTrajectory]:
     """Per-task query scores after 0..max(eval_steps) inner steps, for each chunk; with
-    ``progress``, a progress line there after each chunk (``report_progress``)."""
-    worker = Worker(cfg, device=torch.device(device) if device else None)
+    ``progress``, a progress line there after each chunk (``report_progress``). ``model_data``: the
+    spec and kind the model was built for, when the episodes come from other data (``on_other_data``)."""
+    worker = Worker(cfg, device=torch.device(device) if device else None, data=model_data)
     source = eval_source(cfg)
     results = []
     started, total, done = time.time(), sum(chunk.num_tasks for chunk in chunks), 0
@@ -188,14 +208,19 @@ def evaluate_chunk(
 
 
 def evaluate(
-    cfg: Config, flat_params: np.ndarray, split: str = "test", device: str = "cpu", progress: TextIO | None = None
+    cfg: Config,
+    flat_params: np.ndarray,
+    split: str = "test",
+    device: str = "cpu",
+    progress: TextIO | None = None,
+    model_data: tuple[DataSpec, str] | None = None,
 ) -> list[EvalRow]:
     """Evaluate meta-parameters in this process (no Ray); ``progress``: where to report tasks
-    done, rate and ETA (``report_progress``), if anywhere."""
+    done, rate and ETA (``report_progress``), if anywhere; ``model_data``: as ``evaluate_chunk``."""
     check_device(device)
     check_evaluation(cfg, [split])
     chunks = evaluation_chunks(cfg)
-    results = evaluate_chunk(cfg, flat_params, split, chunks, device, progress)
+    results = evaluate_chunk(cfg, flat_params, split, chunks, device, progress, model_data)
     return summarize(cfg, group_by_shots(chunks, results))
 
 

@@ -21,8 +21,8 @@ from distmeta.data.fashion_mnist import CLASSES, build_fashion_mnist
 from distmeta.data.glyphs import SCRIPTS, TEST_SCRIPTS, VAL_SCRIPTS, build_glyphs
 from distmeta.data.shards import ShardedDataset, ShardError, dataset_fingerprint
 from distmeta.evaluate import evaluate, on_other_data
-from distmeta.models import DataSpec
 from distmeta.params import flat_parameters
+from distmeta.tasks import build_source
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,18 +87,20 @@ def test_glyphs_are_characters_of_unseen_scripts_split_by_script_and_reproducibl
         build_glyphs(tmp_path / "nowhere", tmp_path / "c", progress=lambda m: None)
 
 
-def image_checkpoint(run: Path, size: int) -> Path:
-    """A ProtoNets checkpoint of a run on synthetic size x size images, as training writes one."""
+def image_checkpoint(run: Path, size: int, *algorithm: str) -> Path:
+    """A checkpoint (ProtoNets unless ``algorithm`` says) of a run on synthetic size x size images, as
+    training writes one."""
     cfg = load_config(
         None,
         [
             *("task.source=synthetic", f"task.image_size={size}", "model.name=conv4", "model.filters=8"),
-            *("algorithm.name=protonet", "eval.queries=5"),
+            *(algorithm or ["algorithm.name=protonet"]),
+            "eval.queries=5",
         ],
     )
     cfg.task.image_format = ImageFormat(channels=1, height=size, width=size)
     torch.manual_seed(0)
-    learner = build_learner(cfg, DataSpec((1, size, size), 5), "classification")
+    learner = build_learner(cfg, build_source(cfg.task).spec, "classification")
     params = flat_parameters(learner.initial_parameters(), torch.float32)
     CheckpointStore(run / "checkpoints").write("final.pt", checkpoint_record(cfg, params, 3))
     return run / "checkpoints" / "final.pt"
@@ -117,9 +119,9 @@ def test_evaluate_scores_a_checkpoint_on_another_datasets_episodes(fashion_mnist
     from distmeta.checkpoint import load_checkpoint
 
     cfg, params, _ = load_checkpoint(checkpoint)
-    cfg = on_other_data(cfg, str(tmp_path / "fashion"), "test")
+    cfg, model_data = on_other_data(cfg, str(tmp_path / "fashion"), "test")
     cfg.eval.num_tasks = 30
-    (row,) = evaluate(cfg, params)  # the same episodes in this process
+    (row,) = evaluate(cfg, params, model_data=model_data)  # the same episodes in this process
     assert printed == pytest.approx(row.mean, abs=5e-5) and row.tasks == 30
 
     val = subprocess.run([*command, "--split", "val"], capture_output=True, text=True, env=cli_env, cwd=ROOT)
@@ -129,3 +131,17 @@ def test_evaluate_scores_a_checkpoint_on_another_datasets_episodes(fashion_mnist
     mismatch = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=300)
     assert mismatch.returncode == 2
     assert "holds images of shape [1, 28, 28], the checkpoint's model takes [1, 16, 16]" in mismatch.stderr
+
+
+def test_the_baseline_keeps_its_head_over_the_training_classes_on_another_dataset(fashion_mnist_src, tmp_path):
+    """Its model is sized by the training data (one output per training class), not by the episodes'."""
+    build_fashion_mnist(fashion_mnist_src, tmp_path / "fashion", progress=lambda m: None)
+    checkpoint = image_checkpoint(tmp_path / "run", 28, "algorithm.name=baseline", "task.labels=class")
+    from distmeta.checkpoint import load_checkpoint
+
+    cfg, params, _ = load_checkpoint(checkpoint)
+    cfg, (spec, _) = on_other_data(cfg, str(tmp_path / "fashion"), "test")
+    assert spec.output_dim == 160  # synthetic's 200 classes, a fifth held out
+    cfg.eval.num_tasks, cfg.eval.inner_steps = 20, [0, 5]
+    rows = evaluate(cfg, params, model_data=(spec, "classification"))
+    assert [r.steps for r in rows] == [0, 5] and all(r.tasks == 20 for r in rows)
