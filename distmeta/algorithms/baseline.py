@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from distmeta.algorithms.base import InnerLoop, MetaAlgorithm
 from distmeta.config import ConfigError
 
-HEAD = ("head.weight", "head.bias")
-
 
 class TransferBaseline(MetaAlgorithm):
     first_order = True  # nothing is differentiated through the test-time steps
