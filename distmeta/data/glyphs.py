@@ -14,6 +14,7 @@ seen in training. The rendering is seeded: the same fonts give the same shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -132,12 +133,18 @@ def _render(face: ImageFont.FreeTypeFont, text: str) -> Image.Image:
     return image
 
 
+@functools.cache
+def _empty_box(face: ImageFont.FreeTypeFont) -> bytes:
+    """What ``face`` draws for a character it lacks: a private-use point no font has (once per face)."""
+    return _render(face, "\U0010fffd").tobytes()
+
+
 def _draw(face: ImageFont.FreeTypeFont, char: str) -> Image.Image | None:
     """``char`` drawn dark on light, its ink centred and scaled to fill ``FILL`` of the canvas, or None
     if the face has no glyph for it (it draws the face's empty box) or the ink is too small to be a
     character on its own."""
     image = _render(face, char)
-    if image.tobytes() == _render(face, "\U0010fffd").tobytes():  # a private-use point no font has
+    if image.tobytes() == _empty_box(face):
         return None
     box = Image.eval(image, lambda v: 255 - v).getbbox()
     if box is None or max(box[2] - box[0], box[3] - box[1]) < MIN_INK * CANVAS:
