@@ -253,40 +253,6 @@ def test_a_corrupt_checkpoint_is_named(tmp_path, cli_env):
     assert out.returncode == 2 and f"checkpoint {bad} cannot be read" in out.stderr
 
 
-@pytest.mark.slow
-def test_launch_attaches_to_an_existing_cluster_with_address(tmp_path, cli_env, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head is started by this process's Ray
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    try:
-        env = dict(cli_env, RAY_AUTH_MODE="disabled")
-        out = run(
-            [
-                "launch.py",
-                "--address",
-                cluster.address,
-                "--num-workers",
-                "2",
-                "--steps",
-                "60",
-                "--logdir",
-                str(tmp_path),
-                "run_name=attached",
-                "train.eval_every=0",
-                "eval.num_tasks=20",
-            ],
-            env,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "| 2 workers x " in out.stdout and "step 60/60" in out.stdout
-        assert (tmp_path / "attached" / "checkpoints" / "final.pt").is_file()
-        # the cluster outlives the job: launch.py disconnects, it does not shut the cluster down
-        assert cluster.head_node.remaining_processes_alive()
-    finally:
-        cluster.shutdown()
-
-
 def _untrained_checkpoint(run_dir: Path) -> Path:
     """A sinusoid run's checkpoint at step 0, written as training writes one (no Ray needed)."""
     from distmeta.algorithms import initial_parameters

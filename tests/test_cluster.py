@@ -97,6 +97,10 @@ def test_launch_attaches_to_the_cluster_by_address(local_cluster, tmp_path, cli_
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| 2 workers x 1 CPU + 1 GPU (auto: num_workers, cpus_per_worker, gpus_per_worker) |" in run.stdout
     check_run(tmp_path / "attached", run.stdout + run.stderr)
+    # the cluster outlives the job: launch.py disconnects, it does not shut the cluster down
+    status = ["ray", "status", "--address", f"127.0.0.1:{PORT}"]
+    status = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "Active:" in status.stdout, status.stdout + status.stderr
 
 
 def test_a_gpu_torch_cannot_see_stops_the_run_with_the_reason(local_cluster, tmp_path, cli_env):

@@ -110,11 +110,9 @@ def faulty_run(tmp_path, role, at_steps, *overrides, signum=signal.SIGKILL):
     return cfg, result, saboteur
 
 
-# Conv4 where its size matters (constructor arguments past Ray's inline limit), not in every mode:
+# Each mode once, Conv4 where its size matters (constructor arguments past Ray's inline limit):
 # each case is a 25 s run on this 2-core VM.
-@pytest.mark.parametrize(
-    "engine, model", [("compiled", "sinusoid"), ("tasks", "sinusoid"), ("allreduce", "sinusoid"), ("compiled", "conv4")]
-)
+@pytest.mark.parametrize("engine, model", [("tasks", "sinusoid"), ("allreduce", "sinusoid"), ("compiled", "conv4")])
 def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_local, tmp_path, engine, model, caplog):
     """All-reduce: every worker starts afresh from the checkpoint, and the steps since are re-run;
     its calls are of 4 steps, so that checkpoints (every 25) fall inside calls."""
@@ -134,9 +132,7 @@ def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened(ray_lo
 
 @pytest.mark.parametrize(
     "engine, shards, model",
-    [
-        ("compiled", 1, "sinusoid"),
-        ("tasks", 1, "sinusoid"),
+    [  # each engine, model and number of shards at least once (each case is a 25 s run)
         ("compiled", 2, "sinusoid"),
         ("compiled", 1, "conv4"),  # the defect was in both engines
         ("tasks", 1, "conv4"),
@@ -192,17 +188,17 @@ def test_a_stuck_worker_is_a_straggler_its_step_is_re_run(ray_local, tmp_path, c
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_soak_three_hundred_steps_with_a_worker_killed_every_forty(ray_local, tmp_path):
-    kills = list(range(40, 300, 40))
+def test_soak_two_hundred_steps_with_a_worker_killed_every_forty(ray_local, tmp_path):
+    kills = list(range(40, 200, 40))
     cfg, result, saboteur = faulty_run(
-        tmp_path, "Worker", kills, "train.steps=300", "cluster.num_workers=3", "train.checkpoint_every=20"
+        tmp_path, "Worker", kills, "train.steps=200", "cluster.num_workers=3", "train.checkpoint_every=20"
     )
     assert len(saboteur.hits) == len(kills) and result.recoveries == len(kills)
     events = EventAccumulator(str(result.run_dir))
     events.Reload()
     assert max(e.value for e in events.Scalars("faults/recovered")) == len(kills)
     logged = [e.step for e in events.Scalars("train/loss_after")]
-    assert logged == sorted(set(logged)) and logged[-1] == 300  # every window once, none twice
+    assert logged == sorted(set(logged)) and logged[-1] == 200  # every window once, none twice
     expected, _ = in_process(cfg)
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
