@@ -93,8 +93,9 @@ def test_navigation_dynamics_follow_the_reference():
     goals = np.array([[0.3, -0.2], [0.05, 0.0]])
     env = Navigation2D(goals, episodes=2, rngs=generators(0, 2))
     assert (env.reset() == 0).all()
-    position, reward, done = env.step(np.array([[[1.0, -1.0], [0.02, 0.0]], [[0.05, 0.005], [0.0, 0.0]]]))
-    np.testing.assert_allclose(position[0], [[0.1, -0.1], [0.02, 0.0]])  # clipped to 0.1 per coordinate
+    position, reward, done = env.step(np.array([[[3.0, -1.0], [0.2, 0.0]], [[0.5, 0.05], [0.0, 0.0]]]))
+    np.testing.assert_allclose(position[0], [[0.1, -0.1], [0.02, 0.0]])  # in units of 0.1, clipped to 1
+    np.testing.assert_allclose(position[1], [[0.05, 0.005], [0.0, 0.0]])
     np.testing.assert_allclose(reward[0], -np.linalg.norm(position[0] - goals[0], axis=-1))
     np.testing.assert_array_equal(done, [[False, False], [True, False]])  # both coordinates within 0.01
     tasks = Navigation2D.sample_tasks(np.random.default_rng(1), 1000)

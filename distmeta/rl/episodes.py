@@ -38,10 +38,13 @@ class Episodes:
         return self.rewards.sum(1)
 
     def step_mean(self, values: Tensor) -> Tensor:
-        """Per task, the mean over its episodes of the mean over each episode's steps: [T, H, E] -> [T].
-        Policy-gradient losses are such means, as in the reference implementations: an inner step
-        size means what it means there."""
-        return ((values * self.mask).sum(1) / self.lengths).mean(1)
+        """Per task, the mean over every step its episodes ran: [T, H, E] -> [T]. Policy-gradient
+        losses are such means, as in the MAML and ProMP papers' code (``tf.reduce_mean`` over a task's
+        samples), so an inner step size means what it means there. Where episodes end early this is
+        not the mean of per-episode means (tristandeleu/pytorch-maml-rl's), which gives a short
+        episode's steps the weight of a long one's and made 2-D navigation's inner step unstable
+        (README, "2-D navigation")."""
+        return (values * self.mask).sum((1, 2)) / self.mask.sum((1, 2))
 
 
 def rollout(
