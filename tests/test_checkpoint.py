@@ -152,3 +152,21 @@ def test_a_step_with_a_non_finite_update_is_rejected_whole_and_reported(tmp_path
     np.testing.assert_array_equal(server.parameters(), np.ones(3))  # nothing applied, not even worker 0's part
     assert server.status().step == 1 and server.meta.rejected_steps == [0]
     assert server.meta.optimizer.state_dict()["state"] == {}  # Adam never stepped
+
+
+def test_every_model_in_the_zoo_loads_checked_and_fits_its_config():
+    """zoo/ ships exported models: each must read through the checksummed loader, hold parameters
+    alone (no optimizer state), stay under 1 MB and, for meta-RL, fit the policy its config builds."""
+    from pathlib import Path
+
+    from distmeta.checkpoint import load_checkpoint
+    from distmeta.rl.setup import MetaRLSetup, is_meta_rl
+
+    models = sorted((Path(__file__).parent.parent / "zoo").glob("*.pt"))
+    assert models, "zoo/ has no exported model"
+    for path in models:
+        assert path.stat().st_size < 1 << 20, path
+        cfg, flat, state = load_checkpoint(path)
+        assert "optimizer" not in state and np.isfinite(flat).all(), path
+        if is_meta_rl(cfg):
+            assert len(flat) == len(MetaRLSetup.of(cfg).build()[2]), path

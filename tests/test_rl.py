@@ -130,6 +130,16 @@ def test_rollout_masks_what_follows_an_episodes_end():
     assert torch.equal(alone.actions[0], runs[0].actions[1])  # and of the task's own alone
 
 
+def test_losses_average_over_every_step_a_task_ran():
+    """As the papers' code (tf.reduce_mean over a task's samples): an episode that ended after one
+    step weighs one step, not as much as one of three (9 / 4 here, not the per-episode 2.5)."""
+    mask = torch.tensor([[[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]]], dtype=F64)  # [T, H, E]: lengths 1 and 3
+    zeros = torch.zeros(1, 3, 2, 2, dtype=F64)
+    episodes = Episodes(zeros, zeros, torch.zeros_like(mask), mask, zeros)
+    values = torch.tensor([[[3.0, 1.0], [7.0, 2.0], [7.0, 3.0]]], dtype=F64)  # 7: after the end, ignored
+    torch.testing.assert_close(episodes.step_mean(values), torch.tensor([9.0 / 4], dtype=F64))
+
+
 def test_linear_baseline_is_each_tasks_ridge_regression():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(2, 2, (8,), "tanh").to(F64)
