@@ -335,7 +335,12 @@ def test_a_cpu_worker_actor_keeps_the_memory_its_compute_thread_frees(ray_local,
         thread = threading.Thread(target=steps_on_this_thread)
         thread.start()
         thread.join()
-        return sum(faults[-5:]) / 5  # the heap's first steps touch its fresh top pad once
+        # The fewest of the last steps (the heap's first steps touch its fresh top pad once): Ray's
+        # own threads allocate from the same heap, and on a loaded machine one of their blocks can
+        # land in the freed 80 MB between two steps, which then fault a whole block in (in one CI
+        # run beside a training run: 3 of the last 5 steps, 20,480 pages each, the other two none).
+        # Without the settings every step faults its block in.
+        return min(faults[-8:])
 
     cfg = load_config(None, ["cluster.num_workers=1", "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0"])
     initial = initial_parameters(cfg, build_source(cfg.task))
