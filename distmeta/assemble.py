@@ -33,6 +33,11 @@ def check_run(cfg: Config) -> Config:
             "eval.step_sizes sets meta-RL's test-time step sizes; supervised evaluation uses algorithm.inner_lr"
         )
     source.check_options(cfg.task)
+    if cfg.task.train_with_val and cfg.train.eval_every:
+        raise ConfigError(
+            "task.train_with_val=true trains on the validation classes, so validating on them would score "
+            "training classes: set train.eval_every=0 (the final model is the result, chosen by its budget)"
+        )
     kind = source.kind
     if model.task_kind != kind:
         fitting = " or ".join(name for name, m in MODELS.items() if m.task_kind == kind)

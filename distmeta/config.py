@@ -65,6 +65,10 @@ class TaskConfig:
     image_format: ImageFormat = field(default_factory=ImageFormat)
     split_scheme: str = "maml"  # the manifest's splits <scheme>/train, /val, /test (omniglot: maml | vinyals | lake)
     rotations: bool = True  # training classes also rotated by 90, 180, 270 degrees, as new classes
+    # shards only: train on the scheme's validation classes too, as the final models of Prototypical
+    # Networks' code do (its trainval mode, after choosing the budget on validation). Nothing is left
+    # to validate on, so it needs train.eval_every=0; test episodes are unchanged
+    train_with_val: bool = False
     # training episodes' labels: "episode", 0..ways-1 in each episode (meta-learning); "class", the
     # training split's class index (supervised pre-training over every class: algorithm baseline).
     # Validation and test episodes are labelled 0..ways-1 either way

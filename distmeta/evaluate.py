@@ -142,7 +142,13 @@ def on_other_data(
     model_data = trained_model_data(cfg)
     ways = cfg.eval.ways or cfg.task.ways  # the training episodes' shape means nothing on this data
     task = replace(
-        cfg.task, source="shards", shards=str(shards), split_scheme=scheme, rotations=False, shards_fingerprint=""
+        cfg.task,
+        source="shards",
+        shards=str(shards),
+        split_scheme=scheme,
+        rotations=False,
+        shards_fingerprint="",
+        train_with_val=False,  # its training classes are the checkpoint's: this data's are never sampled
     )
     task = replace(task, ways=ways)
     return replace(cfg, task=task, eval=replace(cfg.eval, ways=0)), model_data

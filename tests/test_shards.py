@@ -203,6 +203,43 @@ def test_a_scheme_without_validation_can_train_only_without_validation(omniglot_
         train(cfg, tmp_path / "run")  # fails before Ray starts
 
 
+def test_training_with_the_validation_classes_draws_them_and_leaves_nothing_to_validate(omniglot_shards):
+    """task.train_with_val: Prototypical Networks' final models train on the Vinyals split's training
+    and validation characters, 1,200 with rotations, "4,800 classes in total" (Snell et al., 2017)."""
+    from distmeta.assemble import check_run
+    from distmeta.config import ConfigError
+    from distmeta.runtime.local import LocalLoop
+
+    options = ["task.split_scheme=vinyals", "task.rotations=true", "task.labels=class", "algorithm.name=baseline"]
+    alone = episodes(omniglot_shards, *options)
+    source = episodes(omniglot_shards, *options, "task.train_with_val=true")
+    data = source.data
+    train, val, test = (set(data.split(f"vinyals/{s}").tolist()) for s in ("train", "val", "test"))
+    assert (len(train), len(val), alone.spec.output_dim, source.spec.output_dim) == (1028, 172, 4112, 4800)
+    assert set(source.pool("train").tolist()) == train | val and source.splits == ("train", "test")
+    batch = source.sample(task_rng(0, "train", 0), 40, "train", 1, 1)
+    pool, labels = source.pool("train"), batch.support_y.reshape(-1)
+    # a label is a (class, rotation) among the 4,800: its class is the pool's (label mod 1,200)-th
+    for image, label in list(zip(batch.support_x[:, :, 0].reshape(-1, 28, 28), labels))[:20]:
+        assert _class_of(data, image)[0] == pool[int(label) % 1200]
+    drawn = set(pool[labels % 1200].tolist())
+    assert drawn & val and drawn & train and not drawn & test
+    with pytest.raises(ConfigError, match="no validation split"):
+        source.pool("val")
+    with pytest.raises(ConfigError, match="no lake/val split"):
+        episodes(omniglot_shards, "task.split_scheme=lake", "task.train_with_val=true")
+
+    base = ["task.source=shards", "model.name=conv4", f"task.shards={omniglot_shards}", *options]
+    base += ["task.train_with_val=true", "task.ways=5", "task.shots=1", "task.queries=1", "train.meta_batch_size=2"]
+    with pytest.raises(ConfigError, match="set train.eval_every=0"):
+        check_run(load_config(None, base))
+    with pytest.raises(ConfigError, match="sinusoid has no classes"):
+        check_run(load_config(None, ["task.train_with_val=true", "train.eval_every=0"]))
+    cfg = check_run(load_config(None, [*base, "train.eval_every=0", "train.steps=2"]))
+    metrics = LocalLoop(cfg).run()  # a head over all 4,800 classes trains
+    assert all(m.train and np.isfinite(list(m.train.values())).all() and not m.rejected for m in metrics)
+
+
 def _mapped_kib(path) -> int:
     """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
     total, inside = 0, False

@@ -120,6 +120,7 @@ def check_meta_rl(cfg: Config) -> Config:
         (a.inner_optimizer != "sgd", f"algorithm.inner_optimizer={a.inner_optimizer}", "sgd (policy gradient)"),
         (a.inner_batch_size != 0, f"algorithm.inner_batch_size={a.inner_batch_size}", "0 (every episode)"),
         (cfg.eval.ways != 0, f"eval.ways={cfg.eval.ways}", "0"),
+        (cfg.task.train_with_val, "task.train_with_val=true", "false (environments have no classes)"),
     ]
     wrong = [(setting, fix) for bad, setting, fix in unsupported if bad]
     if wrong:

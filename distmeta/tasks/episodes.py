@@ -48,16 +48,26 @@ class ShardEpisodes:
         verify: bool = True,
         map_shards_mb: int = 256,
         class_labels: bool = False,
+        train_with_val: bool = False,
     ):
         """``class_labels``: training episodes are labelled with the training split's class index
-        (``task.labels=class``), and the model's output is one score per training class."""
+        (``task.labels=class``), and the model's output is one score per training class.
+        ``train_with_val``: the validation classes join the training split's (which then holds
+        them after its own), and there is no validation split."""
         self.data = ShardedDataset(root, verify=verify, map_bytes=map_shards_mb << 20)
         self.scheme, self.ways, self.rotations, self.class_labels = scheme, ways, rotations, class_labels
+        if train_with_val and f"{scheme}/val" not in self.data.splits:
+            raise ConfigError(
+                f"task.train_with_val=true, but the shards at {root} have no {scheme}/val split to train on; "
+                "choose a task.split_scheme with one or leave task.train_with_val=false"
+            )
+        self.train_with_val = train_with_val
         classes = self.data.classes
         self.shard = np.array([c["shard"] for c in classes])
         self.first_row = np.array([c["first_row"] for c in classes])
         self.rows = np.array([c["rows"] for c in classes])
-        self.splits = tuple(s for s in ("train", "val", "test") if f"{scheme}/{s}" in self.data.splits)
+        held = ("train", "test") if train_with_val else ("train", "val", "test")
+        self.splits = tuple(s for s in held if f"{scheme}/{s}" in self.data.splits)
         train_classes = len(self.pool("train")) * (ROTATIONS if rotations else 1)  # raises if the scheme is unknown
         self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=train_classes if class_labels else ways)
 
@@ -71,6 +81,10 @@ class ShardEpisodes:
 
     def pool(self, split: str) -> np.ndarray:
         """The class indices of ``split`` under this scheme."""
+        if split == "val" and self.train_with_val:  # its classes are training classes now
+            raise ConfigError("task.train_with_val=true trains on the validation classes: there is no validation split")
+        if split == "train" and self.train_with_val:
+            return np.concatenate([self.data.split(f"{self.scheme}/train"), self.data.split(f"{self.scheme}/val")])
         return self.data.split(f"{self.scheme}/{split}")
 
     @classmethod
@@ -120,6 +134,7 @@ class ShardEpisodes:
             cfg.rotations,
             map_shards_mb=cfg.map_shards_mb,
             class_labels=cfg.labels == "class",
+            train_with_val=cfg.train_with_val,
         )
         source.check("train", cfg.shots, cfg.queries)
         return source

@@ -29,6 +29,8 @@ class Sinusoid:
         """The sinusoid source reads no task options but the episode sizes (and has no classes)."""
         if cfg.labels == "class":
             raise ConfigError("task.labels=class labels classes; sinusoid is regression (leave task.labels=episode)")
+        if cfg.train_with_val:
+            raise ConfigError("task.train_with_val=true adds validation classes to training; sinusoid has no classes")
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Any number of points can be drawn from a sine: nothing to check."""

@@ -46,6 +46,8 @@ class SyntheticClasses:
     def check_options(cls, cfg) -> None:
         """The task options (a ``TaskConfig``) can make this source: its classes are generated at init,
         which checks them, and cheaply (templates only)."""
+        if cfg.train_with_val:  # they are its test classes too
+            raise ConfigError("task.train_with_val=true: the synthetic source's validation classes are its test ones")
         cls.from_config(cfg)
 
     def check(self, split: str, shots: int, queries: int) -> None:
