@@ -68,6 +68,10 @@ class ShardEpisodes:
         self.rows = np.array([c["rows"] for c in classes])
         held = ("train", "test") if train_with_val else ("train", "val", "test")
         self.splits = tuple(s for s in held if f"{scheme}/{s}" in self.data.splits)
+        # resolved once: sample() asks for its split's pool every batch
+        self.pools = {s: self.data.split(f"{scheme}/{s}") for s in self.splits}
+        if train_with_val:
+            self.pools["train"] = np.concatenate([self.data.split(f"{scheme}/{s}") for s in ("train", "val")])
         train_classes = len(self.pool("train")) * (ROTATIONS if rotations else 1)  # raises if the scheme is unknown
         self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=train_classes if class_labels else ways)
 
@@ -81,11 +85,11 @@ class ShardEpisodes:
 
     def pool(self, split: str) -> np.ndarray:
         """The class indices of ``split`` under this scheme."""
+        if split in self.pools:
+            return self.pools[split]
         if split == "val" and self.train_with_val:  # its classes are training classes now
             raise ConfigError("task.train_with_val=true trains on the validation classes: there is no validation split")
-        if split == "train" and self.train_with_val:
-            return np.concatenate([self.data.split(f"{self.scheme}/train"), self.data.split(f"{self.scheme}/val")])
-        return self.data.split(f"{self.scheme}/{split}")
+        return self.data.split(f"{self.scheme}/{split}")  # not in the manifest: raises, naming it
 
     @classmethod
     def check_options(cls, cfg) -> None:
