@@ -18,8 +18,9 @@ def ray_local():
     """One real local Ray for the in-process runtime tests (train() reuses it instead of starting its own)."""
     import ray
 
-    from distmeta.runtime.cluster import ray_system_config
+    from distmeta.runtime.cluster import allow_slow_start, ray_system_config
 
+    allow_slow_start()
     ray.init(
         address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _system_config=ray_system_config()
     )

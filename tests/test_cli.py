@@ -246,6 +246,16 @@ def test_bad_input_exits_2_with_the_reason(args, message, cli_env):
     assert time.time() - started < 60  # nothing waits on a bad input
 
 
+def test_an_embedded_ray_that_does_not_start_in_time_is_named_with_its_setting(tmp_path, cli_env):
+    # Ray's own wait for its GCS, cut to nothing: the user's value is kept (distmeta's default is 120 s)
+    env = dict(cli_env, RAY_gcs_server_port_wait_time_s="0")
+    out = run(["launch.py", "--steps", "2", "--logdir", str(tmp_path)], env, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "the embedded local Ray did not start" in out.stderr
+    assert "RAY_gcs_server_port_wait_time_s=0 s allowed" in out.stderr
+    assert not [path for path in tmp_path.rglob("*") if path.is_file() and path.suffix in (".pt", ".json")]
+
+
 def test_a_corrupt_checkpoint_is_named(tmp_path, cli_env):
     bad = tmp_path / "final.pt"
     bad.write_bytes(b"not a checkpoint")

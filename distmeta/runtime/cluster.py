@@ -33,6 +33,17 @@ def ray_system_config() -> dict:
     return {"actor_scheduling_queue_max_reorder_wait_seconds": 5, "enable_metrics_collection": False}
 
 
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+GCS_WAIT_S = 120
+
+
+def allow_slow_start() -> None:
+    """Give a new local Ray's GCS 120 s to come up instead of Ray's 30: on a loaded 2-core machine
+    (CI, a TensorBoard starting beside it) it once took longer, and the run failed before its first
+    step. A failed start only waits longer; a value the user set is left alone."""
+    os.environ.setdefault(GCS_WAIT_ENV, str(GCS_WAIT_S))
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -48,6 +59,7 @@ def connect(cluster: ClusterConfig) -> bool:
         if needed > cores:
             log.warning("%d worker CPUs requested on a %d-core machine: workers will share cores", needed, cores)
         _choose_token_auth()
+        allow_slow_start()
         # address="local": a new instance even when this machine runs a `ray start` cluster (which
         # plain ray.init() would join, refusing num_cpus); --address auto joins that one
         try:
@@ -62,7 +74,8 @@ def connect(cluster: ClusterConfig) -> bool:
             raise ClusterError(
                 f"the embedded local Ray did not start: {type(err).__name__}: {str(err).splitlines()[0]}\n"
                 "Nothing was trained or written. A heavily loaded machine or a full /tmp (Ray's session folder) "
-                "delays its start: try again, or check `df /tmp` and the logs under /tmp/ray/session_latest/logs."
+                f"delays its start ({GCS_WAIT_ENV}={os.environ[GCS_WAIT_ENV]} s allowed): try again, or check "
+                "`df /tmp` and the logs under /tmp/ray/session_latest/logs."
             ) from None
         started = True
         if cluster.renice_driver and hasattr(os, "nice"):
