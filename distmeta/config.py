@@ -235,6 +235,8 @@ class RLConfig:
     gamma: float = bounded(0.99, above=0)  # the discount, at most 1
     gae_lambda: float = bounded(1.0, at_least=0)  # generalised advantage estimation's lambda, at most 1
     activation: Literal["tanh", "relu"] = "tanh"  # the policy's hidden layers
+    # continuous actions: the policy's actions per unit of the environment's (ProMP's reference: 10)
+    action_scale: float = bounded(1.0, above=0)
     first_order: bool = False  # the meta-gradient treats the inner step's gradient as a constant
     # maml_trpo: the trust-region meta-step (conjugate gradient, then a backtracking line search)
     max_kl: float = bounded(1e-2, above=0)

@@ -130,6 +130,24 @@ def test_rollout_masks_what_follows_an_episodes_end():
     assert torch.equal(alone.actions[0], runs[0].actions[1])  # and of the task's own alone
 
 
+def test_a_scaled_policy_records_its_own_actions_and_moves_by_them_over_the_scale():
+    """rl.action_scale (ProMP's reference: 10): the episodes keep the policy's actions, for its
+    likelihoods; the environment is given them divided by the scale."""
+    torch.manual_seed(0)
+    moves = {}
+    for scale in (1.0, 10.0):
+        policy = GaussianMLPPolicy(2, 2, (8,), "tanh", action_scale=scale).to(F64)
+        params = {n: p.detach() for n, p in policy.named_parameters()}
+        params["mean.2.weight"] = torch.zeros_like(params["mean.2.weight"])
+        params["mean.2.bias"] = torch.tensor([0.5, -0.3], dtype=F64)  # the same action from every state
+        params["log_std"] = torch.full((2,), -30.0, dtype=F64)
+        episodes = rollout(policy, per_task(params, 1), Navigation2D, np.array([[0.4, 0.4]]), 2, generators(0, 1))
+        np.testing.assert_allclose(episodes.actions[0, :5].numpy(), np.broadcast_to([0.5, -0.3], (5, 2, 2)))
+        moves[scale] = (episodes.observations[0, 1] - episodes.observations[0, 0]).numpy()
+    np.testing.assert_allclose(moves[1.0], np.broadcast_to([0.05, -0.03], (2, 2)), atol=1e-12)  # top speed 0.1
+    np.testing.assert_allclose(moves[10.0], moves[1.0] / 10, atol=1e-12)
+
+
 def test_losses_average_over_every_step_a_task_ran():
     """As the papers' code (tf.reduce_mean over a task's samples): an episode that ended after one
     step weighs one step, not as much as one of three (9 / 4 here, not the per-episode 2.5)."""

@@ -155,6 +155,11 @@ def test_distmeta_evaluate_scores_a_meta_rl_checkpoint(ray_local, tmp_path, cli_
             r"'maml' is not valid on the environment navigation2d .*choose one of: maml_trpo, promp",
         ),
         (["rl.gamma=1.5"], r"rl.gamma must be <= 1, got 1.5"),
+        (["rl.action_scale=0"], r"rl.action_scale must be > 0, got 0"),
+        (
+            ["task.source=cartpole_mass", "rl.action_scale=10"],
+            r"rl.action_scale=10.0: use 1 \(discrete actions are indices\)",
+        ),
         (["algorithm.name=mmal_trpo"], r"did you mean maml_trpo"),
     ],
 )

@@ -72,7 +72,7 @@ def rollout(
         with torch.no_grad():
             behaviour.append(policy_output(policy, params, observed))
         action = policy.sample(behaviour[-1], rngs)
-        next_observation, reward, done = batch.step(action)
+        next_observation, reward, done = batch.step(policy.to_environment(action))
         for name, value in zip(steps, (observation, action, reward * alive, alive.astype(np.float64))):
             steps[name].append(value)
         alive = alive & ~done

@@ -29,12 +29,28 @@ def mlp(inputs: int, hidden: tuple[int, ...], outputs: int, activation: str) -> 
 
 
 class GaussianMLPPolicy(nn.Module):
-    """N(mean(s), diag(exp(log_std))^2): the output is the mean and log_std side by side."""
+    """N(mean(s), diag(exp(log_std))^2): the output is the mean and log_std side by side. Its
+    actions are ``action_scale`` times the environment's: ProMP's reference rescales its policies'
+    actions from [-10, 10] to the actuators' [-1, 1] (``normalize``'s ``normalization_scale``), so
+    there the initial standard deviation of 1 is a tenth of the actuators' range, not all of it."""
 
-    def __init__(self, observation_dim: int, action_dim: int, hidden: tuple[int, ...], activation: str, init_std=1.0):
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        hidden: tuple[int, ...],
+        activation: str,
+        init_std: float = 1.0,
+        action_scale: float = 1.0,
+    ):
         super().__init__()
         self.mean = mlp(observation_dim, hidden, action_dim, activation)
         self.log_std = nn.Parameter(torch.full((action_dim,), math.log(init_std)))
+        self.action_scale = action_scale
+
+    def to_environment(self, actions: np.ndarray) -> np.ndarray:
+        """What the environment is given for the policy's ``actions`` (which the episodes record)."""
+        return actions / self.action_scale if self.action_scale != 1 else actions
 
     def forward(self, observations: Tensor) -> Tensor:
         mean = self.mean(observations)
@@ -69,12 +85,16 @@ class CategoricalMLPPolicy(nn.Module):
     def sample(output: Tensor, rngs: list[np.random.Generator]) -> np.ndarray:
         return draw_categorical(torch.softmax(output.detach().cpu().double(), -1).numpy(), rngs)
 
+    @staticmethod
+    def to_environment(actions: np.ndarray) -> np.ndarray:
+        return actions
 
-def build_policy(env, hidden: tuple[int, ...], activation: str) -> nn.Module:
+
+def build_policy(env, hidden: tuple[int, ...], activation: str, action_scale: float = 1.0) -> nn.Module:
     """The policy for environment class ``env``: categorical for discrete actions, else Gaussian."""
     if env.discrete:
         return CategoricalMLPPolicy(env.observation_dim, env.action_dim, hidden, activation)
-    return GaussianMLPPolicy(env.observation_dim, env.action_dim, hidden, activation)
+    return GaussianMLPPolicy(env.observation_dim, env.action_dim, hidden, activation, action_scale=action_scale)
 
 
 def policy_output(policy: nn.Module, params: dict[str, Tensor], observations: Tensor) -> Tensor:

@@ -40,13 +40,21 @@ class MetaRLSetup:
     activation: str = "tanh"
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    action_scale: float = 1.0
 
     @classmethod
     def of(cls, cfg: Config) -> MetaRLSetup:
         t = cfg.train
         hidden = tuple(cfg.model.hidden)
         return cls(
-            cfg.task.source, learner_config(cfg), t.meta_batch_size, hidden, cfg.rl.activation, t.seed, DTYPES[t.dtype]
+            cfg.task.source,
+            learner_config(cfg),
+            t.meta_batch_size,
+            hidden,
+            cfg.rl.activation,
+            t.seed,
+            DTYPES[t.dtype],
+            cfg.rl.action_scale,
         )
 
     @property
@@ -57,7 +65,7 @@ class MetaRLSetup:
         """The learner (its policy initialised under ``seed``), the parameters' layout, theta."""
         env = self.environment
         torch.manual_seed(self.seed)
-        policy = build_policy(env, self.hidden, self.activation).to(self.dtype)
+        policy = build_policy(env, self.hidden, self.activation, self.action_scale).to(self.dtype)
         named = {n: p.detach() for n, p in policy.named_parameters()}
         kind = next(a for a in META_RL_ALGORITHMS.values() if type(self.cfg) is a.config_class)
         learner = kind(self.cfg, policy, env)
@@ -121,6 +129,11 @@ def check_meta_rl(cfg: Config) -> Config:
         (a.inner_batch_size != 0, f"algorithm.inner_batch_size={a.inner_batch_size}", "0 (every episode)"),
         (cfg.eval.ways != 0, f"eval.ways={cfg.eval.ways}", "0"),
         (cfg.task.train_with_val, "task.train_with_val=true", "false (environments have no classes)"),
+        (
+            env.discrete and cfg.rl.action_scale != 1,
+            f"rl.action_scale={cfg.rl.action_scale}",
+            "1 (discrete actions are indices)",
+        ),
     ]
     wrong = [(setting, fix) for bad, setting, fix in unsupported if bad]
     if wrong:
