@@ -50,7 +50,7 @@ class GaussianMLPPolicy(nn.Module):
 
     def to_environment(self, actions: np.ndarray) -> np.ndarray:
         """What the environment is given for the policy's ``actions`` (which the episodes record)."""
-        return actions / self.action_scale if self.action_scale != 1 else actions
+        return actions / self.action_scale
 
     def forward(self, observations: Tensor) -> Tensor:
         mean = self.mean(observations)
