@@ -4,7 +4,9 @@ Two runs writing one folder would overwrite each other's checkpoints and mix the
 events, and a restarted parameter server in either would load the other's checkpoint. A run
 therefore holds an exclusive ``flock`` on ``<run>/.distmeta-run.lock`` from before it touches the
 folder until it ends; the operating system releases it when the process dies, so a crashed run
-leaves no stale lock (docs/reliability.md, the row "two runs in one run folder").
+leaves no stale lock (docs/reliability.md, the row "two runs in one run folder"). A run that ends
+before writing anything (Ray did not start, say) removes the folder it created, so a typo leaves no
+empty run folders behind.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from distmeta.config import ConfigError
 
 LOCK_FILE = ".distmeta-run.lock"
 
-# Run folders this process owns -> the lock file's descriptor. flock is per open file, so a second
-# claim from this process (prepare_resume, then train) must reuse the first rather than lock again.
-_OWNED: dict[str, int] = {}
+# Run folders this process owns -> (the lock file's descriptor, whether this claim created the
+# folder). flock is per open file, so a second claim from this process (prepare_resume, then train)
+# must reuse the first rather than lock again.
+_OWNED: dict[str, tuple[int, bool]] = {}
 
 
 def claim(run_dir: Path) -> None:
@@ -32,9 +35,26 @@ def claim(run_dir: Path) -> None:
     key = os.path.abspath(run_dir)
     if key in _OWNED:
         return
+    created = not Path(run_dir).exists()
+    while True:
+        fd = _locked(Path(run_dir))
+        # The holder of a folder it created removes the lock file when it ends with nothing written,
+        # so a lock won on a file since unlinked is no lock: open the new file and try again.
+        if _same_file(fd, Path(run_dir) / LOCK_FILE):
+            break
+        os.close(fd)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder | {"command": " ".join(sys.argv)}).encode(), 0)
+    _OWNED[key] = (fd, created)
+
+
+def _locked(run_dir: Path) -> int:
+    """A descriptor of ``run_dir``'s lock file holding its exclusive lock; refuses at once if another
+    process holds it."""
     try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
     try:
@@ -49,18 +69,37 @@ def claim(run_dir: Path) -> None:
     except OSError as err:  # a filesystem without locks (some network mounts)
         os.close(fd)
         raise ConfigError(f"cannot lock run folder {run_dir} ({err}); choose a --logdir on a local disk") from None
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder | {"command": " ".join(sys.argv)}).encode(), 0)
-    _OWNED[key] = fd
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def release(run_dir: Path) -> None:
-    """Give up ``run_dir`` (closing the descriptor drops the lock); the lock file stays, as
-    deleting it would let a third run lock a new file while a second still holds the old one."""
-    fd = _OWNED.pop(os.path.abspath(run_dir), None)
-    if fd is not None:
+    """Give up ``run_dir`` (closing the descriptor drops the lock). A folder this claim created and
+    nothing was written to (its lock file and empty folders only) goes too; the lock file goes
+    while still locked, and ``claim`` checks that the file it locked is still the folder's."""
+    fd, created = _OWNED.pop(os.path.abspath(run_dir), (None, False))
+    if fd is None:
+        return
+    try:
+        if created and _holds_nothing(Path(run_dir)):
+            (Path(run_dir) / LOCK_FILE).unlink()
+            for folder in sorted(Path(run_dir).rglob("*"), reverse=True):  # deepest first
+                folder.rmdir()
+            Path(run_dir).rmdir()
+    except OSError:  # written to meanwhile, or not ours to remove: leave what is there
+        pass
+    finally:
         os.close(fd)
+
+
+def _holds_nothing(run_dir: Path) -> bool:
+    return all(p.is_dir() or (p.name == LOCK_FILE and p.parent == run_dir) for p in run_dir.rglob("*"))
 
 
 def _read_holder(fd: int) -> str:

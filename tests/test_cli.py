@@ -253,7 +253,7 @@ def test_an_embedded_ray_that_does_not_start_in_time_is_named_with_its_setting(t
     assert out.returncode == 2, out.stdout + out.stderr
     assert "the embedded local Ray did not start" in out.stderr
     assert "RAY_gcs_server_port_wait_time_s=0 s allowed" in out.stderr
-    assert not [path for path in tmp_path.rglob("*") if path.is_file() and path.suffix in (".pt", ".json")]
+    assert not list(tmp_path.iterdir())  # nothing was written, so the run folder it created is gone too
 
 
 def test_a_corrupt_checkpoint_is_named(tmp_path, cli_env):

@@ -1,6 +1,6 @@
 """A run folder belongs to one run at a time: a second run (fresh or resumed) into a folder that a
-live process holds is refused at once, naming the holder; the lock goes when the holder dies; and
-default run names never collide."""
+live process holds is refused at once, naming the holder; the lock goes when the holder dies; a run
+that wrote nothing leaves no folder; and default run names never collide."""
 
 import os
 import re
@@ -18,7 +18,7 @@ from distmeta.checkpoint import CheckpointStore, step_name
 from distmeta.config import ConfigError
 from distmeta.resume import prepare_resume
 from distmeta.run import run_name
-from distmeta.runfolder import release
+from distmeta.runfolder import LOCK_FILE, claim, release
 from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +28,8 @@ HOLD = (
 )
 
 
-@pytest.fixture
-def held(tmp_path, cli_env):
-    """tmp_path/shared, claimed by another process (as a running launch.py claims it) until killed."""
-    run_dir = tmp_path / "shared"
+def _hold(run_dir: Path, cli_env) -> subprocess.Popen:
+    """Another process that claims ``run_dir`` (as a running launch.py claims it) until killed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(run_dir)],
         cwd=ROOT,
@@ -41,6 +39,14 @@ def held(tmp_path, cli_env):
         text=True,
     )
     assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+@pytest.fixture
+def held(tmp_path, cli_env):
+    """tmp_path/shared, claimed by another process until killed."""
+    run_dir = tmp_path / "shared"
+    holder = _hold(run_dir, cli_env)
     yield run_dir, holder
     holder.kill()
     holder.wait(timeout=30)
@@ -89,6 +95,33 @@ def test_a_resume_into_a_held_folder_moves_nothing_and_a_killed_holder_frees_it(
         assert resumed == run_dir and [step for step, _ in store.step_files()] == [10]
     finally:
         release(run_dir)
+
+
+def test_a_run_that_wrote_nothing_leaves_no_folder_and_frees_it_for_the_next(tmp_path, cli_env):
+    fresh, kept, existing = tmp_path / "fresh", tmp_path / "kept", tmp_path / "existing"
+    claim(fresh)
+    (fresh / "checkpoints").mkdir()  # as a run makes it before Ray starts
+    release(fresh)
+    assert not fresh.exists()
+
+    claim(kept)
+    (kept / "checkpoints").mkdir()
+    (kept / "checkpoints" / "step_00000001.pt").write_bytes(b"a step")
+    release(kept)
+    assert sorted(p.name for p in kept.rglob("*")) == sorted([LOCK_FILE, "checkpoints", "step_00000001.pt"])
+
+    existing.mkdir()  # the user's folder, say: only a folder a claim created is removed
+    claim(existing)
+    release(existing)
+    assert sorted(p.name for p in existing.iterdir()) == [LOCK_FILE]
+
+    holder = _hold(fresh, cli_env)  # the removed folder's path: a new folder and lock, held as any other
+    try:
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {holder.pid} "):
+            claim(fresh)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_default_run_names_of_the_same_second_differ():
