@@ -34,7 +34,7 @@ def score(cfg, params, steps: int, shots: int, episodes: int, shards: str | None
     cfg = dataclasses.replace(
         cfg, eval=dataclasses.replace(cfg.eval, num_tasks=episodes, ways=5, shots=[shots], inner_steps=[steps])
     )
-    cfg, model_data = on_other_data(cfg, shards, "test") if shards else (cfg, None)
+    cfg, model_data = on_other_data(cfg, params.size, shards, "test") if shards else (cfg, None)
     (row,) = [r for r in evaluate(cfg, params, model_data=model_data) if r.steps == steps]
     return f"{100 * row.mean:.1f} ± {100 * row.ci95:.1f}"
 

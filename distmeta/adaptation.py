@@ -3,11 +3,12 @@
 ``adapt(checkpoint, support_images, support_labels)`` returns a ``Predictor``. The images are
 prepared as the checkpoint's training images were (``task.image_format``: channels, size, inversion,
 scaling). The MAML family (MAML, first-order MAML, Reptile, ANIL, Meta-SGD) takes inner SGD steps
-on the support set, as many as it was trained with unless told otherwise, at its inner step size
-(Meta-SGD: its learned ones; ANIL: the head only); ProtoNets and Matching Networks embed the support
-set and compare (no steps); the transfer baseline trains a new head (``algorithm.head_init``,
-``finetune``). With fewer classes than the head was trained for, the head's first rows serve them,
-as a training episode's labels 0..n-1 did.
+on the support set, as many as its evaluation takes (the most of ``eval.inner_steps``) unless told
+otherwise, at its inner step size (Meta-SGD: its learned ones; ANIL: the head only); ProtoNets and
+Matching Networks embed the support set and compare (no steps); the transfer baseline trains a new
+head (``algorithm.head_init``, ``finetune``), as many steps as its evaluation takes. With fewer
+classes than the head was trained for, the head's first rows serve them, as a training episode's
+labels 0..n-1 did.
 
 Predictions are not transductive: each query image goes through the network with the support set
 alone, so with BatchNorm's batch statistics an image's prediction never depends on which other
@@ -20,6 +21,7 @@ import csv
 import dataclasses
 import functools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,9 +33,10 @@ from torch import Tensor, nn
 import distmeta
 from distmeta.algorithms import ALGORITHMS, build_learner
 from distmeta.algorithms.base import one_query_at_a_time
-from distmeta.checkpoint import read_checkpoint
-from distmeta.config import Config, ConfigError, ImageFormat, config_from_dict
-from distmeta.data.images import UnreadableImage, decode, prepare
+from distmeta.checkpoint import probe_write, read_checkpoint
+from distmeta.config import TEST_TIME_ALGORITHM_FIELDS, Config, ConfigError, ImageFormat, config_from_dict, load_config
+from distmeta.data.images import UnreadableImage, decode, prepare, visible
+from distmeta.evaluate import eval_steps, trained_model_data
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout
 from distmeta.tasks import SOURCES
@@ -134,11 +137,15 @@ def adapt(
     support_labels: Sequence,
     steps: int | None = None,
     device: str = "cpu",
+    overrides: Sequence[str] = (),
 ) -> Predictor:
     """The checkpoint adapted to the labelled support images (at least one per class; the classes are
-    the distinct labels, sorted by their text). ``steps``: inner steps for the MAML family (default:
-    as trained); learners without an inner loop take none."""
-    cfg, theta = _load(checkpoint)
+    the distinct labels, sorted by their text). ``steps``: inner steps for the MAML family and the
+    baseline (default: as the checkpoint is evaluated, the most of its ``eval.inner_steps``: 3 for
+    MAML on Omniglot, as the paper tests, 100 for the baseline); learners without an inner loop take
+    none. ``overrides``: test-time algorithm settings, e.g. ``["algorithm.head_init=centroid"]``
+    (``TEST_TIME_ALGORITHM_FIELDS``)."""
+    cfg, theta = _load(checkpoint, overrides)
     if len(support_images) != len(support_labels):
         raise AdaptError(f"{len(support_images)} support images but {len(support_labels)} labels: give one label each")
     classes = sorted({str(label) for label in support_labels})
@@ -154,11 +161,18 @@ def adapt(
             f"{cfg.task.ways} classes, or a learner that tests without that head (protonet, matchingnet, baseline)"
         )
     if steps is None:
-        steps = cfg.algorithm.inner_steps if learner_class.adaptive else 0
+        steps = max(eval_steps(cfg)) if learner_class.adaptive else 0
     if steps < 0 or (steps and not learner_class.adaptive):
         raise AdaptError(
             f"--steps {steps}: "
             + ("must be 0 or more" if steps < 0 else f"{cfg.algorithm.name} has no inner loop; leave --steps out")
+        )
+    if not steps and learner_class.supervised and cfg.algorithm.head_init == "zero":
+        evaluated = max(eval_steps(cfg))
+        raise AdaptError(
+            "--steps 0 with algorithm.head_init=zero: a new head at zero gives every class the same probability; "
+            + (f"take steps (this checkpoint is evaluated after {evaluated}), or " if evaluated else "")
+            + "start the head at the class centroids (algorithm.head_init=centroid)"
         )
     dtype = DTYPES[cfg.train.dtype]
     device = torch.device(device)
@@ -187,8 +201,15 @@ def adapt(
     return Predictor(cfg, learner, model_params, support, classes, functools.partial(loop.predict, adapted), steps)
 
 
-def _load(checkpoint: str | Path) -> tuple[Config, Tensor]:
-    """The checkpoint's config and flat parameters, once it is known to be one ``adapt`` can use."""
+def _load(checkpoint: str | Path, overrides: Sequence[str]) -> tuple[Config, Tensor]:
+    """The checkpoint's config (with the test-time ``overrides``) and flat parameters, once it is
+    known to be one ``adapt`` can use."""
+    bad = [o for o in overrides if not o.startswith(TEST_TIME_ALGORITHM_FIELDS)]
+    if bad:
+        raise AdaptError(
+            f"adapt's settings are the test-time {', '.join(f.rstrip('=') for f in TEST_TIME_ALGORITHM_FIELDS)}, "
+            f"got {bad}: the rest of the config is the checkpoint's"
+        )
     state = read_checkpoint(checkpoint)
     written_by = str(state.get("distmeta_version", "an unknown version"))
     if _version(written_by) > _version(distmeta.__version__):
@@ -215,6 +236,12 @@ def _load(checkpoint: str | Path) -> tuple[Config, Tensor]:
         )
     if not cfg.task.image_format.channels:
         cfg = _with_recorded_format(cfg, checkpoint, written_by)
+    if overrides:
+        if not ALGORITHMS[cfg.algorithm.name].supervised:
+            raise AdaptError(
+                f"{', '.join(overrides)}: test-time settings of the transfer baseline; {cfg.algorithm.name} has none"
+            )
+        cfg = load_config(None, list(overrides), base=cfg.to_dict())
     return cfg, state["params"]
 
 
@@ -233,11 +260,9 @@ def _with_recorded_format(cfg: Config, checkpoint, written_by: str) -> Config:
 
 
 def _version(text: str) -> tuple[int, ...]:
-    numbers = []
-    for part in text.split()[0].split(".")[:3] if text.strip() else []:
-        digits = "".join(c for c in part if c.isdigit())
-        numbers.append(int(digits) if digits else 0)
-    return tuple(numbers)
+    """Release numbers, a suffix's digits left out ("0.3.0rc1": (0, 3, 0), not (0, 3, 1))."""
+    parts = text.split()[0].split(".")[:3] if text.strip() else []
+    return tuple(int(match.group()) if (match := re.match(r"\d+", part)) else 0 for part in parts)
 
 
 def _learner(cfg: Config, num_classes: int, device: torch.device, dtype: torch.dtype):
@@ -250,9 +275,16 @@ def _for_classes(
     layout: ParamLayout, theta: Tensor, num_classes: int, cfg: Config, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Tensor]:
     """The checkpoint's parameters for a head of ``num_classes`` outputs: its first rows (a training
-    episode's labels 0..n-1 used them), Meta-SGD's learned rates for them alike."""
-    full = _learner(cfg, cfg.task.ways, torch.device("cpu"), dtype)
-    named = ParamLayout.of(full.initial_parameters()).unflatten(theta.to(dtype))
+    episode's labels 0..n-1 used them; the baseline replaces them), Meta-SGD's learned rates for
+    them alike."""
+    try:
+        spec, kind = trained_model_data(cfg, theta.numel())
+        full = build_learner(cfg, spec, kind, torch.device("cpu"), dtype)
+        named = ParamLayout.of(full.initial_parameters()).unflatten(theta.to(dtype))
+    except (ConfigError, ValueError) as err:
+        raise AdaptError(
+            f"the checkpoint's parameters do not fit the model its config describes ({err}): re-export it from its run"
+        ) from None
     params = {}
     for name, shape in layout.shapes.items():
         value = named[name]
@@ -286,9 +318,12 @@ def _prepared(images: Sequence[ImageInput], fmt: ImageFormat) -> np.ndarray:
             except UnreadableImage as err:
                 raise AdaptError(f"{err}: give PNG, JPEG or another format Pillow reads") from None
         elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            if image.ndim == 3 and image.shape[2] == 1:  # H x W x 1: grayscale
+                image = image[:, :, 0]
+            if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
                 raise AdaptError(
-                    f"image {i} is an array of {image.dtype} {image.shape}; give uint8 pixels, H x W or H x W x C"
+                    f"image {i} is an array of {image.dtype} {image.shape}; give uint8 pixels, H x W or H x W x C "
+                    "with C 1, 3 or 4 (channels last: transpose a C x H x W array)"
                 )
             image = Image.fromarray(image)
         elif not isinstance(image, Image.Image):
@@ -307,14 +342,14 @@ def class_folders(root: str | Path) -> dict[str, list[Path]]:
     root = Path(root)
     if not root.is_dir():
         raise AdaptError(f"--support {root} is not a folder: give one folder per class, SUPPORT/<class>/<images>")
-    loose = [p.name for p in _visible(root.iterdir(), root) if p.is_file()]
+    loose = [p.name for p in visible(root.iterdir(), root) if p.is_file()]
     if loose:
         raise AdaptError(
             f"--support {root} holds files outside class folders ({', '.join(sorted(loose)[:3])}): put each image "
             "in the folder of its class, SUPPORT/<class>/<image>"
         )
-    folders = [d for d in _visible(root.iterdir(), root) if d.is_dir()]
-    classes = {d.name: sorted(p for p in _visible(d.rglob("*"), d) if p.is_file()) for d in folders}
+    folders = [d for d in visible(root.iterdir(), root) if d.is_dir()]
+    classes = {d.name: sorted(p for p in visible(d.rglob("*"), d) if p.is_file()) for d in folders}
     empty = sorted(name for name, files in classes.items() if not files)
     if empty:
         raise AdaptError(f"class folder(s) {', '.join(empty)} in {root} hold no images: each class needs at least one")
@@ -325,10 +360,12 @@ def class_folders(root: str | Path) -> dict[str, list[Path]]:
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
     """The files named, and every file under the folders named (sorted, hidden files skipped)."""
+    if not paths:
+        raise AdaptError("--query names no image files or folders: give at least one")
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in _visible(path.rglob("*"), path) if p.is_file())
+            found = sorted(p for p in visible(path.rglob("*"), path) if p.is_file())
             if not found:
                 raise AdaptError(f"--query folder {path} holds no files")
             files += found
@@ -339,16 +376,20 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _visible(paths, root: Path) -> list[Path]:
-    """``paths`` but those hidden below ``root`` (a dot file, or inside a dot folder: .DS_Store, .git)."""
-    return [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]
-
-
 def check_out(out: Path) -> None:
-    """Refuse an output folder that holds an earlier adaptation's files: nothing is overwritten."""
+    """Refuse, before any work, an output folder that holds an earlier adaptation's files (nothing
+    is overwritten) or that cannot be written (probed in its nearest existing folder: no folder is
+    created to find out)."""
     taken = [name for name in (PREDICTIONS, MODEL, RECORD) if (out / name).exists()]
     if taken:
         raise AdaptError(f"--out {out} already holds {', '.join(taken)} from an earlier run: choose another --out")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        probe_write(existing)
+    except OSError as err:
+        raise AdaptError(f"--out {out} cannot be written ({err}): choose another --out") from None
 
 
 def write_adapted(

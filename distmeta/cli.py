@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from distmeta.config import ConfigError, load_config
+from distmeta.config import TEST_TIME_ALGORITHM_FIELDS, ConfigError, load_config
 from distmeta.data import FASHION_MNIST_DEBIAN, NOTO_DEBIAN
 
 
@@ -65,8 +66,7 @@ EVAL_FLAGS = {
 }
 
 
-# algorithm fields that only shape evaluation (the trained parameters do not depend on them)
-TEST_TIME_ALGORITHM_FIELDS = ("algorithm.finetune=", "algorithm.head_init=")
+SETTING = re.compile(r"^[a-z_]+\.[a-z_]+=")  # a config setting on the command line, section.key=value
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
@@ -182,9 +182,19 @@ def adapt_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="a classification checkpoint, e.g. zoo/NAME.pt")
     parser.add_argument("--support", required=True, help="folder of class folders: SUPPORT/<class>/<images>")
     parser.add_argument("--query", required=True, nargs="+", help="image files, or folders of them (searched whole)")
-    parser.add_argument("--steps", type=int, help="inner steps (MAML family; default: as trained)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="inner steps (MAML family, baseline; default: the most of the checkpoint's eval.inner_steps)",
+    )
     parser.add_argument("--out", default="adapted", help="where predictions.csv and the adapted model go")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="the baseline's test-time algorithm.head_init=centroid|zero, algorithm.finetune=head|all",
+    )
     return parser
 
 
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
     if argv[0] == "adapt":
-        args = adapt_parser("distmeta adapt").parse_args(argv[1:])
+        args = adapt_parser("distmeta adapt").parse_intermixed_args(argv[1:])
         return _guard(lambda: _adapt(args))
     if argv[0] == "checkpoint":
         args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
@@ -292,7 +302,7 @@ def _evaluate(
     if other_shards:
         if is_meta_rl(cfg):
             raise ConfigError("--shards: a meta-RL checkpoint is scored on its environment, not on image shards")
-        cfg, model_data = on_other_data(cfg, other_shards, split, scheme)
+        cfg, model_data = on_other_data(cfg, params.size, other_shards, split, scheme)
         cfg = check_run(cfg)
     else:
         check_same_data(saved, cfg)  # moved shards are accepted at their new path if they hold the same data
@@ -337,11 +347,15 @@ def _adapt(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out)  # before the work: nothing earlier is overwritten
     support = class_folders(args.support)
-    queries = image_files(args.query)
+    # --query takes every word after it: settings written after the query paths are picked out
+    # (adapt then names any it does not take)
+    settings = [q for q in args.query if SETTING.match(q) and not Path(q).exists()]
+    overrides = args.overrides + settings
+    queries = image_files([q for q in args.query if q not in settings])
     images = [path for files in support.values() for path in files]
     labels = [name for name, files in support.items() for _ in files]
     print(f"adapting {args.checkpoint} to {len(support)} classes, {len(images)} support images", file=sys.stderr)
-    predictor = adapt(args.checkpoint, images, labels, steps=args.steps, device=args.device)
+    predictor = adapt(args.checkpoint, images, labels, steps=args.steps, device=args.device, overrides=overrides)
     predictions = predictor.predict(queries)
     print("query,predicted,probability")
     for path, prediction in zip(queries, predictions):

@@ -111,6 +111,11 @@ class AlgorithmConfig:
     head_init: Literal["centroid", "zero"] = "centroid"
 
 
+# the algorithm fields above that only shape test time (the trained parameters do not depend on
+# them): `distmeta evaluate` and `distmeta adapt` may set them on a trained checkpoint
+TEST_TIME_ALGORITHM_FIELDS = ("algorithm.finetune=", "algorithm.head_init=")
+
+
 @dataclass
 class MetaOptimizerConfig:
     name: Literal["adam", "sgd"] = "adam"  # Reptile's outer step is sgd on theta - phi
@@ -136,7 +141,9 @@ class ClusterConfig:
     # steps (calls, with steps_per_call) submitted ahead of the one whose metrics the driver reads
     max_inflight_steps: int = bounded(4, at_least=1)
     # Fault tolerance (runtime/supervisor.py). A failed or timed-out step is re-run; the actors that
-    # caused it are restarted by Ray up to actor_restarts times (-1: always; 0: a lost actor stops the run)
+    # caused it are restarted by Ray up to actor_restarts times (-1: always; 0: a lost actor stops the run).
+    # Meta-RL replaces all its actors at once after a fault: there it counts the run's replacements
+    # since it (re)started
     actor_restarts: int = bounded(-1, at_least=-1)
     rejoin_timeout_s: float = bounded(60.0, above=0)  # after a fault, how long to wait for a worker before re-splitting
     step_timeout_s: float = bounded(600.0, above=0)  # the longest any step may take

@@ -15,9 +15,10 @@ from typing import NamedTuple, TextIO
 import numpy as np
 import torch
 
-from distmeta.algorithms import ALGORITHMS
+from distmeta.algorithms import ALGORITHMS, build_learner
 from distmeta.config import Config, ConfigError
 from distmeta.models import MODELS, DataSpec
+from distmeta.params import ParamLayout
 from distmeta.report import EvalRow, report_progress, scored_row
 from distmeta.runtime.worker import ScoreTrajectory, Worker
 from distmeta.tasks import SOURCES, build_source, task_rng
@@ -103,14 +104,14 @@ def check_device(device: str) -> None:
 
 
 def on_other_data(
-    cfg: Config, shards: str, split: str, scheme: str | None = None
+    cfg: Config, num_params: int, shards: str, split: str, scheme: str | None = None
 ) -> tuple[Config, tuple[DataSpec, str]]:
     """``cfg`` with its held-out episodes drawn from the shards at ``shards``, another dataset than
     the one it was trained on (cross-domain transfer): from their split ``<scheme>/<split>``, where
     the scheme is ``scheme``, else the training scheme if those shards have it, else their only one.
-    The images must have the shape the model was trained on. Also returns what the model was built
-    for (``evaluate``'s ``model_data``): the new data cannot say (the baseline's head has one output
-    per training class)."""
+    The images must have the shape the model was trained on. Also returns what the model (of
+    ``num_params`` parameters) was built for (``evaluate``'s ``model_data``): the new data cannot say
+    (the baseline's head has one output per training class)."""
     from distmeta.data.shards import read_manifest
 
     kind = SOURCES[cfg.task.source].kind
@@ -139,7 +140,7 @@ def on_other_data(
         raise ConfigError(
             f"--shards {shards} has no split {scheme}/{split} (it has {', '.join(held) or 'none of that scheme'})"
         )
-    model_data = trained_model_data(cfg)
+    model_data = trained_model_data(cfg, num_params)
     ways = cfg.eval.ways or cfg.task.ways  # the training episodes' shape means nothing on this data
     task = replace(
         cfg.task,
@@ -154,15 +155,33 @@ def on_other_data(
     return replace(cfg, task=task, eval=replace(cfg.eval, ways=0)), model_data
 
 
-def trained_model_data(cfg: Config) -> tuple[DataSpec, str]:
-    """The spec and kind a checkpoint's model was built for: from the recorded image format and the
-    training ways, or, for a head over the training classes (``task.labels=class``) or a checkpoint
-    that records no format, from the training data itself."""
+def trained_model_data(cfg: Config, num_params: int) -> tuple[DataSpec, str]:
+    """The spec and kind a checkpoint's model (``num_params`` parameters) was built for, from its
+    recorded image format: a head of the training episodes' ways, or for a head over every training
+    class (``task.labels=class``: the baseline) as many outputs as the parameters hold, so no
+    training data is needed. A checkpoint that records no format: from its training data."""
     fmt = cfg.task.image_format
-    if cfg.task.labels == "class" or not fmt.channels:
+    if not fmt.channels:
         source = build_source(cfg.task)
         return source.spec, source.kind
-    return DataSpec((fmt.channels, fmt.height, fmt.width), cfg.task.ways), "classification"
+    shape = (fmt.channels, fmt.height, fmt.width)
+    if cfg.task.labels != "class":
+        return DataSpec(shape, cfg.task.ways), "classification"
+    # the parameter count grows by the same amount with every output the head has
+    one, two = (_num_params(cfg, DataSpec(shape, outputs)) for outputs in (1, 2))
+    extra_outputs, rest = divmod(num_params - one, two - one) if two > one else (-1, 0)
+    if rest or extra_outputs < 0:
+        raise ConfigError(
+            f"the checkpoint holds {num_params} parameters, which no {cfg.model.name} head over the training "
+            f"classes of {shape} images has (its config does not match its parameters): re-export it from its run"
+        )
+    return DataSpec(shape, extra_outputs + 1), "classification"
+
+
+def _num_params(cfg: Config, spec: DataSpec) -> int:
+    with torch.random.fork_rng(devices=[]):  # building initialises: the caller's random stream stays as it was
+        learner = build_learner(cfg, spec, "classification", torch.device("cpu"))
+    return ParamLayout.of(learner.initial_parameters()).size
 
 
 def protocol(cfg: Config, split: str, num_tasks: int) -> str:

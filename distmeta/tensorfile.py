@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 
 import numpy as np
@@ -143,11 +144,13 @@ def _tensors(index: dict, body: bytes) -> dict[str, torch.Tensor]:
     for name, entry in entries:
         dtype = DTYPES.get(entry["dtype"])
         begin, end = (int(x) for x in entry["data_offsets"])
-        shape = [int(n) for n in entry["shape"]]
+        shape = entry["shape"]
         if dtype is None:
             raise TensorFileError(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
-        count = int(np.prod(shape)) if shape else 1
-        if begin != offset or end - begin != count * dtype.itemsize or min(shape, default=0) < 0:
+        if not isinstance(shape, list) or not all(type(n) is int and 0 <= n < 2**63 for n in shape):
+            raise TensorFileError(f"tensor {name!r} has the shape {shape!r:.80}: not a list of sizes")
+        count = math.prod(shape)  # exact: numpy's int64 product would wrap a crafted header's sizes round to 0
+        if begin != offset or end - begin != count * dtype.itemsize:
             raise TensorFileError(f"tensor {name!r}: offsets {begin}..{end} do not match its shape or its neighbours")
         raw = bytearray(body[begin:end])  # a copy the tensor owns
         tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)

@@ -35,9 +35,12 @@ SIZE = 16
 FORMAT = ImageFormat(channels=1, height=SIZE, width=SIZE)
 
 
-def conv4_checkpoint(folder: Path, *overrides: str, ways: int = 5, fmt: ImageFormat = FORMAT, **extra) -> Path:
+def conv4_checkpoint(
+    folder: Path, *overrides: str, ways: int = 5, outputs: int = 0, fmt: ImageFormat = FORMAT, **extra
+) -> Path:
     """A float64 Conv4 checkpoint of a synthetic-image run, its parameters the seed's initialisation
-    plus noise (so a head's rows differ), as training writes it."""
+    plus noise (so a head's rows differ), as training writes it; its head has ``outputs`` rows
+    (default: ``ways``; the baseline's: one per training class)."""
     cfg = load_config(
         None,
         [
@@ -53,7 +56,7 @@ def conv4_checkpoint(folder: Path, *overrides: str, ways: int = 5, fmt: ImageFor
     )
     cfg.task.image_format = fmt
     torch.manual_seed(0)
-    spec = DataSpec((1, SIZE, SIZE), ways)
+    spec = DataSpec((1, SIZE, SIZE), outputs or ways)
     learner = build_learner(cfg, spec, "classification", dtype=torch.float64)
     params = flat_parameters(learner.initial_parameters(), torch.float64)
     params = params + 0.05 * torch.randn_like(params)
@@ -77,11 +80,13 @@ def reference_inputs(pixels: list[np.ndarray]) -> torch.Tensor:
     return torch.tensor(np.stack(pixels)[:, None], dtype=torch.float64) / 255.0
 
 
-def reference_weights(checkpoint: Path, classes: int) -> dict[str, torch.Tensor]:
-    """The checkpoint's network, read with the loader and its head cut to ``classes`` rows by hand."""
+def reference_weights(checkpoint: Path, classes: int, outputs: int = 0) -> dict[str, torch.Tensor]:
+    """The checkpoint's network (a head of ``outputs`` rows, default: its ways), read with the loader
+    and its head cut to ``classes`` rows by hand."""
     state = read_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
-    full = build_learner(cfg, DataSpec((1, SIZE, SIZE), cfg.task.ways), "classification", dtype=torch.float64)
+    spec = DataSpec((1, SIZE, SIZE), outputs or cfg.task.ways)
+    full = build_learner(cfg, spec, "classification", dtype=torch.float64)
     layout = ParamLayout.of(full.initial_parameters())
     named = layout.unflatten(state["params"])
     return {n: (p[:classes] if n.startswith(("head.", "inner_lr.head.")) else p).clone() for n, p in named.items()}
@@ -177,6 +182,16 @@ def test_bad_support_sets_and_checkpoints_get_clear_errors(tmp_path):
         adapt(checkpoint, support, ["a", "b", "c"])
     with pytest.raises(error, match="uint8"):
         adapt(checkpoint, [np.zeros((SIZE, SIZE), np.float32)] * 2, ["a", "b"])
+    with pytest.raises(error, match=r"\(1, 16, 16\); .*channels last: transpose a C x H x W array"):
+        adapt(checkpoint, [support[0][None], support[1][None]], ["a", "b"])
+    grayscale = adapt(checkpoint, support[:2], ["a", "b"], steps=0)
+    with_channel = adapt(checkpoint, [x[:, :, None] for x in support[:2]], ["a", "b"], steps=0)  # H x W x 1
+    np.testing.assert_array_equal(grayscale.probabilities(support[2:]), with_channel.probabilities(support[2:]))
+    mismatched = read_checkpoint(checkpoint)
+    mismatched["params"] = mismatched["params"][:-1]
+    CheckpointStore(tmp_path / "cut").write("model.pt", mismatched)
+    with pytest.raises(error, match=r"parameters do not fit the model its config describes"):
+        adapt(tmp_path / "cut" / "model.pt", support[:2], ["a", "b"])
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a picture")
     with pytest.raises(error, match=r"bad.png is not an image Pillow can read"):
@@ -184,6 +199,8 @@ def test_bad_support_sets_and_checkpoints_get_clear_errors(tmp_path):
     newer = conv4_checkpoint(tmp_path / "newer", distmeta_version="99.0.0")
     with pytest.raises(error, match=r"written by distmeta 99.0.0, newer than this one"):
         adapt(newer, support[:2], ["a", "b"])
+    candidate = conv4_checkpoint(tmp_path / "rc", distmeta_version=f"{distmeta.__version__}rc1")  # not newer
+    assert adapt(candidate, support[:2], ["a", "b"]).classes == ["a", "b"]
     unrecorded = conv4_checkpoint(tmp_path / "old", "task.source=shards", "task.shards=/nowhere", fmt=ImageFormat())
     with pytest.raises(error, match=r"does not record how its training images were prepared.*task.shards=/nowhere"):
         adapt(unrecorded, support[:2], ["a", "b"])
@@ -206,7 +223,8 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
 
 
 def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_path, cli_env):
-    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=maml", "algorithm.inner_steps=2")
+    # trained with one step, evaluated after up to two: adapt takes as many as the evaluation
+    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=maml", "eval.inner_steps=[0,2]")
     support_dir, query_dir = tmp_path / "support", tmp_path / "query"
     support = images(6, 4, size=20)  # any size: resized as the training images were
     labels = ["cat", "dog", "cat", "dog"]
@@ -217,9 +235,9 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     paths = [write_png(query_dir / f"q{i}.png", pixels) for i, pixels in enumerate(query)]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "distmeta", "adapt", "--checkpoint", str(checkpoint)]
-    command += ["--support", str(support_dir), "--query", str(query_dir), "--out", str(out)]
+    command += ["--support", str(support_dir), "--out", str(out), "--query", str(query_dir), "algorithm.finetune=head"]
     run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0, run.stderr  # the setting after --query's paths is a setting, not a path
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["query"] for r in rows] == [str(p) for p in paths]
@@ -239,6 +257,11 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
 
     again = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
     assert again.returncode == 2 and "already holds predictions.csv" in again.stderr  # nothing is overwritten
+    command[command.index(str(out))] = str(out / "predictions.csv" / "inside")  # below a file: refused at once
+    below_a_file = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert below_a_file.returncode == 2 and "predictions.csv is a file): choose another --out" in below_a_file.stderr
+    assert "adapting" not in below_a_file.stderr
+    command[command.index(str(out / "predictions.csv" / "inside"))] = str(out)
     (support_dir / "dog" / "1.png").unlink()
     (support_dir / "dog" / "3.png").unlink()
     command[command.index(str(out))] = str(tmp_path / "out2")
@@ -264,12 +287,15 @@ def test_omniglot_files_reach_the_network_as_the_training_shards_stored_them(omn
 def test_the_transfer_baseline_adapts_a_new_head_of_any_number_of_classes(tmp_path):
     """A baseline checkpoint (head over its training classes) serves more classes than an episode had:
     its head is replaced, at 0 steps by the support set's class centroids (nearest centroid)."""
-    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=baseline", "task.labels=class", ways=3)
+    # a head over 11 training classes, trained on 3-way episodes of them: the checkpoint's parameters
+    # say how many (no training data is at hand to count them)
+    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=baseline", "task.labels=class", ways=3, outputs=11)
     support, query = images(8, 6), images(9, 3)
     labels = ["a", "b", "c", "d", "e", "f"]  # six classes, one image each
     predictor = distmeta.adapt(checkpoint, support, labels, steps=0)
     model = conv4(0)
-    weights = {n.removeprefix("features."): p for n, p in reference_weights(checkpoint, 6).items() if "features." in n}
+    weights = reference_weights(checkpoint, 6, outputs=11)
+    weights = {n.removeprefix("features."): p for n, p in weights.items() if "features." in n}
     x = reference_inputs(support)
     centroids = functional_call(model.features, weights, (x,))  # one image per class: its features
     expected = []
@@ -279,3 +305,61 @@ def test_the_transfer_baseline_adapts_a_new_head_of_any_number_of_classes(tmp_pa
     probabilities = torch.softmax(torch.stack(expected), -1).numpy()
     np.testing.assert_allclose(predictor.probabilities(query), probabilities, rtol=1e-8, atol=1e-12)
     assert predictor.state_dict()["head.weight"].shape == (6, 6 * 1)  # filters x 1 x 1 features
+
+
+def test_the_baseline_adapts_as_it_is_evaluated_and_takes_its_test_time_settings(tmp_path, cli_env):
+    """By default as many steps as its evaluation takes, from its config's head (zero, Chen et al.'s
+    fine-tuning); 0 steps from a zero head predicts nothing and is refused; the nearest-centroid
+    head is one setting away, from Python and the command line; settings that would change what
+    was trained, or a learner without test-time settings, are refused. The training data is gone:
+    the head's size comes from the checkpoint."""
+    head = ("algorithm.name=baseline", "task.labels=class", "eval.inner_steps=[4]")
+    head += ("task.source=shards", "task.shards=/nowhere")
+    zero = conv4_checkpoint(tmp_path / "zero", *head, "algorithm.head_init=zero", ways=3, outputs=11)
+    centroid = conv4_checkpoint(tmp_path / "centroid", *head, "algorithm.head_init=centroid", ways=3, outputs=11)
+    support, query, labels = images(8, 4), images(9, 3), ["a", "b", "c", "d"]
+    assert distmeta.adapt(zero, support, labels).steps == 4
+    with pytest.raises(AdaptError, match="--steps 0 with algorithm.head_init=zero"):
+        distmeta.adapt(zero, support, labels, steps=0)
+    overridden = distmeta.adapt(zero, support, labels, steps=0, overrides=["algorithm.head_init=centroid"])
+    expected = distmeta.adapt(centroid, support, labels, steps=0)  # the same parameters, written so
+    np.testing.assert_array_equal(overridden.probabilities(query), expected.probabilities(query))
+    with pytest.raises(AdaptError, match=r"test-time algorithm.finetune, algorithm.head_init, got \['eval.ways=3'\]"):
+        distmeta.adapt(zero, support, labels, overrides=["eval.ways=3"])
+    maml = conv4_checkpoint(tmp_path / "maml", "algorithm.name=maml", ways=4)
+    with pytest.raises(AdaptError, match="test-time settings of the transfer baseline; maml has none"):
+        distmeta.adapt(maml, support, labels, overrides=["algorithm.head_init=centroid"])
+
+    for label, pixels in zip(labels, support):
+        write_png(tmp_path / "support" / label / "1.png", pixels)
+    queries = [write_png(tmp_path / "query" / f"q{i}.png", pixels) for i, pixels in enumerate(query)]
+    command = [sys.executable, "-m", "distmeta", "adapt", "--checkpoint", str(zero), "--support"]
+    command += [str(tmp_path / "support"), "--steps", "0", "--out", str(tmp_path / "out"), "--query"]
+    command += [str(tmp_path / "query"), "algorithm.head_init=centroid"]  # a setting after the query paths
+    run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    printed = [float(line.split(",")[2]) for line in run.stdout.splitlines()[1:]]
+    np.testing.assert_allclose(printed, overridden.probabilities(queries).max(1), atol=1e-4)
+    command[-1] = "eval.ways=3"  # not a file: a setting, which adapt refuses by name
+    command[command.index(str(tmp_path / "out"))] = str(tmp_path / "out2")
+    refused = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and "got ['eval.ways=3']" in refused.stderr
+
+
+def test_transparent_drawings_and_phone_photos_reach_the_network_as_they_are_seen(tmp_path):
+    """Strokes on a transparent background lie on white (not on the black that dropping alpha
+    leaves); a photo with an EXIF orientation is turned upright, as a viewer shows it. Shard
+    builders prepare their files with the same function."""
+    drawing = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)  # transparent black everywhere ...
+    drawing[:, : SIZE // 2, 3] = 255  # ... but the left half: opaque black strokes
+    Image.fromarray(drawing, "RGBA").save(tmp_path / "drawing.png")
+    expected = np.full((1, SIZE, SIZE), 255, dtype=np.uint8)
+    expected[:, :, : SIZE // 2] = 0
+    np.testing.assert_array_equal(_prepared([tmp_path / "drawing.png"], FORMAT)[0], expected)
+
+    stored = np.arange(8 * 16, dtype=np.uint8).reshape(8, 16)  # 16 wide, 8 high, as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the viewer turns it 90 degrees clockwise
+    Image.fromarray(stored, "L").save(tmp_path / "photo.png", exif=exif)
+    upright = ImageFormat(channels=1, height=16, width=8)
+    np.testing.assert_array_equal(_prepared([tmp_path / "photo.png"], upright)[0, 0], np.rot90(stored, k=-1))

@@ -61,6 +61,7 @@ def test_split_folders_become_splits_and_images_are_resized(tmp_path):
 def test_a_split_file_and_grayscale_detection(tmp_path):
     for c in range(4):
         make_class(tmp_path / "src" / f"class{c}", seed=c, mode="L")
+    (tmp_path / "src" / "class0" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden files are no images
     splits = tmp_path / "splits.json"
     splits.write_text(json.dumps({"train": ["class0", "class1"], "val": ["class2"], "test": ["class3"]}))
     out = subprocess.run(
@@ -88,6 +89,7 @@ def test_a_split_file_and_grayscale_detection(tmp_path):
     data = ShardedDataset(tmp_path / "out")
     assert data.image_shape == (1, 12, 12)
     assert [data.classes[i]["name"] for i in data.split("default/train")] == ["class0", "class1"]
+    assert data.classes[0]["rows"] == 6
 
 
 def test_bad_folder_datasets_are_named(tmp_path):
@@ -104,3 +106,15 @@ def test_bad_folder_datasets_are_named(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"training": ["a"]}))
     with pytest.raises(ShardError, match=r"names splits \['training'\]"):
         build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    make_class(tmp_path / "src" / "g", seed=1, mode="L")  # grayscale: the channel count is read from every file
+    (tmp_path / "src" / "g" / "notes.txt").write_text("not an image")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["g"]}))
+    with pytest.raises(ShardError, match="notes.txt is not an image Pillow can read"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a", "g"], "test": ["g"]}))
+    with pytest.raises(ShardError, match="lists the class\\(es\\) g more than once"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    for malformed in (["a", "g"], {"train": "a"}):
+        (tmp_path / "split.json").write_text(json.dumps(malformed))
+        with pytest.raises(ShardError, match="must be a JSON object of class-name lists"):
+            build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)

@@ -3,24 +3,28 @@ resume, faults, TensorBoard, ``distmeta evaluate``, and bad input."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_faults import Saboteur
+from test_faults import Saboteur, processes
 
 from distmeta.assemble import check_run
 from distmeta.checkpoint import read_checkpoint
 from distmeta.config import ConfigError, load_config
 from distmeta.resume import prepare_resume
+from distmeta.rl.distributed import RayMetaRL
 from distmeta.rl.evaluate import evaluate_returns
-from distmeta.rl.local import LocalMetaRL
+from distmeta.rl.local import LearnerState, LocalMetaRL
 from distmeta.rl.setup import MetaRLSetup
+from distmeta.runtime.supervisor import ActorLost, is_fault
 from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +130,36 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(ray_
     assert [e.step for e in events.Scalars("return/after_adaptation")] == list(range(1, 7))  # none twice
 
 
+def test_a_run_that_allows_no_actor_restarts_stops_at_the_first_fault(ray_local, tmp_path):
+    cfg = small(tmp_path, "train.steps=4", "train.eval_every=0", "cluster.actor_restarts=0")
+    saboteur = Saboteur(tmp_path / "run", "ShareWorker", [2])
+    saboteur.start()
+    with pytest.raises(ActorLost, match=r"after 0 recoveries: cluster.actor_restarts=0 allows no more"):
+        train(cfg, tmp_path / "run")
+    assert saboteur.hits
+
+
+def test_a_frozen_worker_fails_an_evaluation_in_bounded_time_as_a_fault(ray_local):
+    """Validation and test scoring wait for the workers as a step does (a fault the run recovers
+    from), never forever."""
+    cfg = small(Path("/nonexistent"), "cluster.step_timeout_s=5", "eval.inner_steps=[0,1]")
+    setup = MetaRLSetup.of(cfg)
+    theta = setup.build()[2].numpy()
+    group = RayMetaRL(setup, 2, state=LearnerState(0, theta))
+    assert all(group.ready(60))
+    assert evaluate_returns(group, cfg, theta, "val", 4)  # both workers answer
+    (victim, _) = processes("ShareWorker")
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        began = time.time()
+        with pytest.raises(Exception) as caught:
+            evaluate_returns(group, cfg, theta, "val", 4)
+        assert is_fault(caught.value) and time.time() - began < 30  # a step's work, a step's 5 s
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        group.close()
+
+
 def test_distmeta_evaluate_scores_a_meta_rl_checkpoint(ray_local, tmp_path, cli_env):
     result = train(small(tmp_path, "train.steps=2", "train.eval_every=0"), tmp_path / "run")
     checkpoint = result.run_dir / "checkpoints" / "final.pt"
@@ -161,6 +195,9 @@ def test_distmeta_evaluate_scores_a_meta_rl_checkpoint(ray_local, tmp_path, cli_
             r"rl.action_scale=10.0: use 1 \(discrete actions are indices\)",
         ),
         (["algorithm.name=mmal_trpo"], r"did you mean maml_trpo"),
+        (["eval.seed=0"], r"eval.seed=0 \(train.seed's\): use another eval.seed"),
+        (["meta_optimizer.decay_every=100"], r"decay_every=100: use Adam at a constant meta_optimizer.lr"),
+        (["cluster.server_shards=2"], r"cluster.server_shards=2: use 1"),
     ],
 )
 def test_bad_meta_rl_configs_are_refused_with_the_fix(overrides, message):

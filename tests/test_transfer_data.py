@@ -119,7 +119,7 @@ def test_evaluate_scores_a_checkpoint_on_another_datasets_episodes(fashion_mnist
     from distmeta.checkpoint import load_checkpoint
 
     cfg, params, _ = load_checkpoint(checkpoint)
-    cfg, model_data = on_other_data(cfg, str(tmp_path / "fashion"), "test")
+    cfg, model_data = on_other_data(cfg, params.size, str(tmp_path / "fashion"), "test")
     cfg.eval.num_tasks = 30
     (row,) = evaluate(cfg, params, model_data=model_data)  # the same episodes in this process
     assert printed == pytest.approx(row.mean, abs=5e-5) and row.tasks == 30
@@ -140,7 +140,7 @@ def test_the_baseline_keeps_its_head_over_the_training_classes_on_another_datase
     from distmeta.checkpoint import load_checkpoint
 
     cfg, params, _ = load_checkpoint(checkpoint)
-    cfg, (spec, _) = on_other_data(cfg, str(tmp_path / "fashion"), "test")
+    cfg, (spec, _) = on_other_data(cfg, params.size, str(tmp_path / "fashion"), "test")
     assert spec.output_dim == 160  # synthetic's 200 classes, a fifth held out
     cfg.eval.num_tasks, cfg.eval.inner_steps = 20, [0, 5]
     rows = evaluate(cfg, params, model_data=(spec, "classification"))

@@ -117,16 +117,23 @@ def test_any_damage_to_a_tensor_file_is_a_clear_error_never_a_crash():
 
 
 def test_a_hand_written_header_cannot_name_anything_but_data():
-    def forged(state_json: str) -> bytes:
+    def forged(state_json: str, index: dict | None = None) -> bytes:
+        index = index or {}
         metadata = {"format": tensorfile.FORMAT, "version": tensorfile.VERSION, "state": state_json}
-        metadata["sha256"] = tensorfile._digest({}, state_json, b"")
-        header = json.dumps({"__metadata__": metadata}).encode()
+        metadata["sha256"] = tensorfile._digest(index, state_json, b"")
+        header = json.dumps(index | {"__metadata__": metadata}).encode()
         return len(header).to_bytes(8, "little") + header
 
     assert tensorfile.loads(forged('{"params": [1, 2], "config": {}}')) == {"params": [1, 2], "config": {}}
     for hostile in ['{"$call": "os.system"}', '{"$tensor": "missing"}', '{"$tuple": 5}', '{"$dict": [[[1], 2]]}']:
         with pytest.raises(tensorfile.TensorFileError):
             tensorfile.loads(forged(hostile))
+    # sizes whose product wraps round to 0 in int64 (no bytes needed, 2**64 elements allocated), or
+    # that are no sizes: refused before any tensor is made
+    for shape in [[2**32, 2**32], [0, 2**64], [-1, -2], [1.5], "12", [True]]:
+        entry = {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
+        with pytest.raises(tensorfile.TensorFileError, match="tensor 't'"):
+            tensorfile.loads(forged('{"params": {"$tensor": "t"}}', {"t": entry}))
 
 
 @pytest.fixture

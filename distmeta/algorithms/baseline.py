@@ -8,7 +8,8 @@ cross-entropy over all training classes; the update is its gradient, descended b
 like any other. At test the trained head is dropped: a new one starts at the support set's class
 centroids of the features (weight 2c, bias -|c|^2, so its scores are the negative squared distances
 up to a per-query constant: the nearest-centroid classifier, which is the score after 0 steps), or
-at zero (``algorithm.head_init=zero``: a fresh head, as Chen et al. fine-tune; with one shot the
+at zero (``algorithm.head_init=zero``: a fresh head, as Chen et al. fine-tune, though their code
+starts it at random and trains it by SGD with momentum on mini-batches of 4; with one shot the
 centroid head already fits the support set, so its steps barely move it), and each inner step is
 SGD on the support set's cross-entropy of that head (``algorithm.finetune=head``, the features
 fixed) or of the whole network (``all``), at ``algorithm.inner_lr``.

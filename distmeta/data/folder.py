@@ -8,13 +8,14 @@ splits file) as shards with the splits ``default/train``, ``default/val`` and ``
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from distmeta.config import ImageFormat
-from distmeta.data.images import dataset_image
+from distmeta.data.images import dataset_image, visible
 from distmeta.data.shards import ClassImages, ShardError, write_shards
 
 SPLITS = ("train", "val", "test")
@@ -28,14 +29,24 @@ def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]
                 f"{src} has no train/ val/ test/ folders; either lay the classes out as ROOT/<split>/<class>/ "
                 'or pass --splits FILE (JSON: {"train": [classes], "val": [...], "test": [...]})'
             )
-        return [(split, d) for split in SPLITS for d in sorted((src / split).iterdir()) if d.is_dir()]
+        return [(split, d) for split in SPLITS for d in sorted(visible((src / split).iterdir(), src)) if d.is_dir()]
     try:
         assignment = json.loads(Path(splits_file).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ShardError(f"split file {splits_file} cannot be read as JSON ({err})") from None
+    if not isinstance(assignment, dict) or not all(
+        isinstance(names, list) and all(isinstance(n, str) for n in names) for names in assignment.values()
+    ):
+        raise ShardError(
+            f'split file {splits_file} must be a JSON object of class-name lists: {{"train": [classes], "val": [...], '
+            '"test": [...]}'
+        )
     unknown = set(assignment) - set(SPLITS)
     if unknown:
         raise ShardError(f"split file {splits_file} names splits {sorted(unknown)}; use {', '.join(SPLITS)}")
+    twice = sorted(name for name, n in Counter(n for names in assignment.values() for n in names).items() if n > 1)
+    if twice:  # its images would be trained on and tested on
+        raise ShardError(f"split file {splits_file} lists the class(es) {', '.join(twice[:5])} more than once")
     pairs = []
     for split in SPLITS:
         for name in assignment.get(split, []):
@@ -43,6 +54,15 @@ def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]
                 raise ShardError(f"split file {splits_file} lists class {name!r}, but {src / name} is not a folder")
             pairs.append((split, src / name))
     return pairs
+
+
+def _mode(path: Path) -> str:
+    """The image's mode, from its header alone; a file that is no image stops the build, named."""
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except Exception as err:  # Pillow raises many types for a bad file
+        raise ShardError(f"{path} is not an image Pillow can read ({err}); remove it from the dataset") from None
 
 
 def build_folder(
@@ -59,12 +79,12 @@ def build_folder(
     pairs = _class_folders(src, Path(splits_file) if splits_file else None)
     if not pairs:
         raise ShardError(f"no class folders found under {src}")
-    files = {folder: sorted(p for p in folder.iterdir() if p.is_file()) for _, folder in pairs}
+    files = {folder: sorted(p for p in visible(folder.iterdir(), folder) if p.is_file()) for _, folder in pairs}
     for folder, members in files.items():
         if not members:
             raise ShardError(f"class folder {folder} holds no images; remove it or add images")
     if channels is None:  # grayscale only if every image is
-        grayscale = all(Image.open(p).mode in ("1", "L", "LA", "I;16") for members in files.values() for p in members)
+        grayscale = all(_mode(p) in ("1", "L", "LA", "I;16") for members in files.values() for p in members)
         channels = 1 if grayscale else 3
     fmt = ImageFormat(channels=channels, height=image_size, width=image_size)
     classes, splits = [], {f"default/{split}": [] for split in SPLITS}

@@ -8,9 +8,10 @@ Shard builders store what ``prepare`` makes, uint8 [C, H, W]; the worker scales 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from distmeta.config import ImageFormat
 from distmeta.data.shards import ShardError
@@ -30,12 +31,23 @@ def decode(name: str, data: bytes) -> Image.Image:
 
 
 def prepare(image: Image.Image, fmt: ImageFormat) -> np.ndarray:
-    """``image`` as ``fmt`` says: uint8 [channels, height, width]."""
+    """``image`` as ``fmt`` says: uint8 [channels, height, width]. Turned upright as its EXIF
+    orientation says (a phone's portrait photo), transparent parts on white (a drawing app's strokes
+    on a transparent PNG would otherwise turn into a black square)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:  # an alpha, or a keyed colour
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     mode = "L" if fmt.channels == 1 else "RGB"
     resized = image.convert(mode).resize((fmt.width, fmt.height), Image.Resampling.LANCZOS)
     array = np.asarray(resized, dtype=np.uint8)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return 255 - array if fmt.invert else array
+
+
+def visible(paths, root: Path) -> list[Path]:
+    """``paths`` but those hidden below ``root`` (a dot file, or inside a dot folder: .DS_Store,
+    .ipynb_checkpoints): what a dataset folder or a support set holds besides its images."""
+    return [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]
 
 
 def dataset_image(name: str, data: bytes, fmt: ImageFormat) -> np.ndarray:

@@ -62,13 +62,19 @@ def evaluate_returns(
     ``group``'s workers (a ``MetaRLGroup``), ``CHUNK_TASKS`` tasks a call; ``progress``: where to
     report tasks done, rate and ETA."""
     steps, sizes, started = eval_steps(cfg), eval_step_sizes(cfg), time.time()
+    # a call is allowed a training step's time per training step's worth of episodes (a step: its
+    # meta-batch's, before and after one inner step): a frozen worker fails the call (a fault,
+    # recovered from) instead of hanging the run
+    step_episodes = 2 * cfg.train.meta_batch_size * cfg.rl.episodes_per_task
     chunks = [range(lo, min(lo + CHUNK_TASKS, num_tasks)) for lo in range(0, num_tasks, CHUNK_TASKS)]
     total = num_tasks * len(eval_episodes(cfg))
     rows = []
     for done, episodes in enumerate(eval_episodes(cfg)):
         returns = []
         for chunk in chunks:
-            returns.append(group.evaluate(theta, split, chunk, cfg.eval.seed, sizes, episodes))
+            work = len(chunk) * (len(sizes) + 1) * episodes / step_episodes
+            timeout_s = cfg.cluster.step_timeout_s * max(1.0, work)
+            returns.append(group.evaluate(theta, split, chunk, cfg.eval.seed, sizes, episodes, timeout_s))
             if progress is not None:
                 report_progress(progress, done * num_tasks + chunk.stop, total, started)
         returns = np.concatenate(returns)

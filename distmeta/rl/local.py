@@ -47,7 +47,7 @@ class MetaRLMetrics:
     accepted: bool  # TRPO: a step within the bound lowered the surrogate (ProMP: always)
     rejected: bool  # the step came out non-finite and was not applied
     environment_steps: int
-    rollout_s: float  # the slowest worker's episodes
+    rollout_s: float  # the slowest worker's share: its episodes, inner step and meta-gradient terms
     learn_s: float  # the meta-step
 
 
@@ -256,15 +256,25 @@ class MetaRLGroup:
         start = self.get(self.call(self.server, "state")).step
         return [self.step(step)[0] for step in range(start, start + steps)]
 
-    def evaluate(self, theta: np.ndarray, split: str, tasks: range, seed: int, step_sizes, episodes: int):
+    def evaluate(
+        self,
+        theta: np.ndarray,
+        split: str,
+        tasks: range,
+        seed: int,
+        step_sizes,
+        episodes: int,
+        timeout_s: float | None = None,
+    ):
         """Held-out ``tasks``' mean returns after 0 .. len(step_sizes) inner steps, [T, steps + 1],
-        split over the workers (the numbers do not depend on how)."""
+        split over the workers (the numbers do not depend on how); a worker that has not answered
+        within ``timeout_s`` of the wait is a fault, as in a step."""
         shares = even_shares(len(tasks), min(len(self.workers), len(tasks)))
         parts = [
             self.call(worker, "evaluate", theta, split, tasks[s.start : s.stop], seed, step_sizes, episodes)
             for worker, s in zip(self.workers, shares)
         ]
-        return np.concatenate([self.get(part) for part in parts])
+        return np.concatenate([self.get(part, timeout_s) for part in parts])
 
 
 class LocalMetaRL(MetaRLGroup):

@@ -7,7 +7,8 @@ over ``train.log_every`` steps. The tags (README, "Meta-reinforcement learning")
   meta_step/kl, meta_step/surrogate_improvement        loss before minus after the meta-step
   meta_step/backtracks, meta_step/accepted             TRPO's line search; the share of steps taken
   throughput/environment_steps_per_s                   every worker's steps over the step's wall time
-  time/rollout_s, time/learn_s, time/step_s            the slowest worker's episodes; the meta-step
+  time/rollout_s, time/learn_s, time/step_s            the slowest worker's share (episodes before and after
+                                                       its inner step, and its meta-gradient terms); the meta-step
   faults/rejected_steps, faults/recovered
   val/return_shots<E>_steps<k>, test/...               held-out returns after k inner steps, E episodes each
                                                        (+ _ci95, _median, _diverged)

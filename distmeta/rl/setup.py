@@ -110,7 +110,7 @@ def check_meta_rl(cfg: Config) -> Config:
         env.check_available()
     except ImportError as err:
         raise ConfigError(f"task.source={cfg.task.source}: {err}") from None
-    c, t, a = cfg.cluster, cfg.train, cfg.algorithm
+    c, t, a, m = cfg.cluster, cfg.train, cfg.algorithm, cfg.meta_optimizer
     unsupported = [
         (
             cfg.model.name != "mlp",
@@ -133,6 +133,18 @@ def check_meta_rl(cfg: Config) -> Config:
             env.discrete and cfg.rl.action_scale != 1,
             f"rl.action_scale={cfg.rl.action_scale}",
             "1 (discrete actions are indices)",
+        ),
+        (
+            m.name != "adam" or m.final_lr is not None or m.decay_every,
+            f"meta_optimizer.name={m.name}, final_lr={m.final_lr}, decay_every={m.decay_every}",
+            "Adam at a constant meta_optimizer.lr (ProMP's outer step; MAML-TRPO's is TRPO's, rl.max_kl)",
+        ),
+        (c.server_shards != 1, f"cluster.server_shards={c.server_shards}", "1"),
+        (
+            # the held-out streams are keyed like the training ones: one seed for both would repeat draws
+            cfg.eval.seed == t.seed,
+            f"eval.seed={cfg.eval.seed} (train.seed's)",
+            "another eval.seed, so held-out tasks share no random draws with training's",
         ),
     ]
     wrong = [(setting, fix) for bad, setting, fix in unsupported if bad]

@@ -169,6 +169,11 @@ class Actors:
                     raise ActorLost(
                         f"step {state.step} failed {attempt + 1} times in a row; the last: {explain(err)}"
                     ) from err
+                if 0 <= self.cfg.cluster.actor_restarts <= self.recoveries:
+                    raise ActorLost(
+                        f"a fault at step {state.step} ({explain(err)}), after {self.recoveries} recoveries: "
+                        f"cluster.actor_restarts={self.cfg.cluster.actor_restarts} allows no more (-1: always recover)"
+                    ) from err
                 self.recoveries += 1
                 workers = len(self.group.workers)
                 self.group.close()

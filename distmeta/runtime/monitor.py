@@ -196,7 +196,8 @@ class Monitor:
                 line += f" | {short} {m[name]:.{digits}f}"
         if step_s:  # none yet at the first step, which includes start-up
             rate, eta = self.cfg.train.meta_batch_size / step_s, duration((total - step) * step_s)
-            line += f" | {rate:,.0f} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
+            shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # one 60-way episode a step: "0.25", not "0"
+            line += f" | {shown} tasks/s | {step_s * 1e3:.1f} ms/step | ETA {eta}"
         if self.recent_staleness:
             recent = self.recent_staleness
             line += f" | staleness {sum(recent) / len(recent):.1f} (max {max(recent)}, {self.dropped} dropped)"
