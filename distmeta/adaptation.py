@@ -138,14 +138,20 @@ def adapt(
     steps: int | None = None,
     device: str = "cpu",
     overrides: Sequence[str] = (),
+    invert: bool | None = None,
 ) -> Predictor:
     """The checkpoint adapted to the labelled support images (at least one per class; the classes are
     the distinct labels, sorted by their text). ``steps``: inner steps for the MAML family and the
     baseline (default: as the checkpoint is evaluated, the most of its ``eval.inner_steps``: 3 for
     MAML on Omniglot, as the paper tests, 100 for the baseline); learners without an inner loop take
     none. ``overrides``: test-time algorithm settings, e.g. ``["algorithm.head_init=centroid"]``
-    (``TEST_TIME_ALGORITHM_FIELDS``)."""
+    (``TEST_TIME_ALGORITHM_FIELDS``). ``invert``: whether to invert the images (255 - pixel); default:
+    as the training images were (``task.image_format.invert``), for images whose files look like the
+    training set's (Omniglot's: dark strokes on light); the opposite for images drawn the other way."""
     cfg, theta = _load(checkpoint, overrides)
+    if invert is not None:  # the user's images are drawn the other way round from the training files
+        fmt = dataclasses.replace(cfg.task.image_format, invert=invert)
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, image_format=fmt))
     if len(support_images) != len(support_labels):
         raise AdaptError(f"{len(support_images)} support images but {len(support_labels)} labels: give one label each")
     classes = sorted({str(label) for label in support_labels})

@@ -169,6 +169,11 @@ def data_parser(prog: str) -> argparse.ArgumentParser:
     folder.add_argument("--image-size", type=int, required=True, help="images are resized to N x N")
     folder.add_argument("--splits", help='JSON file {"train": [classes], "val": [...], "test": [...]}')
     folder.add_argument("--channels", type=int, choices=(1, 3), help="default: 1 if every image is grayscale, else 3")
+    folder.add_argument(
+        "--invert",
+        action="store_true",
+        help="store 255 - pixel, as Omniglot's shards are (dark drawings on light become bright on dark)",
+    )
     return parser
 
 
@@ -189,6 +194,12 @@ def adapt_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="adapted", help="where predictions.csv and the adapted model go")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--invert",
+        action=argparse.BooleanOptionalAction,
+        help="invert your images (255 - pixel) or not; default: as the checkpoint's training images were "
+        "(Omniglot: yes, its drawings are dark on light): --no-invert for bright strokes on dark",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -355,7 +366,7 @@ def _adapt(args: argparse.Namespace) -> int:
     images = [path for files in support.values() for path in files]
     labels = [name for name, files in support.items() for _ in files]
     print(f"adapting {args.checkpoint} to {len(support)} classes, {len(images)} support images", file=sys.stderr)
-    predictor = adapt(args.checkpoint, images, labels, steps=args.steps, device=args.device, overrides=overrides)
+    predictor = adapt(args.checkpoint, images, labels, args.steps, args.device, overrides, invert=args.invert)
     predictions = predictor.predict(queries)
     print("query,predicted,probability")
     for path, prediction in zip(queries, predictions):
@@ -392,7 +403,7 @@ def _build_data(args: argparse.Namespace) -> int:
     elif args.dataset == "glyphs":
         path = build_glyphs(args.fonts, args.out)
     else:
-        path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels)
+        path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels, args.invert)
     print(f"{path} written in {time.time() - started:.1f} s")
     return 0
 

@@ -169,6 +169,24 @@ def test_prototypes_and_matching_predictions_match_the_embeddings(tmp_path):
             distmeta.adapt(checkpoint, support, labels, steps=2)
 
 
+def test_images_drawn_the_other_way_round_are_inverted_on_request(tmp_path):
+    """``invert`` overrides the checkpoint's inversion: images adapted with it are those the
+    checkpoint's own format would take as 255 - pixel, and the predictor records it."""
+    checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=maml")  # trained on images it did not invert
+    support, query = images(3, 4), images(4, 3)
+    labels = ["a", "b", "a", "b"]
+    flipped = distmeta.adapt(checkpoint, support, labels, steps=2, invert=True)
+    reference = distmeta.adapt(checkpoint, [255 - x for x in support], labels, steps=2)
+    assert flipped.image_format.invert and not reference.image_format.invert
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(flipped.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(flipped.probabilities(query), reference.probabilities([255 - x for x in query]))
+    assert not np.allclose(flipped.probabilities(query), reference.probabilities(query))
+    unflipped = distmeta.adapt(checkpoint, support, labels, steps=2, invert=False)  # the checkpoint's own
+    default = distmeta.adapt(checkpoint, support, labels, steps=2)
+    np.testing.assert_array_equal(unflipped.probabilities(query), default.probabilities(query))
+
+
 def test_bad_support_sets_and_checkpoints_get_clear_errors(tmp_path):
     checkpoint = conv4_checkpoint(tmp_path, ways=3)
     support = images(5, 4)
@@ -254,6 +272,11 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     model.load_state_dict(torch.load(out / "adapted.pt", weights_only=True))
     for name, value in predictor.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name].double(), value)
+
+    inverted = [*command[:-1], str(tmp_path / "inverted"), "--invert"]  # drawn the other way round
+    run = subprocess.run(inverted, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "inverted" / "adapted.json").read_text())["image_format"]["invert"] is True
 
     again = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
     assert again.returncode == 2 and "already holds predictions.csv" in again.stderr  # nothing is overwritten

@@ -80,6 +80,7 @@ def test_a_split_file_and_grayscale_detection(tmp_path):
             "12",
             "--splits",
             str(splits),
+            "--invert",
         ],
         capture_output=True,
         text=True,
@@ -90,6 +91,11 @@ def test_a_split_file_and_grayscale_detection(tmp_path):
     assert data.image_shape == (1, 12, 12)
     assert [data.classes[i]["name"] for i in data.split("default/train")] == ["class0", "class1"]
     assert data.classes[0]["rows"] == 6
+    # --invert stores 255 - pixel (dark drawings on light made bright on dark, as Omniglot's shards are)
+    original = Image.open(tmp_path / "src" / "class0" / "000.jpg").convert("L")
+    expected = 255 - np.asarray(original.resize((12, 12), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(data.images(data.classes[0]["shard"])[data.classes[0]["first_row"]][0], expected)
+    assert data.manifest["inverted"] is True
 
 
 def test_bad_folder_datasets_are_named(tmp_path):

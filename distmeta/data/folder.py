@@ -71,8 +71,11 @@ def build_folder(
     image_size: int,
     splits_file: str | Path | None = None,
     channels: int | None = None,
+    invert: bool = False,
     progress=print,
 ) -> Path:
+    """``invert``: store each pixel as 255 minus it, as Omniglot's builder does (dark strokes on light
+    become bright on dark): for drawings to score with, or train beside, an Omniglot model."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ShardError(f"--src {src} is not a folder")
@@ -86,7 +89,7 @@ def build_folder(
     if channels is None:  # grayscale only if every image is
         grayscale = all(_mode(p) in ("1", "L", "LA", "I;16") for members in files.values() for p in members)
         channels = 1 if grayscale else 3
-    fmt = ImageFormat(channels=channels, height=image_size, width=image_size)
+    fmt = ImageFormat(channels=channels, height=image_size, width=image_size, invert=invert)
     classes, splits = [], {f"default/{split}": [] for split in SPLITS}
     for split, folder in pairs:
         images = np.stack([dataset_image(str(p), p.read_bytes(), fmt) for p in files[folder]])
