@@ -101,14 +101,17 @@ class CheckpointStore:
     def read(self, name: str) -> dict:
         return read_checkpoint(self.uri(name))
 
-    def step_files(self) -> list[tuple[int, str]]:
-        """(step, name) of the periodic checkpoints, oldest first."""
+    def names(self) -> list[str]:
+        """The files in the folder (not in its subfolders)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as err:
             raise CheckpointError(f"cannot list checkpoints in {self.location}: {err}") from None
-        found = [(int(m.group(1)), info.base_name) for info in infos if (m := STEP_FILE.match(info.base_name))]
-        return sorted(found)
+        return [info.base_name for info in infos if info.type == pafs.FileType.File]
+
+    def step_files(self) -> list[tuple[int, str]]:
+        """(step, name) of the periodic checkpoints, oldest first."""
+        return sorted((int(m.group(1)), name) for name in self.names() if (m := STEP_FILE.match(name)))
 
     def last_modified(self) -> float | None:
         """When the newest periodic checkpoint was written (seconds since the epoch), if any."""
@@ -133,16 +136,11 @@ class CheckpointStore:
             for _, name in self.step_files()[:-keep]:
                 _remove_quietly(self.fs, self.path(name))
 
-    def set_aside(self, after_step: int, folder: str) -> list[str]:
-        """Move periodic checkpoints newer than ``after_step`` into ``folder`` (a resume from an
-        earlier checkpoint must not restart from them, and nothing is deleted)."""
-        moved = []
-        for step, name in self.step_files():
-            if step > after_step:
-                self.fs.create_dir(self.path(folder), recursive=True)
-                self.fs.move(self.path(name), self.path(f"{folder}/{name}"))
-                moved.append(name)
-        return moved
+    def set_aside(self, names: list[str], folder: str) -> None:
+        """Move the checkpoints ``names`` into the subfolder ``folder``: nothing is deleted."""
+        for name in names:
+            self.fs.create_dir(self.path(folder), recursive=True)
+            self.fs.move(self.path(name), self.path(f"{folder}/{name}"))
 
 
 def probe_write(folder: str | Path, fs: pafs.FileSystem | None = None) -> None:
@@ -237,6 +235,10 @@ def read_checkpoint(location: str | Path) -> dict:
         raise CheckpointError(f"{location} is not a distmeta checkpoint (no params/config entries)")
     if not isinstance(state["params"], torch.Tensor) or state["params"].dim() != 1:
         raise CheckpointError(f"{location} is not a distmeta checkpoint (params is not a flat tensor)")
+    if state["params"].dtype not in (torch.float32, torch.float64):  # what training writes (train.dtype)
+        raise CheckpointError(
+            f"{location} is not a distmeta checkpoint (params are {state['params'].dtype}, not float32 or float64)"
+        )
     return state
 
 
@@ -352,7 +354,9 @@ class BestCheckpoint:
     the first evaluation shots after the inner steps they were trained for (``algorithm.inner_steps``
     when evaluated, else the most evaluated): fewest diverged tasks first (a mean over the surviving
     tasks flatters a snapshot where some blew up), then accuracy or return up, MSE down. On a tie the
-    earlier snapshot stays."""
+    earlier snapshot stays. A resumed run competes with its earlier part's best only under the same
+    protocol (the row's tag and task count: ``eval.*`` and ``train.eval_tasks`` may change on resume);
+    under another, the earlier one is kept beside it as ``best-<tag>-<tasks>tasks.pt``."""
 
     NAME = "best.pt"
 
@@ -371,6 +375,15 @@ class BestCheckpoint:
         candidates = [r for r in rows if r.shots == rows[0].shots]
         trained = [r for r in candidates if r.steps == self.cfg.algorithm.inner_steps]
         row = trained[0] if trained else max(candidates, key=lambda r: r.steps)
+        if self.row is not None and (row.tag, row.tasks) != (self.row.tag, self.row.tasks):
+            kept = f"best-{self.row.tag}-{self.row.tasks}tasks.pt"
+            self.store.write(kept, self.store.read(self.NAME))
+            print(
+                f"validation is now {row.tag} over {row.tasks} tasks, was {self.row.tag} over {self.row.tasks}: "
+                f"best.pt starts afresh (the earlier best, step {self.step}, is kept as {kept})",
+                flush=True,
+            )
+            self.row = None
         if not math.isfinite(row.mean) or (self.row is not None and _rank(row) >= _rank(self.row)):
             return
         self.row, self.step = row, step

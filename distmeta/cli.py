@@ -268,7 +268,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         train(cfg, run_dir, resume=bool(args.resume))
     except RunInterrupted as stop:
-        print(f"{stop}\nresume with: python launch.py --resume {stop.run_dir}", file=sys.stderr, flush=True)
+        print(f"{stop}\n{stop.what_next}", file=sys.stderr, flush=True)
         return 128 + stop.signum
     if server:
         print(f"TensorBoard is still serving at {server}; press Ctrl-C to stop", flush=True)

@@ -31,9 +31,17 @@ class ConfigError(ValueError):
 AUTO = "auto"  # a layout field resolved against the cluster the run lands on
 
 
-def bounded(default: Any = dataclasses.MISSING, *, at_least: float | None = None, above: float | None = None, **kw):
-    """A field whose value (or each entry of its list) the loader keeps ``>= at_least`` or ``> above``."""
-    return field(default=default, metadata={"at_least": at_least, "above": above}, **kw)
+def bounded(
+    default: Any = dataclasses.MISSING,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+    distinct: bool = False,
+    **kw,
+):
+    """A field whose value (or each entry of its list) the loader keeps ``>= at_least`` or ``> above``;
+    ``distinct``: a list holds no value twice."""
+    return field(default=default, metadata={"at_least": at_least, "above": above, "distinct": distinct}, **kw)
 
 
 @dataclass
@@ -120,7 +128,9 @@ TEST_TIME_ALGORITHM_FIELDS = ("algorithm.finetune=", "algorithm.head_init=")
 class MetaOptimizerConfig:
     name: Literal["adam", "sgd"] = "adam"  # Reptile's outer step is sgd on theta - phi
     lr: float = bounded(1e-3, above=0)
-    final_lr: float | None = None  # anneal linearly to this by the last step; None keeps lr
+    # anneal linearly towards this: step i of train.steps = n gets lr + (final_lr - lr) * i / n (Nichol
+    # et al.'s code); None keeps lr
+    final_lr: float | None = None
     decay_every: int = 0  # or: multiply lr by decay_factor every this many steps (ProtoNets: 0.5 every 2000)
     decay_factor: float = 0.5
 
@@ -216,9 +226,11 @@ class EvalConfig:
     num_tasks: int = bounded(600, at_least=2)
     # classes per test episode; 0: task.ways (other values: metric-based learners only)
     ways: int = bounded(0, at_least=0)
-    shots: list[int] = bounded(default_factory=list, at_least=1)  # support examples (per class); empty: task.shots
+    # support examples (per class); empty: task.shots. Distinct: each value's episodes are the same
+    # stream, so a repeat would score them twice (and narrow the 95% CI by sqrt(2))
+    shots: list[int] = bounded(default_factory=list, at_least=1, distinct=True)
     # inner steps to score after; empty: [1, 5, 10], or [0] for learners without an inner loop
-    inner_steps: list[int] = bounded(default_factory=list, at_least=0)
+    inner_steps: list[int] = bounded(default_factory=list, at_least=0, distinct=True)
     inner_batch_size: int = bounded(0, at_least=0)  # as algorithm.inner_batch_size, at test
     queries: int = bounded(100, at_least=1)
     seed: int = 1234  # held-out tasks come from their own stream, not the training one
@@ -525,6 +537,8 @@ def _check_bounds(section: Any, where: str) -> None:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
             if above is not None and not number > above:
                 raise ConfigError(f"{name} must be > {above}, got {value}")
+        if entry.metadata.get("distinct") and len(set(value)) < len(value):
+            raise ConfigError(f"{name} lists a value more than once ({value}): give each once")
 
 
 def _check_finite(section: Any, where: str) -> None:

@@ -8,6 +8,7 @@ of the same run left alone (docs/reliability.md, "Resume.").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from distmeta.checkpoint import (
     STEP_FILE,
+    BestCheckpoint,
+    CheckpointError,
     CheckpointStore,
     checkpoint_location,
     read_checkpoint,
@@ -28,6 +31,7 @@ from distmeta.tasks import SOURCES
 # Settings a resumed run may change: where and how it runs, how long, what it logs.
 CHANGEABLE = (
     "cluster.",
+    "algorithm.implementation",  # the same math; a run records the one auto chose (resume on new hardware: auto)
     "eval.",
     "logdir",
     "run_name",
@@ -59,6 +63,12 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
             f"a resumed run keeps the settings that shape its result; cannot change {', '.join(refused)} "
             f"(changeable: {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in CHANGEABLE)}). "
             "Start a new run to change them"
+        )
+    if "train.steps" in changed and cfg.meta_optimizer.final_lr is not None:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps}: this run anneals its learning rate linearly over train.steps="
+            f"{base.train.steps} (meta_optimizer.final_lr), so another length would change the rate of every "
+            "step still to come; resume with the same train.steps, or start a new run"
         )
     if changed:
         print(f"resuming with changed settings: {', '.join(f'{k}={v!r}' for k, v in changed.items())}", flush=True)
@@ -156,11 +166,22 @@ def _newest_in(store: CheckpointStore) -> tuple[str, dict]:
 def _arrange(store: CheckpointStore, location: str, state: dict) -> None:
     """Make ``location`` the newest checkpoint of ``store``: newer ones are moved aside (never
     deleted), and a checkpoint from elsewhere is copied in. That copy never replaces a file: the
-    store's own checkpoint of the same step is moved aside with the newer ones."""
+    store's own checkpoint of the same step is moved aside with the newer ones. ``final.pt`` goes
+    aside too (the run goes on past it), and ``best.pt`` if it is of a later step (the resumed run
+    has not reached it, and would compete with a future it replaces)."""
     step = state["step"]
     copied = not (STEP_FILE.match(split_location(location)[1]) and _in_store(store, location))
+    newest = step - 1 if copied else step
+    moved = [name for at, name in store.step_files() if at > newest]
+    names = store.names()
+    if "final.pt" in names:
+        moved.append("final.pt")
+    if BestCheckpoint.NAME in names:
+        with contextlib.suppress(CheckpointError, KeyError, TypeError):  # unreadable: left for the run to replace
+            if store.read(BestCheckpoint.NAME)["step"] > step:
+                moved.append(BestCheckpoint.NAME)
     aside = f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # two resumes in a second: two folders
-    moved = store.set_aside(step - 1 if copied else step, aside)
+    store.set_aside(moved, aside)
     if moved:
         print(f"moved {len(moved)} checkpoint(s) aside in {store.location}: {', '.join(moved)}", flush=True)
     if copied:

@@ -28,11 +28,21 @@ class TrainResult:
 
 
 class RunInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after the steps in flight; ``checkpoint`` resumes it."""
+    """SIGINT or SIGTERM stopped the run after the steps in flight; ``checkpoint`` resumes it, or,
+    when the signal came in the last logging window (``finished``), is ``final.pt``: training is done
+    and only the test evaluation was skipped."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str, run_dir: Path):
+    def __init__(self, signum: int, step: int, checkpoint: str, run_dir: Path, finished: bool = False):
         self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
-        super().__init__(f"{signal.Signals(signum).name}: stopped at step {step}; checkpoint {checkpoint}")
+        self.finished = finished
+        what = "training finished, the test evaluation skipped" if finished else "stopped"
+        super().__init__(f"{signal.Signals(signum).name}: {what} at step {step}; checkpoint {checkpoint}")
+
+    @property
+    def what_next(self) -> str:
+        if self.finished:
+            return f"test with: distmeta evaluate --checkpoint {self.checkpoint}"
+        return f"resume with: python launch.py --resume {self.run_dir}"
 
 
 def run_name(cfg: Config) -> str:
@@ -52,9 +62,17 @@ def checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore
         raise ConfigError(f"cannot write the run's logs to {run_dir} ({err}); choose a writable --logdir") from None
     store = CheckpointStore(checkpoint_location(cfg, run_dir))
     store.check_writable()
-    if not resume and store.step_files():
+    if resume:
+        return store
+    if store.step_files():
         raise ConfigError(
             f"run {run_dir.name} already has checkpoints in {store.location}: continue it with "
             f"`python launch.py --resume {run_dir}`, or give this run another run_name"
+        )
+    left = sorted({"best.pt", "final.pt"} & set(store.names()))
+    if left:  # an earlier run's that stopped before its first periodic checkpoint: not ours to compete with
+        raise ConfigError(
+            f"run {run_dir.name} already holds {' and '.join(left)} of an earlier run in {store.location}: "
+            "give this run another run_name, or move them away"
         )
     return store

@@ -153,7 +153,12 @@ def _tensors(index: dict, body: bytes) -> dict[str, torch.Tensor]:
         if begin != offset or end - begin != count * dtype.itemsize:
             raise TensorFileError(f"tensor {name!r}: offsets {begin}..{end} do not match its shape or its neighbours")
         raw = bytearray(body[begin:end])  # a copy the tensor owns
-        tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+        if raw:
+            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
+        elif max(shape, default=0) < 2**31:  # an empty tensor of any sizes: torch refuses a crafted [2**62, 2**62, 0]
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            raise TensorFileError(f"tensor {name!r} is empty, but has the sizes {shape}: not a tensor this file wrote")
         offset = end
     if offset != len(body):
         raise TensorFileError(f"the data holds {len(body)} bytes, the tensors {offset} (truncated or padded)")

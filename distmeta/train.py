@@ -52,7 +52,7 @@ from distmeta.rl.train import train_meta_rl
 from distmeta.run import RunInterrupted, TrainResult, checked_outputs, run_name
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
-from distmeta.runtime.control import Schedule, StepControl, StepMetrics
+from distmeta.runtime.control import MetaOptimizerStatus, Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.monitor import Monitor
 from distmeta.runtime.supervisor import ActorLost, Supervisor
@@ -115,6 +115,7 @@ def _checked_source(cfg: Config):
             + ("set train.eval_every=0 or " if missing == ["val"] else "")
             + "choose another task.split_scheme"
         )
+    source.check("train", cfg.task.shots, cfg.task.queries)
     check_evaluation(cfg, needed[1:])
     return source
 
@@ -164,7 +165,7 @@ def _train(
         done, final_params = state["step"], state["params"].numpy()
         checkpoint = store.write(step_name(done), state)
         store.prune(t.checkpoint_keep)
-        if not stopped:
+        if done == t.steps:  # a stop in the last logging window still finished training
             checkpoint = store.write("final.pt", state)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
         raise ActorLost(f"training stopped: {type(err).__name__}: {str(err).splitlines()[0]}") from err
@@ -175,7 +176,7 @@ def _train(
         best.offer(at, params, monitor.log_eval(at, "val", collect_evaluation(cfg, pending)))
     if stopped:
         monitor.close()
-        raise RunInterrupted(stopped, done, checkpoint, run_dir)
+        raise RunInterrupted(stopped, done, checkpoint, run_dir, finished=done == t.steps)
     if best.row:
         print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
@@ -208,15 +209,25 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     )
     _report_placement(cfg, run_dir, supervisor.where())  # before the engine starts: its actors run nothing else
     start_step = supervisor.start()
+    status = supervisor.status()  # a resumed run's: its counts of rejected steps go on
     if start_step:
-        print(f"resuming at step {start_step} from {supervisor.restored_from()}", flush=True)
-    results = StepResults(cfg, Monitor(run_dir, cfg, start_step), store, BestCheckpoint(cfg, store))
+        print(f"resuming at step {start_step} from {status.restored_from}", flush=True)
+    monitor = Monitor(run_dir, cfg, start_step, rejected_before=len(status.rejected_steps))
+    results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), _rejected_in_a_row(status, start_step))
     started = time.time()
     with StopOnSignal() as stop:
         loop = _async_loop if t.mode == "async" else _sync_loop
         loop(cfg, supervisor, results, stop, start_step)
         supervisor.close()
     return time.time() - started, results.monitor, results.best, results.evaluations, stop.signum
+
+
+def _rejected_in_a_row(status: MetaOptimizerStatus, start_step: int) -> int:
+    """How many steps just before ``start_step`` were rejected in a row (a resumed run's earlier part)."""
+    rejected, run = set(status.rejected_steps), 0
+    while start_step - 1 - run in rejected:
+        run += 1
+    return run
 
 
 def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, next_step: int):
@@ -290,11 +301,13 @@ class StepResults:
     sent, report non-finite updates (and stop after too many in a row), and validate published
     parameters in the background."""
 
-    def __init__(self, cfg: Config, monitor: Monitor, store: CheckpointStore, best: BestCheckpoint):
+    def __init__(
+        self, cfg: Config, monitor: Monitor, store: CheckpointStore, best: BestCheckpoint, rejected_in_a_row: int = 0
+    ):
         self.cfg, self.monitor, self.store, self.best = cfg, monitor, store, best
         self.evaluations: deque[PendingValidation] = deque()
         self.evaluated: set[int] = set()
-        self.rejected_in_a_row = 0
+        self.rejected_in_a_row = rejected_in_a_row
 
     def handle_all(self, steps: list[StepMetrics]) -> None:
         """The metrics of one call's steps, in order. All are owned (``_owned``) before any is
@@ -306,6 +319,11 @@ class StepResults:
     def handle(self, metrics: StepMetrics) -> None:
         """One step's metrics, owned (through ``handle_all``)."""
         t = self.cfg.train
+        if self.cfg.algorithm.implementation == "auto" and metrics.implementation:
+            # the first worker's timed choice, recorded by every later checkpoint (this config is the
+            # one they write): a resumed run computes as this one did, where timing again could pick
+            # another implementation, which rounds differently
+            self.cfg.algorithm.implementation = metrics.implementation
         if metrics.state is not None:  # a CheckpointError (say, a full disk) stops the run; earlier ones stand
             metrics.checkpoint = self.store.write(metrics.checkpoint, checkpoint_state(self.cfg, metrics.state))
             metrics.state = None
@@ -328,9 +346,13 @@ class StepResults:
         at = metrics.step + 1
         if metrics.params is not None and at not in self.evaluated:  # a snapshot for validation, off the critical path
             params, metrics.params = metrics.params, None
-            self.evaluated.add(at)
-            pending = submit_evaluation(self.cfg, params, "val", t.eval_tasks)
-            self.evaluations.append(PendingValidation(at, params, pending))
+            self.validate(at, params)
+
+    def validate(self, at: int, params: np.ndarray) -> None:
+        """Validate the parameters after ``at`` steps in the background (``collect_evaluations``)."""
+        self.evaluated.add(at)
+        pending = submit_evaluation(self.cfg, params, "val", self.cfg.train.eval_tasks)
+        self.evaluations.append(PendingValidation(at, params, pending))
 
     def collect_evaluations(self) -> None:
         """Log the validations that have finished, in order."""
@@ -338,9 +360,28 @@ class StepResults:
             at, params, pending = self.evaluations.popleft()
             self.best.offer(at, params, self.monitor.log_eval(at, "val", collect_evaluation(self.cfg, pending)))
 
+    def catch_up(self, supervisor: Supervisor, applied: range) -> None:
+        """Steps the servers applied whose results a fault dropped (``applied``: their counts of
+        steps done; a straggler may finish while its step is cancelled, and a call of several steps
+        may fail after applying some): the checkpoint or validation one of them was due is made now,
+        from the state after the last of them. Their training metrics are lost from TensorBoard."""
+        schedule, t = Schedule.of(self.cfg.train), self.cfg.train
+        checkpoint = any(schedule.checkpoint(done) for done in applied)
+        validate = any(schedule.publishes(done) for done in applied) and applied[-1] not in self.evaluated
+        if not (checkpoint or validate):
+            return
+        state = supervisor.checkpoint_state()
+        at = state["step"]
+        if checkpoint:
+            self.store.write(step_name(at), state)
+            self.store.prune(t.checkpoint_keep)
+        if validate:
+            self.validate(at, state["params"].numpy())
+
     def recover(self, supervisor: Supervisor, err: Exception, failed: int) -> int:
         """Recover from a fault at step ``failed`` (``Supervisor.recover``); returns the step to go on from."""
         next_step = supervisor.recover(err, failed)
+        self.catch_up(supervisor, range(failed + 1, next_step + 1))
         self.monitor.log_fault(next_step, supervisor.recoveries)
         print(
             f"recovered from a fault at step {failed} ({type(err).__name__}); continuing at step {next_step} "

@@ -44,6 +44,8 @@ def test_yaml_then_overrides(tmp_path):
         ("algorithm.implementation=fast", "choose one of: auto, vmap, loop, batched"),
         ("cluster.engine=threads", "choose one of: auto, compiled, tasks"),
         ("train.steps=0", "train.steps must be >= 1"),
+        ("eval.shots=[1, 5, 1]", r"eval.shots lists a value more than once \(\[1, 5, 1\]\)"),
+        ("eval.inner_steps=[3, 3]", "eval.inner_steps lists a value more than once"),
         ("train.steps=ten", "train.steps must be int"),
         ("train.steps=true", "train.steps must be int"),
         ("algorithm.inner_lr=-1", "algorithm.inner_lr must be > 0"),

@@ -9,7 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from distmeta.cli import main
-from distmeta.data.download import DownloadError
+from distmeta.data.download import DownloadError, download
 from distmeta.data.omniglot import PARTS, fetch_omniglot
 from distmeta.data.shards import ShardedDataset
 
@@ -67,3 +67,26 @@ def test_offline_fetch_says_how_to_build_from_a_local_copy(tmp_path, capsys):
 def test_a_missing_file_on_the_mirror_is_named(mirror, tmp_path):
     with pytest.raises(DownloadError, match=r"answered HTTP 404 .*is the URL right\? Build from a local copy"):
         fetch_omniglot(tmp_path, url=f"{mirror}/nothing", progress=lambda line: None)
+
+
+class CutOffHandler(QuietHandler):
+    """Promises 1,000 bytes, sends 10, closes the connection."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+        self.close_connection = True
+
+
+def test_a_download_cut_short_is_named_and_nothing_is_kept(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutOffHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/images_background.zip"
+    try:
+        with pytest.raises(DownloadError, match="the connection ended after 10 of its 1,000 bytes; try again"):
+            download(url, tmp_path / "a.zip", "0" * 32, "or build from a local copy", progress=lambda line: None)
+    finally:
+        server.shutdown()
+    assert list(tmp_path.iterdir()) == []

@@ -117,10 +117,27 @@ def test_bad_folder_datasets_are_named(tmp_path):
     (tmp_path / "split.json").write_text(json.dumps({"train": ["g"]}))
     with pytest.raises(ShardError, match="notes.txt is not an image Pillow can read"):
         build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
-    (tmp_path / "split.json").write_text(json.dumps({"train": ["a", "g"], "test": ["g"]}))
-    with pytest.raises(ShardError, match="lists the class\\(es\\) g more than once"):
-        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    for twice in ({"train": ["a", "g"], "test": ["g"]}, {"train": ["a", "g/"], "test": ["./g"]}):
+        (tmp_path / "split.json").write_text(json.dumps(twice))  # the same folder, however it is written
+        with pytest.raises(ShardError, match="lists the class\\(es\\) g more than once"):
+            build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
     for malformed in (["a", "g"], {"train": "a"}):
         (tmp_path / "split.json").write_text(json.dumps(malformed))
         with pytest.raises(ShardError, match="must be a JSON object of class-name lists"):
             build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+
+
+def test_16_bit_grayscale_images_keep_their_tones(tmp_path):
+    """A 16-bit PNG (Pillow's I;16) scaled to 8 bits, not clipped at 255 (which made every pixel
+    above 1/256 of full scale white)."""
+    tones = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040  # 0 .. 65520
+    for name in ("a", "b"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(tones[::-1] if i else tones).save(tmp_path / "src" / name / f"{i}.png")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a"], "test": ["b"]}))
+    build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    data = ShardedDataset(tmp_path / "out")
+    assert data.image_shape == (1, 8, 8)  # grayscale, found from the files
+    stored = data.images(data.classes[0]["shard"])[data.classes[0]["first_row"]][0]
+    np.testing.assert_array_equal(stored, np.rint(tones / 257).astype(np.uint8))

@@ -115,7 +115,7 @@ def test_outer_step_size_anneals_linearly_to_its_final_value():
     )
     server = ParameterServer(cfg, np.zeros(1))
     lrs = [server.apply(StepControl(s), result(s, 0, [-1.0], 1)).lr for s in range(5)]
-    assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert lrs == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])  # step i of n at i / n, as Reptile's code
     assert server.parameters()[0] == pytest.approx(sum(lrs))
 
 

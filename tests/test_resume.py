@@ -101,6 +101,24 @@ def test_a_run_stopped_by_a_signal_and_resumed_ends_bit_identical(tmp_path, cli_
         assert scalars(runs["stopped"], tag) == scalars(straight, tag), tag  # each step once
 
 
+def test_a_stop_in_the_last_logging_window_still_writes_final_pt(tmp_path, cli_env):
+    """After step 50 the next logging step is the last: a SIGTERM there lets training finish, so
+    final.pt is written and the command says how to test it (only the test evaluation is skipped)."""
+    run = [*RUN, "train.steps=300", "train.log_every=300", "train.eval_every=0"]
+    stopped = launch(["--logdir", str(tmp_path), "run_name=late", *run], cli_env)
+    first = tmp_path / "late" / "checkpoints" / step_name(50)
+    deadline = time.time() + 240
+    while not first.exists() and stopped.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)
+    out = stopped.communicate(timeout=120)[0]
+    assert stopped.returncode == 128 + signal.SIGTERM, out[-3000:]
+    final = tmp_path / "late" / "checkpoints" / "final.pt"
+    assert "SIGTERM: training finished, the test evaluation skipped at step 300" in out
+    assert f"test with: distmeta evaluate --checkpoint {final}" in out and "resume with" not in out
+    assert read_checkpoint(final)["step"] == 300
+
+
 def _newest(run_dir: Path) -> Path:
     return max((run_dir / "checkpoints").glob("step_*.pt"))
 
@@ -156,6 +174,7 @@ def test_resume_from_an_earlier_checkpoint_and_on_another_number_of_workers(ray_
     cfg, run_dir = prepare_resume(str(tmp_path / "a" / "checkpoints" / step_name(20)), ["cluster.num_workers=3"], {})
     assert run_dir == tmp_path / "a" and cfg.cluster.num_workers == 3
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("set-aside-*/*")) == [
+        "final.pt",  # the run goes on past it
         step_name(30),
         step_name(40),
     ]
@@ -164,15 +183,33 @@ def test_resume_from_an_earlier_checkpoint_and_on_another_number_of_workers(ray_
     np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_checkpoints_record_the_implementation_auto_chose(ray_local, tmp_path):
+    """A resumed run computes with it rather than timing again (another choice rounds differently);
+    a resume on other hardware may ask for auto again."""
+    train(small("train.steps=4", "train.checkpoint_every=2", "algorithm.implementation=auto"), tmp_path / "a")
+    for name in (step_name(2), "final.pt"):
+        chosen = read_checkpoint(tmp_path / "a" / "checkpoints" / name)["config"]["algorithm"]["implementation"]
+        assert chosen in ("vmap", "loop", "batched")
+    cfg, run_dir = prepare_resume(str(tmp_path / "a"), ["train.steps=6", "algorithm.implementation=auto"], {})
+    release(run_dir)
+    assert cfg.algorithm.implementation == "auto"
+
+
 def test_resume_refuses_what_it_cannot_do_exactly(ray_local, tmp_path):
-    cfg = small("train.steps=20", "train.checkpoint_every=10")
+    cfg = small("train.steps=20", "train.checkpoint_every=10", "meta_optimizer.final_lr=0.0001")
     train(cfg, tmp_path / "a")
     with pytest.raises(ConfigError, match="cannot change algorithm.inner_lr"):
         prepare_resume(str(tmp_path / "a"), ["algorithm.inner_lr=0.5"], {})
+    with pytest.raises(ConfigError, match="anneals its learning rate linearly over train.steps=20"):
+        prepare_resume(str(tmp_path / "a"), ["train.steps=30"], {})  # every later step's rate would change
     with pytest.raises(ConfigError, match="at step 20, and the run ends at train.steps=20"):
         prepare_resume(str(tmp_path / "a"), [], {})
     with pytest.raises(ConfigError, match="already has checkpoints .* --resume"):
         train(cfg, tmp_path / "a")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)  # a run that died after a validation, before a checkpoint
+    shutil.copy(tmp_path / "a" / "checkpoints" / "final.pt", tmp_path / "b" / "checkpoints" / "best.pt")
+    with pytest.raises(ConfigError, match="already holds best.pt of an earlier run .* another run_name"):
+        train(cfg, tmp_path / "b")
     with pytest.raises(ConfigError, match="no run under .* has a checkpoint"):
         prepare_resume("latest", [f"logdir={tmp_path / 'empty'}"], {})
     (tmp_path / "a-file").write_text("")
@@ -228,9 +265,11 @@ def test_final_pt_resumes_and_a_resume_never_overwrites_a_step_file(trained, tmp
     run_dir = _copy_run(trained, tmp_path)
     folder = run_dir / "checkpoints"
     own_20 = (folder / step_name(20)).read_bytes()
+    best_step = read_checkpoint(folder / "best.pt")["step"]
     _, resumed = prepare_resume(str(folder / "final.pt"), ["train.steps=30"], {})
     release(resumed)
     assert [p.read_bytes() for p in folder.glob(f"set-aside-*/{step_name(20)}")] == [own_20]
+    assert not (folder / "final.pt").exists() and (folder / "best.pt").exists()  # best.pt is of step 10 or 20
 
     store = CheckpointStore(folder)  # a step file that differs from the checkpoint resumed from
     state = read_checkpoint(folder / step_name(10))
@@ -242,6 +281,7 @@ def test_final_pt_resumes_and_a_resume_never_overwrites_a_step_file(trained, tmp
     release(resumed)
     assert resumed == run_dir
     assert different in [p.read_bytes() for p in folder.glob(f"set-aside-*/{step_name(10)}")]  # kept, aside
+    assert (folder / "best.pt").exists() == (best_step <= 10)  # a best of step 20 is the future of step 10
     np.testing.assert_array_equal(read_checkpoint(folder / step_name(10))["params"], state["params"])
 
 

@@ -168,6 +168,59 @@ def test_steps_with_non_finite_updates_are_rejected_and_a_run_of_them_stops_trai
     assert "step 0 rejected: worker 1 sent a non-finite update for tasks 4..6" in out
 
 
+def test_a_resumed_run_counts_rejected_steps_on_from_its_earlier_part(ray_local, tmp_path, capsys):
+    from distmeta.resume import prepare_resume
+
+    bad = ["train.dtype=float32", "algorithm.inner_lr=1e38", "train.steps=8", "train.checkpoint_every=4"]
+    train(small(*bad, "train.max_rejected_steps=100", f"logdir={tmp_path}", "run_name=run"), tmp_path / "run")
+    assert "8 steps in a row" not in capsys.readouterr().out  # all 8 rejected, under the limit
+    cfg, run_dir = prepare_resume(str(tmp_path / "run"), ["train.steps=12", "train.max_rejected_steps=10"], {})
+    stop = r"10 steps in a row had non-finite updates \(the last at step 9\)"  # 8 before the resume, 2 after
+    with pytest.raises(FloatingPointError, match=stop):
+        train(cfg, run_dir, resume=True)
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    counted = {e.step: e.value for e in events.Scalars("faults/rejected_steps")}
+    assert counted == {step: float(step) for step in range(1, 11)}  # one count, on across the resume
+
+
+def test_steps_applied_before_a_fault_dropped_their_results_still_get_their_checkpoint(ray_local, tmp_path):
+    """A straggler can finish while its step is cancelled, and a call of several steps can fail
+    after applying some: the servers are then past the failed step, and what those steps were due
+    (here step 5's checkpoint and validation) is made from the state the servers hold."""
+    from distmeta.checkpoint import BestCheckpoint
+    from distmeta.runtime.control import Schedule
+    from distmeta.runtime.monitor import Monitor
+    from distmeta.runtime.supervisor import Supervisor
+    from distmeta.train import StepResults
+
+    cfg = small("train.steps=20", "train.checkpoint_every=5", "train.eval_every=5", "train.eval_tasks=4")
+    cfg = load_config(None, ["cluster.gpus_per_worker=0"], base=cfg.to_dict())  # the layout train would plan
+    store = CheckpointStore(tmp_path / "checkpoints")
+    supervisor = Supervisor(cfg, initial_parameters(cfg, build_source(cfg.task)), store.location)
+    results = StepResults(cfg, Monitor(tmp_path, cfg), store, BestCheckpoint(cfg, store))
+    try:
+        supervisor.start()
+        for step in range(7):  # steps 0-3 handled; the fault drops the results of 4-6, which the server applied
+            controls = Schedule.of(cfg.train).controls(step, 1, supervisor.generation)
+            outcome = supervisor.engine.result(supervisor.engine.submit(controls), 60)
+            if step < 4:
+                results.handle_all(outcome)
+        assert store.step_files() == []
+        results.catch_up(supervisor, range(4 + 1, supervisor.status().step + 1))
+        ((at, name),) = store.step_files()
+        written = read_checkpoint(store.uri(name))
+        assert at == written["step"] == 7
+        np.testing.assert_array_equal(written["params"], supervisor.checkpoint_state()["params"])
+        while results.evaluations:
+            results.collect_evaluations()
+    finally:
+        supervisor.close()
+        supervisor.kill_all()
+        results.monitor.close()
+    assert read_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 7  # validated, and the only one
+
+
 def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"1 GPUs, but the Ray cluster has 0 .*CPU=4"):
         train(small("cluster.gpus_per_worker=1"), tmp_path / "run")
@@ -194,6 +247,25 @@ def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path)
     mse = [(0.5, 0), (0.4, 1), (0.6, 0), (float("nan"), 0), (0.5, 0), (0.3, 0)]
     assert kept_steps("mse", mse) == [1, 1, 1, 1, 1, 6]
     assert kept_steps("accuracy", [(0.5, 0), (0.7, 0), (0.6, 0), (0.7, 0)]) == [1, 2, 2, 2]
+
+
+def test_a_resumed_runs_best_checkpoint_competes_only_under_the_same_protocol(tmp_path, capsys):
+    """Validation over more tasks (or other shots, steps, ways) after a resume is another measure:
+    the earlier best is kept aside, not compared with."""
+    from distmeta.checkpoint import BestCheckpoint
+    from distmeta.report import EvalRow
+
+    store = CheckpointStore(tmp_path)
+    BestCheckpoint(small(), store).offer(3, np.full(3, 3.0), [EvalRow(0, 5, 1, "mse", 0.1, 0.0, 0.1, 0, 20)])
+    resumed = BestCheckpoint(small(), store)  # the earlier part's best: 0.1 over 20 tasks
+    resumed.offer(5, np.full(3, 5.0), [EvalRow(0, 5, 1, "mse", 0.3, 0.0, 0.3, 1, 200)])
+    assert read_checkpoint(resumed.location)["step"] == 5  # worse than 0.1, but over 200 tasks: a new measure
+    assert read_checkpoint(tmp_path / "best-mse_shots5_steps1-20tasks.pt")["step"] == 3
+    assert "best.pt starts afresh (the earlier best, step 3, is kept as best-mse_shots5_steps1-20tasks.pt)" in (
+        capsys.readouterr().out
+    )
+    resumed.offer(6, np.full(3, 6.0), [EvalRow(0, 5, 1, "mse", 0.4, 0.0, 0.4, 0, 200)])
+    assert read_checkpoint(resumed.location)["step"] == 6  # fewer diverged, under the same measure
 
 
 def test_the_schedule_names_each_step_s_extras():

@@ -1,17 +1,20 @@
 """Omniglot ingest from the official zips, the shard format, and episodes read from the shards."""
 
+import hashlib
 import io
 import json
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from distmeta.config import load_config
-from distmeta.data.shards import ShardedDataset, ShardError
+from distmeta.data.shards import ClassImages, ShardedDataset, ShardError, write_shards
 from distmeta.tasks import build_source, task_rng
 from distmeta.tasks.episodes import distinct_choices
 
@@ -113,6 +116,23 @@ def test_distinct_choices_are_uniform_k_subsets_in_random_order():
     assert counts.min() > 1800 and counts.max() < 2200
 
 
+def test_many_ways_of_a_few_times_more_classes_are_drawn_at_once():
+    """200 of 1,028 classes: a row drawn with replacement has no repeat with chance 1e-9, so
+    redrawing such rows until none repeats would never end."""
+
+    def hung(signum, frame):
+        raise TimeoutError("distinct_choices(200 of 1,028) still redrawing after 30 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        picks = distinct_choices(np.random.default_rng(0), 8, 200, 1028)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert picks.shape == (8, 200) and all(len(set(row)) == 200 for row in picks) and picks.max() < 1028
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -123,8 +143,11 @@ def test_distinct_choices_are_uniform_k_subsets_in_random_order():
     ],
 )
 def test_impossible_episodes_are_named_before_training(omniglot_shards, overrides, message):
+    from distmeta.train import _checked_source
+
+    cfg = load_config(None, ["task.source=shards", "model.name=conv4", f"task.shards={omniglot_shards}", *overrides])
     with pytest.raises(ShardError, match=message):
-        episodes(omniglot_shards, *overrides)
+        _checked_source(cfg)
 
 
 def test_damaged_shards_are_caught(omniglot_shards, tmp_path):
@@ -158,6 +181,43 @@ def test_damaged_shards_are_caught(omniglot_shards, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="version 99; this distmeta reads"):
         ShardedDataset(old)
+
+
+def test_crafted_manifests_and_compressed_shards_are_named(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = [ClassImages(f"c{i}", "g", rng.integers(0, 256, (3, 1, 4, 4), dtype=np.uint8)) for i in range(4)]
+    write_shards(tmp_path / "good", classes, {"s/train": [0, 1], "s/test": [2, 3], "other/train": [0, 2]})
+    assert len(ShardedDataset(tmp_path / "good").classes) == 4  # schemes may reuse classes; splits of one may not
+
+    def edited(name, **changes):
+        target = tmp_path / name
+        shutil.copytree(tmp_path / "good", target)
+        manifest = json.loads((target / "manifest.json").read_text()) | changes
+        (target / "manifest.json").write_text(json.dumps(manifest))
+        return target
+
+    cases = [
+        ({"splits": {"s/train": [0, 1], "s/test": [1, 3]}}, r"'s/test' and 's/train' share the class\(es\) \[1\]"),
+        ({"splits": {"s/train": [0, 1, 0]}}, r"splits\['s/train'\] lists a class more than once"),
+        ({"image_shape": [1, 2**32, 2**32]}, "more than an Arrow row holds"),  # its product wrapped to 0 in int64
+    ]
+    for i, (changes, message) in enumerate(cases):
+        with pytest.raises(ShardError, match=message):
+            ShardedDataset(edited(f"case{i}", **changes))
+
+    # another Arrow writer's compressed file: its rows are decompressed elsewhere, not read from the file
+    compressed = edited("compressed")
+    path = compressed / "shard-00000.arrow"
+    table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    manifest = json.loads((compressed / "manifest.json").read_text())
+    manifest["shards"][0] |= {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (compressed / "manifest.json").write_text(json.dumps(manifest))
+    for map_bytes in (1 << 20, 0):  # mapped whole, or read row by row
+        with pytest.raises(ShardError, match="is a compressed Arrow file; rebuild it"):
+            ShardedDataset(compressed, map_bytes=map_bytes)
 
 
 def test_bad_sources_are_named(tmp_path):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from distmeta.algorithms import build_learner
 from distmeta.checkpoint import CheckpointStore, checkpoint_record
@@ -145,3 +147,45 @@ def test_the_baseline_keeps_its_head_over_the_training_classes_on_another_datase
     cfg.eval.num_tasks, cfg.eval.inner_steps = 20, [0, 5]
     rows = evaluate(cfg, params, model_data=(spec, "classification"))
     assert [r.steps for r in rows] == [0, 5] and all(r.tasks == 20 for r in rows)
+
+
+def test_a_dataset_of_test_classes_alone_scores_a_checkpoint(tmp_path):
+    """Held-out episodes of another dataset need none of its training split (here: empty), nor
+    classes big enough for the checkpoint's training episodes."""
+    from distmeta.checkpoint import load_checkpoint
+    from distmeta.data.folder import build_folder
+    from distmeta.train import _checked_source
+
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        (tmp_path / "src" / f"c{c}").mkdir(parents=True)
+        for i in range(4):  # fewer than the checkpoint's training shots + queries
+            Image.fromarray(rng.integers(0, 256, (20, 16), dtype=np.uint8)).save(
+                tmp_path / "src" / f"c{c}" / f"{i}.png"
+            )
+    (tmp_path / "splits.json").write_text(json.dumps({"test": [f"c{c}" for c in range(6)]}))
+    build_folder(tmp_path / "src", tmp_path / "mine", 16, tmp_path / "splits.json", progress=lambda m: None)
+    cfg, params, _ = load_checkpoint(image_checkpoint(tmp_path / "run", 16))
+    cfg, model_data = on_other_data(cfg, params.size, str(tmp_path / "mine"), "test")
+    cfg.eval.num_tasks, cfg.eval.shots, cfg.eval.queries = 10, [1], 3
+    (row,) = evaluate(cfg, params, model_data=model_data)
+    assert row.tasks == 10 and 0 <= row.mean <= 1
+    # training on them is refused up front, naming the empty split
+    train_cfg = load_config(None, ["task.source=shards", "model.name=conv4", f"task.shards={tmp_path / 'mine'}"])
+    train_cfg = load_config(None, ["task.split_scheme=default", "task.rotations=false"], base=train_cfg.to_dict())
+    with pytest.raises(ShardError, match="split 'train' has only 0 classes"):
+        _checked_source(train_cfg)
+
+
+def test_rotations_of_images_that_are_not_square_are_refused(tmp_path):
+    from distmeta.config import ConfigError
+    from distmeta.data.shards import ClassImages, write_shards
+
+    images = np.zeros((4, 1, 8, 12), np.uint8)
+    write_shards(tmp_path / "wide", [ClassImages(f"c{i}", "g", images) for i in range(6)], {"s/train": list(range(6))})
+    cfg = load_config(None, ["task.source=shards", "model.name=conv4", f"task.shards={tmp_path / 'wide'}"])
+    cfg = load_config(None, ["task.split_scheme=s"], base=cfg.to_dict())
+    with pytest.raises(ConfigError, match="shards at .* hold 8x12 images: set task.rotations=false"):
+        build_source(cfg.task)
+    cfg = load_config(None, ["task.rotations=false"], base=cfg.to_dict())
+    assert build_source(cfg.task).spec.input_shape == (1, 8, 12)

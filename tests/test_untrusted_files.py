@@ -130,10 +130,20 @@ def test_a_hand_written_header_cannot_name_anything_but_data():
             tensorfile.loads(forged(hostile))
     # sizes whose product wraps round to 0 in int64 (no bytes needed, 2**64 elements allocated), or
     # that are no sizes: refused before any tensor is made
-    for shape in [[2**32, 2**32], [0, 2**64], [-1, -2], [1.5], "12", [True]]:
+    for shape in [[2**32, 2**32], [0, 2**64], [2**62, 2**62, 0], [-1, -2], [1.5], "12", [True]]:
         entry = {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
         with pytest.raises(tensorfile.TensorFileError, match="tensor 't'"):
             tensorfile.loads(forged('{"params": {"$tensor": "t"}}', {"t": entry}))
+
+
+def test_a_checkpoint_of_parameters_training_never_writes_is_refused(tmp_path):
+    for params, what in [
+        (torch.zeros(3, dtype=torch.bfloat16), "params are torch.bfloat16"),
+        (torch.zeros(2, 2), "flat"),
+    ]:
+        (tmp_path / "odd.pt").write_bytes(tensorfile.dumps({"params": params, "config": Config().to_dict()}))
+        with pytest.raises(CheckpointError, match=what):
+            read_checkpoint(tmp_path / "odd.pt")
 
 
 @pytest.fixture

@@ -47,6 +47,11 @@ def download(url: str, dest: Path, md5: str, fallback: str, progress=print, time
         else:  # a local failure: disk full, permissions
             problem = f"could not write {part} ({err})"
         raise DownloadError(f"{problem} {fallback}") from None
+    if total and done != total:  # the connection closed early: http.client's read() does not say
+        part.unlink()
+        raise DownloadError(
+            f"{url}: the connection ended after {done:,} of its {total:,} bytes; try again, or {fallback}"
+        )
     if digest.hexdigest() != md5:
         part.unlink()
         raise DownloadError(

@@ -44,7 +44,9 @@ def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]
     unknown = set(assignment) - set(SPLITS)
     if unknown:
         raise ShardError(f"split file {splits_file} names splits {sorted(unknown)}; use {', '.join(SPLITS)}")
-    twice = sorted(name for name, n in Counter(n for names in assignment.values() for n in names).items() if n > 1)
+    # by the folder named, not the text: "cat", "cat/" and "./cat" are one class
+    named = Counter((src / n).resolve() for names in assignment.values() for n in names)
+    twice = sorted(folder.name for folder, n in named.items() if n > 1)
     if twice:  # its images would be trained on and tested on
         raise ShardError(f"split file {splits_file} lists the class(es) {', '.join(twice[:5])} more than once")
     pairs = []
@@ -87,7 +89,7 @@ def build_folder(
         if not members:
             raise ShardError(f"class folder {folder} holds no images; remove it or add images")
     if channels is None:  # grayscale only if every image is
-        grayscale = all(_mode(p) in ("1", "L", "LA", "I;16") for members in files.values() for p in members)
+        grayscale = all(_mode(p) in ("1", "L", "LA", "I", "I;16") for members in files.values() for p in members)
         channels = 1 if grayscale else 3
     fmt = ImageFormat(channels=channels, height=image_size, width=image_size, invert=invert)
     classes, splits = [], {f"default/{split}": [] for split in SPLITS}

@@ -35,6 +35,9 @@ def prepare(image: Image.Image, fmt: ImageFormat) -> np.ndarray:
     orientation says (a phone's portrait photo), transparent parts on white (a drawing app's strokes
     on a transparent PNG would otherwise turn into a black square)."""
     image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit grayscale (I;16, or I from older Pillows): convert would clip at 255
+        wide = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:  # an alpha, or a keyed colour
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     mode = "L" if fmt.channels == 1 else "RGB"

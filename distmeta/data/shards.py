@@ -16,7 +16,9 @@ were); the sizes and SHA-256s catch a truncated or corrupted shard before traini
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -146,6 +148,8 @@ def _check_manifest(manifest: dict) -> None:
     shape = _field(manifest, "image_shape", list, "")
     if len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
         raise ShardError(f"image_shape must be [channels, height, width] of positive integers, got {shape!r}")
+    if math.prod(shape) >= 2**31:  # an Arrow fixed-size binary's width is an int32
+        raise ShardError(f"image_shape {shape} is {math.prod(shape)} bytes an image, more than an Arrow row holds")
     if "inverted" in manifest:
         _field(manifest, "inverted", bool, "")
     shards = _field(manifest, "shards", list, "")
@@ -175,6 +179,15 @@ def _check_manifest(manifest: dict) -> None:
     for name, members in splits.items():
         if not isinstance(members, list) or not all(_is_int(m) and 0 <= m < len(classes) for m in members):
             raise ShardError(f"splits[{name!r}] must be a list of class indices 0..{len(classes) - 1}")
+        if len(set(members)) < len(members):  # one episode could draw it twice, under two labels
+            raise ShardError(f"splits[{name!r}] lists a class more than once")
+    for name, other in itertools.combinations(sorted(splits), 2):  # a scheme's splits share no class
+        shared = set(splits[name]) & set(splits[other])
+        if name.rpartition("/")[0] == other.rpartition("/")[0] and shared:
+            raise ShardError(
+                f"splits {name!r} and {other!r} share the class(es) {sorted(shared)[:5]}: "
+                "what is trained on would be tested on"
+            )
 
 
 def _field(entry, key: str, kind: type, where: str):
@@ -222,7 +235,7 @@ class ShardedDataset:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.image_shape = tuple(self.manifest["image_shape"])
-        self.image_bytes = int(np.prod(self.image_shape))
+        self.image_bytes = math.prod(self.image_shape)
         self.classes = self.manifest["classes"]
         self.splits = {name: np.asarray(members, dtype=np.int64) for name, members in self.manifest["splits"].items()}
         total = sum(shard["bytes"] for shard in self.manifest["shards"])
@@ -248,15 +261,17 @@ class ShardedDataset:
             table = pa.ipc.open_file(pa.BufferReader(buffer)).read_all()
         except (pa.ArrowInvalid, ValueError) as err:
             raise ShardError(f"shard {path} is not a readable Arrow IPC file ({err})") from None
-        column = table.column("image")
         if (
             not table.schema.equals(schema(self.image_bytes))
             or table.num_rows != shard["rows"]
-            or column.num_chunks != 1
+            or table.column("image").num_chunks != 1
         ):
             raise ShardError(f"shard {path}: schema, rows or batches differ from the manifest ({table.schema})")
         # chunk(0), not combine_chunks(): the latter copies the column into memory even for one chunk
-        images = column.chunk(0).buffers()[1]
+        images = table.column("image").chunk(0).buffers()[1]
+        if not buffer.address <= images.address <= buffer.address + buffer.size - images.size:
+            # a compressed file's rows are decompressed elsewhere: no offset in the file to read them at
+            raise ShardError(f"shard {path} is a compressed Arrow file; rebuild it with `distmeta data build ...`")
         self._files.append((None if self.mapped else os.open(path, os.O_RDONLY), images.address - buffer.address))
         data = np.frombuffer(images, dtype=np.uint8, count=table.num_rows * self.image_bytes)
         data.flags.writeable = False  # a view of the memory-mapped file

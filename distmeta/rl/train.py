@@ -206,10 +206,11 @@ def _train(
         train_s = time.time() - train_started
         checkpoint = store.write(step_name(state.step), checkpoint_of(cfg, state))
         store.prune(t.checkpoint_keep)
+        if state.step == t.steps:  # a stop in the last logging window still finished training
+            checkpoint = store.write("final.pt", checkpoint_of(cfg, state))
         if stopped:
             monitor.close()
-            raise RunInterrupted(stopped, state.step, checkpoint, run_dir)
-        checkpoint = store.write("final.pt", checkpoint_of(cfg, state))
+            raise RunInterrupted(stopped, state.step, checkpoint, run_dir, finished=state.step == t.steps)
         if best.row:
             print(
                 f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True

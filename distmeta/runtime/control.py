@@ -150,3 +150,4 @@ class MetaOptimizerStatus:
     step: int = 0  # the step due next (the parameters' version)
     restored_from: str | None = None  # the checkpoint it started from, if any
     next_draw: int = 0  # the task stream's next batch not yet seen in an update (the stream's cursor)
+    rejected_steps: tuple[int, ...] = ()  # steps whose non-finite update was not applied

@@ -78,7 +78,8 @@ class MetaOptimizer:
             return opt.lr * opt.decay_factor ** (step // opt.decay_every)
         if opt.final_lr is None:
             return opt.lr
-        progress = min(1.0, step / max(1, self.cfg.train.steps - 1))
+        # step i of n at i / n of the way, as Reptile's code anneals (its last step is not lost to a 0 rate)
+        progress = min(1.0, step / self.cfg.train.steps)
         return opt.lr + (opt.final_lr - opt.lr) * progress
 
     def next_draw(self) -> int:
@@ -87,7 +88,7 @@ class MetaOptimizer:
 
     def status(self) -> MetaOptimizerStatus:
         """Where it stands: the step due next, the checkpoint it started from, the stream's cursor."""
-        return MetaOptimizerStatus(self.step, self.restored_from, self.next_draw())
+        return MetaOptimizerStatus(self.step, self.restored_from, self.next_draw(), tuple(self.rejected_steps))
 
     def check_step(self, step: int, results: tuple[WorkerUpdate, ...] | list[WorkerUpdate]) -> None:
         """Synchronous mode: raise unless ``results`` are all updates for ``step``, the one due next."""

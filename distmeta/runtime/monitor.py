@@ -89,7 +89,8 @@ def run_writer(run_dir: Path, cfg: Config, start_step: int) -> CheckedWriter:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout):
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout, rejected_before: int = 0):
+        """``rejected_before``: steps a resumed run's earlier part rejected (its count goes on from there)."""
         self.cfg, self.out, self.schedule = cfg, out, Schedule.of(cfg.train)
         self.writer = run_writer(run_dir, cfg, start_step)
         self.last_step = start_step  # steps re-run after a fault are not logged again
@@ -102,7 +103,7 @@ class Monitor:
         self.recent_steps: list[float] = []
         self.latest: dict = {}
         self.total_tasks = self.total_step_s = 0.0  # every timed step of the run, for tasks_per_s
-        self.rejected = 0
+        self.rejected = rejected_before
         self.staleness: list[int] = []  # asynchronous mode: this logging window's updates
         self.recent_staleness: deque[int] = deque(maxlen=200)
         self.dropped = 0

@@ -30,6 +30,7 @@ from distmeta.data.shards import ShardError
 from distmeta.models import DataSpec
 from distmeta.params import shard_bounds
 from distmeta.runtime.allreduce import Group
+from distmeta.runtime.control import MetaOptimizerStatus
 from distmeta.runtime.engine import ENGINES, Actors, Engine, choose_engine
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.parameter_server import ParameterServer
@@ -214,10 +215,11 @@ class Supervisor:
         self.away[rank] = self.workers[rank].__ray_ready__.remote()
         self.live = [r for r in self.live if r != rank]
 
-    def restored_from(self) -> str | None:
+    def status(self) -> MetaOptimizerStatus:
+        """Where the meta-optimizer stands (the run reads the first server's, or first replica's)."""
         if self.group:
-            return self.group.first_copy(self.live, "replica_status").restored_from
-        return ray.get(self.servers[0].status.remote()).restored_from
+            return self.group.first_copy(self.live, "replica_status")
+        return ray.get(self.servers[0].status.remote(), timeout=self.cfg.cluster.step_timeout_s)
 
     def rejoin_ready(self) -> bool:
         """True if a worker that left the split is back (the caller drains its steps and restarts)."""

@@ -22,9 +22,10 @@ ROTATIONS = 4
 
 def distinct_choices(rng: np.random.Generator, rows: int, k: int, n: int) -> np.ndarray:
     """[rows, k] integers in [0, n), distinct within each row, each row a uniform random k-subset in
-    random order. Draws with replacement and redraws the rare rows with a repeat: for k << n this
-    is much cheaper than ranking n random keys per row."""
-    if k > n // 4:  # repeats are common: rank random keys instead
+    random order. Draws with replacement and redraws the rows with a repeat: for k << n this is much
+    cheaper than ranking n random keys per row. A row has no repeat with chance about exp(-k^2 / 2n),
+    so past k^2 = 4n (one row in 7.4) the redraws could run for ever: rank instead."""
+    if k > n // 4 or k * k > 4 * n:  # repeats are common: rank random keys instead
         return np.argsort(rng.random((rows, n)), axis=1)[:, :k]
     picks = rng.integers(0, n, (rows, k))
     while True:
@@ -72,8 +73,17 @@ class ShardEpisodes:
         self.pools = {s: self.data.split(f"{scheme}/{s}") for s in self.splits}
         if train_with_val:
             self.pools["train"] = np.concatenate([self.data.split(f"{scheme}/{s}") for s in ("train", "val")])
-        train_classes = len(self.pool("train")) * (ROTATIONS if rotations else 1)  # raises if the scheme is unknown
-        self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=train_classes if class_labels else ways)
+        if not self.splits:
+            self.pool("train")  # raises, naming the split the manifest lacks
+        # episode labels need no training split: held-out episodes of another dataset (evaluate --shards)
+        outputs = len(self.pool("train")) * (ROTATIONS if rotations else 1) if class_labels else ways
+        self.spec = DataSpec(input_shape=self.data.image_shape, output_dim=outputs)
+        _, height, width = self.data.image_shape
+        if rotations and height != width:
+            raise ConfigError(
+                f"task.rotations=true turns training images by 90 degrees, but the shards at {root} hold "
+                f"{height}x{width} images: set task.rotations=false"
+            )
 
     @property
     def image_format(self) -> ImageFormat:
@@ -131,7 +141,7 @@ class ShardEpisodes:
     @classmethod
     def from_config(cls, cfg) -> ShardEpisodes:
         cls.check_options(cfg)
-        source = cls(
+        return cls(
             cfg.shards,
             cfg.split_scheme,
             cfg.ways,
@@ -140,8 +150,6 @@ class ShardEpisodes:
             class_labels=cfg.labels == "class",
             train_with_val=cfg.train_with_val,
         )
-        source.check("train", cfg.shots, cfg.queries)
-        return source
 
     def check(self, split: str, shots: int, queries: int) -> None:
         """Raise, naming the split or class, if ``split`` cannot give ways x (shots + queries) episodes."""

@@ -1,6 +1,8 @@
 """Synthetic N-way K-shot image classification: each class is a fixed random template, and its
 examples are noisy copies. Learnable, download-free and shaped like Omniglot or mini-ImageNet, for
-tests and benchmarks of the image path before real shards are at hand."""
+tests and benchmarks of the image path before real shards are at hand. A fifth of the classes are
+held out; validation and test episodes both come from them (different episodes: each split has its
+own stream), so best.pt is chosen on the test classes: report final.pt's test score."""
 
 from __future__ import annotations
 
