@@ -101,7 +101,7 @@ class PlainLoop:
         m = self.cfg.meta_optimizer
         if m.final_lr is not None:  # Reptile's linear annealing, as the config says
             for group in self.opt.param_groups:
-                group["lr"] = m.lr + (m.final_lr - m.lr) * min(1.0, step / max(1, self.cfg.train.steps - 1))
+                group["lr"] = m.lr + (m.final_lr - m.lr) * min(1.0, step / self.cfg.train.steps)
         self.opt.zero_grad()
         self.step_fn(tasks)
         self.opt.step()

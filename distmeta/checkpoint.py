@@ -355,8 +355,8 @@ class BestCheckpoint:
     when evaluated, else the most evaluated): fewest diverged tasks first (a mean over the surviving
     tasks flatters a snapshot where some blew up), then accuracy or return up, MSE down. On a tie the
     earlier snapshot stays. A resumed run competes with its earlier part's best only under the same
-    protocol (the row's tag and task count: ``eval.*`` and ``train.eval_tasks`` may change on resume);
-    under another, the earlier one is kept beside it as ``best-<tag>-<tasks>tasks.pt``."""
+    protocol (``eval.*`` and ``train.eval_tasks`` may change on resume: scores over other episodes
+    are not compared); under another, the earlier one is kept as ``best-<tag>-<tasks>tasks-step<S>.pt``."""
 
     NAME = "best.pt"
 
@@ -364,29 +364,41 @@ class BestCheckpoint:
         self.cfg, self.store = cfg, store
         self.location = store.uri(self.NAME)
         self.row: EvalRow | None = None
-        self.step = 0
+        self.step, self.protocol = 0, None
         try:  # a resumed run competes with the best of its earlier part
             state = store.read(self.NAME)
             self.row, self.step = EvalRow(**state["validation"]["row"]), state["step"]
+            self.protocol = state["validation"].get("protocol")  # None: written before protocols were recorded
         except (CheckpointError, KeyError, TypeError):
             pass
+
+    def _protocol(self, row: EvalRow) -> list:
+        """What makes two validation scores comparable: the row (metric, ways, shots, steps), its
+        task count, and what chooses and scores the episodes."""
+        e = self.cfg.eval
+        return [row.tag, row.tasks, e.seed, e.queries, e.inner_batch_size, e.transductive]
 
     def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
         candidates = [r for r in rows if r.shots == rows[0].shots]
         trained = [r for r in candidates if r.steps == self.cfg.algorithm.inner_steps]
         row = trained[0] if trained else max(candidates, key=lambda r: r.steps)
-        if self.row is not None and (row.tag, row.tasks) != (self.row.tag, self.row.tasks):
-            kept = f"best-{self.row.tag}-{self.row.tasks}tasks.pt"
+        if not math.isfinite(row.mean):
+            return
+        protocol = self._protocol(row)
+        # a best.pt from before protocols were recorded: its row and task count alone
+        earlier = self.protocol or ([self.row.tag, self.row.tasks] if self.row else protocol)
+        if self.row is not None and earlier != protocol[: len(earlier)]:
+            kept = f"best-{self.row.tag}-{self.row.tasks}tasks-step{self.step}.pt"
             self.store.write(kept, self.store.read(self.NAME))
             print(
-                f"validation is now {row.tag} over {row.tasks} tasks, was {self.row.tag} over {self.row.tasks}: "
-                f"best.pt starts afresh (the earlier best, step {self.step}, is kept as {kept})",
+                f"validation is now {row.tag} over {row.tasks} tasks (eval.seed={protocol[2]}), not the earlier "
+                f"{self.row.tag} over {self.row.tasks}: best.pt starts afresh (the earlier best is kept as {kept})",
                 flush=True,
             )
             self.row = None
-        if not math.isfinite(row.mean) or (self.row is not None and _rank(row) >= _rank(self.row)):
+        if self.row is not None and _rank(row) >= _rank(self.row):
             return
-        self.row, self.step = row, step
+        self.row, self.step, self.protocol = row, step, protocol
         state = checkpoint_record(self.cfg, torch.from_numpy(params), step) | {
             "validation": {
                 "split": "val",
@@ -395,6 +407,7 @@ class BestCheckpoint:
                 "ci95": row.ci95,
                 "tasks": row.tasks,
                 "row": dataclasses.asdict(row),
+                "protocol": protocol,
             },
         }
         self.store.write(self.NAME, state)

@@ -366,7 +366,9 @@ def _adapt(args: argparse.Namespace) -> int:
     images = [path for files in support.values() for path in files]
     labels = [name for name, files in support.items() for _ in files]
     print(f"adapting {args.checkpoint} to {len(support)} classes, {len(images)} support images", file=sys.stderr)
-    predictor = adapt(args.checkpoint, images, labels, args.steps, args.device, overrides, invert=args.invert)
+    predictor = adapt(
+        args.checkpoint, images, labels, steps=args.steps, device=args.device, overrides=overrides, invert=args.invert
+    )
     predictions = predictor.predict(queries)
     print("query,predicted,probability")
     for path, prediction in zip(queries, predictions):

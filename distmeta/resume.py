@@ -74,10 +74,13 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
         print(f"resuming with changed settings: {', '.join(f'{k}={v!r}' for k, v in changed.items())}", flush=True)
     step = state["step"]
     if step >= cfg.train.steps:
-        raise ConfigError(
-            f"{location} is at step {step}, and the run ends at train.steps={cfg.train.steps}: "
-            f"pass train.steps=N with N > {step} to train further"
+        further = (
+            f"train further in a new run from its parameters (train.init_from={location}): its learning rate "
+            "anneals over train.steps (meta_optimizer.final_lr), which a resume keeps"
+            if cfg.meta_optimizer.final_lr is not None
+            else f"pass train.steps=N with N > {step} to train further"
         )
+        raise ConfigError(f"{location} is at step {step}, and the run ends at train.steps={cfg.train.steps}: {further}")
     store = CheckpointStore(checkpoint_location(cfg, run_dir))
     claim(run_dir)  # before anything moves: the run folder may be another live run's
     try:

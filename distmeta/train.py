@@ -83,7 +83,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> Tra
     started = time.time()
     check_run(cfg)  # a combination no component can run fails here, before Ray starts
     run_dir = Path(run_dir or Path(cfg.logdir) / run_name(cfg))
-    cfg = dataclasses.replace(cfg, run_name=run_dir.name)  # checkpoints record the run they belong to
+    # checkpoints record the run they belong to; the algorithm section is the run's own copy, as
+    # StepResults records auto's implementation in it (the caller's config keeps auto)
+    cfg = dataclasses.replace(cfg, run_name=run_dir.name, algorithm=dataclasses.replace(cfg.algorithm))
     if is_meta_rl(cfg):
         return train_meta_rl(cfg, run_dir, resume, started)
     source = _checked_source(cfg)  # bad data fails here, before Ray starts

@@ -186,7 +186,9 @@ def test_resume_from_an_earlier_checkpoint_and_on_another_number_of_workers(ray_
 def test_checkpoints_record_the_implementation_auto_chose(ray_local, tmp_path):
     """A resumed run computes with it rather than timing again (another choice rounds differently);
     a resume on other hardware may ask for auto again."""
-    train(small("train.steps=4", "train.checkpoint_every=2", "algorithm.implementation=auto"), tmp_path / "a")
+    cfg = small("train.steps=4", "train.checkpoint_every=2", "algorithm.implementation=auto")
+    train(cfg, tmp_path / "a")
+    assert cfg.algorithm.implementation == "auto"  # the run's copy records the choice, not the caller's config
     for name in (step_name(2), "final.pt"):
         chosen = read_checkpoint(tmp_path / "a" / "checkpoints" / name)["config"]["algorithm"]["implementation"]
         assert chosen in ("vmap", "loop", "batched")
@@ -202,8 +204,8 @@ def test_resume_refuses_what_it_cannot_do_exactly(ray_local, tmp_path):
         prepare_resume(str(tmp_path / "a"), ["algorithm.inner_lr=0.5"], {})
     with pytest.raises(ConfigError, match="anneals its learning rate linearly over train.steps=20"):
         prepare_resume(str(tmp_path / "a"), ["train.steps=30"], {})  # every later step's rate would change
-    with pytest.raises(ConfigError, match="at step 20, and the run ends at train.steps=20"):
-        prepare_resume(str(tmp_path / "a"), [], {})
+    with pytest.raises(ConfigError, match="at step 20, and the run ends at train.steps=20: train further in a new"):
+        prepare_resume(str(tmp_path / "a"), [], {})  # not "pass train.steps=N", which the schedule forbids
     with pytest.raises(ConfigError, match="already has checkpoints .* --resume"):
         train(cfg, tmp_path / "a")
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)  # a run that died after a validation, before a checkpoint

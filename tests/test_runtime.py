@@ -250,7 +250,7 @@ def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path)
 
 
 def test_a_resumed_runs_best_checkpoint_competes_only_under_the_same_protocol(tmp_path, capsys):
-    """Validation over more tasks (or other shots, steps, ways) after a resume is another measure:
+    """Validation over more tasks, or other episodes (eval.seed), after a resume is another measure:
     the earlier best is kept aside, not compared with."""
     from distmeta.checkpoint import BestCheckpoint
     from distmeta.report import EvalRow
@@ -258,14 +258,19 @@ def test_a_resumed_runs_best_checkpoint_competes_only_under_the_same_protocol(tm
     store = CheckpointStore(tmp_path)
     BestCheckpoint(small(), store).offer(3, np.full(3, 3.0), [EvalRow(0, 5, 1, "mse", 0.1, 0.0, 0.1, 0, 20)])
     resumed = BestCheckpoint(small(), store)  # the earlier part's best: 0.1 over 20 tasks
+    resumed.offer(4, np.full(3, 4.0), [EvalRow(0, 5, 1, "mse", float("nan"), 0.0, 0.1, 0, 200)])
+    assert read_checkpoint(resumed.location)["step"] == 3  # a non-finite score changes nothing
     resumed.offer(5, np.full(3, 5.0), [EvalRow(0, 5, 1, "mse", 0.3, 0.0, 0.3, 1, 200)])
     assert read_checkpoint(resumed.location)["step"] == 5  # worse than 0.1, but over 200 tasks: a new measure
-    assert read_checkpoint(tmp_path / "best-mse_shots5_steps1-20tasks.pt")["step"] == 3
-    assert "best.pt starts afresh (the earlier best, step 3, is kept as best-mse_shots5_steps1-20tasks.pt)" in (
+    assert read_checkpoint(tmp_path / "best-mse_shots5_steps1-20tasks-step3.pt")["step"] == 3
+    assert "best.pt starts afresh (the earlier best is kept as best-mse_shots5_steps1-20tasks-step3.pt)" in (
         capsys.readouterr().out
     )
     resumed.offer(6, np.full(3, 6.0), [EvalRow(0, 5, 1, "mse", 0.4, 0.0, 0.4, 0, 200)])
     assert read_checkpoint(resumed.location)["step"] == 6  # fewer diverged, under the same measure
+    other_episodes = BestCheckpoint(load_config(None, ["eval.seed=7"], base=small().to_dict()), store)
+    other_episodes.offer(7, np.full(3, 7.0), [EvalRow(0, 5, 1, "mse", 0.9, 0.0, 0.9, 0, 200)])
+    assert read_checkpoint(other_episodes.location)["step"] == 7  # the same row over other episodes
 
 
 def test_the_schedule_names_each_step_s_extras():

@@ -143,11 +143,14 @@ def test_many_ways_of_a_few_times_more_classes_are_drawn_at_once():
     ],
 )
 def test_impossible_episodes_are_named_before_training(omniglot_shards, overrides, message):
+    from distmeta.runtime.local import LocalLoop
     from distmeta.train import _checked_source
 
     cfg = load_config(None, ["task.source=shards", "model.name=conv4", f"task.shards={omniglot_shards}", *overrides])
     with pytest.raises(ShardError, match=message):
         _checked_source(cfg)
+    with pytest.raises(ShardError, match=message):  # the compute core without Ray checks alike
+        LocalLoop(cfg)
 
 
 def test_damaged_shards_are_caught(omniglot_shards, tmp_path):

@@ -26,9 +26,11 @@ class LocalLoop:
     def __init__(self, cfg: Config, device: torch.device | None = None):
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, server_shards=1))  # same math
         self.cfg, self.schedule = cfg, Schedule.of(cfg.train)
+        source = build_source(cfg.task)
+        source.check("train", cfg.task.shots, cfg.task.queries)  # impossible episodes named, as training does
         self.generator = TaskGenerator(cfg, [cfg.train.meta_batch_size], [0], prefetch=False)
         self.worker = Worker(cfg, device=device or torch.device("cpu"))
-        self.server = ParameterServer(cfg, initial_parameters(cfg, build_source(cfg.task)))
+        self.server = ParameterServer(cfg, initial_parameters(cfg, source))
 
     def step(self, step: int, batch: TaskBatch | None = None) -> StepMetrics:
         """Step ``step`` (from 0) on its batch of the task stream (or on ``batch``), scoring before
