@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # length, which would have to be 64 MiB to look like this.)
 PICKLE_MAGIC = b"PK\x03\x04"
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+FINAL_NAME = "final.pt"  # the parameters after the last step
 
 
 class CheckpointError(ConfigError):

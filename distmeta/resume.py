@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from distmeta.checkpoint import (
+    FINAL_NAME,
     STEP_FILE,
     BestCheckpoint,
     CheckpointError,
@@ -177,8 +178,8 @@ def _arrange(store: CheckpointStore, location: str, state: dict) -> None:
     newest = step - 1 if copied else step
     moved = [name for at, name in store.step_files() if at > newest]
     names = store.names()
-    if "final.pt" in names:
-        moved.append("final.pt")
+    if FINAL_NAME in names:
+        moved.append(FINAL_NAME)
     if BestCheckpoint.NAME in names:
         with contextlib.suppress(CheckpointError, KeyError, TypeError):  # unreadable: left for the run to replace
             if store.read(BestCheckpoint.NAME)["step"] > step:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distmeta.checkpoint import CheckpointStore, checkpoint_location, probe_write
+from distmeta.checkpoint import FINAL_NAME, BestCheckpoint, CheckpointStore, checkpoint_location, probe_write
 from distmeta.config import Config, ConfigError
 from distmeta.report import EvalRow
 
@@ -69,7 +69,7 @@ def checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore
             f"run {run_dir.name} already has checkpoints in {store.location}: continue it with "
             f"`python launch.py --resume {run_dir}`, or give this run another run_name"
         )
-    left = sorted({"best.pt", "final.pt"} & set(store.names()))
+    left = sorted({BestCheckpoint.NAME, FINAL_NAME} & set(store.names()))
     if left:  # an earlier run's that stopped before its first periodic checkpoint: not ours to compete with
         raise ConfigError(
             f"run {run_dir.name} already holds {' and '.join(left)} of an earlier run in {store.location}: "

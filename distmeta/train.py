@@ -32,6 +32,7 @@ import ray
 from distmeta.algorithms import initial_parameters
 from distmeta.assemble import check_run
 from distmeta.checkpoint import (
+    FINAL_NAME,
     BestCheckpoint,
     CheckpointStore,
     load_checkpoint,
@@ -168,7 +169,7 @@ def _train(
         checkpoint = store.write(step_name(done), state)
         store.prune(t.checkpoint_keep)
         if done == t.steps:  # a stop in the last logging window still finished training
-            checkpoint = store.write("final.pt", state)
+            checkpoint = store.write(FINAL_NAME, state)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
         raise ActorLost(f"training stopped: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next

@@ -29,6 +29,7 @@ import ray.exceptions as rex
 import torch
 
 from distmeta.checkpoint import (
+    FINAL_NAME,
     BestCheckpoint,
     CheckpointError,
     CheckpointStore,
@@ -207,7 +208,7 @@ def _train(
         checkpoint = store.write(step_name(state.step), checkpoint_of(cfg, state))
         store.prune(t.checkpoint_keep)
         if state.step == t.steps:  # a stop in the last logging window still finished training
-            checkpoint = store.write("final.pt", checkpoint_of(cfg, state))
+            checkpoint = store.write(FINAL_NAME, checkpoint_of(cfg, state))
         if stopped:
             monitor.close()
             raise RunInterrupted(stopped, state.step, checkpoint, run_dir, finished=state.step == t.steps)
