@@ -293,6 +293,9 @@ def _for_classes(
         ) from None
     params = {}
     for name, shape in layout.shapes.items():
+        if name not in named:  # an exported baseline keeps no head over its training classes: it makes a new one
+            params[name] = torch.zeros(shape, device=device, dtype=dtype)
+            continue
         value = named[name]
         if tuple(value.shape) != shape:  # a head's weight or bias (or its learned rates): keep the first rows
             value = value[: shape[0]]

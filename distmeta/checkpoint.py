@@ -287,8 +287,14 @@ def export_checkpoint(location: str | Path, out: str | Path) -> str:
     ``out`` (the zoo's format): the parameters, the step, the config and the code that wrote them
     (and ``best.pt``'s validation score), checksummed like every checkpoint, without the optimizer's
     state or the task stream's cursor, so it adapts, evaluates and initialises (``train.init_from``)
-    but does not resume. Returns where it is."""
+    but does not resume. The transfer baseline's head over its training classes, which its tests
+    replace, is left out (``evaluate.without_training_head``). Returns where it is."""
+    from distmeta.evaluate import without_training_head  # here: evaluation imports the runtime, which imports us
+
     state = read_checkpoint(location)
+    state["params"] = torch.from_numpy(
+        without_training_head(config_from_dict(state["config"]), state["params"].numpy())
+    )
     folder, name = split_location(str(out))
     store = CheckpointStore(folder)
     if store.fs.get_file_info(store.path(name)).type != pafs.FileType.NotFound:

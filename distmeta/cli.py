@@ -290,7 +290,7 @@ def _evaluate(
 
     from distmeta.assemble import check_run
     from distmeta.checkpoint import load_checkpoint
-    from distmeta.evaluate import check_device, evaluate, on_other_data, protocol
+    from distmeta.evaluate import check_device, evaluate, on_other_data, protocol, trained_model_data
     from distmeta.report import format_rows
     from distmeta.resume import check_same_data
     from distmeta.rl import evaluate as meta_rl
@@ -309,7 +309,9 @@ def _evaluate(
     other_shards, scheme = other
     if scheme and not other_shards:
         raise ConfigError("--split-scheme goes with --shards (another dataset); the training data keeps its own")
-    model_data = None  # the model's spec comes from the data, unless the data is another dataset's
+    # the model's spec comes from the data, unless the data is another dataset's, or the checkpoint an
+    # export of a model over every training class (its head left out): then from its parameters
+    model_data = trained_model_data(cfg, params.size) if cfg.task.labels == "class" else None
     if other_shards:
         if is_meta_rl(cfg):
             raise ConfigError("--shards: a meta-RL checkpoint is scored on its environment, not on image shards")

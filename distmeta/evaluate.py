@@ -159,7 +159,8 @@ def trained_model_data(cfg: Config, num_params: int) -> tuple[DataSpec, str]:
     """The spec and kind a checkpoint's model (``num_params`` parameters) was built for, from its
     recorded image format: a head of the training episodes' ways, or for a head over every training
     class (``task.labels=class``: the baseline) as many outputs as the parameters hold, so no
-    training data is needed. A checkpoint that records no format: from its training data."""
+    training data is needed; none when they hold none (an export: ``without_training_head``). A
+    checkpoint that records no format: from its training data."""
     fmt = cfg.task.image_format
     if not fmt.channels:
         source = build_source(cfg.task)
@@ -167,6 +168,8 @@ def trained_model_data(cfg: Config, num_params: int) -> tuple[DataSpec, str]:
     shape = (fmt.channels, fmt.height, fmt.width)
     if cfg.task.labels != "class":
         return DataSpec(shape, cfg.task.ways), "classification"
+    if num_params == _num_params(cfg, DataSpec(shape, 0)):
+        return DataSpec(shape, 0), "classification"
     # the parameter count grows by the same amount with every output the head has
     one, two = (_num_params(cfg, DataSpec(shape, outputs)) for outputs in (1, 2))
     extra_outputs, rest = divmod(num_params - one, two - one) if two > one else (-1, 0)
@@ -178,10 +181,25 @@ def trained_model_data(cfg: Config, num_params: int) -> tuple[DataSpec, str]:
     return DataSpec(shape, extra_outputs + 1), "classification"
 
 
+def without_training_head(cfg: Config, flat: np.ndarray) -> np.ndarray:
+    """The parameters of a model trained over every training class (``task.labels=class``: the
+    baseline) without that head, which its tests replace (by a head at the support set's class
+    centroids, or at zero): what ``distmeta checkpoint export`` keeps of it. Others: ``flat``."""
+    if cfg.task.labels != "class" or not cfg.task.image_format.channels:  # without a format: sized by its data
+        return flat
+    named = _layout(cfg, trained_model_data(cfg, flat.size)[0]).unflatten(torch.from_numpy(flat))
+    body = {name: value for name, value in named.items() if not name.startswith("head.")}
+    return ParamLayout.of(body).flatten(body).numpy()
+
+
 def _num_params(cfg: Config, spec: DataSpec) -> int:
+    return _layout(cfg, spec).size
+
+
+def _layout(cfg: Config, spec: DataSpec) -> ParamLayout:
     with torch.random.fork_rng(devices=[]):  # building initialises: the caller's random stream stays as it was
         learner = build_learner(cfg, spec, "classification", torch.device("cpu"))
-    return ParamLayout.of(learner.initial_parameters()).size
+    return ParamLayout.of(learner.initial_parameters())
 
 
 def protocol(cfg: Config, split: str, num_tasks: int) -> str:

@@ -386,3 +386,39 @@ def test_transparent_drawings_and_phone_photos_reach_the_network_as_they_are_see
     Image.fromarray(stored, "L").save(tmp_path / "photo.png", exif=exif)
     upright = ImageFormat(channels=1, height=16, width=8)
     np.testing.assert_array_equal(_prepared([tmp_path / "photo.png"], upright)[0, 0], np.rot90(stored, k=-1))
+
+
+def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evaluates_as_before(tmp_path, cli_env):
+    """Its tests replace the head over its training classes, so `checkpoint export` leaves it out: the
+    file holds the features alone, and adapts and scores exactly as the checkpoint it came from. A
+    learner whose head serves its tests keeps it."""
+    from distmeta.checkpoint import export_checkpoint
+
+    head = ("algorithm.name=baseline", "task.labels=class", "eval.inner_steps=[0,2]", "eval.num_tasks=6")
+    full = conv4_checkpoint(tmp_path / "run", *head, ways=3, outputs=11)
+    exported = Path(export_checkpoint(full, tmp_path / "zoo" / "baseline.pt"))
+    cfg = config_from_dict(read_checkpoint(full)["config"])
+    features = build_model(cfg.model, DataSpec((1, SIZE, SIZE), 0)).state_dict()
+    kept = read_checkpoint(exported)["params"]
+    assert kept.numel() == sum(p.numel() for p in features.values())
+    np.testing.assert_array_equal(kept.numpy(), read_checkpoint(full)["params"].numpy()[: kept.numel()])
+
+    support, query, labels = images(8, 4), images(9, 3), ["a", "b", "c", "d"]
+    for overrides, steps in [([], 0), (["algorithm.head_init=zero"], 2), (["algorithm.finetune=all"], 2)]:
+        before = distmeta.adapt(full, support, labels, steps=steps, overrides=overrides)
+        after = distmeta.adapt(exported, support, labels, steps=steps, overrides=overrides)
+        np.testing.assert_array_equal(after.probabilities(query), before.probabilities(query))
+        for name, value in before.state_dict().items():
+            torch.testing.assert_close(after.state_dict()[name], value, rtol=0, atol=0)
+
+    scores = []
+    for checkpoint in (full, exported):
+        command = [sys.executable, "-m", "distmeta", "evaluate", "--checkpoint", str(checkpoint)]
+        run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        scores.append(run.stdout.split("protocol:", 1)[1])
+    assert scores[0] == scores[1] and "accuracy" in scores[0]
+
+    maml = conv4_checkpoint(tmp_path / "maml", "algorithm.name=maml", ways=4)
+    exported_maml = export_checkpoint(maml, tmp_path / "zoo" / "maml.pt")
+    np.testing.assert_array_equal(read_checkpoint(exported_maml)["params"], read_checkpoint(maml)["params"])
