@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,9 +83,16 @@ class Predictor:
         return self.learner.adaptive
 
     def probabilities(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """[len(images), classes]: each image's class probabilities, classes in ``self.classes`` order."""
-        x = self._inputs(images)
-        chunks = [self._logits(x[i : i + QUERY_CHUNK]) for i in range(0, len(x), QUERY_CHUNK)]
+        """[len(images), classes]: each image's class probabilities, classes in ``self.classes`` order.
+        Prepared a chunk at a time: a folder of many photos never sits in memory as one tensor."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            images = [images]
+        if not len(images):
+            raise AdaptError("no query images to classify")
+        chunks = [
+            self._logits(to_tensor(_prepared(images[i : i + QUERY_CHUNK], self.image_format), self.device, self.dtype))
+            for i in range(0, len(images), QUERY_CHUNK)
+        ]
         return torch.softmax(torch.cat(chunks).double(), -1).cpu().numpy()
 
     def predict(self, images: Sequence[ImageInput]) -> list[Prediction]:
@@ -108,13 +116,6 @@ class Predictor:
         model = self.learner.model
         model.load_state_dict(self.state_dict())
         return model
-
-    def _inputs(self, images: Sequence[ImageInput]) -> Tensor:
-        if isinstance(images, (str, Path, Image.Image, np.ndarray)):
-            images = [images]
-        if not len(images):
-            raise AdaptError("no query images to classify")
-        return to_tensor(_prepared(images, self.image_format), self.device, self.dtype)
 
     @torch.no_grad()
     def _logits(self, query_x: Tensor) -> Tensor:
@@ -231,9 +232,19 @@ def _load(checkpoint: str | Path, overrides: Sequence[str]) -> tuple[Config, Ten
             f"({distmeta.__version__}) cannot read ({err}); adapt it with distmeta {written_by}"
         ) from None
     if cfg.algorithm.name not in ALGORITHMS:
+        from distmeta.rl.setup import is_meta_rl  # here: meta-RL's setup is not needed to adapt classifiers
+
         raise AdaptError(
             f"checkpoint {checkpoint} is a {cfg.algorithm.name} policy (meta-RL): adapt classifies images; "
             "score an RL checkpoint with `distmeta evaluate --checkpoint ...`"
+            if is_meta_rl(cfg)
+            else f"checkpoint {checkpoint} names algorithm.name={cfg.algorithm.name}, which this version "
+            f"({distmeta.__version__}) does not have; adapt it with distmeta {written_by}, which wrote it"
+        )
+    if cfg.task.source not in SOURCES:
+        raise AdaptError(
+            f"checkpoint {checkpoint} names task.source={cfg.task.source}, which this version "
+            f"({distmeta.__version__}) does not have; adapt it with distmeta {written_by}, which wrote it"
         )
     if SOURCES[cfg.task.source].kind != "classification":
         raise AdaptError(
@@ -346,8 +357,30 @@ def _prepared(images: Sequence[ImageInput], fmt: ImageFormat) -> np.ndarray:
 PREDICTIONS, MODEL, RECORD = "predictions.csv", "adapted.pt", "adapted.json"
 
 
+def _is_image(path: Path) -> bool:
+    """Whether Pillow recognises ``path`` as an image (its header alone is read)."""
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # Pillow raises many types for what it does not recognise
+        return False
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files anywhere under ``folder``, sorted; hidden files, and others that are not images
+    (Thumbs.db, notes.txt), are left out, the latter named on stderr."""
+    files = sorted(p for p in visible(folder.rglob("*"), folder) if p.is_file())
+    others = [p for p in files if not _is_image(p)]
+    if others:
+        names = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        print(f"note: {len(others)} file(s) in {folder} are not images and are left out: {names}", file=sys.stderr)
+    skipped = set(others)
+    return [p for p in files if p not in skipped]
+
+
 def class_folders(root: str | Path) -> dict[str, list[Path]]:
-    """{class: its image files} for ``root/<class>/<image>``; hidden files are skipped."""
+    """{class: its image files} for ``root/<class>/<image>`` (searched whole); hidden files and
+    files that are not images are skipped."""
     root = Path(root)
     if not root.is_dir():
         raise AdaptError(f"--support {root} is not a folder: give one folder per class, SUPPORT/<class>/<images>")
@@ -358,7 +391,7 @@ def class_folders(root: str | Path) -> dict[str, list[Path]]:
             "in the folder of its class, SUPPORT/<class>/<image>"
         )
     folders = [d for d in visible(root.iterdir(), root) if d.is_dir()]
-    classes = {d.name: sorted(p for p in visible(d.rglob("*"), d) if p.is_file()) for d in folders}
+    classes = {d.name: _images_under(d) for d in folders}
     empty = sorted(name for name, files in classes.items() if not files)
     if empty:
         raise AdaptError(f"class folder(s) {', '.join(empty)} in {root} hold no images: each class needs at least one")
@@ -368,17 +401,20 @@ def class_folders(root: str | Path) -> dict[str, list[Path]]:
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
-    """The files named, and every file under the folders named (sorted, hidden files skipped)."""
+    """The files named, and every image under the folders named (sorted; hidden files and files that
+    are not images skipped). A file named that is not an image is refused now, before any work."""
     if not paths:
         raise AdaptError("--query names no image files or folders: give at least one")
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in visible(path.rglob("*"), path) if p.is_file())
+            found = _images_under(path)
             if not found:
-                raise AdaptError(f"--query folder {path} holds no files")
+                raise AdaptError(f"--query folder {path} holds no images")
             files += found
         elif path.is_file():
+            if not _is_image(path):
+                raise AdaptError(f"--query {path} is not an image Pillow can read: give PNG, JPEG or another image")
             files.append(path)
         else:
             raise AdaptError(f"--query {path} does not exist")

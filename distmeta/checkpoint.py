@@ -288,7 +288,8 @@ def export_checkpoint(location: str | Path, out: str | Path) -> str:
     (and ``best.pt``'s validation score), checksummed like every checkpoint, without the optimizer's
     state or the task stream's cursor, so it adapts, evaluates and initialises (``train.init_from``)
     but does not resume. The transfer baseline's head over its training classes, which its tests
-    replace, is left out (``evaluate.without_training_head``). Returns where it is."""
+    replace, is left out (``evaluate.without_training_head``): its export adapts and evaluates, and
+    to continue its training, initialise from the run's own checkpoint. Returns where it is."""
     from distmeta.evaluate import without_training_head  # here: evaluation imports the runtime, which imports us
 
     state = read_checkpoint(location)

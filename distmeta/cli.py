@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import re
@@ -66,7 +67,16 @@ EVAL_FLAGS = {
 }
 
 
-SETTING = re.compile(r"^[a-z_]+\.[a-z_]+=")  # a config setting on the command line, section.key=value
+SETTING = re.compile(r"^[a-z_]+(\.[a-z_]+)?=")  # a config setting on the command line: section.key=value, run_name=
+
+
+def _split_settings(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the arguments, the settings among them): settings are taken out before parsing, so that one
+    after a flag of several values (``--steps 0 algorithm.head_init=centroid``) or an optional one
+    (``--resume train.steps=40000``) is not read as its value. A word that names an existing file is
+    not a setting."""
+    settings = [a for a in argv if SETTING.match(a) and not Path(a).exists()]
+    return [a for a in argv if a not in settings], settings
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
@@ -133,15 +143,19 @@ def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--eval-only" in argv:  # exactly `distmeta evaluate`, with its flags
         return evaluate_main([a for a in argv if a != "--eval-only"], prog=f"{prog} --eval-only")
+    argv, settings = _split_settings(argv)
     args = train_parser(prog).parse_intermixed_args(argv)  # key=value and flags in any order
+    args.overrides += settings
     return _guard(lambda: _train(args))
 
 
 def evaluate_main(argv: list[str], prog: str = "distmeta evaluate") -> int:
+    argv, overrides = _split_settings(argv)
     args = evaluate_parser(prog).parse_intermixed_args(argv)
     settings = _settings(args, EVAL_FLAGS)
     other = (args.shards, args.split_scheme)
-    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, args.overrides, settings, other))
+    overrides = args.overrides + overrides
+    return _guard(lambda: _evaluate(args.checkpoint, args.split, args.device, overrides, settings, other))
 
 
 def data_parser(prog: str) -> argparse.ArgumentParser:
@@ -241,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
     if argv[0] == "adapt":
-        args = adapt_parser("distmeta adapt").parse_intermixed_args(argv[1:])
+        words, settings = _split_settings(argv[1:])
+        args = adapt_parser("distmeta adapt").parse_intermixed_args(words)
+        args.overrides += settings
         return _guard(lambda: _adapt(args))
     if argv[0] == "checkpoint":
         args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
@@ -360,21 +376,16 @@ def _adapt(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out)  # before the work: nothing earlier is overwritten
     support = class_folders(args.support)
-    # --query takes every word after it: settings written after the query paths are picked out
-    # (adapt then names any it does not take)
-    settings = [q for q in args.query if SETTING.match(q) and not Path(q).exists()]
-    overrides = args.overrides + settings
-    queries = image_files([q for q in args.query if q not in settings])
+    queries = image_files(args.query)
     images = [path for files in support.values() for path in files]
     labels = [name for name, files in support.items() for _ in files]
     print(f"adapting {args.checkpoint} to {len(support)} classes, {len(images)} support images", file=sys.stderr)
-    predictor = adapt(
-        args.checkpoint, images, labels, steps=args.steps, device=args.device, overrides=overrides, invert=args.invert
-    )
+    settings = {"steps": args.steps, "device": args.device, "overrides": args.overrides, "invert": args.invert}
+    predictor = adapt(args.checkpoint, images, labels, **settings)
     predictions = predictor.predict(queries)
-    print("query,predicted,probability")
-    for path, prediction in zip(queries, predictions):
-        print(f"{path},{prediction.label},{prediction.probability:.4f}")
+    rows = csv.writer(sys.stdout)  # quoted: a class or file name may hold a comma
+    rows.writerow(["query", "predicted", "probability"])
+    rows.writerows([str(path), p.label, f"{p.probability:.4f}"] for path, p in zip(queries, predictions))
     for written in write_adapted(out, predictor, args.checkpoint, queries, predictions):
         print(f"wrote {written}", file=sys.stderr)
     return 0
@@ -396,8 +407,10 @@ def _build_data(args: argparse.Namespace) -> int:
     from distmeta.data.folder import build_folder
     from distmeta.data.glyphs import build_glyphs
     from distmeta.data.omniglot import OFFICIAL_URL, build_omniglot, fetch_omniglot
+    from distmeta.data.shards import check_new_output
 
     started = time.time()
+    check_new_output(Path(args.out))  # before minutes of decoding
     if args.action == "fetch":
         path = fetch_omniglot(args.out, url=args.mirror or OFFICIAL_URL)
     elif args.dataset == "omniglot":

@@ -215,6 +215,9 @@ def protocol(cfg: Config, split: str, num_tasks: int) -> str:
         batch = f"mini-batches of {e.inner_batch_size}" if e.inner_batch_size else "the whole support set"
         lr = "learned per-parameter rates" if learner.learned_inner_lr else f"lr {a.inner_lr}"
         line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, {lr}, on {batch})"
+    if learner.supervised:  # the test-time settings a command line may change
+        start = "the support set's class centroids" if a.head_init == "centroid" else "zero"
+        line += f", a new head from {start}, its steps training {'the head' if a.finetune == 'head' else 'all'}"
     if MODELS[cfg.model.name].batch_norm:
         together = "the query set" if learner.adaptive else "each episode's support and query sets"
         line += ", batch statistics " + (

@@ -227,6 +227,12 @@ def test_bad_support_sets_and_checkpoints_get_clear_errors(tmp_path):
     CheckpointStore(tmp_path / "future").write("model.pt", state)
     with pytest.raises(error, match=r"whose config this version .* cannot read .*colour_space"):
         adapt(tmp_path / "future" / "model.pt", support[:2], ["a", "b"])
+    for field, value in (("algorithm", "name"), ("task", "source")):
+        state = read_checkpoint(checkpoint)
+        state["config"][field][value] = "from_a_newer_version"  # a name this version does not have
+        CheckpointStore(tmp_path / field).write("model.pt", state)
+        with pytest.raises(error, match=rf"names {field}.{value}=from_a_newer_version, which this version"):
+            adapt(tmp_path / field / "model.pt", support[:2], ["a", "b"])
     regression = tmp_path / "sine"
     cfg = load_config(None, [])
     CheckpointStore(regression).write("model.pt", checkpoint_record(cfg, torch.zeros(1761, dtype=torch.float64), 1))
@@ -245,12 +251,14 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=maml", "eval.inner_steps=[0,2]")
     support_dir, query_dir = tmp_path / "support", tmp_path / "query"
     support = images(6, 4, size=20)  # any size: resized as the training images were
-    labels = ["cat", "dog", "cat", "dog"]
+    labels = ["cat, tabby", "dog", "cat, tabby", "dog"]  # a comma: the printed CSV quotes it
     for i, (pixels, label) in enumerate(zip(support, labels)):
         write_png(support_dir / label / f"{i}.png", pixels)
-    (support_dir / "cat" / ".DS_Store").write_bytes(b"\0")  # hidden files are no images
+    (support_dir / "cat, tabby" / ".DS_Store").write_bytes(b"\0")  # hidden files are no images
     query = images(7, 3, size=20)
     paths = [write_png(query_dir / f"q{i}.png", pixels) for i, pixels in enumerate(query)]
+    (query_dir / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not a picture")  # what a folder of photos holds
+    (support_dir / "dog" / "notes.txt").write_text("the dogs")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "distmeta", "adapt", "--checkpoint", str(checkpoint)]
     command += ["--support", str(support_dir), "--query", str(query_dir), "--out", str(out)]
@@ -259,7 +267,11 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["query"] for r in rows] == [str(p) for p in paths]
-    assert run.stdout.splitlines()[0] == "query,predicted,probability" and len(run.stdout.splitlines()) == 4
+    printed = list(csv.reader(run.stdout.splitlines()))
+    assert printed[0] == ["query", "predicted", "probability"] and len(printed) == 4
+    assert [row[:2] for row in printed[1:]] == [[r["query"], r["predicted"]] for r in rows]
+    assert "1 file(s) in " + str(query_dir) + " are not images and are left out: Thumbs.db" in run.stderr
+    assert "are not images and are left out: notes.txt" in run.stderr
 
     predictor = distmeta.adapt(checkpoint, [Image.open(p) for p in sorted(support_dir.rglob("*.png"))], sorted(labels))
     expected = predictor.predict([Image.open(p) for p in paths])
@@ -267,7 +279,8 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     np.testing.assert_allclose([float(r["probability"]) for r in rows], [p.probability for p in expected], atol=1e-6)
 
     record = json.loads((out / "adapted.json").read_text())
-    assert record["classes"] == ["cat", "dog"] and record["steps"] == 2 and record["image_format"]["height"] == SIZE
+    assert record["classes"] == ["cat, tabby", "dog"] and record["steps"] == 2
+    assert record["image_format"]["height"] == SIZE
     model = conv4(2)
     model.load_state_dict(torch.load(out / "adapted.pt", weights_only=True))
     for name, value in predictor.state_dict().items():
@@ -285,6 +298,10 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     assert below_a_file.returncode == 2 and "predictions.csv is a file): choose another --out" in below_a_file.stderr
     assert "adapting" not in below_a_file.stderr
     command[command.index(str(out / "predictions.csv" / "inside"))] = str(out)
+    named = [*command[:-1], str(tmp_path / "out3"), "--query", str(query_dir / "Thumbs.db")]
+    not_an_image = subprocess.run(named, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert not_an_image.returncode == 2 and "Thumbs.db is not an image Pillow can read" in not_an_image.stderr
+    assert "adapting" not in not_an_image.stderr  # refused before any work
     (support_dir / "dog" / "1.png").unlink()
     (support_dir / "dog" / "3.png").unlink()
     command[command.index(str(out))] = str(tmp_path / "out2")
@@ -412,12 +429,14 @@ def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evalua
             torch.testing.assert_close(after.state_dict()[name], value, rtol=0, atol=0)
 
     scores = []
-    for checkpoint in (full, exported):
-        command = [sys.executable, "-m", "distmeta", "evaluate", "--checkpoint", str(checkpoint)]
+    for checkpoint in (full, exported):  # a setting after a flag of several values is a setting
+        command = [sys.executable, "-m", "distmeta", "evaluate", "--checkpoint", str(checkpoint), "--steps", "0"]
+        command += ["2", "algorithm.finetune=all"]
         run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         scores.append(run.stdout.split("protocol:", 1)[1])
     assert scores[0] == scores[1] and "accuracy" in scores[0]
+    assert "inner steps [0, 2]" in scores[0] and "its steps training all" in scores[0]
 
     maml = conv4_checkpoint(tmp_path / "maml", "algorithm.name=maml", ways=4)
     exported_maml = export_checkpoint(maml, tmp_path / "zoo" / "maml.pt")

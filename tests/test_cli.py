@@ -236,6 +236,8 @@ class _Lines:
         (["--address", "127.0.0.1:9"], "nothing answers at '127.0.0.1:9'"),
         (["--eval-only"], "launch.py --eval-only: error: the following arguments are required: --checkpoint"),
         (["--eval-only", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+        # a setting after --resume is a setting, not the run to resume
+        (["--resume", "train.steps=40000", "--logdir", "/nowhere"], "--resume latest: no run under /nowhere"),
     ],
 )
 def test_bad_input_exits_2_with_the_reason(args, message, cli_env):

@@ -141,3 +141,38 @@ def test_16_bit_grayscale_images_keep_their_tones(tmp_path):
     assert data.image_shape == (1, 8, 8)  # grayscale, found from the files
     stored = data.images(data.classes[0]["shard"])[data.classes[0]["first_row"]][0]
     np.testing.assert_array_equal(stored, np.rint(tones / 257).astype(np.uint8))
+
+
+def test_a_dataset_is_never_rebuilt_in_place_and_a_failed_build_leaves_no_shards(tmp_path, cli_env):
+    """Building over existing shards would destroy what runs read (and the fingerprint their
+    checkpoints record): refused before any work, the dataset untouched. A build that fails part way
+    removes the shards it wrote, so nothing half-built passes for a dataset."""
+    from distmeta.data.shards import ClassImages, write_shards
+
+    for c in range(3):
+        make_class(tmp_path / "src" / "train" / f"c{c}", seed=c)
+    for split in ("val", "test"):
+        make_class(tmp_path / "src" / split / f"{split}0", seed=9)
+    build_folder(tmp_path / "src", tmp_path / "out", 8, progress=lambda m: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    command = [sys.executable, "-m", "distmeta", "data", "build", "folder", "--src", str(tmp_path / "src")]
+    command += ["--out", str(tmp_path / "out"), "--image-size", "12"]
+    again = subprocess.run(command, capture_output=True, text=True, env=cli_env, timeout=120)
+    assert again.returncode == 2, again.stderr
+    assert "already holds shards (manifest.json, shard-00000.arrow): nothing is overwritten" in again.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+    with pytest.raises(ShardError, match="--image-size 0: give the side"):
+        build_folder(tmp_path / "src", tmp_path / "zero", 0, progress=lambda m: None)
+    make_class(tmp_path / "src" / "train" / "c0" / "more", seed=5)  # images a class-per-folder build cannot see
+    with pytest.raises(ShardError, match=r"class folder .*c0 holds folder\(s\) more: a class's images sit directly"):
+        build_folder(tmp_path / "src", tmp_path / "nested", 8, progress=lambda m: None)
+
+    def classes():
+        for c in range(3):
+            yield ClassImages(f"c{c}", "train", np.zeros((4, 1, 8, 8), np.uint8))
+        raise ShardError("image 7 of class c3 does not decode")
+
+    with pytest.raises(ShardError, match="c3 does not decode"):
+        write_shards(tmp_path / "partial", classes(), {"default/train": [0, 1, 2]}, shard_bytes=300)
+    assert list((tmp_path / "partial").iterdir()) == []  # three shards were written, then removed

@@ -3,8 +3,10 @@ how a model meta-trained on Omniglot transfers to another domain (5-way episodes
 
 Reads the four IDX files as Debian's ``dataset-fashion-mnist`` installs them
 (``/usr/share/datasets/fashion-mnist``, gzipped) or as the dataset's home page serves them.
-Pixels are stored as the files hold them (bright garments on a dark background, as Omniglot's
-strokes after its inversion). Each class appears twice, once per official split:
+Pixels are stored as the files hold them: bright garments on a dark background, as Omniglot's
+strokes after its inversion, because the dataset's makers negated their product photos; so the
+manifest says ``inverted``, and ``distmeta adapt`` inverts a photo of a garment on a light
+background to match. Each class appears twice, once per official split:
 ``train/<class>`` (6,000 images each) in ``default/train`` and ``test/<class>`` (1,000 each) in
 ``default/test``; there is no validation split (10 classes are too few to hold some out).
 """
@@ -73,6 +75,6 @@ def build_fashion_mnist(
             splits[f"default/{split}"].append(len(classes))
             classes.append(ClassImages(f"{split}/{name}", split, np.ascontiguousarray(members)))
         progress(f"{split}: {len(images)} images of {len(CLASSES)} classes")
-    path = write_shards(out, classes, splits, dataset="fashion-mnist", source=str(src), inverted=False)
+    path = write_shards(out, classes, splits, dataset="fashion-mnist", source=str(src), inverted=True)
     progress(f"wrote {len(classes)} classes to {out}")
     return path

@@ -8,6 +8,7 @@ splits file) as shards with the splits ``default/train``, ``default/val`` and ``
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from PIL import Image
 
 from distmeta.config import ImageFormat
 from distmeta.data.images import dataset_image, visible
-from distmeta.data.shards import ClassImages, ShardError, write_shards
+from distmeta.data.shards import ClassImages, ShardError, check_new_output, write_shards
+from distmeta.report import duration
 
 SPLITS = ("train", "val", "test")
+PROGRESS_EVERY_S = 10
 
 
 def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]]:
@@ -81,23 +84,44 @@ def build_folder(
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ShardError(f"--src {src} is not a folder")
+    if image_size < 1:
+        raise ShardError(f"--image-size {image_size}: give the side of the stored square images in pixels, 1 or more")
+    check_new_output(out)
     pairs = _class_folders(src, Path(splits_file) if splits_file else None)
     if not pairs:
         raise ShardError(f"no class folders found under {src}")
-    files = {folder: sorted(p for p in visible(folder.iterdir(), folder) if p.is_file()) for _, folder in pairs}
-    for folder, members in files.items():
-        if not members:
+    files = {}
+    for _, folder in pairs:
+        entries = visible(folder.iterdir(), folder)
+        inner = sorted(p.name for p in entries if p.is_dir())
+        if inner:  # its images would be left out unseen
+            raise ShardError(
+                f"class folder {folder} holds folder(s) {', '.join(inner[:3])}: a class's images sit directly in its "
+                "folder; move them up, or make each folder a class of its own"
+            )
+        files[folder] = sorted(p for p in entries if p.is_file())
+        if not files[folder]:
             raise ShardError(f"class folder {folder} holds no images; remove it or add images")
     if channels is None:  # grayscale only if every image is
         grayscale = all(_mode(p) in ("1", "L", "LA", "I", "I;16") for members in files.values() for p in members)
         channels = 1 if grayscale else 3
     fmt = ImageFormat(channels=channels, height=image_size, width=image_size, invert=invert)
-    classes, splits = [], {f"default/{split}": [] for split in SPLITS}
-    for split, folder in pairs:
-        images = np.stack([dataset_image(str(p), p.read_bytes(), fmt) for p in files[folder]])
-        splits[f"default/{split}"].append(len(classes))
-        classes.append(ClassImages(f"{split}/{folder.name}" if splits_file is None else folder.name, split, images))
-    progress(f"{len(classes)} classes, {sum(len(c.images) for c in classes)} images, {channels} channel(s)")
-    path = write_shards(out, classes, splits, dataset="folder", source=str(src), inverted=fmt.invert)
+    splits = {f"default/{split}": [i for i, (s, _) in enumerate(pairs) if s == split] for split in SPLITS}
+
+    total = sum(len(members) for members in files.values())
+    progress(f"{len(pairs)} classes, {total} images, {channels} channel(s)")
+
+    def classes():  # decoded a class at a time, as the shards are written: memory for a shard, not the dataset
+        started = last = time.time()
+        done = 0
+        for split, folder in pairs:
+            images = np.stack([dataset_image(str(p), p.read_bytes(), fmt) for p in files[folder]])
+            yield ClassImages(f"{split}/{folder.name}" if splits_file is None else folder.name, split, images)
+            done += len(images)
+            if time.time() - last >= PROGRESS_EVERY_S and done < total:
+                last, rate = time.time(), done / (time.time() - started)
+                progress(f"decoded {done}/{total} images | {rate:.0f} images/s | ETA {duration((total - done) / rate)}")
+
+    path = write_shards(out, classes(), splits, dataset="folder", source=str(src), inverted=fmt.invert)
     progress(f"wrote {out}")
     return path

@@ -8,9 +8,11 @@ random ``take`` on a multi-batch IPC file is ~40x slower.
 The manifest records ``format`` and ``version``, the ``schema`` (column -> Arrow type), the
 ``image_shape`` ([C, H, W]), the ``classes`` (``name``, ``group``, ``shard``, ``first_row``,
 ``rows``), the named ``splits`` (lists of class indices), the ``shards`` (``file``, ``rows``,
-``bytes``, ``sha256``), the builder's ``dataset`` and ``source``, and ``inverted`` (whether the builder
-stored 255 minus each decoded pixel; absent in manifests before distmeta 0.2, where only Omniglot's
-were); the sizes and SHA-256s catch a truncated or corrupted shard before training starts.
+``bytes``, ``sha256``), the builder's ``dataset`` and ``source``, and ``inverted`` (whether the stored
+pixels are 255 minus those of the images as seen: the builder inverted each decoded pixel, or the
+dataset's makers did, as Fashion-MNIST's negated photos; ``distmeta adapt`` inverts a user's images
+alike; absent in manifests before distmeta 0.2, where only Omniglot's were); the sizes and SHA-256s
+catch a truncated or corrupted shard before training starts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,67 +57,89 @@ class ClassImages:
     images: np.ndarray  # [rows, C, H, W] uint8
 
 
+def check_new_output(out: Path) -> None:
+    """Refuse an output folder that already holds shards, before any work: rebuilding in place would
+    destroy a dataset that runs may be reading (and whose fingerprint their checkpoints record)."""
+    held = sorted(p.name for p in [out / MANIFEST, *out.glob("shard-*.arrow")] if p.exists())
+    if held:
+        raise ShardError(
+            f"--out {out} already holds shards ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): nothing is "
+            f"overwritten; build into another folder, or remove {out} first"
+        )
+
+
 def write_shards(
-    out: Path, classes: list[ClassImages], splits: dict[str, list[int]], shard_bytes: int = 256 << 20, **info
+    out: Path, classes: Iterable[ClassImages], splits: dict[str, list[int]], shard_bytes: int = 256 << 20, **info
 ) -> Path:
-    """Write ``classes`` as shards of about ``shard_bytes`` each, and the manifest; returns its path."""
+    """Write ``classes`` (an iterable: only a shard's worth is held at a time) as shards of about
+    ``shard_bytes`` each, then the manifest; returns its path. Into a folder without shards alone
+    (``check_new_output``); a build that fails leaves none of its shards behind."""
+    check_new_output(out)
     out.mkdir(parents=True, exist_ok=True)
-    shape = tuple(classes[0].images.shape[1:])
-    image_bytes = int(np.prod(shape))
-    shards, entries, pending, pending_bytes = [], [], [], 0
+    shape, shards, entries, pending, written = None, [], [], [], []
 
     def flush() -> None:
-        nonlocal pending, pending_bytes
         if not pending:
             return
+        image_bytes = math.prod(shape)
         name = f"shard-{len(shards):05d}.arrow"
-        images = np.concatenate([classes[c].images.reshape(len(classes[c].images), -1) for c in pending])
-        labels = np.concatenate([np.full(len(classes[c].images), c, np.int32) for c in pending])
+        images = np.concatenate([cls.images.reshape(len(cls.images), -1) for _, cls in pending])
+        labels = np.concatenate([np.full(len(cls.images), index, np.int32) for index, cls in pending])
         batch = pa.record_batch(
             [
                 pa.FixedSizeBinaryArray.from_buffers(
                     pa.binary(image_bytes), len(images), [None, pa.py_buffer(images.tobytes())]
                 ),
                 pa.array(labels, pa.int32()),
-                pa.array([classes[c].name for c in pending for _ in classes[c].images]),
-                pa.array([classes[c].group for c in pending for _ in classes[c].images]),
+                pa.array([cls.name for _, cls in pending for _ in cls.images]),
+                pa.array([cls.group for _, cls in pending for _ in cls.images]),
             ],
             schema=schema(image_bytes),
         )
         path = out / name
+        written.append(path)
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
         shards.append({"file": name, "rows": len(images), "bytes": path.stat().st_size, "sha256": _sha256(path)})
-        pending, pending_bytes = [], 0
+        pending.clear()
 
-    row = 0
-    for index, cls in enumerate(classes):
-        if cls.images.shape[1:] != shape or cls.images.dtype != np.uint8:
-            raise ShardError(
-                f"class {cls.name}: images are {cls.images.dtype}{cls.images.shape[1:]}, expected uint8{shape}"
+    try:
+        row = pending_bytes = 0
+        for index, cls in enumerate(classes):
+            shape = shape or tuple(cls.images.shape[1:])
+            if cls.images.shape[1:] != shape or cls.images.dtype != np.uint8:
+                raise ShardError(
+                    f"class {cls.name}: images are {cls.images.dtype}{cls.images.shape[1:]}, expected uint8{shape}"
+                )
+            if pending_bytes and pending_bytes + cls.images.nbytes > shard_bytes:
+                flush()
+                row = pending_bytes = 0
+            entries.append(
+                {"name": cls.name, "group": cls.group, "shard": len(shards), "first_row": row, "rows": len(cls.images)}
             )
-        if pending_bytes and pending_bytes + cls.images.nbytes > shard_bytes:
-            flush()
-            row = 0
-        entries.append(
-            {"name": cls.name, "group": cls.group, "shard": len(shards), "first_row": row, "rows": len(cls.images)}
-        )
-        pending.append(index)
-        pending_bytes += cls.images.nbytes
-        row += len(cls.images)
-    flush()
+            pending.append((index, cls))
+            pending_bytes += cls.images.nbytes
+            row += len(cls.images)
+        if shape is None:
+            raise ShardError(f"no classes to write to {out}")
+        flush()
+    except BaseException:  # Ctrl-C included: no half-built dataset is left to be mistaken for one
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     manifest = {
         "format": FORMAT,
         "version": VERSION,
-        "schema": {field.name: str(field.type) for field in schema(image_bytes)},
+        "schema": {field.name: str(field.type) for field in schema(math.prod(shape))},
         "image_shape": list(shape),
         "classes": entries,
         "splits": splits,
         "shards": shards,
         **info,
     }
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1))
+    path, tmp = out / MANIFEST, out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)  # the manifest appears whole, after every shard it names
     return path
 
 
