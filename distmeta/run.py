@@ -76,3 +76,12 @@ def checked_outputs(cfg: Config, run_dir: Path, resume: bool) -> CheckpointStore
             "give this run another run_name, or move them away"
         )
     return store
+
+
+def rejected_in_a_row(rejected_steps: list[int], start_step: int) -> int:
+    """How many steps just before ``start_step`` were rejected in a row (a resumed run's earlier
+    part): where ``train.max_rejected_steps`` counts on from."""
+    rejected, run = set(rejected_steps), 0
+    while start_step - 1 - run in rejected:
+        run += 1
+    return run

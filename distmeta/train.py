@@ -50,10 +50,10 @@ from distmeta.report import format_rows
 from distmeta.resume import check_same_data
 from distmeta.rl.setup import is_meta_rl
 from distmeta.rl.train import train_meta_rl
-from distmeta.run import RunInterrupted, TrainResult, checked_outputs, run_name
+from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_in_a_row, run_name
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
-from distmeta.runtime.control import MetaOptimizerStatus, Schedule, StepControl, StepMetrics
+from distmeta.runtime.control import Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.monitor import Monitor
 from distmeta.runtime.supervisor import ActorLost, Supervisor
@@ -216,21 +216,14 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     if start_step:
         print(f"resuming at step {start_step} from {status.restored_from}", flush=True)
     monitor = Monitor(run_dir, cfg, start_step, rejected_before=len(status.rejected_steps))
-    results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), _rejected_in_a_row(status, start_step))
+    in_a_row = rejected_in_a_row(status.rejected_steps, start_step)
+    results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), in_a_row)
     started = time.time()
     with StopOnSignal() as stop:
         loop = _async_loop if t.mode == "async" else _sync_loop
         loop(cfg, supervisor, results, stop, start_step)
         supervisor.close()
     return time.time() - started, results.monitor, results.best, results.evaluations, stop.signum
-
-
-def _rejected_in_a_row(status: MetaOptimizerStatus, start_step: int) -> int:
-    """How many steps just before ``start_step`` were rejected in a row (a resumed run's earlier part)."""
-    rejected, run = set(status.rejected_steps), 0
-    while start_step - 1 - run in rejected:
-        run += 1
-    return run
 
 
 def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, next_step: int):

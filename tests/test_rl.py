@@ -6,6 +6,7 @@ dense solve, the Fisher-vector product against a dense Hessian, and TRPO's const
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -320,6 +321,44 @@ def test_trust_region_step_stays_within_the_kl_bound_and_lowers_the_surrogate():
     full = (flat - step.theta) / 0.8**step.backtracks
     fisher = dense_fisher(problem, len(flat)) + 1e-5 * torch.eye(len(flat), dtype=F64)
     assert float(0.5 * full @ fisher @ full) == pytest.approx(max_kl, rel=1e-6)
+
+
+def test_a_trust_region_step_with_a_non_finite_gradient_is_marked_for_rejection():
+    """An overflowed gradient is a fault the server rejects (and counts toward
+    train.max_rejected_steps), not a step the line search merely declined; a zero one is no step."""
+
+    class Constant:
+        def __init__(self, gradient):
+            self.value = gradient
+
+        def gradient(self):
+            return 1.0, self.value
+
+        def fisher_product(self, v):
+            return v
+
+        def evaluate(self, theta):
+            return 0.0, 0.0
+
+    theta = torch.zeros(3, dtype=F64)
+    overflowed = trust_region_step(theta, Constant(torch.tensor([1.0, math.inf, 0.0], dtype=F64)), 1e-2, 10, 0, 5, 0.8)
+    assert not overflowed.finite and not overflowed.accepted and torch.equal(overflowed.theta, theta)
+    flat = trust_region_step(theta, Constant(torch.zeros(3, dtype=F64)), 1e-2, 10, 0, 5, 0.8)
+    assert flat.finite and not flat.accepted
+
+
+def test_the_linear_baseline_of_diverged_episodes_is_nan_for_their_task_alone():
+    """A task whose policy diverged (non-finite observations) cannot be fitted: its estimates are NaN
+    (its terms then come out non-finite and the step is rejected), the other tasks' as ever."""
+    episodes = navigation_problem()[3].valid  # 3 tasks
+    returns = discounted_returns(episodes, 0.99)
+    clean = linear_baseline(episodes, returns)
+    observations = episodes.observations.clone()
+    observations[1, 3] = math.nan
+    broken = dataclasses.replace(episodes, observations=observations)
+    values = linear_baseline(broken, discounted_returns(broken, 0.99))
+    assert torch.isnan(values[1]).all()
+    torch.testing.assert_close(values[[0, 2]], clean[[0, 2]], rtol=0, atol=0)
 
 
 def test_a_step_is_a_pure_function_of_the_seed_and_the_parameters():

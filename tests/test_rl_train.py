@@ -114,6 +114,21 @@ def test_a_resumed_run_ends_bit_identical_to_one_left_alone(ray_local, tmp_path,
         assert torch.equal(optimizer[key], value), key
 
 
+def test_a_resumed_meta_rl_run_counts_rejected_steps_on_from_its_earlier_part(ray_local, tmp_path):
+    """Non-finite meta-steps (an inner step size that overflows float32) are rejected; their steps
+    are checkpointed, so train.max_rejected_steps and TensorBoard's count go on across a resume."""
+    bad = ["train.dtype=float32", "algorithm.inner_lr=1e38", "train.eval_every=0", "run_name=run"]
+    train(small(tmp_path, *bad, "train.max_rejected_steps=100"), tmp_path / "run")
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")["rejected_steps"] == [0, 1, 2, 3]
+    cfg, run_dir = prepare_resume(str(tmp_path / "run"), ["train.steps=8", "train.max_rejected_steps=6"], {})
+    with pytest.raises(FloatingPointError, match=r"6 meta-steps in a row came out non-finite \(the last at step 5\)"):
+        train(cfg, run_dir, resume=True)  # 4 before the resume, 2 after
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    counted = {e.step: e.value for e in events.Scalars("faults/rejected_steps")}
+    assert counted == {step: float(step) for step in range(1, 7)}  # one count, on across the resume
+
+
 @pytest.mark.parametrize("role", ["ShareWorker", "MetaRLServer"])
 def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(ray_local, tmp_path, role):
     cfg = small(tmp_path, "train.steps=6", "train.eval_every=0")
@@ -196,6 +211,7 @@ def test_distmeta_evaluate_scores_a_meta_rl_checkpoint(ray_local, tmp_path, cli_
         ),
         (["algorithm.name=mmal_trpo"], r"did you mean maml_trpo"),
         (["eval.seed=0"], r"eval.seed=0 \(train.seed's\): use another eval.seed"),
+        (["train.seed=4294968530"], r"train.seed=4294968530, eval.seed=1234: use seeds below 2\*\*32"),
         (["meta_optimizer.decay_every=100"], r"decay_every=100: use Adam at a constant meta_optimizer.lr"),
         (["cluster.server_shards=2"], r"cluster.server_shards=2: use 1"),
     ],

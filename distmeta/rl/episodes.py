@@ -7,6 +7,7 @@ an episode ran (its last included) and 0 after it ended; everything after is zer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -108,17 +109,23 @@ def baseline_features(episodes: Episodes) -> Tensor:
 
 def linear_baseline(episodes: Episodes, returns: Tensor) -> Tensor:
     """Each task's value estimates [T, H, E]: least squares of ``returns`` on its own episodes'
-    features, with a ridge that grows while the normal equations stay singular."""
+    features, with a ridge that grows while the normal equations stay singular. A task whose episodes
+    diverged (a policy with non-finite parameters: non-finite observations or returns) gets NaN
+    estimates, so its terms come out non-finite (a training step is then rejected by the server), and
+    the other tasks are fitted as ever."""
     features = baseline_features(episodes)
     design = features.flatten(1, 2)  # [T, H * E, F]
+    finite = torch.isfinite(design).flatten(1).all(1) & torch.isfinite(returns).flatten(1).all(1)  # [T]
+    design = torch.where(finite.view(-1, 1, 1), design, 0.0)
     gram = design.transpose(1, 2) @ design
-    moment = design.transpose(1, 2) @ returns.flatten(1, 2).unsqueeze(-1)
+    moment = design.transpose(1, 2) @ torch.where(finite.view(-1, 1, 1), returns, 0.0).flatten(1, 2).unsqueeze(-1)
     identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     regularisation = BASELINE_REGULARISATION
     for _ in range(5):
         weights, info = torch.linalg.solve_ex(gram + regularisation * identity, moment)
         if (info == 0).all() and torch.isfinite(weights).all():
-            return (features @ weights.unsqueeze(1)).squeeze(-1)
+            values = (features @ weights.unsqueeze(1)).squeeze(-1)
+            return torch.where(finite.view(-1, 1, 1), values, math.nan)
         regularisation *= 10
     raise FloatingPointError(f"the linear baseline's normal equations stay singular at a ridge of {regularisation}")
 

@@ -58,10 +58,12 @@ class LearnerState:
     step: int
     theta: np.ndarray
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # ProMP: Adam's; TRPO: none
+    rejected_steps: list[int] = field(default_factory=list)  # non-finite meta-steps, not applied
 
     def owned(self) -> LearnerState:
         """A copy with writable arrays of its own (Ray hands over read-only views of its buffers)."""
-        return LearnerState(self.step, self.theta.copy(), {key: value.copy() for key, value in self.optimizer.items()})
+        optimizer = {key: value.copy() for key, value in self.optimizer.items()}
+        return LearnerState(self.step, self.theta.copy(), optimizer, list(self.rejected_steps))
 
 
 def task_rng(seed: int, step: int) -> np.random.Generator:
@@ -177,7 +179,7 @@ class MetaRLServer:
     def __init__(self, setup: MetaRLSetup, gather: Callable[..., list], state: LearnerState | None = None):
         self.setup, self.gather = setup, gather
         self.learner, self.layout, self.theta = setup.build()
-        self.step = 0
+        self.step, self.rejected_steps = 0, []
         if state is not None:
             self.restore(state)
 
@@ -186,13 +188,13 @@ class MetaRLServer:
 
     def state(self) -> LearnerState:
         optimizer = {key: value.numpy() for key, value in self.learner.optimizer_state().items()}
-        return LearnerState(self.step, self.theta.numpy().copy(), optimizer)
+        return LearnerState(self.step, self.theta.numpy().copy(), optimizer, list(self.rejected_steps))
 
     def restore(self, state: LearnerState) -> None:
         self.theta = torch.tensor(state.theta, dtype=self.setup.dtype)
         optimizer = {key: torch.tensor(value) for key, value in state.optimizer.items()}
         self.learner.load_optimizer_state(self.theta, optimizer)
-        self.step = state.step
+        self.step, self.rejected_steps = state.step, list(state.rejected_steps)
 
     def meta_step(self, step: int, *summaries: ShareSummary) -> tuple[MetaRLMetrics, LearnerState]:
         """Step ``step`` on the episodes the workers collected at theta (``summaries``: theirs)."""
@@ -203,9 +205,12 @@ class MetaRLServer:
             lambda method, *args: to_torch(tuple(self.gather(method, *to_numpy(args)))), self.setup.meta_batch_size
         )
         result = self.learner.meta_step(self.theta, problem)
-        rejected = not bool(torch.isfinite(result.theta).all()) or not math.isfinite(result.loss_after)
+        rejected = (
+            not result.finite or not bool(torch.isfinite(result.theta).all()) or not math.isfinite(result.loss_after)
+        )
         if rejected:
             self.restore(before)
+            self.rejected_steps.append(step)
         else:
             self.theta = result.theta.detach()
         self.step = step + 1

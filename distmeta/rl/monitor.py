@@ -28,13 +28,14 @@ from distmeta.runtime.monitor import close_with_hparams, run_writer, write_eval_
 
 
 class MetaRLMonitor:
-    def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout):
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout, rejected_before: int = 0):
+        """``rejected_before``: steps a resumed run's earlier part rejected (its count goes on from there)."""
         self.cfg, self.out = cfg, out
         self.writer = run_writer(run_dir, cfg, start_step)
         self.sums: dict[str, float] = defaultdict(float)
         self.window = 0
         self.last_step = start_step
-        self.rejected = 0
+        self.rejected = rejected_before
         self.last_print = time.time()
         self.recent: list[float] = []  # step times since the last fault, for the rate and ETA
         self.latest: MetaRLMetrics | None = None

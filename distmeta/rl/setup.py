@@ -146,6 +146,13 @@ def check_meta_rl(cfg: Config) -> Config:
             f"eval.seed={cfg.eval.seed} (train.seed's)",
             "another eval.seed, so held-out tasks share no random draws with training's",
         ),
+        (
+            # a seed past 32 bits becomes two words of a stream's key, which can then equal a key of the
+            # other seed's (train.seed=1234+2**32 drew test task 0 of eval.seed=1234 at step 0)
+            max(t.seed, cfg.eval.seed) >= 2**32,
+            f"train.seed={t.seed}, eval.seed={cfg.eval.seed}",
+            "seeds below 2**32, so held-out tasks are never training tasks",
+        ),
     ]
     wrong = [(setting, fix) for bad, setting, fix in unsupported if bad]
     if wrong:

@@ -44,7 +44,7 @@ from distmeta.rl.evaluate import evaluate_returns, protocol
 from distmeta.rl.local import LearnerState
 from distmeta.rl.monitor import MetaRLMonitor
 from distmeta.rl.setup import MetaRLSetup, is_meta_rl
-from distmeta.run import RunInterrupted, TrainResult, checked_outputs
+from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_in_a_row
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import connect, describe_layout, plan_layout
 from distmeta.runtime.supervisor import (
@@ -93,7 +93,8 @@ def initial_state(cfg: Config, setup: MetaRLSetup, store: CheckpointStore, resum
             raise ConfigError(f"no valid checkpoint in {store.location} to resume from")
         location, saved = store.uri(found[0]), found[1]
         optimizer = {key: value.numpy() for key, value in saved["optimizer"].items()}
-        state = LearnerState(saved["step"], saved["params"].numpy(), optimizer)
+        rejected = [int(step) for step in saved.get("rejected_steps", [])]  # none recorded before 0.3
+        state = LearnerState(saved["step"], saved["params"].numpy(), optimizer, rejected)
     elif cfg.train.init_from:
         location = cfg.train.init_from
         saved_cfg, params, saved = load_checkpoint(location)
@@ -121,11 +122,13 @@ def initial_state(cfg: Config, setup: MetaRLSetup, store: CheckpointStore, resum
 
 
 def checkpoint_of(cfg: Config, state: LearnerState) -> dict:
-    """A checkpoint of the run after ``state.step`` meta-steps: theta, the meta-step's own state and
-    the task generator's cursor (step t draws from ``(seed, t)``, so it is the step)."""
+    """A checkpoint of the run after ``state.step`` meta-steps: theta, the meta-step's own state, the
+    steps rejected so far and the task generator's cursor (step t draws from ``(seed, t)``, so it is
+    the step)."""
     optimizer = {key: torch.from_numpy(value) for key, value in state.optimizer.items()}
     return checkpoint_record(cfg, torch.from_numpy(state.theta), state.step) | {
         "optimizer": optimizer,
+        "rejected_steps": list(state.rejected_steps),
         "next_draw": state.step,
     }
 
@@ -200,7 +203,7 @@ def _train(
         )
         if state.step:
             print(f"resuming at step {state.step} from {store.location}", flush=True)
-        monitor = MetaRLMonitor(run_dir, cfg, state.step)
+        monitor = MetaRLMonitor(run_dir, cfg, state.step, rejected_before=len(state.rejected_steps))
         best = BestCheckpoint(cfg, store)
         first_step, train_started = state.step, time.time()
         stopped, state = _run_steps(cfg, actors, monitor, store, best, state)
@@ -251,7 +254,7 @@ def _train(
 def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best, state: LearnerState):
     """The loop proper: (the signal that stopped it or 0, the state after the last step)."""
     t, c = cfg.train, cfg.cluster
-    rejected_in_a_row = 0
+    in_a_row = rejected_in_a_row(state.rejected_steps, state.step)  # a resumed run's count goes on
 
     def recovered(err: Exception, recoveries: int) -> None:
         monitor.log_fault(state.step, recoveries)
@@ -268,14 +271,14 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
             metrics, state = actors.run(step, state, recovered)
             state = state.owned()
             monitor.record(metrics, time.time() - began)
-            rejected_in_a_row = rejected_in_a_row + 1 if metrics.rejected else 0
+            in_a_row = in_a_row + 1 if metrics.rejected else 0
             if metrics.rejected:
                 print(
                     f"step {metrics.step} rejected: its meta-step came out non-finite; nothing was applied", flush=True
                 )
-            if rejected_in_a_row >= t.max_rejected_steps:
+            if in_a_row >= t.max_rejected_steps:
                 raise FloatingPointError(
-                    f"{rejected_in_a_row} meta-steps in a row came out non-finite (the last at step {metrics.step}). "
+                    f"{in_a_row} meta-steps in a row came out non-finite (the last at step {metrics.step}). "
                     "Start a new run with a lower algorithm.inner_lr, rl.max_kl or meta_optimizer.lr"
                 )
             if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps:

@@ -11,6 +11,7 @@ tasks, so there is one update per meta-step, the same whatever the number of sha
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class MetaStep:
     kl: float  # mean KL divergence of the new policies from those that collected the episodes (0 if no step)
     backtracks: int = 0  # reductions (by the backtrack ratio) before the accepted step
     accepted: bool = True
+    finite: bool = True  # False: the gradient or its solve came out non-finite (the server rejects the step)
 
 
 def conjugate_gradient(product: Callable[[Tensor], Tensor], b: Tensor, iterations: int, tolerance=1e-10) -> Tensor:
@@ -119,7 +121,9 @@ def trust_region_step(
     product = lambda v: problem.fisher_product(v) + cg_damping * v  # noqa: E731
     direction = conjugate_gradient(product, gradient, cg_iters)
     curvature = float(direction @ product(direction))  # s^T F s: the full step's 2 x KL is max_kl's
-    if not curvature > 0:  # a zero gradient, or a non-finite solve: no step is better than a wrong one
+    if not math.isfinite(curvature) or not bool(torch.isfinite(direction).all()):  # overflowed: a fault, counted
+        return MetaStep(theta, loss, loss, 0.0, 0, False, finite=False)
+    if not curvature > 0:  # a zero gradient: no step
         return MetaStep(theta, loss, loss, 0.0, 0, False)
     full_step = direction * (2 * max_kl / curvature) ** 0.5
     for backtracks in range(ls_max_steps):

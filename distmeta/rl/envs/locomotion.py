@@ -1,8 +1,11 @@
 """MuJoCo locomotion with the MAML paper's task distributions (Finn et al., 2017, §5.3), on
 gymnasium's HalfCheetah-v5 and Ant-v5 through the ``mujoco`` wheel (no mujoco-py, no licence, no
-download): ``pip install "distmeta[mujoco]"``. The reward shaping is that of the reference
+download): ``pip install "distmeta[mujoco]"``. HalfCheetah's reward shaping is that of the reference
 implementations (cbfinn/maml_rl on rllab, tristandeleu/pytorch-maml-rl), built from the v5
-environments' own reward terms; 200 steps an episode.
+environments' own reward terms; Ant's is v5's own (a control cost of 0.5 |a|^2 and 1 a step while
+healthy, where the references have 0.005 |a|^2 and 0.05; the same contact cost and healthy range),
+and both observe v5's observations, not the references' (the cheetah lacks the centre of mass, the
+ant the contact forces, orientation and centre of mass); 200 steps an episode.
 
   halfcheetah_direction  direction +1 or -1 (even odds): direction x forward velocity
                          - 0.05 |a|^2 (half of v5's control cost)
