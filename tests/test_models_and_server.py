@@ -253,6 +253,29 @@ def test_bf16_autocast_is_an_option_close_to_float32_and_only_with_float32_param
         load_config(None, ["train.autocast=bf16", "train.dtype=float64"])
 
 
+def test_under_bf16_autocast_scores_and_matching_probabilities_keep_float32():
+    """A bf16 mean over a task's queries is off by a tenth of a point (74/75 of 32 tasks summed to
+    31.625, not 31.573), and Matching Networks' class probabilities rounded to 8 bits before their
+    log: both are computed in float32 under autocast."""
+    from distmeta.algorithms.matchingnet import MatchingNetworks
+
+    cfg = load_config(None, ["task.source=synthetic", "model.name=conv4", "algorithm.name=matchingnet"])
+    learner = MatchingNetworks(cfg.algorithm, build_model(cfg.model, DataSpec((1, 28, 28), 0)), "classification")
+    output = torch.randn(32, 75, 5).to(torch.bfloat16)
+    y = output.argmax(-1)
+    y[:, 0] = (y[:, 0] + 1) % 5  # one query of each task wrong: 74/75
+    with torch.autocast("cpu", torch.bfloat16):
+        accuracy = learner.scores(output, y)["accuracy"]
+        support, query = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+        one_hot = torch.eye(5).expand(2, 5, 5)
+        log_p = learner.logits({}, support, one_hot, query)
+        cosine = torch.nn.functional.normalize(query, dim=-1) @ torch.nn.functional.normalize(support, dim=-1).mT
+    assert accuracy.dtype == torch.float32 and accuracy.sum().item() == pytest.approx(32 * 74 / 75, rel=1e-6)
+    assert cosine.dtype == torch.bfloat16  # the products stay bf16; what follows them does not
+    assert log_p.dtype == torch.float32
+    torch.testing.assert_close(log_p, (cosine.float().softmax(-1) @ one_hot).log(), rtol=0, atol=0)
+
+
 def test_bf16_autocast_warns_where_the_cpu_only_emulates_bfloat16(caplog, monkeypatch):
     """Without AVX-512 BF16 or AMX, oneDNN emulates bfloat16: the option then slows a step down many
     times (0.09x the float32 plain loop on an AVX2-only EPYC), so the worker says so."""

@@ -22,6 +22,7 @@ override it. Learners without an inner loop build on ``metric.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import time
@@ -58,8 +59,10 @@ class MetaAlgorithm:
     adaptive: bool = True  # False: metric-based, nothing is adapted per task (evaluated at 0 inner steps)
     uses_head: bool = True  # False: the model is built without its head and returns embeddings
     learned_inner_lr: bool = False  # True: the inner step sizes are meta-parameters, not inner_lr
-    full_context_embeddings: bool = False  # True: algorithm.fce is this learner's option (matchingnet)
     supervised: bool = False  # True: trained on task.labels=class, a head over every training class (baseline)
+    # the algorithm.* settings this learner reads (besides name and implementation): another one set
+    # away from its default would change nothing, so it is refused rather than silently ignored
+    reads: tuple[str, ...] = ("inner_lr", "inner_steps", "inner_optimizer", "inner_batch_size")
 
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
         self.cfg, self.model, self.kind = cfg, model, kind
@@ -76,8 +79,18 @@ class MetaAlgorithm:
                 f"algorithm.inner_optimizer=adam needs a first-order algorithm (fomaml, reptile), "
                 f"not {a.name}: differentiating through Adam's square root is unstable"
             )
-        if a.fce and not cls.full_context_embeddings:
-            raise ConfigError(f"algorithm.fce is a matchingnet option; {a.name} has no such embeddings")
+        default = AlgorithmConfig()
+        unread = [
+            f"algorithm.{f.name}={getattr(a, f.name)}"
+            for f in dataclasses.fields(a)
+            if f.name not in ("name", "implementation", *cls.reads) and getattr(a, f.name) != getattr(default, f.name)
+        ]
+        if unread:
+            reads = ", ".join(f"algorithm.{name}" for name in cls.reads) or "none of them"
+            raise ConfigError(
+                f"{', '.join(unread)}: {a.name} does not read it, so it would change nothing (it reads {reads}); "
+                "leave it at its default"
+            )
         if cfg.task.labels == "class" and not cls.supervised:
             raise ConfigError(
                 f"task.labels=class labels images with their training class, for algorithm.name=baseline; "
@@ -126,7 +139,8 @@ class MetaAlgorithm:
         output = output.detach()
         scores = {f"loss{suffix}": self.task_losses(output, y)}
         if self.kind == "classification":
-            scores[f"accuracy{suffix}"] = (output.argmax(-1) == y).to(output.dtype).mean(1)
+            wide = torch.promote_types(output.dtype, torch.float32)  # a bf16 mean over 75 queries is off by 0.1%
+            scores[f"accuracy{suffix}"] = (output.argmax(-1) == y).to(wide).mean(1)
         return scores
 
     @staticmethod

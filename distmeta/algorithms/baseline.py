@@ -27,6 +27,7 @@ from distmeta.config import ConfigError
 class TransferBaseline(MetaAlgorithm):
     first_order = True  # nothing is differentiated through the test-time steps
     supervised = True  # trained on task.labels=class, one output per training class
+    reads = ("inner_lr", "inner_optimizer", "finetune", "head_init")  # its test-time steps: eval.inner_steps
 
     @classmethod
     def check(cls, cfg, kind):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from distmeta.algorithms.metric import MetricAlgorithm
+from distmeta.config import AlgorithmConfig, ConfigError
 
 PREFIX = "fce."
 
@@ -49,7 +50,16 @@ class FullContextEmbedding(nn.Module):
 
 
 class MatchingNetworks(MetricAlgorithm):
-    full_context_embeddings = True
+    reads = ("fce", "fce_steps")
+
+    @classmethod
+    def check(cls, cfg, kind):
+        super().check(cfg, kind)
+        if not cfg.algorithm.fce and cfg.algorithm.fce_steps != AlgorithmConfig().fce_steps:
+            raise ConfigError(
+                f"algorithm.fce_steps={cfg.algorithm.fce_steps} sets the full context embeddings' attention steps: "
+                "add algorithm.fce=true, or leave it at its default"
+            )
 
     def __init__(self, cfg, model, kind):
         super().__init__(cfg, model, kind)
@@ -67,5 +77,9 @@ class MatchingNetworks(MetricAlgorithm):
             weights = {n.removeprefix(PREFIX): p for n, p in theta.items() if n.startswith(PREFIX)}
             support, query = functional_call(self.fce, weights, (support, query))
         cosine = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)  # [T, Q, S]
-        probabilities = cosine.softmax(-1) @ one_hot  # [T, Q, ways]
+        # the attention and its log in at least float32: under bf16 autocast a matrix product would
+        # round each class's probability to 8 bits before the log the loss takes
+        wide = torch.promote_types(cosine.dtype, torch.float32)
+        with torch.autocast(cosine.device.type, enabled=False):
+            probabilities = cosine.to(wide).softmax(-1) @ one_hot.to(wide)  # [T, Q, ways]
         return probabilities.log()  # log P: cross-entropy on it is -log P(y | x, S)

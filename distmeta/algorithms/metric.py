@@ -19,6 +19,7 @@ from distmeta.tasks.batch import TaskTensors
 class MetricAlgorithm(MetaAlgorithm):
     adaptive = False
     uses_head = False
+    reads = ()
 
     @classmethod
     def check(cls, cfg, kind):
@@ -29,6 +30,11 @@ class MetricAlgorithm(MetaAlgorithm):
         if any(cfg.eval.inner_steps):
             raise ConfigError(
                 f"algorithm.name={cfg.algorithm.name} has no inner loop; set eval.inner_steps=[0] (or leave it empty)"
+            )
+        if cfg.eval.inner_batch_size:
+            raise ConfigError(
+                f"eval.inner_batch_size={cfg.eval.inner_batch_size}: algorithm.name={cfg.algorithm.name} has no inner "
+                "loop to batch; leave it at 0"
             )
 
     def logits(self, theta: Params, support: Tensor, one_hot: Tensor, query: Tensor) -> Tensor:
