@@ -1,6 +1,9 @@
 """ANIL, Almost No Inner Loop (Raghu et al., 2020): MAML whose inner loop adapts only the model's
 linear head. The body's features are computed once per task; the meta-gradient still reaches the
-body, through those features, and is second order through the head's inner steps."""
+body, through those features, and is second order through the head's inner steps. With
+``algorithm.inner_batch_size`` the inner mini-batches are slices of those features, whose batch
+statistics span the whole support set (as learn2learn's ANIL computes them), not MAML with a frozen
+body, which would normalise each mini-batch by itself."""
 
 from __future__ import annotations
 

@@ -12,7 +12,10 @@ at zero (``algorithm.head_init=zero``: a fresh head, as Chen et al. fine-tune, t
 starts it at random and trains it by SGD with momentum on mini-batches of 4; with one shot the
 centroid head already fits the support set, so its steps barely move it), and each inner step is
 SGD on the support set's cross-entropy of that head (``algorithm.finetune=head``, the features
-fixed) or of the whole network (``all``), at ``algorithm.inner_lr``.
+fixed) or of the whole network (``all``), at ``algorithm.inner_lr``. Its BatchNorm uses batch
+statistics throughout, as every learner here: the support features the head is fitted to are
+normalised over the support set, and a query's over its own batch (the query set, or the support
+set and that query: ``eval.transductive``); Chen et al. test with running statistics instead.
 """
 
 from __future__ import annotations
