@@ -10,8 +10,10 @@ with the fix named, not on a worker minutes later.
 
 from __future__ import annotations
 
+import dataclasses
+
 from distmeta.algorithms import ALGORITHMS
-from distmeta.config import Config, ConfigError, registered
+from distmeta.config import AlgorithmConfig, Config, ConfigError, registered
 from distmeta.models import MODELS
 from distmeta.rl.envs import ENVIRONMENTS
 from distmeta.rl.setup import META_RL_ALGORITHMS, check_meta_rl, is_meta_rl
@@ -58,3 +60,28 @@ def check_run(cfg: Config) -> Config:
             f"that head ({', '.join(any_ways)}) test with other ways"
         )
     return cfg
+
+
+# meta-RL's inner loop: policy-gradient steps (check_meta_rl refuses other optimizers and batches)
+META_RL_READS = ("inner_lr", "inner_steps", "inner_optimizer", "inner_batch_size")
+
+
+def check_new_run(cfg: Config) -> None:
+    """What a new run's own config must also satisfy, beyond ``check_run``: no ``algorithm.*``
+    setting its learner does not read, set away from its default (it would change nothing while the
+    user believes the method changed). Not asked of a trained checkpoint's config (evaluate,
+    resume): runs from before the rule may hold such a setting, harmlessly."""
+    a = cfg.algorithm
+    reads = META_RL_READS if is_meta_rl(cfg) else ALGORITHMS[a.name].reads
+    default = AlgorithmConfig()
+    unread = [
+        f"algorithm.{f.name}={getattr(a, f.name)}"
+        for f in dataclasses.fields(a)
+        if f.name not in ("name", "implementation", *reads) and getattr(a, f.name) != getattr(default, f.name)
+    ]
+    if unread:
+        named = ", ".join(f"algorithm.{name}" for name in reads) or "none of them"
+        raise ConfigError(
+            f"{', '.join(unread)}: {a.name} does not read it, so it would change nothing (it reads {named}); "
+            "leave it at its default"
+        )

@@ -279,15 +279,16 @@ def convert_legacy(location: str | Path, out: str | Path | None = None) -> str:
     return CheckpointStore(folder).write(name, state)
 
 
-EXPORTED = ("params", "step", "config", "code_version", "distmeta_version", "validation")
+EXPORTED = ("params", "step", "config", "code_version", "distmeta_version", "trained_by", "validation")
 
 
 def export_checkpoint(location: str | Path, out: str | Path) -> str:
     """Write the trained parameters of the checkpoint at ``location`` as a small, self-contained file at
-    ``out`` (the zoo's format): the parameters, the step, the config and the code that wrote them
-    (and ``best.pt``'s validation score), checksummed like every checkpoint, without the optimizer's
-    state or the task stream's cursor, so it adapts, evaluates and initialises (``train.init_from``)
-    but does not resume. The transfer baseline's head over its training classes, which its tests
+    ``out`` (the zoo's format): the parameters, the step, the config, the code that trained them
+    (``trained_by``) and this version, which wrote the file (an older one refuses it as newer), and
+    ``best.pt``'s validation score; checksummed like every checkpoint, without the optimizer's state
+    or the task stream's cursor, so it adapts, evaluates and initialises (``train.init_from``) but
+    does not resume. The transfer baseline's head over its training classes, which its tests
     replace, is left out (``evaluate.without_training_head``): its export adapts and evaluates, and
     to continue its training, initialise from the run's own checkpoint. Returns where it is."""
     from distmeta.evaluate import without_training_head  # here: evaluation imports the runtime, which imports us
@@ -296,6 +297,8 @@ def export_checkpoint(location: str | Path, out: str | Path) -> str:
     state["params"] = torch.from_numpy(
         without_training_head(config_from_dict(state["config"]), state["params"].numpy())
     )
+    state["trained_by"] = state.get("trained_by", state.get("code_version", "unknown"))
+    state |= {"code_version": code_version(), "distmeta_version": distmeta.__version__}
     folder, name = split_location(str(out))
     store = CheckpointStore(folder)
     if store.fs.get_file_info(store.path(name)).type != pafs.FileType.NotFound:

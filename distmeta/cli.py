@@ -70,13 +70,17 @@ EVAL_FLAGS = {
 SETTING = re.compile(r"^[a-z_]+(\.[a-z_]+)?=")  # a config setting on the command line: section.key=value, run_name=
 
 
-def _split_settings(argv: list[str]) -> tuple[list[str], list[str]]:
+def _split_settings(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
     """(the arguments, the settings among them): settings are taken out before parsing, so that one
     after a flag of several values (``--steps 0 algorithm.head_init=centroid``) or an optional one
-    (``--resume train.steps=40000``) is not read as its value. A word that names an existing file is
-    not a setting."""
-    settings = [a for a in argv if SETTING.match(a) and not Path(a).exists()]
-    return [a for a in argv if a not in settings], settings
+    (``--resume train.steps=40000``) is not read as its value. The value of a flag that takes exactly
+    one (``--out run_name=x``) and a word that names an existing file are not settings."""
+    single = {flag for flag, action in parser._option_string_actions.items() if action.nargs is None}
+    words, settings = [], []
+    for i, word in enumerate(argv):
+        is_value = i > 0 and argv[i - 1] in single
+        (settings if SETTING.match(word) and not is_value and not Path(word).exists() else words).append(word)
+    return words, settings
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
@@ -143,15 +147,17 @@ def launch_main(argv: list[str] | None = None, prog: str = "launch.py") -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--eval-only" in argv:  # exactly `distmeta evaluate`, with its flags
         return evaluate_main([a for a in argv if a != "--eval-only"], prog=f"{prog} --eval-only")
-    argv, settings = _split_settings(argv)
-    args = train_parser(prog).parse_intermixed_args(argv)  # key=value and flags in any order
+    parser = train_parser(prog)
+    argv, settings = _split_settings(parser, argv)
+    args = parser.parse_intermixed_args(argv)  # key=value and flags in any order
     args.overrides += settings
     return _guard(lambda: _train(args))
 
 
 def evaluate_main(argv: list[str], prog: str = "distmeta evaluate") -> int:
-    argv, overrides = _split_settings(argv)
-    args = evaluate_parser(prog).parse_intermixed_args(argv)
+    parser = evaluate_parser(prog)
+    argv, overrides = _split_settings(parser, argv)
+    args = parser.parse_intermixed_args(argv)
     settings = _settings(args, EVAL_FLAGS)
     other = (args.shards, args.split_scheme)
     overrides = args.overrides + overrides
@@ -255,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         args = data_parser("distmeta data").parse_args(argv[1:])
         return _guard(lambda: _build_data(args))
     if argv[0] == "adapt":
-        words, settings = _split_settings(argv[1:])
-        args = adapt_parser("distmeta adapt").parse_intermixed_args(words)
+        parser = adapt_parser("distmeta adapt")
+        words, settings = _split_settings(parser, argv[1:])
+        args = parser.parse_intermixed_args(words)
         args.overrides += settings
         return _guard(lambda: _adapt(args))
     if argv[0] == "checkpoint":
@@ -306,7 +313,7 @@ def _evaluate(
 
     from distmeta.assemble import check_run
     from distmeta.checkpoint import load_checkpoint
-    from distmeta.evaluate import check_device, evaluate, on_other_data, protocol, trained_model_data
+    from distmeta.evaluate import check_device, evaluate, on_other_data, protocol
     from distmeta.report import format_rows
     from distmeta.resume import check_same_data
     from distmeta.rl import evaluate as meta_rl
@@ -325,9 +332,7 @@ def _evaluate(
     other_shards, scheme = other
     if scheme and not other_shards:
         raise ConfigError("--split-scheme goes with --shards (another dataset); the training data keeps its own")
-    # the model's spec comes from the data, unless the data is another dataset's, or the checkpoint an
-    # export of a model over every training class (its head left out): then from its parameters
-    model_data = trained_model_data(cfg, params.size) if cfg.task.labels == "class" else None
+    model_data = None  # the model's spec comes from the data, unless the data is another dataset's
     if other_shards:
         if is_meta_rl(cfg):
             raise ConfigError("--shards: a meta-RL checkpoint is scored on its environment, not on image shards")

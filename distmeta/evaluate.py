@@ -239,7 +239,11 @@ def evaluate_chunk(
 ) -> list[ScoreTrajectory]:
     """Per-task query scores after 0..max(eval_steps) inner steps, for each chunk; with
     ``progress``, a progress line there after each chunk (``report_progress``). ``model_data``: the
-    spec and kind the model was built for, when the episodes come from other data (``on_other_data``)."""
+    spec and kind the model was built for, when the episodes come from other data (``on_other_data``);
+    for a model over every training class (the baseline) it is read off the parameters, as an export
+    leaves its head out."""
+    if model_data is None and cfg.task.labels == "class":
+        model_data = trained_model_data(cfg, flat_params.size)
     worker = Worker(cfg, device=torch.device(device) if device else None, data=model_data)
     source = eval_source(cfg)
     results = []

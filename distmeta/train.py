@@ -30,7 +30,7 @@ import numpy as np
 import ray
 
 from distmeta.algorithms import initial_parameters
-from distmeta.assemble import check_run
+from distmeta.assemble import check_new_run, check_run
 from distmeta.checkpoint import (
     FINAL_NAME,
     BestCheckpoint,
@@ -83,6 +83,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> Tra
     meta-RL config (``algorithm.name`` maml_trpo or promp) trains in ``rl.train``."""
     started = time.time()
     check_run(cfg)  # a combination no component can run fails here, before Ray starts
+    if not resume:
+        check_new_run(cfg)
     run_dir = Path(run_dir or Path(cfg.logdir) / run_name(cfg))
     # checkpoints record the run they belong to; the algorithm section is the run's own copy, as
     # StepResults records auto's implementation in it (the caller's config keeps auto)
@@ -150,6 +152,12 @@ def _initial_parameters(cfg: Config, source, resume: bool) -> np.ndarray:
             f"({saved.algorithm.name}, task.ways={saved.task.ways}); this run's {cfg.model.name} "
             f"({cfg.algorithm.name}, task.ways={cfg.task.ways}) has {initial.size}: use a checkpoint of the same "
             "model, head and algorithm family"
+            + (
+                " (an export of the baseline leaves out its head over the training classes: initialise from "
+                "its run's own checkpoint)"
+                if saved.task.labels == "class" and "optimizer" not in state
+                else ""
+            )
         )
     print(f"starting from the parameters of {cfg.train.init_from} (step {state['step']})", flush=True)
     return params.astype(initial.dtype)

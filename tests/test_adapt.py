@@ -25,7 +25,7 @@ import distmeta
 from distmeta.adaptation import AdaptError, _prepared
 from distmeta.algorithms import build_learner
 from distmeta.checkpoint import CheckpointStore, checkpoint_record, read_checkpoint
-from distmeta.config import ImageFormat, config_from_dict, load_config
+from distmeta.config import ConfigError, ImageFormat, config_from_dict, load_config
 from distmeta.models import DataSpec, build_model
 from distmeta.params import ParamLayout, flat_parameters
 from distmeta.tasks import ShardEpisodes
@@ -417,6 +417,7 @@ def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evalua
     cfg = config_from_dict(read_checkpoint(full)["config"])
     features = build_model(cfg.model, DataSpec((1, SIZE, SIZE), 0)).state_dict()
     kept = read_checkpoint(exported)["params"]
+    assert read_checkpoint(exported)["distmeta_version"] == distmeta.__version__  # what an older version cannot read
     assert kept.numel() == sum(p.numel() for p in features.values())
     np.testing.assert_array_equal(kept.numpy(), read_checkpoint(full)["params"].numpy()[: kept.numel()])
 
@@ -437,6 +438,13 @@ def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evalua
         scores.append(run.stdout.split("protocol:", 1)[1])
     assert scores[0] == scores[1] and "accuracy" in scores[0]
     assert "inner steps [0, 2]" in scores[0] and "its steps training all" in scores[0]
+
+    from distmeta.tasks import build_source
+    from distmeta.train import _initial_parameters
+
+    cfg.train.init_from = str(exported)  # a new run cannot start from it: said so
+    with pytest.raises(ConfigError, match="an export of the baseline leaves out its head over the training"):
+        _initial_parameters(cfg, build_source(cfg.task), resume=False)
 
     maml = conv4_checkpoint(tmp_path / "maml", "algorithm.name=maml", ways=4)
     exported_maml = export_checkpoint(maml, tmp_path / "zoo" / "maml.pt")

@@ -76,7 +76,8 @@ def test_launch_trains_evaluates_and_the_loss_falls(tmp_path, cli_env):
     export = run(["-m", "distmeta", "checkpoint", "export", str(checkpoint), "--out", str(exported)], cli_env)
     assert export.returncode == 0 and "sha256" in export.stdout, export.stderr[-3000:]
     small = read_checkpoint(exported)
-    assert sorted(small) == ["code_version", "config", "distmeta_version", "params", "step"]
+    assert sorted(small) == ["code_version", "config", "distmeta_version", "params", "step", "trained_by"]
+    assert small["trained_by"] == read_checkpoint(checkpoint)["code_version"]  # the export says who trained it
     assert exported.stat().st_size < checkpoint.stat().st_size / 2  # no optimizer state, no task stream
     again = run(["launch.py", "--eval-only", "--checkpoint", str(exported), "eval.num_tasks=200"], cli_env)
     assert again.returncode == 0 and row in [line.split() for line in again.stdout.splitlines()], again.stdout
@@ -236,6 +237,8 @@ class _Lines:
         (["--address", "127.0.0.1:9"], "nothing answers at '127.0.0.1:9'"),
         (["--eval-only"], "launch.py --eval-only: error: the following arguments are required: --checkpoint"),
         (["--eval-only", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+        # the value of a one-value flag is its value, whatever it looks like
+        (["--eval-only", "--checkpoint", "run_name=x.pt"], "checkpoint run_name=x.pt does not exist"),
         # a setting after --resume is a setting, not the run to resume
         (["--resume", "train.steps=40000", "--logdir", "/nowhere"], "--resume latest: no run under /nowhere"),
     ],

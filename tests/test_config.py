@@ -57,8 +57,6 @@ def test_yaml_then_overrides(tmp_path):
         ("train=5", "train must be a mapping"),
         ("algorithm.name=protonet", "algorithm.name=protonet classifies; task.source=sinusoid is regression"),
         ("algorithm.fce_steps=0", "algorithm.fce_steps must be >= 1"),
-        ("algorithm.fce=true", r"algorithm.fce=True: maml does not read it, so it would change nothing"),
-        ("algorithm.finetune=all", r"algorithm.finetune=all: maml does not read it.*\(it reads algorithm.inner_lr, "),
         ("eval.ways=5", "eval.ways applies to classification; task.source=sinusoid is regression"),
         ("cluster.reduce=ring", "choose one of: server, allreduce"),
         ("cluster.server_shards=0", "cluster.server_shards must be >= 1"),
@@ -205,15 +203,20 @@ def test_the_layers_stay_apart():
         (["algorithm.name=protonet", "eval.inner_batch_size=2"], "protonet has no inner loop to batch"),
         (["algorithm.name=matchingnet", "algorithm.fce_steps=9"], "fce_steps=9 sets .*: add algorithm.fce=true"),
         (["algorithm.name=maml", "algorithm.head_init=zero"], "head_init=zero: maml does not read it"),
+        (["algorithm.name=maml", "algorithm.fce=true"], r"algorithm.fce=True: maml does not read it, so it would"),
+        (["algorithm.name=maml", "algorithm.finetune=all"], r"finetune=all: maml .*\(it reads algorithm.inner_lr, "),
         (
             ["algorithm.name=baseline", "task.labels=class", "algorithm.inner_batch_size=3"],
             r"inner_batch_size=3: baseline does not read it.*\(it reads algorithm.inner_lr, "
-            r"algorithm.inner_optimizer, algorithm.finetune, algorithm.head_init\)",
+            r"algorithm.inner_steps, algorithm.inner_optimizer, algorithm.finetune, algorithm.head_init\)",
         ),
     ],
 )
 def test_a_setting_the_learner_does_not_read_is_refused_not_ignored(overrides, message):
-    """Set away from its default, it would change nothing: the user would believe the method changed."""
+    """Set away from its default, it would change nothing: the user would believe the method changed.
+    A new run is refused; a trained checkpoint's config (evaluate, resume) is not asked again."""
+    from distmeta.assemble import check_new_run
+
     with pytest.raises(ConfigError, match=message):
-        checked("task.source=synthetic", "model.name=conv4", *overrides)
-    checked("task.source=synthetic", "model.name=conv4", overrides[0], *overrides[1:-1])  # without it: fine
+        check_new_run(checked("task.source=synthetic", "model.name=conv4", *overrides))
+    check_new_run(checked("task.source=synthetic", "model.name=conv4", overrides[0], *overrides[1:-1]))  # fine

@@ -221,6 +221,14 @@ def test_bad_meta_rl_configs_are_refused_with_the_fix(overrides, message):
         check_run(load_config(NAVIGATION, overrides))
 
 
+def test_a_new_meta_rl_run_refuses_a_setting_its_learner_does_not_read():
+    from distmeta.assemble import check_new_run
+
+    for setting in ("algorithm.finetune=all", "algorithm.fce_steps=9"):
+        with pytest.raises(ConfigError, match=f"{setting}: maml_trpo does not read it"):
+            check_new_run(check_run(load_config(NAVIGATION, [setting])))
+
+
 def test_a_supervised_config_cannot_take_meta_rl_step_sizes():
     with pytest.raises(ConfigError, match="eval.step_sizes sets meta-RL's test-time step sizes"):
         check_run(load_config(None, ["eval.step_sizes=[0.1]"]))

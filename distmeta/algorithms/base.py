@@ -22,7 +22,6 @@ override it. Learners without an inner loop build on ``metric.py``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import time
@@ -61,7 +60,7 @@ class MetaAlgorithm:
     learned_inner_lr: bool = False  # True: the inner step sizes are meta-parameters, not inner_lr
     supervised: bool = False  # True: trained on task.labels=class, a head over every training class (baseline)
     # the algorithm.* settings this learner reads (besides name and implementation): another one set
-    # away from its default would change nothing, so it is refused rather than silently ignored
+    # away from its default would change nothing, so a new run refuses it (assemble.check_new_run)
     reads: tuple[str, ...] = ("inner_lr", "inner_steps", "inner_optimizer", "inner_batch_size")
 
     def __init__(self, cfg: AlgorithmConfig, model: nn.Module, kind: str):
@@ -78,18 +77,6 @@ class MetaAlgorithm:
             raise ConfigError(
                 f"algorithm.inner_optimizer=adam needs a first-order algorithm (fomaml, reptile), "
                 f"not {a.name}: differentiating through Adam's square root is unstable"
-            )
-        default = AlgorithmConfig()
-        unread = [
-            f"algorithm.{f.name}={getattr(a, f.name)}"
-            for f in dataclasses.fields(a)
-            if f.name not in ("name", "implementation", *cls.reads) and getattr(a, f.name) != getattr(default, f.name)
-        ]
-        if unread:
-            reads = ", ".join(f"algorithm.{name}" for name in cls.reads) or "none of them"
-            raise ConfigError(
-                f"{', '.join(unread)}: {a.name} does not read it, so it would change nothing (it reads {reads}); "
-                "leave it at its default"
             )
         if cfg.task.labels == "class" and not cls.supervised:
             raise ConfigError(

@@ -30,7 +30,8 @@ from distmeta.config import ConfigError
 class TransferBaseline(MetaAlgorithm):
     first_order = True  # nothing is differentiated through the test-time steps
     supervised = True  # trained on task.labels=class, one output per training class
-    reads = ("inner_lr", "inner_optimizer", "finetune", "head_init")  # its test-time steps: eval.inner_steps
+    # at test (its steps: eval.inner_steps; inner_steps picks the validation row best.pt is judged on)
+    reads = ("inner_lr", "inner_steps", "inner_optimizer", "finetune", "head_init")
 
     @classmethod
     def check(cls, cfg, kind):

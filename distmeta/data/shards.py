@@ -123,23 +123,24 @@ def write_shards(
         if shape is None:
             raise ShardError(f"no classes to write to {out}")
         flush()
-    except BaseException:  # Ctrl-C included: no half-built dataset is left to be mistaken for one
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "schema": {field.name: str(field.type) for field in schema(math.prod(shape))},
+            "image_shape": list(shape),
+            "classes": entries,
+            "splits": splits,
+            "shards": shards,
+            **info,
+        }
+        path, tmp = out / MANIFEST, out / f".{MANIFEST}.tmp"
+        written.append(tmp)
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)  # the manifest appears whole, after every shard it names
+    except BaseException:  # Ctrl-C and a full disk included: no half-built dataset is left to pass for one
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "schema": {field.name: str(field.type) for field in schema(math.prod(shape))},
-        "image_shape": list(shape),
-        "classes": entries,
-        "splits": splits,
-        "shards": shards,
-        **info,
-    }
-    path, tmp = out / MANIFEST, out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)  # the manifest appears whole, after every shard it names
     return path
 
 

@@ -109,25 +109,28 @@ def baseline_features(episodes: Episodes) -> Tensor:
 
 def linear_baseline(episodes: Episodes, returns: Tensor) -> Tensor:
     """Each task's value estimates [T, H, E]: least squares of ``returns`` on its own episodes'
-    features, with a ridge that grows while the normal equations stay singular. A task whose episodes
-    diverged (a policy with non-finite parameters: non-finite observations or returns) gets NaN
-    estimates, so its terms come out non-finite (a training step is then rejected by the server), and
-    the other tasks are fitted as ever."""
+    features, with a ridge that grows, for that task alone, while its normal equations stay
+    singular. A task whose episodes diverged (a policy with non-finite or overflowing parameters:
+    features, returns or their products not finite) gets NaN estimates, so its terms come out
+    non-finite (a training step is then rejected by the server), and the other tasks are fitted as
+    ever."""
     features = baseline_features(episodes)
     design = features.flatten(1, 2)  # [T, H * E, F]
-    finite = torch.isfinite(design).flatten(1).all(1) & torch.isfinite(returns).flatten(1).all(1)  # [T]
-    design = torch.where(finite.view(-1, 1, 1), design, 0.0)
-    gram = design.transpose(1, 2) @ design
-    moment = design.transpose(1, 2) @ torch.where(finite.view(-1, 1, 1), returns, 0.0).flatten(1, 2).unsqueeze(-1)
+    targets = returns.flatten(1, 2).unsqueeze(-1)  # [T, H * E, 1]
+    gram, moment = design.transpose(1, 2) @ design, design.transpose(1, 2) @ targets
+    fitted = torch.isfinite(gram).flatten(1).all(1) & torch.isfinite(moment).flatten(1).all(1)  # [T]
+    gram = torch.where(fitted.view(-1, 1, 1), gram, 0.0)
+    moment = torch.where(fitted.view(-1, 1, 1), moment, 0.0)
     identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    regularisation = BASELINE_REGULARISATION
+    ridge = torch.full((len(gram), 1, 1), BASELINE_REGULARISATION, dtype=gram.dtype, device=gram.device)
     for _ in range(5):
-        weights, info = torch.linalg.solve_ex(gram + regularisation * identity, moment)
-        if (info == 0).all() and torch.isfinite(weights).all():
+        weights, info = torch.linalg.solve_ex(gram + ridge * identity, moment)
+        solved = (info == 0) & torch.isfinite(weights).flatten(1).all(1)
+        if solved.all():
             values = (features @ weights.unsqueeze(1)).squeeze(-1)
-            return torch.where(finite.view(-1, 1, 1), values, math.nan)
-        regularisation *= 10
-    raise FloatingPointError(f"the linear baseline's normal equations stay singular at a ridge of {regularisation}")
+            return torch.where(fitted.view(-1, 1, 1), values, math.nan)
+        ridge = torch.where(solved.view(-1, 1, 1), ridge, 10 * ridge)
+    raise FloatingPointError(f"the linear baseline's normal equations stay singular at a ridge of {ridge.max():g}")
 
 
 def with_advantages(episodes: Episodes, gamma: float, gae_lambda: float, normalize: bool = True) -> Episodes:
