@@ -250,7 +250,10 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
             # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
             stopping = stop.requested() and schedule.logs(next_step)
             while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
-                controls = schedule.controls(next_step, c.steps_per_call, supervisor.generation)
+                chosen = results.cfg.algorithm.implementation  # auto's choice, once the first step made it
+                controls = schedule.controls(
+                    next_step, c.steps_per_call, supervisor.generation, "" if chosen == "auto" else chosen
+                )
                 in_flight.append(InFlightCall(controls, supervisor.engine.submit(controls)))
                 next_step += len(controls)
                 stopping = stop.requested() and schedule.logs(next_step)

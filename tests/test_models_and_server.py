@@ -228,6 +228,20 @@ def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
     np.testing.assert_allclose(first.update, worker.layout.flatten(expected).numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_a_worker_started_after_auto_chose_computes_with_the_runs_choice():
+    """A worker a fault's recovery starts anew does not time the implementations again (it might
+    choose one that rounds differently): the control message carries the run's choice."""
+    from distmeta.runtime.task_generator import TaskGenerator
+    from distmeta.runtime.worker import Worker
+
+    cfg = load_config(None, ["train.meta_batch_size=4", "algorithm.implementation=auto"])
+    tasks = TaskGenerator(cfg, [4], [0], prefetch=False).build(0)[0]
+    for chosen in ("loop", "vmap"):  # timing cannot give both
+        worker = Worker(cfg, device=torch.device("cpu"))
+        flat = flat_parameters(worker.algorithm.initial_parameters(), torch.float32).numpy()
+        assert worker.compute(StepControl(0, implementation=chosen), tasks, flat).implementation == chosen
+
+
 def test_bf16_autocast_is_an_option_close_to_float32_and_only_with_float32_parameters():
     """train.autocast=bf16 changes the math (so it is off by default), but not by much: the same
     Conv4 update, in the same direction, from bfloat16 kernels. Metrics and the update stay float32."""

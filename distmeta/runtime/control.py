@@ -25,6 +25,10 @@ class StepControl:
     # that only feeds a metric, a fifth of a 1-shot Conv4 step, so training asks for it on
     # logging steps only (``Schedule.logs``)
     score_before: bool = True
+    # the implementation the run computes with once ``auto`` chose (the first worker's timed choice,
+    # which checkpoints record): a worker started after that, by a fault's recovery, takes it rather
+    # than timing afresh and perhaps choosing one that rounds differently. Empty: none chosen yet
+    implementation: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,15 @@ class Schedule:
         """The parameters after ``done`` steps are validated (in the background)."""
         return bool(self.eval_every) and done % self.eval_every == 0
 
-    def controls(self, step: int, most: int, generation: int = 0) -> list[StepControl]:
+    def controls(self, step: int, most: int, generation: int = 0, implementation: str = "") -> list[StepControl]:
         """The control messages of one call of up to ``most`` steps from ``step``, ending at the
         next logging step at the latest (where a stop lands, and the run's end)."""
-        controls = [self.control(step, generation)]
+        controls = [self.control(step, generation, implementation)]
         while len(controls) < most and not self.logs(controls[-1].step + 1):
-            controls.append(self.control(controls[-1].step + 1, generation))
+            controls.append(self.control(controls[-1].step + 1, generation, implementation))
         return controls
 
-    def control(self, step: int, generation: int = 0) -> StepControl:
+    def control(self, step: int, generation: int = 0, implementation: str = "") -> StepControl:
         """The control message of step ``step`` (from 0), sent by engine generation ``generation``."""
         done = step + 1
         return StepControl(
@@ -73,6 +77,7 @@ class Schedule:
             checkpoint=self.checkpoint(done),
             publish=self.publishes(done),
             score_before=self.logs(done),
+            implementation=implementation,
         )
 
 

@@ -170,6 +170,8 @@ class Worker(GroupMember):
         flat = params[0] if len(params) == 1 else np.concatenate(params)
         named = self._params(flat)
         task_tensors = tasks.to_torch(self.device, self.dtype)
+        if self.implementation == "auto" and control.implementation:  # started after the run chose (a recovery)
+            self.implementation = control.implementation
         with self.precision():
             if self.implementation == "auto":
                 self.implementation, timings = fastest_implementation(self.algorithm, named, task_tensors)
