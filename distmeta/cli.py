@@ -415,7 +415,8 @@ def _build_data(args: argparse.Namespace) -> int:
     from distmeta.data.shards import check_new_output
 
     started = time.time()
-    check_new_output(Path(args.out))  # before minutes of decoding
+    if args.action != "fetch":  # fetch keeps the Omniglot shards it built before, and says so
+        check_new_output(Path(args.out))  # before minutes of decoding
     if args.action == "fetch":
         path = fetch_omniglot(args.out, url=args.mirror or OFFICIAL_URL)
     elif args.dataset == "omniglot":

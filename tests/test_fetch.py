@@ -43,8 +43,11 @@ def test_fetch_downloads_verifies_and_builds(omniglot_src, mirror, tmp_path):
         assert (tmp_path / "downloads" / f"{part}.zip").read_bytes() == (omniglot_src / f"{part}.zip").read_bytes()
     assert any("MB/s, ETA" in line for line in lines)  # progress: size, rate, ETA
     lines.clear()
+    built = (tmp_path / "manifest.json").stat().st_mtime_ns
     fetch_omniglot(tmp_path, url=mirror, md5=md5, progress=lines.append)  # again: nothing downloaded twice
     assert sum("already downloaded, md5 ok" in line for line in lines) == 2
+    assert "already holds the Omniglot shards: kept" in lines[-1]  # nor built twice
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns == built
 
 
 def test_a_checksum_mismatch_keeps_nothing(mirror, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 from distmeta.config import ImageFormat
 from distmeta.data.download import download
 from distmeta.data.images import dataset_image
-from distmeta.data.shards import ClassImages, ShardError, write_shards
+from distmeta.data.shards import MANIFEST, ClassImages, ShardError, read_manifest, write_shards
 
 PARTS = ("images_background", "images_evaluation")
 HOME_PAGE = "https://github.com/brendenlake/omniglot/tree/master/python"
@@ -99,7 +99,9 @@ def _vinyals_split(name: str, part: str) -> str:
 def fetch_omniglot(
     out: str | Path, url: str = OFFICIAL_URL, md5: dict[str, str] = OFFICIAL_MD5, progress=print
 ) -> Path:
-    """Download the official zips into ``out/downloads`` (verified by md5), then build shards in ``out``."""
+    """Download the official zips into ``out/downloads`` (verified by md5), then build shards in
+    ``out``. Run again, it downloads nothing twice, and shards ``out`` already holds are kept: a build
+    never writes over a dataset (``check_new_output``)."""
     out = Path(out)
     fallback = (
         f"Build from a local copy instead: put {' and '.join(p + '.zip' for p in PARTS)} (from {HOME_PAGE}) "
@@ -107,4 +109,7 @@ def fetch_omniglot(
     )
     for part in PARTS:
         download(f"{url}/{part}.zip", out / "downloads" / f"{part}.zip", md5[part], fallback, progress)
+    if (out / MANIFEST).exists() and read_manifest(out).get("dataset") == "omniglot":
+        progress(f"{out} already holds the Omniglot shards: kept (remove {out / MANIFEST} and the shards to rebuild)")
+        return out / MANIFEST
     return build_omniglot(out / "downloads", out, progress)
