@@ -30,13 +30,16 @@ import contextlib
 import copy
 import json
 import os
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from distmeta.checkpoint import read_checkpoint
 from distmeta.config import Config, load_config
 from distmeta.runtime.local import LocalLoop
 from distmeta.runtime.task_generator import TaskGenerator
@@ -233,8 +236,10 @@ def system(cfg: Config, steps: int, logdir: str) -> tuple[float, str]:
     cfg.logdir = logdir
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         result = train(cfg)
-    layout = (result.run_dir / "placement.json").read_text()
-    return result.tasks_per_s, f"{len(json.loads(layout)['workers'])} worker(s)"
+    workers = json.loads((result.run_dir / "placement.json").read_text())["workers"]
+    devices = sorted({str(w.get("device", "?")) for w in workers})
+    chosen = read_checkpoint(result.checkpoint)["config"]["algorithm"]["implementation"]
+    return result.tasks_per_s, f"{len(workers)} worker(s) on {', '.join(devices)}, {chosen}"
 
 
 # --- one case ---------------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def case_config(case: Case, args, *overrides: str) -> Config:
 def run_case(name: str, case: Case, args) -> dict:
     device = torch.device(args.device)
     cfg = case_config(case, args, "cluster.num_workers=1", "cluster.cpus_per_worker=1")
-    steps = case.steps or args.steps
+    steps = args.steps or case.steps or 8
     size = cfg.train.meta_batch_size
     generator = TaskGenerator(cfg, [size], [0], prefetch=False)
     batches = [generator.build(step)[0] for step in range(steps + 2)]
@@ -341,7 +346,7 @@ def theta_flat(theta: list[torch.Tensor]) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per Conv4 case (each case may set its own)")
+    parser.add_argument("--steps", type=int, help="timed steps per case (default: each case's own, else 8)")
     parser.add_argument("--case", action="append", choices=list(CASES), help="default: all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -354,13 +359,22 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if args.device == "cuda":  # float32 rows in float32: cuDNN and cuBLAS would use TF32 by default
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {device}; torch {torch.__version__}", flush=True)
-    results = {name: run_case(name, CASES[name], args) for name in args.case or CASES}
-    summary = {"device": device, "torch": torch.__version__, "cases": results}
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(summary, out, indent=1)
+    summary = {"device": device, "torch": torch.__version__, "tf32": False, "cases": {}}
+    for name in args.case or CASES:  # each case on its own: one that fails (a GPU path never run) costs only itself
+        try:
+            summary["cases"][name] = run_case(name, CASES[name], args)
+        except Exception as err:
+            traceback.print_exc()
+            summary["cases"][name] = {"error": f"{type(err).__name__}: {err}"}
+        if args.json:  # after every case: a run cut short keeps what it measured
+            with open(args.json, "w") as out:
+                json.dump(summary, out, indent=1)
     print(json.dumps(summary))
+    if any("error" in result for result in summary["cases"].values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
