@@ -4,6 +4,7 @@ slow worker holds back no one; training still converges; a lost worker costs onl
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -170,7 +171,9 @@ def test_a_slow_worker_does_not_hold_back_the_others_and_training_converges(ray_
     logged = events.Tags()["scalars"]
     tags = [f"workers/{rank}/updates" for rank in (0, 1)]
     updates = sorted(events.Scalars(tag)[-1].value if tag in logged else 0 for tag in tags)
-    assert sum(updates) == 600 and updates[1] > 10 * updates[0], updates  # the free worker did nearly all
+    # the free worker did most: the frozen one runs 1/11 of the time, so its share tends to 1/12 (the
+    # bound leaves room for a loaded machine, which a ratio near 11 would not)
+    assert sum(updates) == 600 and updates[1] > 3 * updates[0], updates
     assert max(e.value for e in events.Scalars("async/staleness_max")) > 4  # the slow one's were stale...
     assert events.Scalars("async/dropped_updates")[-1].value >= 1  # ...and dropped
     assert events.Histograms("async/staleness")
@@ -184,7 +187,7 @@ def test_a_slow_worker_does_not_hold_back_the_others_and_training_converges(ray_
     assert after.mean < 0.4 * before.mean, (before.mean, after.mean)
 
 
-def test_a_killed_asynchronous_worker_costs_only_its_update(ray_local, tmp_path):
+def test_a_killed_asynchronous_worker_costs_only_its_update(ray_local, tmp_path, capsys):
     cfg = small("train.mode=async", "train.steps=300", "cluster.num_workers=2", "train.checkpoint_every=25")
     saboteur = Saboteur(tmp_path / "run", "Worker", [50])
     saboteur.start()
@@ -192,6 +195,11 @@ def test_a_killed_asynchronous_worker_costs_only_its_update(ray_local, tmp_path)
     assert saboteur.hits and result.recoveries == 1
     assert result.final_metrics["step"] == 300
     assert np.isfinite(saved_params(result)).all()
+    # the server kept every update it had applied: the run went on from where it was, not from a checkpoint
+    failed, resumed = map(
+        int, re.search(r"fault at step (\d+) .*continuing at step (\d+)", capsys.readouterr().out).groups()
+    )
+    assert resumed >= failed >= 50
 
 
 def test_the_worker_result_carries_what_the_server_needs():

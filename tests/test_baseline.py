@@ -68,8 +68,8 @@ def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_ima
 def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init):
     """Per task, by hand: the class centroids of the support features as a linear head (2c, -|c|^2),
     or a zero head, then ``steps`` SGD steps of the support cross-entropy on the head (or on everything), then the
-    query accuracy."""
-    accuracies = []
+    query accuracy and loss."""
+    accuracies, losses = [], []
     for sx, sy, qx, qy in zip(*tasks):
         body = {n: p for n, p in theta.items() if n.startswith("features.")}
 
@@ -89,7 +89,8 @@ def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init):
             weights = {n: p - lr * grads[n] if n in grads else p for n, p in weights.items()}
         logits = features(weights, qx) @ weights["w"].T + weights["b"]
         accuracies.append((logits.argmax(1) == qy).double().mean())
-    return torch.stack(accuracies)
+        losses.append(F.cross_entropy(logits, qy).detach())
+    return torch.stack(accuracies), torch.stack(losses)
 
 
 @pytest.mark.parametrize("finetune, head_init", [("head", "centroid"), ("all", "centroid"), ("head", "zero")])
@@ -102,8 +103,10 @@ def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune,
     tasks = (sx, sy, qx, qy)
     scores = baseline.batch_trajectory(theta, tasks, steps=4)
     for steps in (0, 1, 4):
-        expected = reference_head_steps(baseline.model, theta, tasks, steps, 0.2, finetune, head_init)
-        torch.testing.assert_close(scores["accuracy"][:, steps], expected, msg=f"{steps} steps")
+        accuracy, loss = reference_head_steps(baseline.model, theta, tasks, steps, 0.2, finetune, head_init)
+        torch.testing.assert_close(scores["accuracy"][:, steps], accuracy, msg=f"{steps} steps")
+        torch.testing.assert_close(scores["loss"][:, steps], loss, rtol=1e-10, atol=1e-12, msg=f"{steps} steps")
+    assert (scores["loss"][:, 4] != scores["loss"][:, 0]).all()  # the steps moved the head
     if head_init == "zero":  # a fresh head scores every class alike: the first class wins each query
         assert (scores["accuracy"][:, 0] == 1 / WAYS).all()
         return

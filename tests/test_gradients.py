@@ -13,7 +13,7 @@ from distmeta.algorithms import build_algorithm
 from distmeta.config import AlgorithmConfig, ModelConfig
 from distmeta.models import DataSpec, build_model
 
-TOL = 1e-6  # relative; float64 agreement is ~1e-13
+TOL = 1e-10  # relative; float64 agreement is ~1e-13
 # batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it)
 KIND_IMPLEMENTATIONS = [("mlp", "vmap"), ("mlp", "loop"), ("mlp", "batched"), ("conv4", "vmap"), ("conv4", "loop")]
 
@@ -108,7 +108,7 @@ def test_maml_meta_gradient_matches_finite_differences(kind, implementation):
             - query_loss_sum(model, minus, tasks, loss_fn, steps, lr)
         ) / (2 * eps)
         analytic = (g @ direction).item()
-        assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(numeric)), (numeric, analytic)
+        assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(numeric)), (numeric, analytic)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv4"])
@@ -181,7 +181,9 @@ def test_reptile_adam_matches_torch_adam_with_beta1_zero(implementation, batch):
             loss_fn(functional_call(model, params, (bx,)), by).backward()
             optimizer.step()
         expected = {n: expected[n] + theta[n] - params[n].detach() for n in theta}
-    assert rel(update, expected) < TOL
+    # a convolution's bias before BatchNorm has a gradient of rounding noise alone (BatchNorm cancels
+    # it), which Adam scales up to steps of its own: those entries agree to ~1e-9, the rest to ~1e-13
+    assert rel(update, expected) < 1e-7
 
 
 @pytest.mark.parametrize("name, batch", [("maml", 0), ("reptile", 0), ("reptile", 4)])

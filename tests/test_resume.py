@@ -192,6 +192,9 @@ def test_checkpoints_record_the_implementation_auto_chose(ray_local, tmp_path):
     for name in (step_name(2), "final.pt"):
         chosen = read_checkpoint(tmp_path / "a" / "checkpoints" / name)["config"]["algorithm"]["implementation"]
         assert chosen in ("vmap", "loop", "batched")
+    cfg, run_dir = prepare_resume(str(tmp_path / "a"), ["train.steps=6"], {})
+    release(run_dir)
+    assert cfg.algorithm.implementation == chosen  # resumed: computes as the run did
     cfg, run_dir = prepare_resume(str(tmp_path / "a"), ["train.steps=6", "algorithm.implementation=auto"], {})
     release(run_dir)
     assert cfg.algorithm.implementation == "auto"

@@ -17,8 +17,17 @@ def test_sinusoid_tasks_follow_the_paper_distribution():
     x = np.concatenate([batch.support_x, batch.query_x], axis=1)
     y = np.concatenate([batch.support_y, batch.query_y], axis=1)
     assert x.min() >= -5 and x.max() <= 5
-    amplitude = np.abs(y).max(axis=(1, 2))
-    assert amplitude.max() <= 5 and amplitude.min() < 0.5 and amplitude.max() > 4.5
+    # each task is A sin(x - phase) exactly, as the MAML code draws it: least squares on [sin x, cos x]
+    # fits it to rounding (A sin(x - p) = A cos(p) sin(x) - A sin(p) cos(x)), A in [0.1, 5], phase in [0, pi]
+    x, y = x[..., 0].astype(np.float64), y[..., 0].astype(np.float64)
+    design = np.stack([np.sin(x), np.cos(x)], -1)  # [tasks, points, 2]
+    coefficients = np.stack([np.linalg.lstsq(d, t, rcond=None)[0] for d, t in zip(design, y)])  # [tasks, 2]
+    assert np.abs(np.einsum("tpk,tk->tp", design, coefficients) - y).max() < 1e-5  # float32 data
+    a, b = coefficients.T
+    amplitude, phase = np.hypot(a, b), np.arctan2(-b, a)
+    assert amplitude.min() >= 0.1 - 1e-5 and amplitude.max() <= 5 + 1e-5
+    assert phase.min() >= -1e-5 and phase.max() <= np.pi + 1e-5
+    assert amplitude.min() < 0.3 and amplitude.max() > 4.7 and phase.min() < 0.1 and phase.max() > np.pi - 0.1
 
 
 def test_batches_are_deterministic_per_step_and_streams_are_disjoint():
@@ -91,8 +100,11 @@ def test_slices_cover_the_step_batch_whatever_the_split(workers, generators):
 def test_prefetch_queue_is_bounded_and_ordered():
     cfg = load_config(None, ["cluster.prefetch_batches=3"])
     generator = TaskGenerator(cfg, [25], [0], start_draw=10)
+    deadline = time.time() + 30  # filled ahead (however slow a loaded machine is) ...
+    while generator.ready.qsize() < 3 and time.time() < deadline:
+        time.sleep(0.05)
     time.sleep(0.5)
-    assert generator.ready.qsize() == 3  # filled ahead, but no further
+    assert generator.ready.qsize() == 3  # ... but no further
     assert generator.batch_for(StepControl(10), 0).support_x.shape[0] == 25
     with pytest.raises(RuntimeError, match="produced step 11 but step 13 was asked for"):
         generator.batch_for(StepControl(13), 0)
