@@ -8,6 +8,7 @@ Meta-SGD also on an MLP, with batched)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gradients import minibatch
 from torch.func import functional_call
 
 from distmeta.algorithms import build_algorithm
@@ -64,14 +65,6 @@ def check_finite_differences(objective, params, gradient, directions=3, eps=1e-6
 # --- ANIL -------------------------------------------------------------------------------------
 
 
-def support_batch(x, y, step, batch):
-    """Inner step ``step``'s examples: the next ``batch`` of the support set, wrapping around (all: 0)."""
-    if not batch:
-        return x, y
-    index = [(step * batch + j) % len(x) for j in range(batch)]
-    return x[index], y[index]
-
-
 def anil_meta_loss(model, theta, tasks, loss_fn, lr, steps, create_graph, batch=0):
     """Sum over tasks of the query loss after ``steps`` SGD steps on the head's weights alone, each
     step a full forward of the plain model (the body's parameters held at theta)."""
@@ -80,7 +73,7 @@ def anil_meta_loss(model, theta, tasks, loss_fn, lr, steps, create_graph, batch=
     for sx, sy, qx, qy in zip(*tasks):
         params = dict(theta)
         for step in range(steps):
-            bx, by = support_batch(sx, sy, step, batch)
+            bx, by = minibatch(sx, sy, step, batch)
             loss = loss_fn(functional_call(model, params, (bx,)), by)
             grads = torch.autograd.grad(loss, [params[n] for n in head_names], create_graph=create_graph)
             params |= {n: params[n] - lr * g for n, g in zip(head_names, grads)}
@@ -156,7 +149,7 @@ def metasgd_meta_loss(model, theta, tasks, loss_fn, steps, create_graph, batch=0
     for sx, sy, qx, qy in zip(*tasks):
         params = {n: theta[n] for n in weights}
         for step in range(steps):
-            bx, by = support_batch(sx, sy, step, batch)
+            bx, by = minibatch(sx, sy, step, batch)
             loss = loss_fn(functional_call(model, params, (bx,)), by)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
             params = {n: params[n] - theta[f"inner_lr.{n}"] * g for n, g in zip(weights, grads)}
