@@ -21,7 +21,6 @@ import csv
 import dataclasses
 import functools
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 import distmeta
 from distmeta.algorithms import ALGORITHMS, build_learner
 from distmeta.algorithms.base import one_query_at_a_time
-from distmeta.checkpoint import probe_write, read_checkpoint
+from distmeta.checkpoint import probe_write, read_checkpoint, release
 from distmeta.config import TEST_TIME_ALGORITHM_FIELDS, Config, ConfigError, ImageFormat, config_from_dict, load_config
 from distmeta.data.images import UnreadableImage, decode, prepare, visible
 from distmeta.evaluate import eval_steps, trained_model_data
@@ -219,7 +218,7 @@ def _load(checkpoint: str | Path, overrides: Sequence[str]) -> tuple[Config, Ten
         )
     state = read_checkpoint(checkpoint)
     written_by = str(state.get("distmeta_version", "an unknown version"))
-    if _version(written_by) > _version(distmeta.__version__):
+    if release(written_by) > release(distmeta.__version__):
         raise AdaptError(
             f"checkpoint {checkpoint} was written by distmeta {written_by}, newer than this one "
             f"({distmeta.__version__}): upgrade distmeta (pip install -U distmeta) to adapt it"
@@ -274,12 +273,6 @@ def _with_recorded_format(cfg: Config, checkpoint, written_by: str) -> Config:
             "back there, or retrain with this version, whose checkpoints record it"
         ) from None
     return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, image_format=fmt))
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """Release numbers, a suffix's digits left out ("0.3.0rc1": (0, 3, 0), not (0, 3, 1))."""
-    parts = text.split()[0].split(".")[:3] if text.strip() else []
-    return tuple(int(match.group()) if (match := re.match(r"\d+", part)) else 0 for part in parts)
 
 
 def _learner(cfg: Config, num_classes: int, device: torch.device, dtype: torch.dtype):

@@ -354,6 +354,21 @@ def code_version() -> str:
     return f"{distmeta.__version__} ({commit})" if commit else distmeta.__version__
 
 
+def file_digest(location: str | Path) -> tuple[int, str]:
+    """(size in bytes, sha256) of the file at ``location``, as the zoo's README lists them."""
+    fs, path = filesystem(str(location))
+    with fs.open_input_file(path) as f:
+        data = f.read()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def release(version: str) -> tuple[int, ...]:
+    """Release numbers, a suffix's digits left out ("0.3.0rc1": (0, 3, 0), not (0, 3, 1)), for
+    comparing the version that wrote a file with this one."""
+    parts = version.split()[0].split(".")[:3] if version.strip() else []
+    return tuple(int(match.group()) if (match := re.match(r"\d+", part)) else 0 for part in parts)
+
+
 def checkpoint_location(cfg: Config, run_dir: Path) -> str:
     """The run's checkpoint folder: <run>/checkpoints, or <train.checkpoint_dir>/<run name>."""
     root = cfg.train.checkpoint_dir

@@ -246,6 +246,11 @@ def checkpoint_parser(prog: str) -> argparse.ArgumentParser:
     )
     export.add_argument("path", help="a checkpoint, e.g. runs/<run>/checkpoints/final.pt")
     export.add_argument("--out", required=True, help="the new file, e.g. zoo/omniglot_maml_5w1s.pt")
+    show = actions.add_parser(
+        "show", help="what a checkpoint holds: learner, model, data, steps, the code that trained it, its score"
+    )
+    show.add_argument("paths", nargs="+", help="checkpoints: paths or pyarrow.fs URIs, e.g. zoo/*.pt")
+    show.add_argument("--json", action="store_true", help="one JSON object per checkpoint, in a list")
     return parser
 
 
@@ -270,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         args = checkpoint_parser("distmeta checkpoint").parse_args(argv[1:])
         if args.action == "export":
             return _guard(lambda: _export_checkpoint(args.path, args.out))
+        if args.action == "show":
+            return _guard(lambda: _show_checkpoints(args.paths, args.json))
         return _guard(lambda: _convert_checkpoints(args.paths, args.out))
     return evaluate_main(argv[1:])
 
@@ -443,15 +450,25 @@ def _convert_checkpoints(paths: list[str], out: str | None) -> int:
 
 
 def _export_checkpoint(path: str, out: str) -> int:
-    import hashlib
-
-    from distmeta.checkpoint import export_checkpoint, filesystem
+    from distmeta.checkpoint import export_checkpoint, file_digest
 
     written = export_checkpoint(path, out)
-    fs, where = filesystem(written)
-    with fs.open_input_file(where) as f:
-        data = f.read()
-    print(f"exported {path} -> {written} ({len(data) / 1e6:.2f} MB, sha256 {hashlib.sha256(data).hexdigest()})")
+    size, sha256 = file_digest(written)
+    print(f"exported {path} -> {written} ({size / 1e6:.2f} MB, sha256 {sha256})")
+    return 0
+
+
+def _show_checkpoints(paths: list[str], as_json: bool) -> int:
+    import dataclasses
+    import json
+
+    from distmeta.checkpoint_summary import summarize
+
+    summaries = [summarize(path) for path in paths]
+    if as_json:
+        print(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2))
+    else:
+        print("\n".join(line for s in summaries for line in s.lines()))
     return 0
 
 

@@ -171,3 +171,54 @@ def test_every_model_in_the_zoo_loads_checked_and_fits_its_config():
         assert "optimizer" not in state and np.isfinite(flat).all(), path
         if is_meta_rl(cfg):
             assert len(flat) == len(MetaRLSetup.of(cfg).build()[2]), path
+
+
+def test_checkpoint_show_says_what_a_file_holds_and_what_it_is_good_for(tmp_path, capsys):
+    """`distmeta checkpoint show`: the learner, model and its parameter count, the data, the steps
+    of the budget, the code, the score it was kept for; a training checkpoint is told from the
+    others, a file of a newer version is flagged, and a file that is no checkpoint is an error."""
+    import hashlib
+    import json
+
+    import distmeta
+    from distmeta.checkpoint import checkpoint_record
+    from distmeta.cli import main
+
+    cfg = load_config(overrides=["train.steps=300"])  # sinusoid MAML: an MLP 1 -> 40 -> 40 -> 1
+    store = CheckpointStore(tmp_path)
+    params = torch.zeros(1 * 40 + 40 + 40 * 40 + 40 + 40 * 1 + 1)
+    training = store.write(step_name(200), checkpoint_record(cfg, params, 200) | {"optimizer": {"state": {}}})
+    score = {"split": "val", "tag": "mse_shots10_steps1", "mean": 0.25, "ci95": 0.05, "tasks": 100}
+    best = store.write("best.pt", checkpoint_record(cfg, params, 100) | {"validation": score})
+    newer = store.write("newer.pt", checkpoint_record(cfg, params, 300) | {"distmeta_version": "99.0.0"})
+
+    assert main(["checkpoint", "show", training, best, newer]) == 0
+    text = capsys.readouterr().out
+    assert f"resumes bit for bit (distmeta train --resume {training})" in text
+    assert "maml on mlp (hidden [40, 40]): 1,761 parameters, float32" in text
+    assert "sinusoid, " in text and "200 of 300 steps" in text and f"file written by {distmeta.__version__}" in text
+    assert "validation mse_shots10_steps1 0.2 ± 0.1 on 100 val tasks" in text
+    assert text.count("warning") == 1 and "written by distmeta 99.0.0, newer than this" in text
+
+    assert main(["checkpoint", "show", "--json", best]) == 0
+    [summary] = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "parameters" and summary["step"] == 100 and summary["readable"] == ""
+    with open(best, "rb") as f:
+        assert summary["sha256"] == hashlib.sha256(f.read()).hexdigest()
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert main(["checkpoint", "show", str(tmp_path / "notes.txt")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_every_model_in_the_zoo_is_finished_and_readable_by_this_version():
+    """What `distmeta checkpoint show zoo/*.pt` prints about the shipped models: each at its full
+    budget, parameters without optimizer state, and nothing this version cannot read."""
+    from pathlib import Path
+
+    from distmeta.checkpoint_summary import summarize
+
+    for path in sorted((Path(__file__).parent.parent / "zoo").glob("*.pt")):
+        summary = summarize(path)
+        assert summary.kind == "parameters" and summary.readable == "", (path, summary)
+        assert summary.step == summary.steps > 0, (path, summary.step, summary.steps)

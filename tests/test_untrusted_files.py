@@ -171,6 +171,8 @@ def test_a_crafted_checkpoint_is_refused_by_every_reader_and_its_payload_never_r
         "--resume FILE": ["launch.py", "--resume", str(checkpoint), "--logdir", str(logdir)],
         "--resume latest": ["launch.py", "--resume", "latest", "--logdir", str(logdir)],
         "checkpoint convert": ["-m", "distmeta", "checkpoint", "convert", str(checkpoint)],
+        "checkpoint show": ["-m", "distmeta", "checkpoint", "show", str(checkpoint)],
+        "checkpoint export": ["-m", "distmeta", "checkpoint", "export", str(checkpoint), "--out", str(logdir / "x.pt")],
     }
     for what, args in commands.items():
         out = subprocess.run(
