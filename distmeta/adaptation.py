@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import distmeta
 from distmeta.algorithms import ALGORITHMS, build_learner
 from distmeta.algorithms.base import one_query_at_a_time
-from distmeta.checkpoint import probe_write, read_checkpoint, release
+from distmeta.checkpoint import probe_write, read_checkpoint, version_key, writer_version
 from distmeta.config import TEST_TIME_ALGORITHM_FIELDS, Config, ConfigError, ImageFormat, config_from_dict, load_config
 from distmeta.data.images import UnreadableImage, decode, prepare, visible
 from distmeta.evaluate import eval_steps, trained_model_data
@@ -217,8 +217,8 @@ def _load(checkpoint: str | Path, overrides: Sequence[str]) -> tuple[Config, Ten
             f"got {bad}: the rest of the config is the checkpoint's"
         )
     state = read_checkpoint(checkpoint)
-    written_by = str(state.get("distmeta_version", "an unknown version"))
-    if release(written_by) > release(distmeta.__version__):
+    written_by = writer_version(state)
+    if version_key(written_by) > version_key(distmeta.__version__):
         raise AdaptError(
             f"checkpoint {checkpoint} was written by distmeta {written_by}, newer than this one "
             f"({distmeta.__version__}): upgrade distmeta (pip install -U distmeta) to adapt it"

@@ -210,17 +210,27 @@ def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
 def read_checkpoint(location: str | Path) -> dict:
     """The state stored at ``location`` (a path or URI), checksum verified. Nothing in the file is
     executed: see ``distmeta.tensorfile``."""
+    return parse_checkpoint(location, read_bytes(location))
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """The file at ``location`` as it is, or a ``CheckpointError`` naming why it cannot be read."""
     location = str(location)
     fs, path = filesystem(location)
     try:
         with fs.open_input_file(path) as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise CheckpointError(
             f"checkpoint {location} does not exist (runs write them under <logdir>/<run>/checkpoints/)"
         ) from None
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {location}: {err}") from None
+
+
+def parse_checkpoint(location: str | Path, data: bytes) -> dict:
+    """The state in ``data``, the bytes of the file at ``location``, checksum verified."""
+    location = str(location)
     if data.startswith(PICKLE_MAGIC):
         raise CheckpointError(
             f"checkpoint {location} is in distmeta's earlier pickle-based format, which is not read because "
@@ -354,19 +364,22 @@ def code_version() -> str:
     return f"{distmeta.__version__} ({commit})" if commit else distmeta.__version__
 
 
-def file_digest(location: str | Path) -> tuple[int, str]:
-    """(size in bytes, sha256) of the file at ``location``, as the zoo's README lists them."""
-    fs, path = filesystem(str(location))
-    with fs.open_input_file(path) as f:
-        data = f.read()
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def release(version: str) -> tuple[int, ...]:
+def version_key(version: str) -> tuple[int, ...]:
     """Release numbers, a suffix's digits left out ("0.3.0rc1": (0, 3, 0), not (0, 3, 1)), for
     comparing the version that wrote a file with this one."""
     parts = version.split()[0].split(".")[:3] if version.strip() else []
     return tuple(int(match.group()) if (match := re.match(r"\d+", part)) else 0 for part in parts)
+
+
+def writer_version(state: dict) -> str:
+    """The distmeta version that wrote a checkpoint."""
+    return str(state.get("distmeta_version", "an unknown version"))
+
+
+def resumable(state: dict) -> bool:
+    """Whether a run continues from this checkpoint: it holds the meta-optimizer's state (step
+    files and final.pt do; best.pt and exports hold parameters only)."""
+    return "optimizer" in state
 
 
 def checkpoint_location(cfg: Config, run_dir: Path) -> str:

@@ -1,19 +1,22 @@
 """What a checkpoint holds, without running it: ``distmeta checkpoint show PATH``. Which learner and
 model, trained on what and for how many steps, by which code, its validation score, and what it is
-good for (a training checkpoint resumes; the others adapt, evaluate and initialise). The file is
-read as every reader reads it (checksum verified, nothing in it executed); its config is read by
-this version where it can be, and said so where it cannot."""
+good for. The file is read once, as every reader reads it (checksum verified, nothing in it
+executed); a config this version cannot read is summarised as far as it goes and said so."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
+import shlex
 from pathlib import Path
 from typing import Any
 
 import distmeta
-from distmeta.checkpoint import file_digest, read_checkpoint, release
-from distmeta.config import ConfigError, config_from_dict
-from distmeta.rl.setup import META_RL_ALGORITHMS
+from distmeta.checkpoint import parse_checkpoint, read_bytes, resumable, version_key, writer_version
+from distmeta.config import Config, ConfigError, config_from_dict
+from distmeta.rl.setup import is_meta_rl
+from distmeta.tasks import SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,37 +24,36 @@ class CheckpointSummary:
     path: str
     size_bytes: int
     sha256: str
-    kind: str  # training (resumes) | parameters (final.pt, best.pt, an export: no optimizer state)
+    resumable: bool  # holds the meta-optimizer's state: a step file or final.pt
     step: int
-    steps: int  # train.steps: the run's budget
+    steps: int  # train.steps, the run's budget (0: unknown)
     algorithm: str
     model: str
     parameters: int
     dtype: str
     task: str
+    uses: str  # what this version can do with it ("" where the warning says it cannot)
     written_by: str  # the distmeta version that wrote the file
-    trained_by: str  # the code that trained the parameters (a commit where it ran from a checkout)
-    validation: str  # best.pt and its exports: the score it was chosen by; "" otherwise
-    readable: str  # "" where this version reads it all; otherwise why not and what to do
+    last_code: str  # the code that wrote the run's last checkpoint before it (a resumed run had others)
+    validation: dict | None  # best.pt and its exports: the score it was kept for
+    warning: str  # "" where this version reads it all
+    config: Any  # as stored
 
     def lines(self) -> list[str]:
-        uses = {
-            "training": f"a training checkpoint: resumes bit for bit (distmeta train --resume {self.path})",
-            "parameters": "parameters and config, no optimizer state (final.pt, best.pt, an export as zoo/ holds): "
-            "evaluates, adapts, initialises a run",
-        }
+        steps = f"{self.step:,} of {self.steps:,} steps" if self.steps else f"{self.step:,} steps"
         rows = [
             f"{self.path}: {self.size_bytes / 1e6:.2f} MB, sha256 {self.sha256}, checksum verified",
-            f"  what       {uses[self.kind]}",
             f"  learner    {self.algorithm} on {self.model}: {self.parameters:,} parameters, {self.dtype}",
             f"  task       {self.task}",
-            f"  trained    {self.step:,} of {self.steps:,} steps by distmeta {self.trained_by}; "
-            f"file written by {self.written_by}",
+            f"  trained    {steps}, the last of them by distmeta {self.last_code}",
+            f"  file       written by distmeta {self.written_by}",
         ]
         if self.validation:
-            rows.append(f"  validation {self.validation}")
-        if self.readable:
-            rows.append(f"  warning    {self.readable}")
+            rows.append(f"  validation {_score(self.validation)}")
+        if self.uses:
+            rows.append(f"  use        {self.uses}")
+        if self.warning:
+            rows.append(f"  warning    {self.warning}")
         return rows
 
 
@@ -59,76 +61,92 @@ def summarize(location: str | Path) -> CheckpointSummary:
     """The summary of the checkpoint at ``location`` (a path or URI); a file that is not a readable
     checkpoint raises ``CheckpointError`` saying why, as every reader does."""
     location = str(location)
-    state = read_checkpoint(location)
-    size, sha256 = file_digest(location)
-    params = state["params"]
-    written_by = str(state.get("distmeta_version", "before 0.2"))
-    config, readable = state["config"], ""
-    if release(written_by) > release(distmeta.__version__):
-        readable = f"written by distmeta {written_by}, newer than this {distmeta.__version__}: upgrade distmeta"
+    data = read_bytes(location)
+    state = parse_checkpoint(location, data)  # the bytes hashed below are the ones checked here
+    params, written = state["params"], writer_version(state)
+    cfg, warning = None, ""
+    if version_key(written) > version_key(distmeta.__version__):
+        warning = f"written by distmeta {written}, newer than this {distmeta.__version__}: upgrade distmeta to use it"
     else:
         try:
-            config_from_dict(config)
+            cfg = config_from_dict(state["config"])
         except ConfigError as err:
-            readable = f"distmeta {distmeta.__version__} cannot read its config ({err}); use distmeta {written_by}"
+            other = f"; use distmeta {written}, which wrote it" if written != distmeta.__version__ else ""
+            warning = f"distmeta {distmeta.__version__} cannot read its config ({err}){other}"
     return CheckpointSummary(
         path=location,
-        size_bytes=size,
-        sha256=sha256,
-        kind="training" if "optimizer" in state else "parameters",
-        step=int(state.get("step", 0)),
-        steps=int(_get(config, "train", "steps", default=0)),
-        algorithm=str(_get(config, "algorithm", "name")),
-        model=_model(config),
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        resumable=resumable(state),
+        step=_whole(state.get("step")),
+        steps=cfg.train.steps if cfg else 0,
+        algorithm=cfg.algorithm.name if cfg else "(config not read)",
+        model=_model(cfg) if cfg else "(config not read)",
         parameters=params.numel(),
         dtype=str(params.dtype).removeprefix("torch."),
-        task=_task(config),
-        written_by=written_by,
-        trained_by=str(state.get("trained_by", state.get("code_version", written_by))),
-        validation=_validation(state.get("validation")),
-        readable=readable,
+        task=_task(cfg) if cfg else "(config not read)",
+        uses=_uses(cfg, state, location) if cfg else "",
+        written_by=written,
+        last_code=str(state.get("trained_by", state.get("code_version", written))),
+        validation=state["validation"] if isinstance(state.get("validation"), dict) else None,
+        warning=warning,
+        config=state["config"],
     )
 
 
-def _get(config: dict, section: str, key: str, default: Any = "?") -> Any:
-    """A config value read leniently: an old or newer config is still summarised."""
-    value = config.get(section, {})
-    return value.get(key, default) if isinstance(value, dict) else default
+def _whole(value: Any) -> int:
+    return value if isinstance(value, int) else -1
 
 
-def _model(config: dict) -> str:
-    name = _get(config, "model", "name")
-    if name == "conv4":
-        return f"conv4 ({_get(config, 'model', 'filters')} filters, {_get(config, 'model', 'downsample')})"
-    return f"{name} (hidden {_get(config, 'model', 'hidden')})" if name == "mlp" else str(name)
+def _model(cfg: Config) -> str:
+    model = cfg.model
+    if model.name == "conv4":
+        return f"conv4 ({model.filters} filters, {model.downsample})"
+    return f"mlp (hidden {model.hidden})" if model.name == "mlp" else model.name
 
 
-def _task(config: dict) -> str:
-    source = _get(config, "task", "source")
-    episodes = (
-        f"{_get(config, 'task', 'ways')}-way {_get(config, 'task', 'shots')}-shot, "
-        f"{_get(config, 'task', 'queries')} queries per class"
-    )
-    if _get(config, "algorithm", "name") in META_RL_ALGORITHMS:
-        return f"{source} (meta-RL), {_get(config, 'rl', 'episodes_per_task')} episodes per task and step"
-    if source != "shards":
-        return f"{source}, {episodes}"
-    fingerprint = str(_get(config, "task", "shards_fingerprint", default=""))[:12] or "not recorded"
-    fmt = _get(config, "task", "image_format", default={})
-    image = ""
-    if isinstance(fmt, dict) and fmt.get("channels"):
-        image = f"; images {fmt['channels']}x{fmt['height']}x{fmt['width']}{', inverted' if fmt.get('invert') else ''}"
+def _task(cfg: Config) -> str:
+    task = cfg.task
+    if is_meta_rl(cfg):
+        return f"{task.source} (meta-RL), {cfg.rl.episodes_per_task} episodes per task"
+    if SOURCES[task.source].kind == "regression":
+        return f"{task.source} regression, {task.shots} support and {task.queries} query points per task"
+    data, image = "synthetic classes", ""
+    if task.source == "shards":
+        data = (
+            f"shards {task.shards} (fingerprint {task.shards_fingerprint[:12] or 'not recorded'}), "
+            f"{task.split_scheme} split{' with its validation classes' if task.train_with_val else ''}"
+        )
+        fmt = task.image_format
+        if fmt.channels:
+            image = f"; images {fmt.channels}x{fmt.height}x{fmt.width}{', inverted' if fmt.invert else ''}"
+    if task.labels == "class":
+        batches = f"batches of {task.ways} classes x {task.shots + task.queries} images each"
+        return f"supervised over every training class of {data}, {batches}{image}"
+    return f"{data}, {task.ways}-way {task.shots}-shot episodes, {task.queries} queries per class{image}"
+
+
+def _uses(cfg: Config, state: dict, location: str) -> str:
+    uses = [f"resumes (distmeta train --resume {shlex.quote(location)})"] if resumable(state) else []
+    uses.append("evaluates (distmeta evaluate)")
+    if cfg.task.image_format.channels:
+        uses.append("adapts to your images (distmeta adapt)")
+    export_without_head = cfg.algorithm.name == "baseline" and "trained_by" in state
+    if not export_without_head:  # an export of the baseline leaves out the head a run would start from
+        uses.append("initialises a new run (train.init_from)")
+    return ", ".join(uses)
+
+
+def _score(validation: dict) -> str:
+    row = validation.get("row") if isinstance(validation.get("row"), dict) else {}
+    accuracy = row.get("metric", "accuracy" if "accuracy" in str(validation.get("tag")) else "") == "accuracy"
+    scale, form, unit = (100, ".1f", "%") if accuracy else (1, ".4g", "")
+
+    def number(value: Any) -> str:
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        return format(value * scale, form) if ok else "n/a"
+
     return (
-        f"shards {_get(config, 'task', 'shards')} (fingerprint {fingerprint}), "
-        f"{_get(config, 'task', 'split_scheme')} split, {episodes}{image}"
-    )
-
-
-def _validation(validation: Any) -> str:
-    if not isinstance(validation, dict) or "mean" not in validation:
-        return ""
-    scale, unit = (100, "%") if "accuracy" in str(validation.get("tag", "")) else (1, "")
-    return (
-        f"{validation.get('tag')} {validation['mean'] * scale:.1f} ± {validation.get('ci95', 0) * scale:.1f}{unit} "
+        f"{validation.get('tag')} {number(validation.get('mean'))} ± {number(validation.get('ci95'))}{unit} "
         f"on {validation.get('tasks')} {validation.get('split', 'val')} tasks"
     )

@@ -450,26 +450,39 @@ def _convert_checkpoints(paths: list[str], out: str | None) -> int:
 
 
 def _export_checkpoint(path: str, out: str) -> int:
-    from distmeta.checkpoint import export_checkpoint, file_digest
+    import hashlib
+
+    from distmeta.checkpoint import export_checkpoint, read_bytes
 
     written = export_checkpoint(path, out)
-    size, sha256 = file_digest(written)
-    print(f"exported {path} -> {written} ({size / 1e6:.2f} MB, sha256 {sha256})")
+    data = read_bytes(written)
+    print(f"exported {path} -> {written} ({len(data) / 1e6:.2f} MB, sha256 {hashlib.sha256(data).hexdigest()})")
     return 0
 
 
 def _show_checkpoints(paths: list[str], as_json: bool) -> int:
+    """Each file's summary as it is read; one that cannot be read is named and the rest still shown."""
     import dataclasses
     import json
 
+    from distmeta.checkpoint import CheckpointError
     from distmeta.checkpoint_summary import summarize
 
-    summaries = [summarize(path) for path in paths]
+    shown, failed = [], 0
+    for path in paths:
+        try:
+            summary = summarize(path)
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        if as_json:
+            shown.append(dataclasses.asdict(summary))
+        else:
+            print("\n".join(summary.lines()), flush=True)
     if as_json:
-        print(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2))
-    else:
-        print("\n".join(line for s in summaries for line in s.lines()))
-    return 0
+        print(json.dumps(shown, indent=2, default=str))
+    return 2 if failed else 0
 
 
 def _start_tensorboard(logdir: str) -> str:

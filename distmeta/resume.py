@@ -22,6 +22,7 @@ from distmeta.checkpoint import (
     CheckpointStore,
     checkpoint_location,
     read_checkpoint,
+    resumable,
     split_location,
     step_name,
 )
@@ -100,7 +101,7 @@ def prepare_resume(target: str, overrides: list[str], settings: dict) -> tuple[C
 def _check_resumable(location: str, state: dict) -> None:
     """Refuse, before anything is touched, a checkpoint that holds parameters but not the state a
     run continues from (best.pt has no meta-optimizer state)."""
-    if "optimizer" not in state:
+    if not resumable(state):
         raise ConfigError(
             f"{location} holds the parameters only (no meta-optimizer state: best.pt keeps the best validation "
             "parameters, not the run), so a run cannot continue from it. Resume from the run's folder, a step_*.pt "

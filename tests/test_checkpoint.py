@@ -175,8 +175,9 @@ def test_every_model_in_the_zoo_loads_checked_and_fits_its_config():
 
 def test_checkpoint_show_says_what_a_file_holds_and_what_it_is_good_for(tmp_path, capsys):
     """`distmeta checkpoint show`: the learner, model and its parameter count, the data, the steps
-    of the budget, the code, the score it was kept for; a training checkpoint is told from the
-    others, a file of a newer version is flagged, and a file that is no checkpoint is an error."""
+    of the budget, the code, the score it was kept for and what it is good for; a resumable
+    checkpoint is told from the rest, a newer version and an unreadable config are flagged, and a
+    file that is no checkpoint is named while the others are still shown."""
     import hashlib
     import json
 
@@ -188,37 +189,48 @@ def test_checkpoint_show_says_what_a_file_holds_and_what_it_is_good_for(tmp_path
     store = CheckpointStore(tmp_path)
     params = torch.zeros(1 * 40 + 40 + 40 * 40 + 40 + 40 * 1 + 1)
     training = store.write(step_name(200), checkpoint_record(cfg, params, 200) | {"optimizer": {"state": {}}})
-    score = {"split": "val", "tag": "mse_shots10_steps1", "mean": 0.25, "ci95": 0.05, "tasks": 100}
+    score = {"split": "val", "tag": "mse_shots10_steps1", "mean": 0.034, "ci95": float("nan"), "tasks": 1}
     best = store.write("best.pt", checkpoint_record(cfg, params, 100) | {"validation": score})
     newer = store.write("newer.pt", checkpoint_record(cfg, params, 300) | {"distmeta_version": "99.0.0"})
-
-    assert main(["checkpoint", "show", training, best, newer]) == 0
-    text = capsys.readouterr().out
-    assert f"resumes bit for bit (distmeta train --resume {training})" in text
-    assert "maml on mlp (hidden [40, 40]): 1,761 parameters, float32" in text
-    assert "sinusoid, " in text and "200 of 300 steps" in text and f"file written by {distmeta.__version__}" in text
-    assert "validation mse_shots10_steps1 0.2 ± 0.1 on 100 val tasks" in text
-    assert text.count("warning") == 1 and "written by distmeta 99.0.0, newer than this" in text
-
-    assert main(["checkpoint", "show", "--json", best]) == 0
-    [summary] = json.loads(capsys.readouterr().out)
-    assert summary["kind"] == "parameters" and summary["step"] == 100 and summary["readable"] == ""
-    with open(best, "rb") as f:
-        assert summary["sha256"] == hashlib.sha256(f.read()).hexdigest()
-
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    assert main(["checkpoint", "show", str(tmp_path / "notes.txt")]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+
+    assert main(["checkpoint", "show", training, str(tmp_path / "notes.txt"), best, newer]) == 2
+    out, err = capsys.readouterr()
+    assert f"use        resumes (distmeta train --resume {training}), evaluates" in out
+    assert "maml on mlp (hidden [40, 40]): 1,761 parameters, float32" in out
+    assert "task       sinusoid regression, 10 support and 10 query points per task" in out
+    assert f"200 of 300 steps, the last of them by distmeta {distmeta.__version__}" in out
+    assert "validation mse_shots10_steps1 0.034 ± n/a on 1 val tasks" in out
+    assert "adapts" not in out  # adapt classifies images; a regression checkpoint cannot
+    assert out.count("warning") == 1 and "written by distmeta 99.0.0, newer than this" in out
+    assert out.count("checksum verified") == 3 and "notes.txt cannot be read" in err  # the others still shown
+
+    damaged_config = checkpoint_record(cfg, params, 100)
+    damaged_config["config"]["algorithm"]["name"] = ["maml"]
+    unreadable = store.write("unreadable.pt", damaged_config)
+    assert main(["checkpoint", "show", "--json", best, f"file://{unreadable}"]) == 0
+    first, second = json.loads(capsys.readouterr().out)
+    assert first["resumable"] is False and first["step"] == 100 and first["warning"] == ""
+    assert first["validation"]["mean"] == 0.034 and first["config"]["train"]["steps"] == 300
+    with open(best, "rb") as f:
+        assert first["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert "cannot read its config" in second["warning"] and "use distmeta" not in second["warning"]
+    assert second["uses"] == "" and second["step"] == 100  # a file of this version: no other to suggest
 
 
 def test_every_model_in_the_zoo_is_finished_and_readable_by_this_version():
     """What `distmeta checkpoint show zoo/*.pt` prints about the shipped models: each at its full
-    budget, parameters without optimizer state, and nothing this version cannot read."""
+    budget, parameters without optimizer state, nothing this version cannot read, and the uses its
+    kind has (an image classifier adapts; meta-RL policies and the baseline's headless export do not
+    start runs or adapt where they cannot)."""
     from pathlib import Path
 
     from distmeta.checkpoint_summary import summarize
 
     for path in sorted((Path(__file__).parent.parent / "zoo").glob("*.pt")):
         summary = summarize(path)
-        assert summary.kind == "parameters" and summary.readable == "", (path, summary)
+        assert not summary.resumable and summary.warning == "", (path, summary)
         assert summary.step == summary.steps > 0, (path, summary.step, summary.steps)
+        meta_rl = summary.algorithm in ("maml_trpo", "promp")
+        assert ("(meta-RL)" in summary.task) == meta_rl and ("adapts" in summary.uses) != meta_rl, summary
+        assert ("train.init_from" in summary.uses) == (summary.algorithm != "baseline"), summary
