@@ -234,3 +234,25 @@ def test_every_model_in_the_zoo_is_finished_and_readable_by_this_version():
         meta_rl = summary.algorithm in ("maml_trpo", "promp")
         assert ("(meta-RL)" in summary.task) == meta_rl and ("adapts" in summary.uses) != meta_rl, summary
         assert ("train.init_from" in summary.uses) == (summary.algorithm != "baseline"), summary
+
+
+def test_the_zoo_protonet_reproduces_its_readme_row_on_shards_built_here(omniglot_shards):
+    """zoo/README.md's promise: `distmeta data build omniglot` gives the shards the zoo's models were
+    trained on (the same fingerprint), and `distmeta evaluate --checkpoint zoo/<name>.pt` gives the
+    row's numbers. Checked for the ProtoNets model: 1,000 test episodes, 5-way 1-shot (about a
+    minute on one core)."""
+    import dataclasses
+    from pathlib import Path
+
+    from distmeta.checkpoint import load_checkpoint
+    from distmeta.evaluate import evaluate
+    from distmeta.tasks.episodes import ShardEpisodes
+
+    zoo = Path(__file__).parent.parent / "zoo"
+    saved, params, _ = load_checkpoint(zoo / "omniglot_protonet_1shot.pt")
+    cfg = dataclasses.replace(saved, task=dataclasses.replace(saved.task, shards=str(omniglot_shards)))
+    ShardEpisodes.check_same_data(saved.task, cfg.task)  # the data it was trained on, moved here
+    (row,) = evaluate(cfg, params)
+    assert (row.metric, row.steps, row.tasks) == ("accuracy", 0, 1000)
+    printed = f"5-way {100 * row.mean:.1f} ± {100 * row.ci95:.1f} (median {100 * row.median:.1f})"
+    assert printed in (zoo / "README.md").read_text(), printed
