@@ -413,15 +413,16 @@ class BestCheckpoint:
 
     def _protocol(self, row: EvalRow) -> list:
         """What makes two validation scores comparable: the row (metric, ways, shots, steps), its
-        task count, and what chooses and scores the episodes."""
+        task count, what chooses and scores the episodes, and what counts as diverged (the first
+        thing ranked). Appended last, as a best.pt of the earlier, shorter list still compares."""
         e = self.cfg.eval
-        return [row.tag, row.tasks, e.seed, e.queries, e.inner_batch_size, e.transductive]
+        return [row.tag, row.tasks, e.seed, e.queries, e.inner_batch_size, e.transductive, e.divergence_factor]
 
     def offer(self, step: int, params: np.ndarray, rows: list[EvalRow]) -> None:
         candidates = [r for r in rows if r.shots == rows[0].shots]
         trained = [r for r in candidates if r.steps == self.cfg.algorithm.inner_steps]
         row = trained[0] if trained else max(candidates, key=lambda r: r.steps)
-        if not math.isfinite(row.mean):
+        if math.isnan(row.mean):  # no task scored; a diverged one (an infinite mean) still ranks
             return
         protocol = self._protocol(row)
         # a best.pt from before protocols were recorded: its row and task count alone

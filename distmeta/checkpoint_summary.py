@@ -143,8 +143,9 @@ def _score(validation: dict) -> str:
     scale, form, unit = (100, ".1f", "%") if accuracy else (1, ".4g", "")
 
     def number(value: Any) -> str:
-        ok = isinstance(value, (int, float)) and math.isfinite(value)
-        return format(value * scale, form) if ok else "n/a"
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return "n/a"
+        return format(value * scale, form)  # an infinite mean (a diverged task) prints as inf
 
     return (
         f"{validation.get('tag')} {number(validation.get('mean'))} ± {number(validation.get('ci95'))}{unit} "

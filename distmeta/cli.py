@@ -362,7 +362,8 @@ def _evaluate(
     if is_meta_rl(cfg):
         if device != "cpu":
             raise ConfigError(f"--device {device}: meta-RL evaluates on the CPU (rollouts run in numpy)")
-        print(meta_rl.protocol(cfg, split, cfg.eval.num_tasks), flush=True)
+        line = meta_rl.protocol(cfg, split, cfg.eval.num_tasks)
+        print(line, flush=True)
         group = LocalMetaRL(MetaRLSetup.of(cfg))
         rows = meta_rl.evaluate_returns(group, cfg, params, split, cfg.eval.num_tasks, progress=sys.stderr)
     else:
@@ -374,10 +375,24 @@ def _evaluate(
         rows = evaluate(cfg, params, split=split, device=device, progress=sys.stderr, model_data=model_data)
     print(format_rows(rows))
     if not unwritable:
+        prefix = _eval_prefix(split, other_shards, saved, cfg, line)
         with SummaryWriter(str(run_dir)) as writer:
-            prefix = f"eval_only_{split}" if not other_shards else f"eval_only_{Path(other_shards).name}_{split}"
             write_eval_scalars(writer, state["step"], prefix, rows)
+        print(f"TensorBoard: {prefix}/... in {run_dir}", file=sys.stderr)
     return 0
+
+
+def _eval_prefix(split: str, other_shards: str | None, saved, cfg, protocol_line: str) -> str:
+    """Where ``distmeta evaluate`` writes its scores in the run's TensorBoard: eval_only_<split> (on
+    other data, eval_only_<data>_<split>), and, when the protocol is not the checkpoint's own (other
+    episodes, seed, queries, steps, batch statistics, test-time settings), a short hash of the
+    printed protocol, so that two protocols never share a tag at the same step."""
+    import hashlib
+
+    prefix = f"eval_only_{split}" if not other_shards else f"eval_only_{Path(other_shards).name}_{split}"
+    if cfg.eval == saved.eval and cfg.algorithm == saved.algorithm:
+        return prefix
+    return f"{prefix}_{hashlib.sha256(protocol_line.encode()).hexdigest()[:8]}"
 
 
 def _adapt(args: argparse.Namespace) -> int:

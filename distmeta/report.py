@@ -36,11 +36,16 @@ class EvalRow:
 
 
 def scored_row(values: np.ndarray, diverged: int, **row) -> EvalRow:
-    """A row from the tasks' scores ``values`` [tasks] (non-finite ones left out of the statistics):
-    their mean, the half-width of its normal 95% interval, and the median."""
-    finite = values[np.isfinite(values)]
-    ci95 = 1.96 * finite.std(ddof=1) / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
-    mean, median = (float(finite.mean()), float(np.median(finite))) if len(finite) else (math.nan, math.nan)
+    """A row from the tasks' scores ``values`` [tasks]: their mean, the half-width of its normal 95%
+    interval (1.96 sample standard deviations over sqrt(tasks)), and the median. A score that is not
+    finite (a regression that blew up, a NaN) counts as the worst there is, +inf MSE or -inf
+    accuracy and return: it swamps the mean, as it should, and sorts last for the median, which
+    stays finite while fewer than half the tasks have diverged; the interval is then undefined (NaN)."""
+    worst = -math.inf if HIGHER_IS_BETTER[row["metric"]] else math.inf
+    values = np.where(np.isfinite(values), values, worst)
+    bounded = len(values) > 1 and np.isfinite(values).all()
+    ci95 = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if bounded else math.nan
+    mean, median = (float(values.mean()), float(np.median(values))) if len(values) else (math.nan, math.nan)
     return EvalRow(**row, mean=mean, ci95=float(ci95), median=median, diverged=diverged, tasks=len(values))
 
 
@@ -59,7 +64,7 @@ def format_rows(rows: list[EvalRow]) -> str:
 
 def _number(x: float) -> str:
     """Nine characters: fixed point, or scientific once a diverged task has swamped a mean."""
-    return f"{x:>9.4f}" if abs(x) < 1e4 else f"{x:>9.2e}"
+    return f"{x:>9.4f}" if abs(x) < 1e4 or not math.isfinite(x) else f"{x:>9.2e}"
 
 
 def report_progress(out: TextIO, done: int, total: int, started: float) -> None:

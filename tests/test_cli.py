@@ -136,6 +136,16 @@ def test_a_metric_learner_keeps_its_best_checkpoint_and_evaluates_under_a_printe
     transductive = run(args, cli_env)
     assert "over each episode's support and query sets (transductive)" in transductive.stdout
     assert transductive.stdout != first.stdout
+    # each protocol writes its own TensorBoard tags: two never mix at the same step
+    prefixes = [
+        next(line.split()[1] for line in r.stderr.splitlines() if line.startswith("TensorBoard: "))
+        for r in (first, transductive)
+    ]
+    assert prefixes[0] != prefixes[1] and all(p.startswith("eval_only_test_") for p in prefixes), prefixes
+    for prefix, out in zip(prefixes, (first, transductive)):
+        scored = next(line.split() for line in out.stdout.splitlines() if line.split()[:3] == ["1", "0", "accuracy"])
+        logged = scalars(run_dir, prefix.removesuffix("/...") + "/accuracy_3way_shots1_steps0")
+        assert logged == {best["step"]: pytest.approx(float(scored[3]), abs=1e-4)}
     # best.pt holds the parameters that scored its validation number: re-scoring them reproduces it
     rescored = run([*args[:5], "--split", "val", "--episodes", "20"], cli_env)
     row = next(line.split() for line in rescored.stdout.splitlines() if line.split()[2:3] == ["accuracy"])

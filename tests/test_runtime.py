@@ -250,6 +250,25 @@ def test_best_checkpoint_wants_fewer_diverged_tasks_then_a_better_mean(tmp_path)
     mse = [(0.5, 0), (0.4, 1), (0.6, 0), (float("nan"), 0), (0.5, 0), (0.3, 0)]
     assert kept_steps("mse", mse) == [1, 1, 1, 1, 1, 6]
     assert kept_steps("accuracy", [(0.5, 0), (0.7, 0), (0.6, 0), (0.7, 0)]) == [1, 2, 2, 2]
+    # a task that blew up makes the mean infinite: it still ranks, by its diverged count first
+    assert kept_steps("return", [(-float("inf"), 2), (-5.0, 2), (-float("inf"), 1)]) == [1, 2, 3]
+
+
+def test_a_diverged_task_swamps_the_mean_and_sorts_last_for_the_median():
+    """A score that is not finite counts as the worst there is, not as absent: the mean says a task
+    blew up, the median holds while fewer than half did, and every task is counted."""
+    import math
+
+    from distmeta.report import format_rows, scored_row
+
+    finite = scored_row(np.array([1.0, 2.0, 3.0]), 0, ways=0, shots=5, steps=1, metric="mse")
+    assert (finite.mean, finite.median, finite.tasks) == (2.0, 2.0, 3)
+    assert finite.ci95 == pytest.approx(1.96 * 1.0 / math.sqrt(3))  # the sample standard deviation, 1
+    mse = scored_row(np.array([1.0, 2.0, 3.0, np.nan]), 1, ways=0, shots=5, steps=1, metric="mse")
+    assert (mse.mean, mse.median, mse.tasks) == (math.inf, 2.5, 4) and math.isnan(mse.ci95)
+    returns = scored_row(np.array([10.0, np.inf, 20.0, np.nan, 30.0]), 2, ways=0, shots=5, steps=1, metric="return")
+    assert (returns.mean, returns.median) == (-math.inf, 10.0)  # worst for a return: -inf, twice
+    assert "inf" in format_rows([mse]).splitlines()[1].split()
 
 
 def test_a_resumed_runs_best_checkpoint_competes_only_under_the_same_protocol(tmp_path, capsys):
