@@ -35,7 +35,7 @@ from distmeta.algorithms import ALGORITHMS, build_learner
 from distmeta.algorithms.base import one_query_at_a_time
 from distmeta.checkpoint import probe_write, read_checkpoint, version_key, writer_version
 from distmeta.config import TEST_TIME_ALGORITHM_FIELDS, Config, ConfigError, ImageFormat, config_from_dict, load_config
-from distmeta.data.images import UnreadableImage, decode, prepare, visible
+from distmeta.data.images import IMAGE_FORMATS, UnreadableImage, decode, open_image, prepare, visible
 from distmeta.evaluate import eval_steps, trained_model_data
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout
@@ -329,7 +329,7 @@ def _prepared(images: Sequence[ImageInput], fmt: ImageFormat) -> np.ndarray:
             except OSError as err:
                 raise AdaptError(f"cannot read image {image}: {err.strerror or err}") from None
             except UnreadableImage as err:
-                raise AdaptError(f"{err}: give PNG, JPEG or another format Pillow reads") from None
+                raise AdaptError(str(err)) from None
         elif isinstance(image, np.ndarray):
             if image.ndim == 3 and image.shape[2] == 1:  # H x W x 1: grayscale
                 image = image[:, :, 0]
@@ -341,7 +341,10 @@ def _prepared(images: Sequence[ImageInput], fmt: ImageFormat) -> np.ndarray:
             image = Image.fromarray(image)
         elif not isinstance(image, Image.Image):
             raise AdaptError(f"image {i} is a {type(image).__name__}; give a file path, a PIL image or a uint8 array")
-        arrays.append(prepare(image, fmt))
+        try:
+            arrays.append(prepare(image, fmt))
+        except (ValueError, OSError) as err:  # a mode Pillow cannot convert (LAB, ...), float pixels
+            raise AdaptError(f"image {i} cannot be prepared as {fmt.channels} channel(s) ({err})") from None
     return np.stack(arrays)
 
 
@@ -351,11 +354,11 @@ PREDICTIONS, MODEL, RECORD = "predictions.csv", "adapted.pt", "adapted.json"
 
 
 def _is_image(path: Path) -> bool:
-    """Whether Pillow recognises ``path`` as an image (its header alone is read)."""
+    """Whether ``path`` is an image in a format we read (its header alone is read)."""
     try:
-        with Image.open(path):
+        with open_image(str(path), path):
             return True
-    except Exception:  # Pillow raises many types for what it does not recognise
+    except UnreadableImage:
         return False
 
 
@@ -407,7 +410,9 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
             files += found
         elif path.is_file():
             if not _is_image(path):
-                raise AdaptError(f"--query {path} is not an image Pillow can read: give PNG, JPEG or another image")
+                raise AdaptError(
+                    f"--query {path} is not an image in a format distmeta reads ({', '.join(IMAGE_FORMATS)})"
+                )
             files.append(path)
         else:
             raise AdaptError(f"--query {path} does not exist")

@@ -434,21 +434,30 @@ def _build_data(args: argparse.Namespace) -> int:
     from distmeta.data.folder import build_folder
     from distmeta.data.glyphs import build_glyphs
     from distmeta.data.omniglot import OFFICIAL_URL, build_omniglot, fetch_omniglot
-    from distmeta.data.shards import check_new_output
+    from distmeta.data.shards import ShardError, check_new_output
 
     started = time.time()
     if args.action != "fetch":  # fetch keeps the Omniglot shards it built before, and says so
         check_new_output(Path(args.out))  # before minutes of decoding
-    if args.action == "fetch":
-        path = fetch_omniglot(args.out, url=args.mirror or OFFICIAL_URL)
-    elif args.dataset == "omniglot":
-        path = build_omniglot(args.src, args.out)
-    elif args.dataset == "fashion-mnist":
-        path = build_fashion_mnist(args.src, args.out)
-    elif args.dataset == "glyphs":
-        path = build_glyphs(args.fonts, args.out)
-    else:
-        path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels, args.invert)
+    # SIGTERM (timeout, a scheduler's preemption, docker stop) unwinds like Ctrl-C, so that the
+    # shards written so far are removed (write_shards) instead of left to pass for a dataset
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        if args.action == "fetch":
+            path = fetch_omniglot(args.out, url=args.mirror or OFFICIAL_URL)
+        elif args.dataset == "omniglot":
+            path = build_omniglot(args.src, args.out)
+        elif args.dataset == "fashion-mnist":
+            path = build_fashion_mnist(args.src, args.out)
+        elif args.dataset == "glyphs":
+            path = build_glyphs(args.fonts, args.out)
+        else:
+            path = build_folder(args.src, args.out, args.image_size, args.splits, args.channels, args.invert)
+    except OSError as err:  # a full disk, a file gone or unreadable, an --out that cannot be a folder
+        where = f"{err.filename}: " if err.filename else ""
+        raise ShardError(f"the build stopped, its shards removed: {where}{err.strerror or err}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{path} written in {time.time() - started:.1f} s")
     return 0
 

@@ -67,6 +67,11 @@ def _number(x: float) -> str:
     return f"{x:>9.4f}" if abs(x) < 1e4 or not math.isfinite(x) else f"{x:>9.2e}"
 
 
+def print_now(message: str) -> None:
+    """A progress line, flushed: a long job whose output goes to a pipe or a log shows as it goes."""
+    print(message, flush=True)
+
+
 def report_progress(out: TextIO, done: int, total: int, started: float) -> None:
     """An evaluation's progress line on ``out``: tasks done of ``total`` since ``started``
     (time.time()), rate, ETA. The caller picks the stream: training prints it to stdout, the run's

@@ -107,7 +107,7 @@ def test_bad_folder_datasets_are_named(tmp_path):
     with pytest.raises(ShardError, match="lists class 'b'"):
         build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
     (tmp_path / "split.json").write_text(json.dumps({"train": ["a"]}))
-    with pytest.raises(ShardError, match="labels.csv is not an image Pillow can read"):
+    with pytest.raises(ShardError, match="labels.csv is not an image in a format distmeta reads"):
         build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
     (tmp_path / "split.json").write_text(json.dumps({"training": ["a"]}))
     with pytest.raises(ShardError, match=r"names splits \['training'\]"):
@@ -115,7 +115,7 @@ def test_bad_folder_datasets_are_named(tmp_path):
     make_class(tmp_path / "src" / "g", seed=1, mode="L")  # grayscale: the channel count is read from every file
     (tmp_path / "src" / "g" / "notes.txt").write_text("not an image")
     (tmp_path / "split.json").write_text(json.dumps({"train": ["g"]}))
-    with pytest.raises(ShardError, match="notes.txt is not an image Pillow can read"):
+    with pytest.raises(ShardError, match="notes.txt is not an image in a format distmeta reads"):
         build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
     for twice in ({"train": ["a", "g"], "test": ["g"]}, {"train": ["a", "g/"], "test": ["./g"]}):
         (tmp_path / "split.json").write_text(json.dumps(twice))  # the same folder, however it is written
@@ -176,3 +176,78 @@ def test_a_dataset_is_never_rebuilt_in_place_and_a_failed_build_leaves_no_shards
     with pytest.raises(ShardError, match="c3 does not decode"):
         write_shards(tmp_path / "partial", classes(), {"default/train": [0, 1, 2]}, shard_bytes=300)
     assert list((tmp_path / "partial").iterdir()) == []  # two shards were written, then removed
+
+
+def test_what_would_silently_change_a_dataset_is_refused_and_a_file_never_runs(tmp_path):
+    """A class in two splits (tested on what it trained on), a broken link where an image was meant,
+    float pixels of unknown range, and a PostScript file dressed as a JPEG (Pillow would hand it to
+    Ghostscript, an interpreter): each stops the build, named. The first colour image is named as
+    the reason the shards are RGB."""
+    for split, name in (("train", "cat"), ("train", "dog"), ("val", "owl"), ("test", "Cat")):
+        make_class(tmp_path / "src" / split / name, seed=len(name), mode="L")
+    with pytest.raises(ShardError, match=r"class\(es\) cat are in more than one of train/ val/ test/"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, progress=lambda m: None)
+    (tmp_path / "src" / "test" / "Cat").rename(tmp_path / "src" / "test" / "eel")
+    (tmp_path / "src" / "test" / "fox").symlink_to(tmp_path / "src" / "train" / "dog")  # the same class, linked
+    with pytest.raises(ShardError, match="are in more than one of train/ val/ test/"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, progress=lambda m: None)
+    (tmp_path / "src" / "test" / "fox").unlink()
+
+    broken = tmp_path / "src" / "train" / "dog" / "999.png"
+    broken.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ShardError, match=r"dog holds 999.png, which are not files \(a broken link\?\)"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, progress=lambda m: None)
+    broken.unlink()
+
+    Image.fromarray(np.full((6, 6), 0.5, np.float32), "F").save(tmp_path / "src" / "val" / "owl" / "f.tif")
+    with pytest.raises(ShardError, match="f.tif cannot be converted .*32-bit floats"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, channels=1, progress=lambda m: None)
+    (tmp_path / "src" / "val" / "owl" / "f.tif").unlink()
+
+    postscript = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n(pwned) print\n"
+    (tmp_path / "src" / "train" / "cat" / "evil.jpg").write_bytes(postscript)
+    for channels in (None, 1):  # read by the header scan, and by the decoder
+        with pytest.raises(ShardError, match="evil.jpg is not an image in a format distmeta reads"):
+            build_folder(tmp_path / "src", tmp_path / "out", 8, channels=channels, progress=lambda m: None)
+    (tmp_path / "src" / "train" / "cat" / "evil.jpg").unlink()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    Image.new("RGB", (5, 5), "red").save(tmp_path / "src" / "val" / "owl" / "red.png")
+    said = []
+    build_folder(tmp_path / "src", tmp_path / "out", 8, progress=said.append)
+    assert said[0].endswith(
+        f"3 channel(s) ({tmp_path / 'src' / 'val' / 'owl' / 'red.png'} is in colour; "
+        "--channels 1 stores all as grayscale)"
+    ), said[0]
+
+
+def test_a_build_stopped_by_sigterm_removes_the_shards_it_wrote(tmp_path, cli_env):
+    """A timeout, a scheduler's preemption or `docker stop` sends SIGTERM: the build unwinds as on
+    Ctrl-C and removes its shards, instead of leaving some to pass for a dataset."""
+    import os
+    import signal
+    import textwrap
+    import time
+
+    for split, classes in (("train", 30), ("val", 2), ("test", 2)):
+        for c in range(classes):
+            make_class(tmp_path / "src" / split / f"{split}{c}", seed=c, count=2, size=(8, 8))
+    script = textwrap.dedent(f"""
+        import functools, time
+        import distmeta.data.folder as folder
+        from distmeta.cli import main
+        from distmeta.data.shards import write_shards
+        slow = folder.dataset_image
+        folder.dataset_image = lambda *a: (time.sleep(0.1), slow(*a))[1]  # a big dataset, in miniature
+        folder.write_shards = functools.partial(write_shards, shard_bytes=100)  # a shard per class
+        raise SystemExit(main(["data", "build", "folder", "--src", {str(tmp_path / "src")!r},
+                               "--out", {str(tmp_path / "out")!r}, "--image-size", "4"]))
+    """)
+    build = subprocess.Popen([sys.executable, "-c", script], env=cli_env, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list((tmp_path / "out").glob("shard-*.arrow"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    assert build.poll() is None, "the build ended before it could be stopped"
+    os.kill(build.pid, signal.SIGTERM)
+    assert build.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no shard, no manifest

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from distmeta.data.shards import ShardError
+from distmeta.report import print_now
 
 CHUNK = 1 << 20
 
@@ -19,7 +20,7 @@ class DownloadError(ShardError):
     """A download that failed or did not match its checksum; the message says what to do instead."""
 
 
-def download(url: str, dest: Path, md5: str, fallback: str, progress=print, timeout_s: float = 30.0) -> Path:
+def download(url: str, dest: Path, md5: str, fallback: str, progress=print_now, timeout_s: float = 30.0) -> Path:
     """``url`` -> ``dest``, verified against ``md5``; skipped if ``dest`` already matches.
     ``fallback`` (how to get the data another way) ends every error message."""
     if dest.is_file() and _md5(dest) == md5:

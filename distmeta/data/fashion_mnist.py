@@ -20,6 +20,7 @@ import numpy as np
 
 from distmeta.data import FASHION_MNIST_DEBIAN
 from distmeta.data.shards import ClassImages, ShardError, write_shards
+from distmeta.report import print_now
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 PARTS = {"train": "train", "test": "t10k"}  # split -> file prefix
@@ -57,7 +58,7 @@ def _find(src: Path, name: str) -> Path:
 
 
 def build_fashion_mnist(
-    src: str | Path = FASHION_MNIST_DEBIAN, out: str | Path = "data/fashion_mnist", progress=print
+    src: str | Path = FASHION_MNIST_DEBIAN, out: str | Path = "data/fashion_mnist", progress=print_now
 ) -> Path:
     src, out = Path(src), Path(out)
     classes: list[ClassImages] = []

@@ -13,14 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from distmeta.config import ImageFormat
-from distmeta.data.images import dataset_image, visible
+from distmeta.data.images import UnreadableImage, dataset_image, open_image, visible
 from distmeta.data.shards import ClassImages, ShardError, check_new_output, write_shards
-from distmeta.report import duration
+from distmeta.report import duration, print_now
 
 SPLITS = ("train", "val", "test")
+GRAY = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")  # Pillow's grayscale modes
 PROGRESS_EVERY_S = 10
 
 
@@ -32,10 +32,12 @@ def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]
                 f"{src} has no train/ val/ test/ folders; either lay the classes out as ROOT/<split>/<class>/ "
                 'or pass --splits FILE (JSON: {"train": [classes], "val": [...], "test": [...]})'
             )
-        return [(split, d) for split in SPLITS for d in sorted(visible((src / split).iterdir(), src)) if d.is_dir()]
+        pairs = [(split, d) for split in SPLITS for d in sorted(visible((src / split).iterdir(), src)) if d.is_dir()]
+        _check_disjoint(pairs)
+        return pairs
     try:
-        assignment = json.loads(Path(splits_file).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        assignment = json.loads(Path(splits_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ShardError(f"split file {splits_file} cannot be read as JSON ({err})") from None
     if not isinstance(assignment, dict) or not all(
         isinstance(names, list) and all(isinstance(n, str) for n in names) for names in assignment.values()
@@ -61,13 +63,29 @@ def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]
     return pairs
 
 
+def _check_disjoint(pairs: list[tuple[str, Path]]) -> None:
+    """Meta-testing is on classes never trained on: ROOT/<split>/<class>/ splits by class, so one
+    class (by name, whatever its case, or by the folder a link leads to) must not be in two splits."""
+    splits_of: dict[str, set[str]] = {}
+    for split, folder in pairs:
+        splits_of.setdefault(folder.name.casefold(), set()).add(split)
+        splits_of.setdefault(str(folder.resolve()), set()).add(split)
+    shared = sorted(name for name, splits in splits_of.items() if len(splits) > 1)
+    if shared:
+        raise ShardError(
+            f"class(es) {', '.join(shared[:5])} are in more than one of train/ val/ test/: a class's images would be "
+            "trained on and tested on. This layout splits by class (each class in one split); a dataset split by "
+            "image (ImageNet's train/ and val/) is one pool of classes: put them in ROOT/<class>/ and pass --splits"
+        )
+
+
 def _mode(path: Path) -> str:
     """The image's mode, from its header alone; a file that is no image stops the build, named."""
     try:
-        with Image.open(path) as image:
+        with open_image(str(path), path) as image:
             return image.mode
-    except Exception as err:  # Pillow raises many types for a bad file
-        raise ShardError(f"{path} is not an image Pillow can read ({err}); remove it from the dataset") from None
+    except UnreadableImage as err:
+        raise ShardError(f"{err}; remove it from the dataset") from None
 
 
 def build_folder(
@@ -77,7 +95,7 @@ def build_folder(
     splits_file: str | Path | None = None,
     channels: int | None = None,
     invert: bool = False,
-    progress=print,
+    progress=print_now,
 ) -> Path:
     """``invert``: store each pixel as 255 minus it, as Omniglot's builder does (dark strokes on light
     become bright on dark): for drawings to score with, or train beside, an Omniglot model."""
@@ -90,6 +108,11 @@ def build_folder(
     pairs = _class_folders(src, Path(splits_file) if splits_file else None)
     if not pairs:
         raise ShardError(f"no class folders found under {src}")
+    for _, folder in pairs:
+        try:
+            folder.name.encode("utf-8")
+        except UnicodeEncodeError:  # the shards store class names as UTF-8 text
+            raise ShardError(f"class folder {folder!s:.200} has a name that is not UTF-8 text: rename it") from None
     files = {}
     for _, folder in pairs:
         entries = visible(folder.iterdir(), folder)
@@ -99,17 +122,21 @@ def build_folder(
                 f"class folder {folder} holds folder(s) {', '.join(inner[:3])}: a class's images sit directly in its "
                 "folder; move them up, or make each folder a class of its own"
             )
+        odd = sorted(p.name for p in entries if not p.is_file() and not p.is_dir())
+        if odd:  # a link to nothing, a pipe: an image the user meant to be there is not
+            raise ShardError(f"class folder {folder} holds {', '.join(odd[:3])}, which are not files (a broken link?)")
         files[folder] = sorted(p for p in entries if p.is_file())
         if not files[folder]:
             raise ShardError(f"class folder {folder} holds no images; remove it or add images")
+    why = ""
     if channels is None:  # grayscale only if every image is
-        grayscale = all(_mode(p) in ("1", "L", "LA", "I", "I;16") for members in files.values() for p in members)
-        channels = 1 if grayscale else 3
+        colour = next((p for members in files.values() for p in members if _mode(p) not in GRAY), None)
+        channels, why = (3, f" ({colour} is in colour; --channels 1 stores all as grayscale)") if colour else (1, "")
     fmt = ImageFormat(channels=channels, height=image_size, width=image_size, invert=invert)
     splits = {f"default/{split}": [i for i, (s, _) in enumerate(pairs) if s == split] for split in SPLITS}
 
     total = sum(len(members) for members in files.values())
-    progress(f"{len(pairs)} classes, {total} images, {channels} channel(s)")
+    progress(f"{len(pairs)} classes, {total} images, {channels} channel(s){why}")
 
     def classes():  # decoded a class at a time, as the shards are written: memory for a shard, not the dataset
         started = last = time.time()

@@ -26,6 +26,7 @@ from distmeta.config import ImageFormat
 from distmeta.data import NOTO_DEBIAN
 from distmeta.data.images import prepare
 from distmeta.data.shards import ClassImages, ShardError, write_shards
+from distmeta.report import print_now
 
 FORMAT = ImageFormat(channels=1, height=28, width=28, invert=True)  # as Omniglot's
 EXAMPLES = 20
@@ -77,7 +78,7 @@ VAL_SCRIPTS = ("Tamil", "Cherokee", "Gothic", "Ol Chiki", "Tai Le", "Cypriot", "
 TEST_SCRIPTS = ("Thai", "Vai", "Adlam", "Shavian", "Old Italic", "Lisu", "Buginese", "Phoenician")
 
 
-def build_glyphs(fonts: str | Path = NOTO_DEBIAN, out: str | Path = "data/glyphs", progress=print) -> Path:
+def build_glyphs(fonts: str | Path = NOTO_DEBIAN, out: str | Path = "data/glyphs", progress=print_now) -> Path:
     fonts, out = Path(fonts), Path(out)
     if not fonts.is_dir():
         raise ShardError(

@@ -16,17 +16,32 @@ from PIL import Image, ImageOps
 from distmeta.config import ImageFormat
 from distmeta.data.shards import ShardError
 
+# The raster formats read. Pillow would also open PostScript (EPS), which it hands to Ghostscript, an
+# interpreter: a data file must never run as a program, whatever its name says.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (cameras)
+
 
 class UnreadableImage(ValueError):
     """A file Pillow cannot decode; the message names it."""
 
 
-def decode(name: str, data: bytes) -> Image.Image:
+def open_image(name: str, source) -> Image.Image:
+    """``source`` (a path or a file object) opened lazily as one of ``IMAGE_FORMATS``, or an
+    ``UnreadableImage`` naming ``name`` and why."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        return Image.open(source, formats=IMAGE_FORMATS)
     except Exception as err:  # Pillow raises many types for a bad file
-        raise UnreadableImage(f"{name} is not an image Pillow can read ({err})") from None
+        raise UnreadableImage(
+            f"{name} is not an image in a format distmeta reads ({', '.join(IMAGE_FORMATS)}): {err}"
+        ) from None
+
+
+def decode(name: str, data: bytes) -> Image.Image:
+    image = open_image(name, io.BytesIO(data))
+    try:
+        image.load()
+    except Exception as err:
+        raise UnreadableImage(f"{name} is not an image distmeta can read ({err})") from None
     return image
 
 
@@ -35,6 +50,8 @@ def prepare(image: Image.Image, fmt: ImageFormat) -> np.ndarray:
     orientation says (a phone's portrait photo), transparent parts on white (a drawing app's strokes
     on a transparent PNG would otherwise turn into a black square)."""
     image = ImageOps.exif_transpose(image)
+    if image.mode == "F":  # floats: [0, 1] or [0, 255] or anything; guessing would store the wrong images
+        raise ValueError("its pixels are 32-bit floats, whose range says nothing: save it as 8-bit PNG")
     if image.mode.startswith("I"):  # 16-bit grayscale (I;16, or I from older Pillows): convert would clip at 255
         wide = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
         image = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), "L")
@@ -58,4 +75,6 @@ def dataset_image(name: str, data: bytes, fmt: ImageFormat) -> np.ndarray:
     try:
         return prepare(decode(name, data), fmt)
     except UnreadableImage as err:
-        raise ShardError(f"{err}; remove it from the dataset") from None
+        raise ShardError(f"{err}; convert it or remove it from the dataset") from None
+    except (ValueError, OSError) as err:  # a mode Pillow cannot convert (LAB, ...)
+        raise ShardError(f"{name} cannot be converted to {fmt.channels} channel(s) ({err}); convert it") from None

@@ -18,6 +18,7 @@ from distmeta.config import ImageFormat
 from distmeta.data.download import download
 from distmeta.data.images import dataset_image
 from distmeta.data.shards import MANIFEST, ClassImages, ShardError, read_manifest, write_shards
+from distmeta.report import print_now
 
 PARTS = ("images_background", "images_evaluation")
 HOME_PAGE = "https://github.com/brendenlake/omniglot/tree/master/python"
@@ -61,7 +62,7 @@ def to_image(name: str, data: bytes) -> np.ndarray:
     return dataset_image(name, data, FORMAT)[0]
 
 
-def build_omniglot(src: str | Path, out: str | Path, progress=print) -> Path:
+def build_omniglot(src: str | Path, out: str | Path, progress=print_now) -> Path:
     src, out = Path(src), Path(out)
     classes: list[ClassImages] = []
     part_of: list[str] = []
@@ -97,7 +98,7 @@ def _vinyals_split(name: str, part: str) -> str:
 
 
 def fetch_omniglot(
-    out: str | Path, url: str = OFFICIAL_URL, md5: dict[str, str] = OFFICIAL_MD5, progress=print
+    out: str | Path, url: str = OFFICIAL_URL, md5: dict[str, str] = OFFICIAL_MD5, progress=print_now
 ) -> Path:
     """Download the official zips into ``out/downloads`` (verified by md5), then build shards in
     ``out``. Run again, it downloads nothing twice, and shards ``out`` already holds are kept: a build

@@ -88,7 +88,9 @@ def write_shards(
         batch = pa.record_batch(
             [
                 pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(image_bytes), len(images), [None, pa.py_buffer(images.tobytes())]
+                    pa.binary(image_bytes),
+                    len(images),
+                    [None, pa.py_buffer(images)],  # no copy of the shard
                 ),
                 pa.array(labels, pa.int32()),
                 pa.array([cls.name for _, cls in pending for _ in cls.images]),
