@@ -212,6 +212,10 @@ def test_what_would_silently_change_a_dataset_is_refused_and_a_file_never_runs(t
     (tmp_path / "src" / "train" / "cat" / "evil.jpg").unlink()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
+    gray_gif = Image.fromarray(np.arange(36, dtype=np.uint8).reshape(6, 6) * 7, "L").convert("P")
+    gray_gif.save(tmp_path / "src" / "val" / "owl" / "gray.gif")  # a palette of grays: still grayscale
+    build_folder(tmp_path / "src", tmp_path / "gray", 8, progress=lambda m: None)
+    assert ShardedDataset(tmp_path / "gray").image_shape == (1, 8, 8)
     Image.new("RGB", (5, 5), "red").save(tmp_path / "src" / "val" / "owl" / "red.png")
     said = []
     build_folder(tmp_path / "src", tmp_path / "out", 8, progress=said.append)

@@ -83,6 +83,9 @@ def _mode(path: Path) -> str:
     """The image's mode, from its header alone; a file that is no image stops the build, named."""
     try:
         with open_image(str(path), path) as image:
+            palette = image.getpalette() if image.mode == "P" else None
+            if palette and palette[0::3] == palette[1::3] == palette[2::3]:  # a GIF of grays is grayscale
+                return "L"
             return image.mode
     except UnreadableImage as err:
         raise ShardError(f"{err}; remove it from the dataset") from None
