@@ -121,6 +121,10 @@ def test_bad_folder_datasets_are_named(tmp_path):
         (tmp_path / "split.json").write_text(json.dumps(twice))  # the same folder, however it is written
         with pytest.raises(ShardError, match="lists the class\\(es\\) g more than once"):
             build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["a", "../outside"]}))
+    with pytest.raises(ShardError, match=r"lists class '../outside', which is outside --src"):
+        build_folder(tmp_path / "src", tmp_path / "out", 8, tmp_path / "split.json", progress=lambda m: None)
     for malformed in (["a", "g"], {"train": "a"}):
         (tmp_path / "split.json").write_text(json.dumps(malformed))
         with pytest.raises(ShardError, match="must be a JSON object of class-name lists"):

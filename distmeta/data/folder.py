@@ -59,6 +59,8 @@ def _class_folders(src: Path, splits_file: Path | None) -> list[tuple[str, Path]
         for name in assignment.get(split, []):
             if not (src / name).is_dir():
                 raise ShardError(f"split file {splits_file} lists class {name!r}, but {src / name} is not a folder")
+            if not (src / name).resolve().is_relative_to(src.resolve()):
+                raise ShardError(f"split file {splits_file} lists class {name!r}, which is outside --src {src}")
             pairs.append((split, src / name))
     return pairs
 
@@ -146,7 +148,9 @@ def build_folder(
         done = 0
         for split, folder in pairs:
             images = np.stack([dataset_image(str(p), p.read_bytes(), fmt) for p in files[folder]])
-            yield ClassImages(f"{split}/{folder.name}" if splits_file is None else folder.name, split, images)
+            # with a splits file, the class's path under --src: a/cat and b/cat are two classes, not one name twice
+            name = f"{split}/{folder.name}" if splits_file is None else folder.relative_to(src).as_posix()
+            yield ClassImages(name, split, images)
             done += len(images)
             if time.time() - last >= PROGRESS_EVERY_S and done < total:
                 last, rate = time.time(), done / (time.time() - started)
