@@ -35,7 +35,7 @@ from distmeta.algorithms import ALGORITHMS, build_learner
 from distmeta.algorithms.base import one_query_at_a_time
 from distmeta.checkpoint import probe_write, read_checkpoint, version_key, writer_version
 from distmeta.config import TEST_TIME_ALGORITHM_FIELDS, Config, ConfigError, ImageFormat, config_from_dict, load_config
-from distmeta.data.images import IMAGE_FORMATS, UnreadableImage, decode, open_image, prepare, visible
+from distmeta.data.images import IMAGE_FORMATS, UnreadableImage, decode, image_suffixes, open_image, prepare, visible
 from distmeta.evaluate import eval_steps, trained_model_data
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout
@@ -353,25 +353,29 @@ def _prepared(images: Sequence[ImageInput], fmt: ImageFormat) -> np.ndarray:
 PREDICTIONS, MODEL, RECORD = "predictions.csv", "adapted.pt", "adapted.json"
 
 
-def _is_image(path: Path) -> bool:
-    """Whether ``path`` is an image in a format we read (its header alone is read)."""
+def _why_not_an_image(path: Path) -> str | None:
+    """None if ``path`` is an image in a format we read (its header alone is read), else why not."""
     try:
         with open_image(str(path), path):
-            return True
-    except UnreadableImage:
-        return False
+            return None
+    except UnreadableImage as err:
+        return str(err)
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """The image files anywhere under ``folder``, sorted; hidden files, and others that are not images
-    (Thumbs.db, notes.txt), are left out, the latter named on stderr."""
+    """The image files anywhere under ``folder``, sorted. Hidden files, and files that are not images
+    (Thumbs.db, notes.txt), are left out, the latter named on stderr; a file named as an image
+    (x.jpg) that does not decode is refused, so that no class silently loses an example."""
     files = sorted(p for p in visible(folder.rglob("*"), folder) if p.is_file())
-    others = [p for p in files if not _is_image(p)]
-    if others:
-        names = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (", ..." if len(others) > 3 else "")
-        print(f"note: {len(others)} file(s) in {folder} are not images and are left out: {names}", file=sys.stderr)
-    skipped = set(others)
-    return [p for p in files if p not in skipped]
+    why_not = {p: why for p in files if (why := _why_not_an_image(p)) is not None}
+    damaged = [p for p in why_not if p.suffix.lower() in image_suffixes()]
+    if damaged:
+        more = f" ({len(damaged) - 1} more file(s) named as images do not decode either)" if len(damaged) > 1 else ""
+        raise AdaptError(f"{why_not[damaged[0]]}; replace or remove it{more}")
+    if why_not:
+        names = ", ".join(str(p.relative_to(folder)) for p in list(why_not)[:3]) + (", ..." if len(why_not) > 3 else "")
+        print(f"note: {len(why_not)} file(s) in {folder} are not images and are left out: {names}", file=sys.stderr)
+    return [p for p in files if p not in why_not]
 
 
 def class_folders(root: str | Path) -> dict[str, list[Path]]:
@@ -409,7 +413,7 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
                 raise AdaptError(f"--query folder {path} holds no images")
             files += found
         elif path.is_file():
-            if not _is_image(path):
+            if _why_not_an_image(path) is not None:
                 raise AdaptError(
                     f"--query {path} is not an image in a format distmeta reads ({', '.join(IMAGE_FORMATS)})"
                 )

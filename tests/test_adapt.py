@@ -304,6 +304,14 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
         not_an_image.returncode == 2 and "Thumbs.db is not an image in a format distmeta reads" in not_an_image.stderr
     )
     assert "adapting" not in not_an_image.stderr  # refused before any work
+    damaged = support_dir / "dog" / "5.jpg"  # named as a photo, cut off in a copy: refused, not skipped
+    damaged.write_bytes(b"\x00 half a photo")
+    command[command.index(str(out))] = str(tmp_path / "out4")
+    one_shot_lost = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
+    assert one_shot_lost.returncode == 2 and f"{damaged} is not an image in a format" in one_shot_lost.stderr
+    assert "replace or remove it" in one_shot_lost.stderr and "adapting" not in one_shot_lost.stderr
+    command[command.index(str(tmp_path / "out4"))] = str(out)
+    damaged.unlink()
     (support_dir / "dog" / "1.png").unlink()
     (support_dir / "dog" / "3.png").unlink()
     command[command.index(str(out))] = str(tmp_path / "out2")

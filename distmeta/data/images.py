@@ -21,6 +21,13 @@ from distmeta.data.shards import ShardError
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (cameras)
 
 
+def image_suffixes() -> frozenset[str]:
+    """The file-name endings Pillow gives ``IMAGE_FORMATS`` (.png, .jpg, .jpeg, .tif, ...): a file so
+    named that does not decode is a damaged image, not a stray file to skip."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS)
+
+
 class UnreadableImage(ValueError):
     """A file Pillow cannot decode; the message names it."""
 
