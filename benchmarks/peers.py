@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from distmeta.checkpoint import read_checkpoint
-from distmeta.config import Config, load_config
+from distmeta.config import AUTO, Config, load_config
 from distmeta.runtime.local import LocalLoop
 from distmeta.runtime.task_generator import TaskGenerator
 
@@ -238,6 +238,8 @@ def system(cfg: Config, steps: int, logdir: str) -> tuple[float, str]:
         result = train(cfg)
     workers = json.loads((result.run_dir / "placement.json").read_text())["workers"]
     devices = sorted({str(w.get("device", "?")) for w in workers})
+    if cfg.cluster.gpus_per_worker not in (AUTO, 0) and not all(d.startswith("cuda") for d in devices):
+        raise RuntimeError(f"the system row asked for a GPU worker and ran on {devices}: not a GPU figure")
     chosen = read_checkpoint(result.checkpoint)["config"]["algorithm"]["implementation"]
     return result.tasks_per_s, f"{len(workers)} worker(s) on {', '.join(devices)}, {chosen}"
 
@@ -247,6 +249,18 @@ def system(cfg: Config, steps: int, logdir: str) -> tuple[float, str]:
 
 # Omniglot's shape on synthetic classes, for machines without the shards (benchmarks/gpu.sh)
 SYNTHETIC = ["task.source=synthetic", "task.num_classes=1200", "task.image_size=28", "task.channels=1"]
+
+
+# On a GPU machine the system row is one GPU worker, checked to have run on it; a fault (a hang of a
+# path never run on a GPU) ends it within the benchmark's budget rather than after Ray's 600 s
+GPU_SYSTEM = [
+    "cluster.num_workers=1",
+    "cluster.gpus_per_worker=1",
+    "cluster.step_timeout_s=60",
+    "cluster.placement_timeout_s=60",
+    "cluster.rejoin_timeout_s=20",
+    "cluster.actor_restarts=0",
+]
 
 
 def case_config(case: Case, args, *overrides: str) -> Config:
@@ -305,9 +319,10 @@ def run_case(name: str, case: Case, args) -> dict:
         # The system runs apart from the interleaved rows, so it is compared with the plain loop
         # timed just before and just after it: this VM's speed drifts by 10-20% within minutes.
         before = time_plain(rows["plain loop"], tensors, size)
-        rates["system"], layout = system(case_config(case, args), steps, args.logdir)
+        gpu = GPU_SYSTEM if device.type == "cuda" else []
+        rates["system"], layout = system(case_config(case, args, *gpu), steps, args.logdir)
         if args.bf16:
-            rates["system bf16"], _ = system(case_config(case, args, "train.autocast=bf16"), steps, args.logdir)
+            rates["system bf16"], _ = system(case_config(case, args, *gpu, "train.autocast=bf16"), steps, args.logdir)
         plain_around = (before + time_plain(rows["plain loop"], tensors, size)) / 2
     plain = rates["plain loop"]
     print(f"\n{name} ({case.config} {' '.join(case.overrides)}; meta-batch {size}, {steps} steps)", flush=True)

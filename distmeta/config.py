@@ -198,6 +198,13 @@ class TrainConfig:
     # CPUs with AVX-512 BF16 or AMX and on GPUs; not the same math: benchmarks/peers.py --bf16,
     # docs/benchmarks.md "Reduced precision"). Parameters, updates and evaluation stay in train.dtype.
     autocast: Literal["none", "bf16"] = "none"
+    # GPU workers only. tf32: float32 convolutions and matrix products in TensorFloat-32 (a 10-bit
+    # mantissa; cuDNN's default for convolutions); off, float32 is float32, as on the CPU and in
+    # the float64 checks. deterministic: cuDNN's, cuBLAS's and torch's deterministic kernels, so a
+    # stopped and resumed run repeats the uninterrupted one bit for bit as on the CPU; off, the
+    # fastest kernels, some of which sum in a different order each run (atomics).
+    tf32: bool = False
+    deterministic: bool = True
     log_every: int = bounded(20, at_least=1)  # TensorBoard scalars, averaged over this many steps
     print_every_s: float = bounded(5.0, above=0)
     checkpoint_every: int = bounded(1000, at_least=0)  # steps between checkpoints (0: only the final one)

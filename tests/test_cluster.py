@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from test_runtime import small
 
 from distmeta.config import ConfigError, load_config
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, describe_layout, plan_layout
 from distmeta.runtime.supervisor import ActorLost
-from distmeta.runtime.worker import step_seconds
+from distmeta.runtime.worker import gpu_numerics, step_seconds
 from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,31 @@ def test_a_gpu_torch_cannot_see_stops_the_run_with_the_reason(local_cluster, tmp
     )
     assert run.returncode != 0
     assert "sees no CUDA device; install a CUDA build of torch" in run.stdout + run.stderr
+
+
+def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_told_otherwise():
+    """PyTorch's defaults would run a GPU worker's float32 convolutions in TF32 and pick cuDNN's
+    autotuned, atomic kernels: another math than the float64 checks, and a resume that drifts."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
+        gpu_numerics(load_config(None, []).train)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        gpu_numerics(load_config(None, ["train.tf32=true", "train.deterministic=false"]).train)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
+        torch.use_deterministic_algorithms(saved[4])
 
 
 def test_workers_the_cluster_cannot_place_fail_with_what_the_nodes_have(ray_local, tmp_path):

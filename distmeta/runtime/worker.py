@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from distmeta.algorithms import build_learner, fastest_implementation
-from distmeta.config import Config
+from distmeta.config import Config, TrainConfig
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
 from distmeta.runtime.allreduce import GroupMember
 from distmeta.runtime.control import StepControl, WorkerTiming, WorkerUpdate
 from distmeta.runtime.task_generator import TaskGenerator
 from distmeta.tasks import TaskBatch, build_source
+from distmeta.tasks.batch import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
     """The GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES, so it is cuda:0), else the CPU with
     torch threads limited to this worker's CPU share so workers do not oversubscribe cores."""
     if gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())  # an index: NCCL's process group needs one
     if gpus > 0:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         problem = (
@@ -52,6 +53,19 @@ def worker_device(gpus: float, cpus: float, cpu_fallback: bool = False) -> torch
         _warn_once(f"{problem}: running on the CPU (cluster.cpu_fallback=true)")
     torch.set_num_threads(max(1, int(cpus)))
     return torch.device("cpu")
+
+
+def gpu_numerics(train: TrainConfig) -> None:
+    """What float32 and a rerun mean on this process's GPU: ``train.tf32`` and
+    ``train.deterministic`` (config.py). PyTorch's defaults (TF32 convolutions, cuDNN's autotuned
+    and atomic kernels) would make a GPU run another math than its float64 checks and a resumed
+    run drift from the uninterrupted one."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train.tf32
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = train.deterministic, not train.deterministic
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any product
+    # warn_only: an op with no deterministic CUDA kernel warns (naming itself) instead of stopping the run
+    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
 
 
 # Evaluation passes hold at most about this many examples (support and query sets of whole tasks):
@@ -149,6 +163,8 @@ class Worker(GroupMember):
         self.device = device or worker_device(c.gpus_per_worker, c.cpus_per_worker, c.cpu_fallback)
         if self.device.type == "cpu":
             keep_freed_memory()
+        elif self.device.type == "cuda":
+            gpu_numerics(cfg.train)
         self.dtype = DTYPES[cfg.train.dtype]
         if data is None:
             source = build_source(cfg.task)
@@ -159,7 +175,7 @@ class Worker(GroupMember):
         self.implementation = cfg.algorithm.implementation
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
-        return self.layout.unflatten(torch.tensor(flat, device=self.device, dtype=self.dtype))
+        return self.layout.unflatten(to_tensor(flat, self.device, self.dtype))  # on a GPU: no host sync
 
     def compute(
         self, control: StepControl, tasks: TaskBatch, *params: np.ndarray
