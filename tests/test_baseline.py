@@ -7,13 +7,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_runtime import in_process, saved_params, small
 from torch.func import functional_call
 
-from distmeta.algorithms import build_algorithm
+from distmeta.algorithms import build_algorithm, initial_parameters
 from distmeta.assemble import check_run
+from distmeta.checkpoint import step_name
 from distmeta.config import AlgorithmConfig, ConfigError, ModelConfig, load_config
 from distmeta.models import DataSpec, build_model
+from distmeta.resume import prepare_resume
 from distmeta.tasks import build_source, task_rng
+from distmeta.train import train
 
 CLASSES, WAYS, SHOTS, QUERIES = 7, 3, 2, 3
 
@@ -149,3 +153,31 @@ def test_labels_and_algorithms_must_agree():
         check_run(load_config(None, ["task.labels=class", "algorithm.name=baseline"]))
     ok = check_run(load_config(None, [*base, "task.labels=class", "algorithm.name=baseline", "eval.ways=4"]))
     assert ok.eval.ways == 4  # a new head at test: any number of ways
+
+
+def test_the_baseline_pretrains_on_the_runtime_as_in_one_process_and_resumes_exactly(ray_local, tmp_path):
+    """Pre-training through two workers and the parameter server, and the same run resumed from its
+    middle checkpoint on one worker, equal the package's loop in one process (float64)."""
+    cfg = small(
+        *(
+            "task.source=synthetic",
+            "model.name=conv4",
+            "model.filters=8",
+            "model.downsample=stride",
+            "task.image_size=8",
+        ),
+        *("task.num_classes=50", "task.labels=class", "algorithm.name=baseline", "algorithm.implementation=loop"),
+        *("task.shots=2", "task.queries=3", "eval.shots=[1]", "eval.inner_steps=[0]", "eval.num_tasks=4"),
+        *("train.steps=8", "train.checkpoint_every=4", "train.checkpoint_keep=0", "cluster.num_workers=2"),
+    )
+    expected, _ = in_process(cfg)
+    assert not np.allclose(expected, initial_parameters(cfg, build_source(cfg.task)))
+    result = train(cfg, tmp_path / "run")
+    # atol 1e-10: the first convolution's biases, ahead of BatchNorm, have no gradient but rounding
+    # (1e-17), which Adam scales to steps of 1e-11 whose sign depends on the order two workers' sums
+    # ran in (one worker equals the loop exactly); a wrong gradient moves parameters by 1e-4 or more
+    np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-10)
+    middle = tmp_path / "run" / "checkpoints" / step_name(4)
+    resumed_cfg, run_dir = prepare_resume(str(middle), ["cluster.num_workers=1"], {})
+    resumed = train(resumed_cfg, run_dir, resume=True)
+    np.testing.assert_allclose(saved_params(resumed), expected, rtol=1e-10, atol=1e-10)
