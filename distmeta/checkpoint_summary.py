@@ -100,9 +100,10 @@ def _whole(value: Any) -> int:
 
 def _model(cfg: Config) -> str:
     model = cfg.model
+    head = ", cosine head" if model.head == "cosine" else ""
     if model.name == "conv4":
-        return f"conv4 ({model.filters} filters, {model.downsample})"
-    return f"mlp (hidden {model.hidden})" if model.name == "mlp" else model.name
+        return f"conv4 ({model.filters} filters, {model.downsample}{head})"
+    return f"mlp (hidden {model.hidden}{head})" if model.name == "mlp" else model.name
 
 
 def _task(cfg: Config) -> str:

@@ -5,9 +5,10 @@ Models are plain ``nn.Module``s. Algorithms never call them directly: they run t
 must keep no state that changes in ``forward``. That is why BatchNorm uses batch statistics only
 (``track_running_stats=False``), as in MAML's reference implementation.
 
-Every model is ``features`` (an embedding of width ``feature_dim``) followed by a linear ``head``.
-ANIL adapts only the head; metric-based learners (ProtoNets, Matching Networks) build the model with
-``output_dim=0``, which makes the head an ``nn.Identity`` so the model returns the embedding itself.
+Every model is ``features`` (an embedding of width ``feature_dim``) followed by a ``head``: linear,
+or cosine (``model.head``, ``CosineHead``). ANIL adapts only the head; metric-based learners
+(ProtoNets, Matching Networks) build the model with ``output_dim=0``, which makes the head an
+``nn.Identity`` so the model returns the embedding itself.
 
 To add a backbone, write an ``nn.Module`` with a ``from_config(cfg, spec)`` classmethod, the
 ``features``, ``head`` and ``feature_dim`` above, and the class attributes the rest of the code asks
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distmeta.config import ModelConfig
@@ -35,6 +37,33 @@ class DataSpec:
     output_dim: int
 
 
+class CosineHead(nn.Module):
+    """Scores s cos(f, w_c): each class's weight vector compared with the feature by angle alone, so
+    no class wins by a larger norm (Chen et al., 2019, Baseline++). Their code also learns a norm per
+    class (weight normalisation); this is the paper's classifier, without it. The scale is theirs:
+    a softmax over more classes needs larger scores to grow confident."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
+        self.scale = cosine_scale(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).transpose(-1, -2)
+
+
+def cosine_scale(classes: int) -> float:
+    return 2.0 if classes <= 200 else 10.0
+
+
+def make_head(kind: str, in_features: int, out_features: int) -> nn.Module:
+    """The model's ``head``: ``model.head``'s kind, or the embedding itself for ``out_features`` 0."""
+    if not out_features:
+        return nn.Identity()
+    return CosineHead(in_features, out_features) if kind == "cosine" else nn.Linear(in_features, out_features)
+
+
 class MLP(nn.Module):
     """Fully connected ReLU network, 1-40-40-1 for sinusoid regression (Finn et al., 2017)."""
 
@@ -46,9 +75,9 @@ class MLP(nn.Module):
     @classmethod
     def from_config(cls, cfg: ModelConfig, spec: DataSpec) -> MLP:
         (in_features,) = spec.input_shape
-        return cls(in_features, list(cfg.hidden), spec.output_dim)
+        return cls(in_features, list(cfg.hidden), spec.output_dim, cfg.head)
 
-    def __init__(self, in_features: int, hidden: list[int], out_features: int):
+    def __init__(self, in_features: int, hidden: list[int], out_features: int, head: str = "linear"):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_features
@@ -57,7 +86,7 @@ class MLP(nn.Module):
             width = size
         self.features = nn.Sequential(*layers)
         self.feature_dim = width
-        self.head = nn.Linear(width, out_features) if out_features else nn.Identity()
+        self.head = make_head(head, width, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -79,9 +108,11 @@ class Conv4(nn.Module):
         channels, height, width = spec.input_shape
         if height != width:
             raise ValueError(f"conv4 expects square images, got {height}x{width}")
-        return cls(channels, height, cfg.filters, spec.output_dim, cfg.downsample)
+        return cls(channels, height, cfg.filters, spec.output_dim, cfg.downsample, cfg.head)
 
-    def __init__(self, in_channels: int, image_size: int, filters: int, out_features: int, downsample: str):
+    def __init__(
+        self, in_channels: int, image_size: int, filters: int, out_features: int, downsample: str, head: str = "linear"
+    ):
         super().__init__()
         blocks: list[nn.Module] = []
         channels, size = in_channels, image_size
@@ -102,7 +133,7 @@ class Conv4(nn.Module):
             raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.feature_dim = filters * size * size
-        self.head = nn.Linear(self.feature_dim, out_features) if out_features else nn.Identity()
+        self.head = make_head(head, self.feature_dim, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

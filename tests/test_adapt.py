@@ -65,9 +65,9 @@ def conv4_checkpoint(
     return folder / "model.pt"
 
 
-def conv4(classes: int) -> torch.nn.Module:
+def conv4(classes: int, head: str = "linear") -> torch.nn.Module:
     """The checkpoints' network built by hand, float64, with ``classes`` outputs (0: the embedding)."""
-    model_cfg = load_config(None, ["model.name=conv4", "model.filters=6"]).model
+    model_cfg = load_config(None, ["model.name=conv4", "model.filters=6", f"model.head={head}"]).model
     return build_model(model_cfg, DataSpec((1, SIZE, SIZE), classes)).double()
 
 
@@ -355,6 +355,34 @@ def test_the_transfer_baseline_adapts_a_new_head_of_any_number_of_classes(tmp_pa
     probabilities = torch.softmax(torch.stack(expected), -1).numpy()
     np.testing.assert_allclose(predictor.probabilities(query), probabilities, rtol=1e-8, atol=1e-12)
     assert predictor.state_dict()["head.weight"].shape == (6, 6 * 1)  # filters x 1 x 1 features
+
+
+def test_baseline_plus_plus_adapts_a_cosine_head_a_plain_module_runs(tmp_path):
+    """Baseline++ (model.head=cosine): at 0 steps each query's scores are 2 cos(its feature, a class
+    centroid) (2: the scale of six classes); after steps the adapted head is a plain cosine module's."""
+    head = ("algorithm.name=baseline", "task.labels=class", "model.head=cosine")
+    checkpoint = conv4_checkpoint(tmp_path, *head, ways=3, outputs=11)
+    support, query = images(8, 6), images(9, 3)
+    labels = ["a", "b", "c", "d", "e", "f"]
+    weights = reference_weights(checkpoint, 6, outputs=11)
+    assert "head.bias" not in weights
+    body = {n.removeprefix("features."): p for n, p in weights.items() if "features." in n}
+    model, x = conv4(0), reference_inputs(support)
+    centroids = functional_call(model.features, body, (x,))  # one image per class: its features
+    expected = []
+    for q in reference_inputs(query):
+        feature = functional_call(model.features, body, (torch.cat([x, q[None]]),))[-1]
+        cosines = (centroids @ feature) / (centroids.norm(dim=1) * feature.norm())
+        expected.append(2.0 * cosines)
+    probabilities = torch.softmax(torch.stack(expected), -1).numpy()
+    at_centroids = distmeta.adapt(checkpoint, support, labels, steps=0)
+    np.testing.assert_allclose(at_centroids.probabilities(query), probabilities, rtol=1e-8, atol=1e-12)
+    adapted = distmeta.adapt(checkpoint, support, labels, steps=3)
+    plain = conv4(6, head="cosine")
+    plain.load_state_dict(adapted.state_dict())  # no bias: the head is the cosine module's
+    by_module = [torch.softmax(plain(torch.cat([x, q[None]]))[-1], -1) for q in reference_inputs(query)]
+    np.testing.assert_allclose(adapted.probabilities(query), torch.stack(by_module).detach().numpy(), rtol=1e-8)
+    assert not np.allclose(adapted.probabilities(query), probabilities)  # the steps moved the head
 
 
 def test_the_baseline_adapts_as_it_is_evaluated_and_takes_its_test_time_settings(tmp_path, cli_env):

@@ -33,23 +33,38 @@ def episodes(num_tasks=2, seed=0):
     return sx, sy, qx, qy
 
 
-def learner(finetune="head", head_init="centroid", lr=0.2):
+def learner(finetune="head", head_init="centroid", lr=0.2, head="linear"):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="conv4", filters=4), DataSpec((1, 16, 16), CLASSES)).double()
+    model = build_model(ModelConfig(name="conv4", filters=4, head=head), DataSpec((1, 16, 16), CLASSES)).double()
     cfg = AlgorithmConfig(name="baseline", inner_lr=lr, finetune=finetune, head_init=head_init)
     return build_algorithm(cfg, model, "classification")
 
 
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
-def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_image(implementation):
-    baseline = learner()
+def scores_by_hand(features, weight, bias=None):
+    """A linear head's scores, or (no bias) Baseline++'s: s cos(f, w_c), s = 2 for up to 200 classes."""
+    if bias is not None:
+        return features @ weight.T + bias
+    unit = lambda v: v / torch.sqrt((v * v).sum(-1, keepdim=True))  # noqa: E731
+    return 2.0 * unit(features) @ unit(weight).T
+
+
+def features_by_hand(model, params, x):
+    return functional_call(model.features, {n.removeprefix("features."): p for n, p in params.items()}, (x,))
+
+
+@pytest.mark.parametrize("implementation, head", [("vmap", "linear"), ("loop", "linear"), ("vmap", "cosine")])
+def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_image(implementation, head):
+    baseline = learner(head=head)
     theta = {n: p.detach().clone() for n, p in baseline.model.named_parameters()}
+    assert ("head.bias" in theta) == (head == "linear")
     tasks = episodes()
 
     def objective(params):  # each episode (support and query images) one batch, as its batch statistics
         total = 0.0
+        body = {n: p for n, p in params.items() if n.startswith("features.")}
         for sx, sy, qx, qy in zip(*tasks):
-            logits = functional_call(baseline.model, params, (torch.cat([sx, qx]),))
+            features = features_by_hand(baseline.model, body, torch.cat([sx, qx]))
+            logits = scores_by_hand(features, params["head.weight"], params.get("head.bias"))
             total = total + F.cross_entropy(logits, torch.cat([sy, qy]))
         return total
 
@@ -69,37 +84,46 @@ def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_ima
         assert analytic.item() == pytest.approx(((plus - minus) / (2 * eps)).item(), rel=1e-6)
 
 
-def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init):
-    """Per task, by hand: the class centroids of the support features as a linear head (2c, -|c|^2),
-    or a zero head, then ``steps`` SGD steps of the support cross-entropy on the head (or on everything), then the
-    query accuracy and loss."""
+def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init, cosine=False):
+    """Per task, by hand: the class centroids of the support features as a linear head (2c, -|c|^2)
+    or a cosine one (c), or a zero head, then ``steps`` SGD steps of the support cross-entropy on
+    the head (or on everything), then the query accuracy and loss."""
     accuracies, losses = [], []
     for sx, sy, qx, qy in zip(*tasks):
         body = {n: p for n, p in theta.items() if n.startswith("features.")}
 
         def features(params, x):
-            return functional_call(model.features, {n.removeprefix("features."): p for n, p in params.items()}, (x,))
+            return features_by_hand(model, {n: p for n, p in params.items() if n.startswith("features.")}, x)
 
         support = features(body, sx)
         centroids = torch.stack([support[sy == c].mean(0) for c in range(int(sy.max()) + 1)])
-        weights = {**body, "w": 2 * centroids, "b": -(centroids**2).sum(1)}
+        weights = {**body, "w": centroids} if cosine else {**body, "w": 2 * centroids, "b": -(centroids**2).sum(1)}
         if head_init == "zero":
             weights |= {"w": torch.zeros_like(weights["w"]), "b": torch.zeros_like(weights["b"])}
-        trained = ["w", "b"] if finetune == "head" else list(weights)
+        trained = [n for n in ("w", "b") if n in weights] if finetune == "head" else list(weights)
         for _ in range(steps):
             current = {n: p.detach().requires_grad_(n in trained) for n, p in weights.items()}
-            loss = F.cross_entropy(features(current, sx) @ current["w"].T + current["b"], sy)
+            loss = F.cross_entropy(scores_by_hand(features(current, sx), current["w"], current.get("b")), sy)
             grads = dict(zip(trained, torch.autograd.grad(loss, [current[n] for n in trained])))
             weights = {n: p - lr * grads[n] if n in grads else p for n, p in weights.items()}
-        logits = features(weights, qx) @ weights["w"].T + weights["b"]
+        logits = scores_by_hand(features(weights, qx), weights["w"], weights.get("b"))
         accuracies.append((logits.argmax(1) == qy).double().mean())
         losses.append(F.cross_entropy(logits, qy).detach())
     return torch.stack(accuracies), torch.stack(losses)
 
 
-@pytest.mark.parametrize("finetune, head_init", [("head", "centroid"), ("all", "centroid"), ("head", "zero")])
-def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune, head_init):
-    baseline = learner(finetune, head_init)
+@pytest.mark.parametrize(
+    "finetune, head_init, head",
+    [
+        ("head", "centroid", "linear"),
+        ("all", "centroid", "linear"),
+        ("head", "zero", "linear"),
+        ("head", "centroid", "cosine"),  # Baseline++
+        ("all", "centroid", "cosine"),
+    ],
+)
+def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune, head_init, head):
+    baseline = learner(finetune, head_init, head=head)
     theta = {n: p.detach().clone() for n, p in baseline.model.named_parameters()}
     sx, _, qx, _ = episodes(num_tasks=3, seed=2)
     sy = torch.arange(WAYS).repeat(SHOTS).expand(3, -1)  # test episodes: labels 0..ways-1
@@ -107,7 +131,9 @@ def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune,
     tasks = (sx, sy, qx, qy)
     scores = baseline.batch_trajectory(theta, tasks, steps=4)
     for steps in (0, 1, 4):
-        accuracy, loss = reference_head_steps(baseline.model, theta, tasks, steps, 0.2, finetune, head_init)
+        accuracy, loss = reference_head_steps(
+            baseline.model, theta, tasks, steps, 0.2, finetune, head_init, cosine=head == "cosine"
+        )
         torch.testing.assert_close(scores["accuracy"][:, steps], accuracy, msg=f"{steps} steps")
         torch.testing.assert_close(scores["loss"][:, steps], loss, rtol=1e-10, atol=1e-12, msg=f"{steps} steps")
     assert (scores["loss"][:, 4] != scores["loss"][:, 0]).all()  # the steps moved the head
@@ -120,6 +146,8 @@ def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune,
     support = functional_call(baseline.model.features, body, (sx[0],))
     centroids = torch.stack([support[sy[0] == c].mean(0) for c in range(WAYS)])
     nearest = torch.cdist(features, centroids).argmin(1)
+    if head == "cosine":  # nearest by angle
+        nearest = (F.normalize(features, dim=1) @ F.normalize(centroids, dim=1).T).argmax(1)
     assert scores["accuracy"][0, 0].item() == pytest.approx((nearest == qy[0]).double().mean().item())
 
 
@@ -153,6 +181,12 @@ def test_labels_and_algorithms_must_agree():
         check_run(load_config(None, ["task.labels=class", "algorithm.name=baseline"]))
     ok = check_run(load_config(None, [*base, "task.labels=class", "algorithm.name=baseline", "eval.ways=4"]))
     assert ok.eval.ways == 4  # a new head at test: any number of ways
+    plus_plus = [*base, "task.labels=class", "algorithm.name=baseline", "model.head=cosine"]
+    with pytest.raises(ConfigError, match="a zero weight has no direction .* use algorithm.head_init=centroid"):
+        check_run(load_config(None, [*plus_plus, "algorithm.head_init=zero"]))
+    for learner_name in ("protonet", "maml"):  # metric learners have no head; the others are not checked with it
+        with pytest.raises(ConfigError, match=f"Baseline.+'s classifier, for algorithm.name=baseline; {learner_name}"):
+            check_run(load_config(None, [*base, f"algorithm.name={learner_name}", "model.head=cosine"]))
 
 
 def test_the_baseline_pretrains_on_the_runtime_as_in_one_process_and_resumes_exactly(ray_local, tmp_path):

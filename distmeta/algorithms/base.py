@@ -78,6 +78,11 @@ class MetaAlgorithm:
                 f"algorithm.inner_optimizer=adam needs a first-order algorithm (fomaml, reptile), "
                 f"not {a.name}: differentiating through Adam's square root is unstable"
             )
+        if cfg.model.head != "linear" and not cls.supervised:  # the one learner checked with it in float64
+            raise ConfigError(
+                f"model.head={cfg.model.head} is Baseline++'s classifier, for algorithm.name=baseline; "
+                f"{a.name} takes model.head=linear"
+            )
         if cfg.task.labels == "class" and not cls.supervised:
             raise ConfigError(
                 f"task.labels=class labels images with their training class, for algorithm.name=baseline; "

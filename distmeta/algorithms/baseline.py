@@ -16,6 +16,10 @@ fixed) or of the whole network (``all``), at ``algorithm.inner_lr``. Its BatchNo
 statistics throughout, as every learner here: the support features the head is fitted to are
 normalised over the support set, and a query's over its own batch (the query set, or the support
 set and that query: ``eval.transductive``); Chen et al. test with running statistics instead.
+
+Baseline++ is the same with ``model.head=cosine`` (models.CosineHead): pre-training scores s cos(f, w_c)
+over the training classes, and the new head scores the same way, starting at the centroids'
+directions (0 steps: the nearest centroid by angle).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 from distmeta.algorithms.base import InnerLoop, MetaAlgorithm
 from distmeta.config import ConfigError
+from distmeta.models import CosineHead, cosine_scale
 
 
 class TransferBaseline(MetaAlgorithm):
@@ -42,6 +47,11 @@ class TransferBaseline(MetaAlgorithm):
             raise ConfigError(
                 "algorithm.name=baseline pre-trains a classifier over every training class: set task.labels=class"
             )
+        if cfg.model.head == "cosine" and cfg.algorithm.head_init == "zero":
+            raise ConfigError(
+                "algorithm.head_init=zero with model.head=cosine: a zero weight has no direction to compare "
+                "features with; use algorithm.head_init=centroid"
+            )
 
     def chunk_update(self, theta, tasks, score_before=True):  # no inner loop in training: no "before"
         support_x, support_y, query_x, query_y = tasks
@@ -55,37 +65,48 @@ class TransferBaseline(MetaAlgorithm):
         support_x, support_y = tasks.support_x, tasks.support_y
         body = {n: p.detach() for n, p in theta.items() if n.startswith("features.")}
         shared_features = self.run(self.model.features, _strip(body), support_x, shared=True)
-        head = _centroid_head(shared_features.detach(), support_y)
+        cosine = isinstance(self.model.head, CosineHead)
+        head = _centroid_head(shared_features.detach(), support_y, cosine)
         if self.cfg.head_init == "zero":
             head = {n: torch.zeros_like(p) for n, p in head.items()}
+        scores = _cosine if cosine else _linear
         if self.cfg.finetune == "head":
             params = {n: p.requires_grad_() for n, p in head.items()}
 
             def predict(params, x):
-                return _linear(params, self.run(self.model.features, _strip(body), x, shared=True))
+                return scores(params, self.run(self.model.features, _strip(body), x, shared=True))
 
-            return InnerLoop(params, _linear, shared_features.detach(), predict, self.cfg.inner_lr)
+            return InnerLoop(params, scores, shared_features.detach(), predict, self.cfg.inner_lr)
         copies = {n: p.expand(len(support_x), *p.shape).clone() for n, p in body.items()}  # each task its own
         params = {n: p.requires_grad_() for n, p in (copies | head).items()}
 
         def forward(params, x):
             features = self.run(self.model.features, _strip({n: params[n] for n in body}), x)
-            return _linear(params, features)
+            return scores(params, features)
 
         return InnerLoop(params, forward, support_x, forward, self.cfg.inner_lr)
 
 
-def _centroid_head(features: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A linear head [T, ways, D] whose scores are -|f - c|^2 + |f|^2 (c: each class's mean feature)."""
+def _centroid_head(features: torch.Tensor, labels: torch.Tensor, cosine: bool) -> dict[str, torch.Tensor]:
+    """A head [T, ways, D] at each class's mean feature c: linear, scoring -|f - c|^2 + |f|^2; or
+    cosine, whose weight is c itself (the angle to c)."""
     ways = int(labels.max()) + 1
     one_hot = F.one_hot(labels, ways).to(features.dtype)  # [T, S, ways]
     centroids = one_hot.transpose(1, 2) @ features / one_hot.sum(1)[..., None]
+    if cosine:
+        return {"head.weight": centroids}
     return {"head.weight": 2 * centroids, "head.bias": -centroids.pow(2).sum(-1)}
 
 
 def _linear(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     """Each task's head on its features: [T, N, D] -> [T, N, ways]."""
     return features @ params["head.weight"].transpose(1, 2) + params["head.bias"][:, None]
+
+
+def _cosine(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """Each task's cosine head (``CosineHead``, with the scale of its number of ways) on its features."""
+    weight = params["head.weight"]
+    return cosine_scale(weight.shape[1]) * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(1, 2)
 
 
 def _strip(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
