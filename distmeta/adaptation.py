@@ -439,18 +439,23 @@ def check_out(out: Path) -> None:
         raise AdaptError(f"--out {out} cannot be written ({err}): choose another --out") from None
 
 
+def write_predictions(stream, queries: list[Path], predictions: list[Prediction]) -> None:
+    """The predictions as CSV rows (quoted: a class or file name may hold a comma), as printed and as saved."""
+    rows = csv.writer(stream)
+    rows.writerow(["query", "predicted", "probability"])
+    rows.writerows([str(path), p.label, f"{p.probability:.6f}"] for path, p in zip(queries, predictions))
+
+
 def write_adapted(
     out: Path, predictor: Predictor, checkpoint: str | Path, queries: list[Path], predictions: list[Prediction]
 ) -> list[Path]:
-    """Write the predictions (CSV), the adapted network's state dict (MAML family) and a JSON record of
+    """Write the predictions (CSV), the adapted network's state dict (MAML family, the baseline) and a JSON record of
     what was adapted; returns the files written."""
     check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / PREDICTIONS]
     with open(out / PREDICTIONS, "w", newline="") as f:
-        rows = csv.writer(f)
-        rows.writerow(["query", "predicted", "probability"])
-        rows.writerows([str(path), p.label, f"{p.probability:.6f}"] for path, p in zip(queries, predictions))
+        write_predictions(f, queries, predictions)
     if predictor.adaptive:
         torch.save(predictor.state_dict(), out / MODEL)
         written.append(out / MODEL)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import re
@@ -396,7 +395,7 @@ def _eval_prefix(split: str, other_shards: str | None, saved, cfg, protocol_line
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from distmeta.adaptation import adapt, check_out, class_folders, image_files, write_adapted
+    from distmeta.adaptation import adapt, check_out, class_folders, image_files, write_adapted, write_predictions
     from distmeta.evaluate import check_device
 
     check_device(args.device)
@@ -410,9 +409,7 @@ def _adapt(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps, "device": args.device, "overrides": args.overrides, "invert": args.invert}
     predictor = adapt(args.checkpoint, images, labels, **settings)
     predictions = predictor.predict(queries)
-    rows = csv.writer(sys.stdout)  # quoted: a class or file name may hold a comma
-    rows.writerow(["query", "predicted", "probability"])
-    rows.writerows([str(path), p.label, f"{p.probability:.4f}"] for path, p in zip(queries, predictions))
+    write_predictions(sys.stdout, queries, predictions)
     for written in write_adapted(out, predictor, args.checkpoint, queries, predictions):
         print(f"wrote {written}", file=sys.stderr)
     return 0
