@@ -23,7 +23,7 @@ python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', 
 # 1. in-process, CUDA, no Ray
 timeout -k 10 170 python3 benchmarks/peers.py --device cuda --synthetic --no-system --bf16 --steps 40 \
   --case maml-strided --case maml-maxpool --case miniimagenet-conv4-32 --json "$OUT/gpu.json" 2>&1 | tee -a "$OUT/gpu.log" \
-  || { status=1; echo "step 1 failed (rc ${PIPESTATUS[0]}): what it measured is in gpu.json" | tee -a "$OUT/gpu.log"; }
+  || { rc=${PIPESTATUS[0]}; status=1; echo "step 1 failed (rc $rc): what it measured is in gpu.json" | tee -a "$OUT/gpu.log"; }
 
 # 2. the full system with one GPU worker: Ray from the carried wheels
 if ls .whl/ray-*.whl >/dev/null 2>&1; then
@@ -33,7 +33,7 @@ if ls .whl/ray-*.whl >/dev/null 2>&1; then
   # SIGKILL 10 s after the SIGTERM: distmeta's handler would otherwise wait for a logging step that a hang never reaches
   if ! timeout -k 10 150 python3 benchmarks/peers.py --device cuda --synthetic --steps 40 --implementations loop \
       --case maml-strided --json "$OUT/gpu_system.json" 2>&1 | tee -a "$OUT/gpu.log"; then
-    status=1; echo "step 2 failed (rc ${PIPESTATUS[0]}): Ray's logs in ray_logs.tgz" | tee -a "$OUT/gpu.log"
+    rc=${PIPESTATUS[0]}; status=1; echo "step 2 failed (rc $rc): Ray's logs in ray_logs.tgz" | tee -a "$OUT/gpu.log"
     tar czf "$OUT/ray_logs.tgz" -C /tmp/ray/session_latest logs 2>/dev/null || true
   fi
 else

@@ -39,6 +39,7 @@ from distmeta.data.images import IMAGE_FORMATS, UnreadableImage, decode, image_s
 from distmeta.evaluate import eval_steps, trained_model_data
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout
+from distmeta.runtime.worker import gpu_numerics
 from distmeta.tasks import SOURCES
 from distmeta.tasks.batch import TaskTensors, to_tensor
 
@@ -258,6 +259,10 @@ def _load(checkpoint: str | Path, overrides: Sequence[str]) -> tuple[Config, Ten
                 f"{', '.join(overrides)}: test-time settings of the transfer baseline; {cfg.algorithm.name} has none"
             )
         cfg = load_config(None, list(overrides), base=cfg.to_dict())
+        try:  # a setting the trained model cannot take (a zero start for a cosine head)
+            ALGORITHMS[cfg.algorithm.name].check(cfg, "classification")
+        except ConfigError as err:
+            raise AdaptError(str(err)) from None
     return cfg, state["params"]
 
 
@@ -276,6 +281,8 @@ def _with_recorded_format(cfg: Config, checkpoint, written_by: str) -> Config:
 
 
 def _learner(cfg: Config, num_classes: int, device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda":  # float32 in float32, as the checkpoint's training and evaluation ran
+        gpu_numerics(cfg.train)
     fmt = cfg.task.image_format
     spec = DataSpec(input_shape=(fmt.channels, fmt.height, fmt.width), output_dim=num_classes)
     return build_learner(cfg, spec, "classification", device, dtype)

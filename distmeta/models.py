@@ -6,16 +6,17 @@ must keep no state that changes in ``forward``. That is why BatchNorm uses batch
 (``track_running_stats=False``), as in MAML's reference implementation.
 
 Every model is ``features`` (an embedding of width ``feature_dim``) followed by a ``head``: linear,
-or cosine (``model.head``, ``CosineHead``). ANIL adapts only the head; metric-based learners
+or cosine (``model.head``, ``CosineHead``; ``head_kind`` says which, also of a model built
+without its head, whose head a learner makes at test). ANIL adapts only the head; metric-based learners
 (ProtoNets, Matching Networks) build the model with ``output_dim=0``, which makes the head an
 ``nn.Identity`` so the model returns the embedding itself.
 
 To add a backbone, write an ``nn.Module`` with a ``from_config(cfg, spec)`` classmethod, the
-``features``, ``head`` and ``feature_dim`` above, and the class attributes the rest of the code asks
-of a model: ``task_kind`` (the ``kind`` of task source it fits), ``batch_norm`` (whether it uses
-batch statistics), ``linear_layers`` (whether the ``batched`` implementation can run it) and
-``children_in_order`` (whether ``forward`` applies its children in order). Register it in
-``MODELS``.
+``features``, ``head``, ``head_kind`` (``make_head``) and ``feature_dim`` above, and the class
+attributes the rest of the code asks of a model: ``task_kind`` (the ``kind`` of task source it
+fits), ``batch_norm`` (whether it uses batch statistics), ``linear_layers`` (whether the
+``batched`` implementation can run it) and ``children_in_order`` (whether ``forward`` applies its
+children in order). Register it in ``MODELS``.
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ class CosineHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
-        self.scale = cosine_scale(out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).transpose(-1, -2)
+        return cosine_scores(x, self.weight)
 
 
-def cosine_scale(classes: int) -> float:
-    return 2.0 if classes <= 200 else 10.0
+def cosine_scores(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """s cos(f, w_c): features [..., N, D], class weights [..., classes, D] -> [..., N, classes]."""
+    scale = 2.0 if weight.shape[-2] <= 200 else 10.0
+    return scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
 
 
 def make_head(kind: str, in_features: int, out_features: int) -> nn.Module:
@@ -86,7 +88,7 @@ class MLP(nn.Module):
             width = size
         self.features = nn.Sequential(*layers)
         self.feature_dim = width
-        self.head = make_head(head, width, out_features)
+        self.head, self.head_kind = make_head(head, width, out_features), head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -133,7 +135,7 @@ class Conv4(nn.Module):
             raise ValueError(f"image_size {image_size} is too small for four downsampling blocks")
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.feature_dim = filters * size * size
-        self.head = make_head(head, self.feature_dim, out_features)
+        self.head, self.head_kind = make_head(head, self.feature_dim, out_features), head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -46,6 +46,7 @@ CHANGEABLE = (
     "train.checkpoint_keep",
     "train.checkpoint_dir",
     "train.max_rejected_steps",
+    "train.deterministic",  # GPU kernels that sum in another order: like another layout (train.tf32 is other math)
 )
 
 

@@ -146,11 +146,12 @@ def _initial_parameters(cfg: Config, source, resume: bool) -> np.ndarray:
     if not cfg.train.init_from or resume:
         return initial
     saved, params, state = load_checkpoint(cfg.train.init_from)
-    if params.size != initial.size or saved.model.name != cfg.model.name:
+    if params.size != initial.size or (saved.model.name, saved.model.head) != (cfg.model.name, cfg.model.head):
         raise ConfigError(
             f"train.init_from={cfg.train.init_from} holds {params.size} parameters of a {saved.model.name} "
-            f"({saved.algorithm.name}, task.ways={saved.task.ways}); this run's {cfg.model.name} "
-            f"({cfg.algorithm.name}, task.ways={cfg.task.ways}) has {initial.size}: use a checkpoint of the same "
+            f"with a {saved.model.head} head ({saved.algorithm.name}, task.ways={saved.task.ways}); this run's "
+            f"{cfg.model.name} with a {cfg.model.head} head ({cfg.algorithm.name}, task.ways={cfg.task.ways}) "
+            f"has {initial.size}: use a checkpoint of the same "
             "model, head and algorithm family"
             + (
                 " (an export of the baseline leaves out its head over the training classes: initialise from "

@@ -304,7 +304,7 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
         not_an_image.returncode == 2 and "Thumbs.db is not an image in a format distmeta reads" in not_an_image.stderr
     )
     assert "adapting" not in not_an_image.stderr  # refused before any work
-    damaged = support_dir / "dog" / "5.jpg"  # named as a photo, cut off in a copy: refused, not skipped
+    damaged = support_dir / "dog" / "5.jpg"  # named as a photo, not one at all: refused, not skipped
     damaged.write_bytes(b"\x00 half a photo")
     command[command.index(str(out))] = str(tmp_path / "out4")
     one_shot_lost = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
@@ -443,14 +443,16 @@ def test_transparent_drawings_and_phone_photos_reach_the_network_as_they_are_see
     np.testing.assert_array_equal(_prepared([tmp_path / "photo.png"], upright)[0, 0], np.rot90(stored, k=-1))
 
 
-def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evaluates_as_before(tmp_path, cli_env):
+@pytest.mark.parametrize("kind", ["linear", "cosine"])  # Baseline and Baseline++
+def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evaluates_as_before(tmp_path, cli_env, kind):
     """Its tests replace the head over its training classes, so `checkpoint export` leaves it out: the
-    file holds the features alone, and adapts and scores exactly as the checkpoint it came from. A
-    learner whose head serves its tests keeps it."""
+    file holds the features alone, and adapts and scores exactly as the checkpoint it came from (a
+    cosine one with a cosine head, though the export holds none). A learner whose head serves its
+    tests keeps it."""
     from distmeta.checkpoint import export_checkpoint
 
     head = ("algorithm.name=baseline", "task.labels=class", "eval.inner_steps=[0,2]", "eval.num_tasks=6")
-    full = conv4_checkpoint(tmp_path / "run", *head, ways=3, outputs=11)
+    full = conv4_checkpoint(tmp_path / "run", *head, f"model.head={kind}", ways=3, outputs=11)
     exported = Path(export_checkpoint(full, tmp_path / "zoo" / "baseline.pt"))
     cfg = config_from_dict(read_checkpoint(full)["config"])
     features = build_model(cfg.model, DataSpec((1, SIZE, SIZE), 0)).state_dict()
@@ -460,7 +462,11 @@ def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evalua
     np.testing.assert_array_equal(kept.numpy(), read_checkpoint(full)["params"].numpy()[: kept.numel()])
 
     support, query, labels = images(8, 4), images(9, 3), ["a", "b", "c", "d"]
-    for overrides, steps in [([], 0), (["algorithm.head_init=zero"], 2), (["algorithm.finetune=all"], 2)]:
+    starts = [(["algorithm.head_init=zero"], 2)] if kind == "linear" else []
+    if kind == "cosine":  # a zero weight has no direction: refused as a test-time setting too
+        with pytest.raises(AdaptError, match="a zero weight has no direction"):
+            distmeta.adapt(exported, support, labels, steps=2, overrides=["algorithm.head_init=zero"])
+    for overrides, steps in [([], 0), *starts, (["algorithm.finetune=all"], 2)]:
         before = distmeta.adapt(full, support, labels, steps=steps, overrides=overrides)
         after = distmeta.adapt(exported, support, labels, steps=steps, overrides=overrides)
         np.testing.assert_array_equal(after.probabilities(query), before.probabilities(query))

@@ -14,7 +14,7 @@ from distmeta.algorithms import build_algorithm, initial_parameters
 from distmeta.assemble import check_run
 from distmeta.checkpoint import step_name
 from distmeta.config import AlgorithmConfig, ConfigError, ModelConfig, load_config
-from distmeta.models import DataSpec, build_model
+from distmeta.models import DataSpec, build_model, cosine_scores
 from distmeta.resume import prepare_resume
 from distmeta.tasks import build_source, task_rng
 from distmeta.train import train
@@ -149,6 +149,17 @@ def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune,
     if head == "cosine":  # nearest by angle
         nearest = (F.normalize(features, dim=1) @ F.normalize(centroids, dim=1).T).argmax(1)
     assert scores["accuracy"][0, 0].item() == pytest.approx((nearest == qy[0]).double().mean().item())
+
+
+def test_baseline_plus_plus_scales_its_cosines_as_chen_et_al():
+    """s = 10 over Omniglot's 4,112 training classes, 2 over a test episode's ways (their code's rule)."""
+    features, weight = torch.randn(3, 8, dtype=torch.float64), torch.randn(4112, 8, dtype=torch.float64)
+    cosines = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
+    torch.testing.assert_close(cosine_scores(features, weight), 10 * cosines)
+    torch.testing.assert_close(cosine_scores(features, weight[:5]), 2 * cosines[:, :5])
+    head = build_model(ModelConfig(name="conv4", head="cosine"), DataSpec((1, 28, 28), 4112)).head.double()
+    x = torch.randn(3, 64, dtype=torch.float64)  # Omniglot's Conv4 features: the pre-training head's scores
+    torch.testing.assert_close(head(x), 10 * F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T)
 
 
 def test_training_episodes_carry_class_labels_and_test_episodes_do_not():

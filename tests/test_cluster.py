@@ -119,7 +119,7 @@ def test_a_gpu_torch_cannot_see_stops_the_run_with_the_reason(local_cluster, tmp
     assert "sees no CUDA device; install a CUDA build of torch" in run.stdout + run.stderr
 
 
-def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_told_otherwise():
+def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_told_otherwise(monkeypatch):
     """PyTorch's defaults would run a GPU worker's float32 convolutions in TF32 and pick cuDNN's
     autotuned, atomic kernels: another math than the float64 checks, and a resume that drifts."""
     saved = (
@@ -129,16 +129,18 @@ def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_tol
         torch.backends.cudnn.benchmark,
         torch.are_deterministic_algorithms_enabled(),
     )
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # restored afterwards; a value set is kept
     try:
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
         gpu_numerics(load_config(None, []).train)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
         gpu_numerics(load_config(None, ["train.tf32=true", "train.deterministic=false"]).train)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
     finally:
+        torch.utils.deterministic.fill_uninitialized_memory = True
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
         torch.use_deterministic_algorithms(saved[4])

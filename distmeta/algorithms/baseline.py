@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from distmeta.algorithms.base import InnerLoop, MetaAlgorithm
 from distmeta.config import ConfigError
-from distmeta.models import CosineHead, cosine_scale
+from distmeta.models import cosine_scores
 
 
 class TransferBaseline(MetaAlgorithm):
@@ -65,7 +65,7 @@ class TransferBaseline(MetaAlgorithm):
         support_x, support_y = tasks.support_x, tasks.support_y
         body = {n: p.detach() for n, p in theta.items() if n.startswith("features.")}
         shared_features = self.run(self.model.features, _strip(body), support_x, shared=True)
-        cosine = isinstance(self.model.head, CosineHead)
+        cosine = self.model.head_kind == "cosine"  # also of an export's model, built without its training head
         head = _centroid_head(shared_features.detach(), support_y, cosine)
         if self.cfg.head_init == "zero":
             head = {n: torch.zeros_like(p) for n, p in head.items()}
@@ -105,8 +105,7 @@ def _linear(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Te
 
 def _cosine(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     """Each task's cosine head (``CosineHead``, with the scale of its number of ways) on its features."""
-    weight = params["head.weight"]
-    return cosine_scale(weight.shape[1]) * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(1, 2)
+    return cosine_scores(features, params["head.weight"])
 
 
 def _strip(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

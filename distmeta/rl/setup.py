@@ -117,6 +117,7 @@ def check_meta_rl(cfg: Config) -> Config:
             f"model.name={cfg.model.name}",
             "model.name=mlp (the policy; model.hidden: its widths)",
         ),
+        (cfg.model.head != "linear", f"model.head={cfg.model.head}", "linear (a policy's mean action)"),
         (
             c.gpus_per_worker not in (AUTO, 0),
             f"cluster.gpus_per_worker={c.gpus_per_worker}",

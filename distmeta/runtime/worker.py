@@ -66,6 +66,8 @@ def gpu_numerics(train: TrainConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any product
     # warn_only: an op with no deterministic CUDA kernel warns (naming itself) instead of stopping the run
     torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+    # the mode would also fill every new tensor (a cost each step) to expose reads of unset memory; none here
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 # Evaluation passes hold at most about this many examples (support and query sets of whole tasks):
