@@ -199,6 +199,7 @@ def test_distmeta_evaluate_scores_a_meta_rl_checkpoint(ray_local, tmp_path, cli_
         (["task.source=sinusoid"], r"not valid as an environment \(meta-RL\).*choose one of: navigation2d"),
         (["model.name=conv4"], r"model.name=conv4: use model.name=mlp"),
         (["cluster.gpus_per_worker=1"], r"cluster.gpus_per_worker=1.0: use 0 \(rollouts run on CPUs\)"),
+        (["model.head=cosine"], r"model.head=cosine: use linear \(a policy's mean action\)"),
         (
             ["algorithm.name=maml"],
             r"'maml' is not valid on the environment navigation2d .*choose one of: maml_trpo, promp",
