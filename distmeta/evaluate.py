@@ -217,7 +217,8 @@ def protocol(cfg: Config, split: str, num_tasks: int) -> str:
         line += f", inner steps {eval_steps(cfg)} ({a.inner_optimizer}, {lr}, on {batch})"
     if learner.supervised:  # the test-time settings a command line may change
         start = "the support set's class centroids" if a.head_init == "centroid" else "zero"
-        line += f", a new head from {start}, its steps training {'the head' if a.finetune == 'head' else 'all'}"
+        head = "cosine head (Baseline++)" if cfg.model.head == "cosine" else "head"
+        line += f", a new {head} from {start}, its steps training {'the head' if a.finetune == 'head' else 'all'}"
     if MODELS[cfg.model.name].batch_norm:
         together = "the query set" if learner.adaptive else "each episode's support and query sets"
         line += ", batch statistics " + (

@@ -482,6 +482,7 @@ def test_an_exported_baseline_leaves_out_its_training_head_and_adapts_and_evalua
         scores.append(run.stdout.split("protocol:", 1)[1])
     assert scores[0] == scores[1] and "accuracy" in scores[0]
     assert "inner steps [0, 2]" in scores[0] and "its steps training all" in scores[0]
+    assert ("a new cosine head (Baseline++) from" in scores[0]) == (kind == "cosine")  # the protocol says which
 
     from distmeta.tasks import build_source
     from distmeta.train import _initial_parameters
