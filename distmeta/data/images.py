@@ -7,6 +7,7 @@ Shard builders store what ``prepare`` makes, uint8 [C, H, W]; the worker scales 
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from distmeta.data.shards import ShardError
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (cameras)
 
 
+@functools.cache  # asked once per folder of a support set: Pillow's registry does not change
 def image_suffixes() -> frozenset[str]:
     """The file-name endings Pillow gives ``IMAGE_FORMATS`` (.png, .jpg, .jpeg, .tif, ...): a file so
     named that does not decode is a damaged image, not a stray file to skip."""
