@@ -349,19 +349,25 @@ def checkpoint_record(cfg: Config, params: torch.Tensor, step: int) -> dict:
 
 @functools.cache
 def code_version() -> str:
-    """distmeta's version, with the git commit (and ``+dirty``) when run from a checkout."""
-    root = Path(distmeta.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "describe", "--always", "--dirty=+dirty", "--abbrev=12"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return distmeta.__version__
+    """distmeta's version, with the git commit (and ``+dirty``) when run from a checkout. Cached:
+    ``train`` asks once as it starts, so every checkpoint of a run names the code the run started
+    with, not a commit made while it ran."""
+    commit = git_commit(Path(distmeta.__file__).resolve().parent)
     return f"{distmeta.__version__} ({commit})" if commit else distmeta.__version__
+
+
+def git_commit(package: Path) -> str:
+    """The commit of the checkout holding ``package``, ``+dirty`` when the package's own files differ
+    from it (a run folder inside the checkout, whose checkpoints change as the run goes, does not
+    count); "" outside a checkout or without git."""
+    git = ["git", "-C", str(package)]
+    options = {"capture_output": True, "text": True, "timeout": 5, "check": True}
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], **options).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "."], **options).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"{commit}+dirty" if commit and changed else commit
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ from distmeta.checkpoint import (
     FINAL_NAME,
     BestCheckpoint,
     CheckpointStore,
+    code_version,
     load_checkpoint,
     step_name,
 )
@@ -82,6 +83,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False) -> Tra
     """Train ``cfg`` in ``run_dir``; with ``resume``, continue from the newest checkpoint there. A
     meta-RL config (``algorithm.name`` maml_trpo or promp) trains in ``rl.train``."""
     started = time.time()
+    code_version()  # the code this run starts with, named by every checkpoint it writes (cached)
     check_run(cfg)  # a combination no component can run fails here, before Ray starts
     if not resume:
         check_new_run(cfg)

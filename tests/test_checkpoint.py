@@ -14,6 +14,7 @@ import torch
 from distmeta.checkpoint import (
     CheckpointError,
     CheckpointStore,
+    git_commit,
     join_location,
     read_checkpoint,
     split_location,
@@ -67,6 +68,30 @@ def test_the_newest_n_are_kept_and_a_corrupted_one_is_skipped_for_the_one_before
         read_checkpoint(store.uri(step_name(30)))
     left = store.fs.get_file_info(pafs.FileSelector(store.root))
     assert sorted(info.base_name for info in left) == [step_name(s) for s in (30, 40, 50)]  # no temp files
+
+
+def test_the_code_version_is_dirty_for_changed_code_not_for_a_run_folder_in_the_checkout(tmp_path):
+    """A run inside the checkout (zoo/runs) changes tracked files as it goes: its checkpoints must
+    still name the commit as clean. A changed or new file of the package makes it dirty."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "step.pt").write_bytes(b"0")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path / "pkg") == head
+    (tmp_path / "runs" / "step.pt").write_bytes(b"1")  # the run wrote a checkpoint
+    (tmp_path / "runs" / "best.pt").write_bytes(b"1")
+    assert git_commit(tmp_path / "pkg") == head
+    (tmp_path / "pkg" / "new.py").write_text("y = 2\n")
+    assert git_commit(tmp_path / "pkg") == f"{head}+dirty"
+    (tmp_path / "pkg" / "new.py").unlink()
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "pkg") == f"{head}+dirty"
+    assert git_commit(tmp_path.parent / "no_such_folder") == ""
 
 
 def test_a_uri_query_stays_at_the_end_of_the_paths_made_from_it():
