@@ -96,8 +96,9 @@ class ModelConfig:
     hidden: list[int] = bounded(default_factory=lambda: [40, 40], at_least=1)  # mlp: the hidden layers' widths
     filters: int = bounded(64, at_least=1)  # conv4
     downsample: Literal["max_pool", "stride"] = "max_pool"  # conv4
-    # linear: scores W f + b. cosine: s cos(f, w_c) for each class c, no bias (Chen et al., 2019's
-    # Baseline++ classifier, for algorithm.name=baseline; s = 2 for up to 200 classes, else 10, as their code)
+    # linear: scores W f + b. cosine: s g_c cos(f, v_c) for each class c, a norm g_c learned per class,
+    # no bias (Chen et al., 2019's Baseline++ classifier as their code has it, for algorithm.name=baseline;
+    # s = 2 for up to 200 classes, else 10)
     head: Literal["linear", "cosine"] = "linear"
 
 

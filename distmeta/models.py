@@ -39,24 +39,27 @@ class DataSpec:
 
 
 class CosineHead(nn.Module):
-    """Scores s cos(f, w_c): each class's weight vector compared with the feature by angle alone, so
-    no class wins by a larger norm (Chen et al., 2019, Baseline++). Their code also learns a norm per
-    class (weight normalisation); this is the paper's classifier, without it. The scale is theirs:
-    a softmax over more classes needs larger scores to grow confident."""
+    """Scores s g_c cos(f, v_c) (Chen et al., 2019, Baseline++, as their code's ``distLinear``): each
+    class's direction v_c (``weight``) compared with the feature by angle alone, times a norm g_c
+    learned per class (``norm``: their weight normalisation, which starts g at v's own norm), and a
+    fixed scale s: a softmax over more classes needs larger scores to grow confident."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's initialisation, as theirs
+        self.norm = nn.Parameter(self.weight.detach().norm(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cosine_scores(x, self.weight)
+        return cosine_scores(x, self.weight, self.norm)
 
 
-def cosine_scores(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """s cos(f, w_c): features [..., N, D], class weights [..., classes, D] -> [..., N, classes]."""
+def cosine_scores(features: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """s g_c cos(f, v_c): features [..., N, D], class directions [..., classes, D] and norms [..., classes]
+    -> [..., N, classes]; s is 2 for up to 200 classes, else 10 (their code's rule)."""
     scale = 2.0 if weight.shape[-2] <= 200 else 10.0
-    return scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+    cosines = F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).transpose(-1, -2)
+    return scale * norm.unsqueeze(-2) * cosines
 
 
 def make_head(kind: str, in_features: int, out_features: int) -> nn.Module:

@@ -40,12 +40,13 @@ def learner(finetune="head", head_init="centroid", lr=0.2, head="linear"):
     return build_algorithm(cfg, model, "classification")
 
 
-def scores_by_hand(features, weight, bias=None):
-    """A linear head's scores, or (no bias) Baseline++'s: s cos(f, w_c), s = 2 for up to 200 classes."""
-    if bias is not None:
+def scores_by_hand(features, weight, bias=None, norm=None):
+    """A linear head's scores, or (a norm per class, no bias) Baseline++'s: s g_c cos(f, v_c), s = 2
+    for up to 200 classes."""
+    if norm is None:
         return features @ weight.T + bias
     unit = lambda v: v / torch.sqrt((v * v).sum(-1, keepdim=True))  # noqa: E731
-    return 2.0 * unit(features) @ unit(weight).T
+    return 2.0 * norm * (unit(features) @ unit(weight).T)
 
 
 def features_by_hand(model, params, x):
@@ -56,7 +57,7 @@ def features_by_hand(model, params, x):
 def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_image(implementation, head):
     baseline = learner(head=head)
     theta = {n: p.detach().clone() for n, p in baseline.model.named_parameters()}
-    assert ("head.bias" in theta) == (head == "linear")
+    assert ("head.bias" in theta) == (head == "linear") != ("head.norm" in theta)
     tasks = episodes()
 
     def objective(params):  # each episode (support and query images) one batch, as its batch statistics
@@ -64,7 +65,7 @@ def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_ima
         body = {n: p for n, p in params.items() if n.startswith("features.")}
         for sx, sy, qx, qy in zip(*tasks):
             features = features_by_hand(baseline.model, body, torch.cat([sx, qx]))
-            logits = scores_by_hand(features, params["head.weight"], params.get("head.bias"))
+            logits = scores_by_hand(features, params["head.weight"], params.get("head.bias"), params.get("head.norm"))
             total = total + F.cross_entropy(logits, torch.cat([sy, qy]))
         return total
 
@@ -86,8 +87,8 @@ def test_pretraining_gradient_is_the_cross_entropy_over_every_class_of_every_ima
 
 def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init, cosine=False):
     """Per task, by hand: the class centroids of the support features as a linear head (2c, -|c|^2)
-    or a cosine one (c), or a zero head, then ``steps`` SGD steps of the support cross-entropy on
-    the head (or on everything), then the query accuracy and loss."""
+    or a cosine one (directions c / |c|, norms 1), or a zero head, then ``steps`` SGD steps of the
+    support cross-entropy on the head (or on everything), then the query accuracy and loss."""
     accuracies, losses = [], []
     for sx, sy, qx, qy in zip(*tasks):
         body = {n: p for n, p in theta.items() if n.startswith("features.")}
@@ -97,16 +98,21 @@ def reference_head_steps(model, theta, tasks, steps, lr, finetune, head_init, co
 
         support = features(body, sx)
         centroids = torch.stack([support[sy == c].mean(0) for c in range(int(sy.max()) + 1)])
-        weights = {**body, "w": centroids} if cosine else {**body, "w": 2 * centroids, "b": -(centroids**2).sum(1)}
+        if cosine:
+            unit = centroids / centroids.norm(dim=1, keepdim=True)
+            weights = {**body, "w": unit, "g": torch.ones_like(centroids[:, 0])}
+        else:
+            weights = {**body, "w": 2 * centroids, "b": -(centroids**2).sum(1)}
         if head_init == "zero":
             weights |= {"w": torch.zeros_like(weights["w"]), "b": torch.zeros_like(weights["b"])}
-        trained = [n for n in ("w", "b") if n in weights] if finetune == "head" else list(weights)
+        trained = [n for n in ("w", "b", "g") if n in weights] if finetune == "head" else list(weights)
         for _ in range(steps):
             current = {n: p.detach().requires_grad_(n in trained) for n, p in weights.items()}
-            loss = F.cross_entropy(scores_by_hand(features(current, sx), current["w"], current.get("b")), sy)
+            logits = scores_by_hand(features(current, sx), current["w"], current.get("b"), current.get("g"))
+            loss = F.cross_entropy(logits, sy)
             grads = dict(zip(trained, torch.autograd.grad(loss, [current[n] for n in trained])))
             weights = {n: p - lr * grads[n] if n in grads else p for n, p in weights.items()}
-        logits = scores_by_hand(features(weights, qx), weights["w"], weights.get("b"))
+        logits = scores_by_hand(features(weights, qx), weights["w"], weights.get("b"), weights.get("g"))
         accuracies.append((logits.argmax(1) == qy).double().mean())
         losses.append(F.cross_entropy(logits, qy).detach())
     return torch.stack(accuracies), torch.stack(losses)
@@ -151,15 +157,22 @@ def test_test_time_head_starts_at_the_nearest_centroid_and_follows_sgd(finetune,
     assert scores["accuracy"][0, 0].item() == pytest.approx((nearest == qy[0]).double().mean().item())
 
 
-def test_baseline_plus_plus_scales_its_cosines_as_chen_et_al():
-    """s = 10 over Omniglot's 4,112 training classes, 2 over a test episode's ways (their code's rule)."""
+def test_baseline_plus_plus_scales_its_cosines_and_learns_a_norm_per_class_as_chen_et_al():
+    """Their distLinear: s = 10 over Omniglot's 4,112 training classes, 2 over a test episode's ways,
+    times a norm per class (weight normalisation), which starts at the norm of the class's weights."""
     features, weight = torch.randn(3, 8, dtype=torch.float64), torch.randn(4112, 8, dtype=torch.float64)
+    norm = torch.rand(4112, dtype=torch.float64) + 0.5
     cosines = F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
-    torch.testing.assert_close(cosine_scores(features, weight), 10 * cosines)
-    torch.testing.assert_close(cosine_scores(features, weight[:5]), 2 * cosines[:, :5])
+    torch.testing.assert_close(cosine_scores(features, weight, norm), 10 * norm * cosines)
+    torch.testing.assert_close(cosine_scores(features, weight[:5], norm[:5]), 2 * norm[:5] * cosines[:, :5])
     head = build_model(ModelConfig(name="conv4", head="cosine"), DataSpec((1, 28, 28), 4112)).head.double()
+    torch.testing.assert_close(head.norm, head.weight.norm(dim=1))  # g starts at |v_c|, as weight norm does
+    with torch.no_grad():
+        head.norm.mul_(torch.rand(4112, dtype=torch.float64) + 0.5)  # and is a parameter of its own
     x = torch.randn(3, 64, dtype=torch.float64)  # Omniglot's Conv4 features: the pre-training head's scores
-    torch.testing.assert_close(head(x), 10 * F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T)
+    unit = F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T
+    torch.testing.assert_close(head(x), 10 * head.norm * unit)
+    assert [name for name, _ in head.named_parameters()] == ["weight", "norm"]
 
 
 def test_training_episodes_carry_class_labels_and_test_episodes_do_not():

@@ -17,9 +17,10 @@ statistics throughout, as every learner here: the support features the head is f
 normalised over the support set, and a query's over its own batch (the query set, or the support
 set and that query: ``eval.transductive``); Chen et al. test with running statistics instead.
 
-Baseline++ is the same with ``model.head=cosine`` (models.CosineHead): pre-training scores s cos(f, w_c)
-over the training classes, and the new head scores the same way, starting at the centroids'
-directions (0 steps: the nearest centroid by angle).
+Baseline++ is the same with ``model.head=cosine`` (models.CosineHead): pre-training scores
+s g_c cos(f, v_c) over the training classes, and the new head scores the same way, starting at the
+centroids' unit directions with every g_c at 1 (0 steps: the nearest centroid by angle; unit
+directions make a step's size independent of the features' scale).
 """
 
 from __future__ import annotations
@@ -89,12 +90,12 @@ class TransferBaseline(MetaAlgorithm):
 
 def _centroid_head(features: torch.Tensor, labels: torch.Tensor, cosine: bool) -> dict[str, torch.Tensor]:
     """A head [T, ways, D] at each class's mean feature c: linear, scoring -|f - c|^2 + |f|^2; or
-    cosine, whose weight is c itself (the angle to c)."""
+    cosine, scoring s cos(f, c): direction c / |c|, norm 1."""
     ways = int(labels.max()) + 1
     one_hot = F.one_hot(labels, ways).to(features.dtype)  # [T, S, ways]
     centroids = one_hot.transpose(1, 2) @ features / one_hot.sum(1)[..., None]
     if cosine:
-        return {"head.weight": centroids}
+        return {"head.weight": F.normalize(centroids, dim=-1), "head.norm": torch.ones_like(centroids[..., 0])}
     return {"head.weight": 2 * centroids, "head.bias": -centroids.pow(2).sum(-1)}
 
 
@@ -105,7 +106,7 @@ def _linear(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Te
 
 def _cosine(params: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     """Each task's cosine head (``CosineHead``, with the scale of its number of ways) on its features."""
-    return cosine_scores(features, params["head.weight"])
+    return cosine_scores(features, params["head.weight"], params["head.norm"])
 
 
 def _strip(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
