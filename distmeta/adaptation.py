@@ -17,6 +17,7 @@ images are classified with it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -39,7 +40,7 @@ from distmeta.data.images import IMAGE_FORMATS, UnreadableImage, decode, image_s
 from distmeta.evaluate import eval_steps, trained_model_data
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout
-from distmeta.runtime.worker import gpu_numerics
+from distmeta.runtime.worker import gpu_numerics_within
 from distmeta.tasks import SOURCES
 from distmeta.tasks.batch import TaskTensors, to_tensor
 
@@ -123,13 +124,14 @@ class Predictor:
         support_x, support_y = self.support.support_x, self.support.support_y
         query_x = query_x[None]
         transductive = not type(self.learner.model).batch_norm  # no batch statistics: one batch is the same
-        if self._predict is None:
-            dummy = torch.zeros(query_x.shape[:2], dtype=support_y.dtype, device=self.device)
-            tasks = TaskTensors(support_x, support_y, query_x, dummy)
-            return self.learner.query_logits(self.params, tasks, transductive)[0]
-        if transductive:
-            return self._predict(query_x)[0]
-        return one_query_at_a_time(self._predict, support_x, query_x)[0]
+        with device_numerics(self.cfg, self.device):
+            if self._predict is None:
+                dummy = torch.zeros(query_x.shape[:2], dtype=support_y.dtype, device=self.device)
+                tasks = TaskTensors(support_x, support_y, query_x, dummy)
+                return self.learner.query_logits(self.params, tasks, transductive)[0]
+            if transductive:
+                return self._predict(query_x)[0]
+            return one_query_at_a_time(self._predict, support_x, query_x)[0]
 
 
 def adapt(
@@ -192,20 +194,27 @@ def adapt(
     params = _for_classes(ParamLayout.of(learner.initial_parameters()), theta, len(classes), cfg, device, dtype)
     if not learner.adaptive:
         return Predictor(cfg, learner, params, support, classes, predict=None)
-    theta = {n: p.requires_grad_() for n, p in params.items()}
-    loop = learner.inner_loop(theta, support)
-    adapted = loop.params
-    if steps:
-        adapted = learner.adapted(
-            loop, support.support_y, steps, create_graph=False, batch_size=cfg.eval.inner_batch_size
-        )
-    adapted = {n: p.detach() for n, p in adapted.items()}
+    with device_numerics(cfg, device):
+        theta = {n: p.requires_grad_() for n, p in params.items()}
+        loop = learner.inner_loop(theta, support)
+        adapted = loop.params
+        if steps:
+            adapted = learner.adapted(
+                loop, support.support_y, steps, create_graph=False, batch_size=cfg.eval.inner_batch_size
+            )
+        adapted = {n: p.detach() for n, p in adapted.items()}
     if not all(torch.isfinite(p).all() for p in adapted.values()):
         raise AdaptError(f"adaptation diverged (non-finite parameters after {steps} inner steps): use fewer --steps")
     model_params = {n: p.detach() for n, p in params.items()}
     for name, value in adapted.items():  # ANIL's loop names the head's parameters without "head."
         model_params[name if name in model_params else f"head.{name}"] = value[0]
     return Predictor(cfg, learner, model_params, support, classes, functools.partial(loop.predict, adapted), steps)
+
+
+def device_numerics(cfg: Config, device: torch.device):
+    """On a GPU, float32 as the checkpoint was trained and evaluated (``gpu_numerics``), for the block
+    alone: the calling program's own settings come back after it."""
+    return gpu_numerics_within(cfg.train) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _load(checkpoint: str | Path, overrides: Sequence[str]) -> tuple[Config, Tensor]:
@@ -281,8 +290,6 @@ def _with_recorded_format(cfg: Config, checkpoint, written_by: str) -> Config:
 
 
 def _learner(cfg: Config, num_classes: int, device: torch.device, dtype: torch.dtype):
-    if device.type == "cuda":  # float32 in float32, as the checkpoint's training and evaluation ran
-        gpu_numerics(cfg.train)
     fmt = cfg.task.image_format
     spec = DataSpec(input_shape=(fmt.channels, fmt.height, fmt.width), output_dim=num_classes)
     return build_learner(cfg, spec, "classification", device, dtype)

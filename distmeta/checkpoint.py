@@ -360,14 +360,19 @@ def git_commit(package: Path) -> str:
     """The commit of the checkout holding ``package``, ``+dirty`` when the package's own files differ
     from it (a run folder inside the checkout, whose checkpoints change as the run goes, does not
     count); "" outside a checkout or without git."""
-    git = ["git", "-C", str(package)]
-    options = {"capture_output": True, "text": True, "timeout": 5, "check": True}
-    try:
-        commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], **options).stdout.strip()
-        changed = subprocess.run([*git, "status", "--porcelain", "--", "."], **options).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    git = ["git", "--no-optional-locks", "-C", str(package)]  # no index refresh: a commit beside us is not blocked
+
+    def ask(*command: str) -> str | None:
+        try:
+            return subprocess.run([*git, *command], capture_output=True, text=True, timeout=5, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = (ask("rev-parse", "--short=12", "HEAD") or "").strip()
+    if not commit:
         return ""
-    return f"{commit}+dirty" if commit and changed else commit
+    changed = ask("status", "--porcelain", "--", ".")
+    return commit if changed == "" else f"{commit}+dirty"  # unknown (git failed) counts as changed
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from test_runtime import small
 from distmeta.config import ConfigError, load_config
 from distmeta.runtime.cluster import SPLIT_ABOVE_S, describe_layout, plan_layout
 from distmeta.runtime.supervisor import ActorLost
-from distmeta.runtime.worker import gpu_numerics, step_seconds
+from distmeta.runtime.worker import gpu_numerics, gpu_numerics_within, step_seconds
 from distmeta.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,16 +119,30 @@ def test_a_gpu_torch_cannot_see_stops_the_run_with_the_reason(local_cluster, tmp
     assert "sees no CUDA device; install a CUDA build of torch" in run.stdout + run.stderr
 
 
+def numerics() -> tuple[bool, ...]:
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return (
+        matmul.allow_tf32,
+        cudnn.allow_tf32,
+        cudnn.deterministic,
+        cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+
+
+def set_numerics(values: tuple[bool, ...]) -> None:
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = values[:4]
+    torch.use_deterministic_algorithms(values[4], warn_only=values[5])
+    torch.utils.deterministic.fill_uninitialized_memory = values[6]
+
+
 def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_told_otherwise(monkeypatch):
     """PyTorch's defaults would run a GPU worker's float32 convolutions in TF32 and pick cuDNN's
     autotuned, atomic kernels: another math than the float64 checks, and a resume that drifts."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-        torch.are_deterministic_algorithms_enabled(),
-    )
+    before = numerics()
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # restored afterwards; a value set is kept
     try:
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
@@ -140,10 +154,25 @@ def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_tol
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
     finally:
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
-        torch.use_deterministic_algorithms(saved[4])
+        set_numerics(before)
+
+
+def test_a_library_call_on_a_gpu_gives_the_caller_its_own_numerics_back():
+    """distmeta.adapt runs on a GPU as training did (gpu_numerics) but inside gpu_numerics_within:
+    the calling program's settings (here TF32 on and cuDNN autotuning, its choice) come back after
+    the call, also when the call fails."""
+    before = numerics()
+    callers = (True, True, False, True, False, False, True)
+    try:
+        set_numerics(callers)
+        with gpu_numerics_within(load_config(None, []).train):
+            assert numerics() == (False, False, True, False, True, True, False)  # float32, deterministic
+        assert numerics() == callers
+        with pytest.raises(RuntimeError, match="failed"), gpu_numerics_within(load_config(None, []).train):
+            raise RuntimeError("the adaptation failed")
+        assert numerics() == callers
+    finally:
+        set_numerics(before)
 
 
 def test_workers_the_cluster_cannot_place_fail_with_what_the_nodes_have(ray_local, tmp_path):

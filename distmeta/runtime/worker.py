@@ -70,6 +70,23 @@ def gpu_numerics(train: TrainConfig) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
+@contextlib.contextmanager
+def gpu_numerics_within(train: TrainConfig):
+    """``gpu_numerics`` for a block alone, the process's own settings back after it: what a library
+    call (``distmeta.adapt``) owes the program that called it."""
+    matmul, cudnn, memory = torch.backends.cuda.matmul, torch.backends.cudnn, torch.utils.deterministic
+    flags = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = memory.fill_uninitialized_memory
+    gpu_numerics(train)
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = flags
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+        memory.fill_uninitialized_memory = fill
+
+
 # Evaluation passes hold at most about this many examples (support and query sets of whole tasks):
 # 2,000 Omniglot images keep Conv4-64's activations near 2 GB; a chunk of 100 five-way tasks at
 # once held 7 to 12 GB, and Ray's memory monitor killed actors on the 24 GiB machine.
