@@ -384,12 +384,18 @@ def _images_under(folder: Path) -> list[Path]:
     why_not = {p: why for p in files if (why := _why_not_an_image(p)) is not None}
     damaged = [p for p in why_not if p.suffix.lower() in image_suffixes()]
     if damaged:
-        more = f" ({len(damaged) - 1} more file(s) named as images do not decode either)" if len(damaged) > 1 else ""
-        raise AdaptError(f"{why_not[damaged[0]]}; replace or remove it{more}")
+        first, *rest = damaged
+        more = f" (and {len(rest)} more named as images that do not decode: {_first_names(rest, folder)})"
+        raise AdaptError(f"{why_not[first]}; replace or remove it{more if rest else ''}")
     if why_not:
-        names = ", ".join(str(p.relative_to(folder)) for p in list(why_not)[:3]) + (", ..." if len(why_not) > 3 else "")
+        names = _first_names(list(why_not), folder)
         print(f"note: {len(why_not)} file(s) in {folder} are not images and are left out: {names}", file=sys.stderr)
     return [p for p in files if p not in why_not]
+
+
+def _first_names(paths: list[Path], folder: Path, shown: int = 3) -> str:
+    """The first ``shown`` of ``paths``, relative to ``folder``, and "..." if there are more."""
+    return ", ".join(str(p.relative_to(folder)) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
 
 
 def class_folders(root: str | Path) -> dict[str, list[Path]]:
