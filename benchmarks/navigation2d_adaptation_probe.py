@@ -1,4 +1,4 @@
-"""Where a 2-D navigation policy's adapted returns come from (README, "2-D navigation beside the MAML
+"""Where a 2-D navigation policy's adapted returns come from (docs/meta_rl.md, "2-D navigation beside the MAML
 paper's Table 4"): adapt to the 40 test goals with the checkpoint's own test protocol, then after
 each inner step
 

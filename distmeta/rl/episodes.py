@@ -44,7 +44,7 @@ class Episodes:
         samples), so an inner step size means what it means there. Where episodes end early this is
         not the mean of per-episode means (tristandeleu/pytorch-maml-rl's), which gives a short
         episode's steps the weight of a long one's and made 2-D navigation's inner step unstable
-        (README, "2-D navigation")."""
+        (docs/meta_rl.md, "What closed the gap")."""
         return (values * self.mask).sum((1, 2)) / self.mask.sum((1, 2))
 
 

@@ -1,5 +1,5 @@
 """Meta-RL's TensorBoard scalars and console progress line, each step's ``MetaRLMetrics`` averaged
-over ``train.log_every`` steps. The tags (README, "Meta-reinforcement learning"):
+over ``train.log_every`` steps. The tags (docs/meta_rl.md):
 
   return/before_adaptation, return/after_adaptation    mean undiscounted episode return
   episode_length/before_adaptation, .../after_adaptation

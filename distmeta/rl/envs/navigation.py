@@ -3,7 +3,7 @@ it (cbfinn/maml_rl: ``normalize(PointEnvRandGoal())``): the agent starts at the 
 goal drawn uniformly from [-0.5, 0.5]^2 (the unit square, centred on the start); an action is a
 velocity in units of the top speed of 0.1, clipped to [-1, 1] per coordinate (rllab's ``normalize``
 wrapper; tristandeleu/pytorch-maml-rl clips the raw velocity to [-0.1, 0.1] instead, which leaves
-a policy's noise ten times wider against the speed and lands far from the paper's returns, README);
+a policy's noise ten times wider against the speed and lands far from the paper's returns, docs/meta_rl.md);
 the reward is the negative Euclidean distance to the goal after the move (the code's variant: the
 paper's text says squared distance); an episode ends after 100 steps or once both coordinates are
 within 0.01 of the goal. Vectorised in numpy over every task's episodes at once: no simulator."""
