@@ -307,14 +307,16 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     damaged = support_dir / "dog" / "5.jpg"  # named as a photo, not one at all: refused, not skipped
     damaged.write_bytes(b"\x00 half a photo")
     (support_dir / "dog" / "6.png").write_bytes(b"\x89PNG cut short")  # every other one named too
+    (support_dir / "dog" / "7.mpo").write_bytes(b"\xff\xd8 a camera's cut short")  # Pillow's MPO is a JPEG
     command[command.index(str(out))] = str(tmp_path / "out4")
     one_shot_lost = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
     assert one_shot_lost.returncode == 2 and f"{damaged} is not an image in a format" in one_shot_lost.stderr
-    assert "replace or remove it (and 1 more named as images that do not decode: 6.png)" in one_shot_lost.stderr
+    assert "replace or remove it (and 2 more named as images that do not decode: 6.png, 7.mpo)" in one_shot_lost.stderr
     assert "adapting" not in one_shot_lost.stderr
     command[command.index(str(tmp_path / "out4"))] = str(out)
     damaged.unlink()
     (support_dir / "dog" / "6.png").unlink()
+    (support_dir / "dog" / "7.mpo").unlink()
     (support_dir / "dog" / "1.png").unlink()
     (support_dir / "dog" / "3.png").unlink()
     command[command.index(str(out))] = str(tmp_path / "out2")

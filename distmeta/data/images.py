@@ -27,7 +27,8 @@ def image_suffixes() -> frozenset[str]:
     """The file-name endings Pillow gives ``IMAGE_FORMATS`` (.png, .jpg, .jpeg, .tif, ...): a file so
     named that does not decode is a damaged image, not a stray file to skip."""
     Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS)
+    named = (*IMAGE_FORMATS, "MPO")  # Pillow files .mpo (a camera's JPEG) under MPO, which JPEG's reader opens
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in named)
 
 
 class UnreadableImage(ValueError):
