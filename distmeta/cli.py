@@ -395,7 +395,8 @@ def _eval_prefix(split: str, other_shards: str | None, saved, cfg, protocol_line
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from distmeta.adaptation import adapt, check_out, class_folders, image_files, write_adapted, write_predictions
+    from distmeta.adapt_files import check_out, class_folders, image_files, write_adapted, write_predictions
+    from distmeta.adaptation import adapt
     from distmeta.evaluate import check_device
 
     check_device(args.device)
