@@ -143,13 +143,16 @@ def test_gpu_workers_compute_float32_in_float32_and_deterministically_unless_tol
     """PyTorch's defaults would run a GPU worker's float32 convolutions in TF32 and pick cuDNN's
     autotuned, atomic kernels: another math than the float64 checks, and a resume that drifts."""
     before = numerics()
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # restored afterwards; a value set is kept
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored afterwards
     try:
         torch.backends.cudnn.allow_tf32 = True  # PyTorch's default for convolutions
         gpu_numerics(load_config(None, []).train)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own workspace is kept
+        gpu_numerics(load_config(None, []).train)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
         gpu_numerics(load_config(None, ["train.tf32=true", "train.deterministic=false"]).train)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()

@@ -1,7 +1,9 @@
 """Meta-RL's core in float64 against independent references: policy gradients and MAML-RL's
 meta-gradient against the closed-form expected return of tabular MDPs (dynamic programming, no
-sampling), the surrogate's derivative against finite differences, conjugate gradient against a
-dense solve, the Fisher-vector product against a dense Hessian, and TRPO's constraint."""
+sampling); MAML-TRPO's surrogate and ProMP's objective written out by hand (the policy's density,
+the inner steps, the clip, the KL in closed form) against their gradients by finite differences;
+conjugate gradient against a dense solve, the Fisher-vector product against the Hessian of the
+closed-form KL, and TRPO's constraint."""
 
 from __future__ import annotations
 
@@ -251,42 +253,125 @@ def test_maml_meta_gradient_matches_the_derivative_of_the_adapted_return():
     assert ((mean - reference).abs() <= 4 * error + 1e-8).all(), (mean, reference, error)
 
 
+# --- the navigation policy and the meta-objectives written out by hand: the references below ---
+
+
+def gaussian(named: dict[str, torch.Tensor], observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The navigation tests' policy (2 -> 6 tanh -> 2, a state-independent log-std) for one task:
+    the mean and log-std of its actions."""
+    mean = torch.tanh(observations @ named["mean.0.weight"].T + named["mean.0.bias"]) @ named["mean.2.weight"].T
+    mean = mean + named["mean.2.bias"]
+    return mean, named["log_std"].expand_as(mean)
+
+
+def log_density(mean, log_std, actions) -> torch.Tensor:
+    """log N(actions; mean, diag(exp(log_std))^2), summed over the action's coordinates."""
+    z = (actions - mean) / log_std.exp()
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def kl_gaussians(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
+    """KL(p || q) of diagonal Gaussians, summed over the coordinates."""
+    var_p, var_q = (2 * log_std_p).exp(), (2 * log_std_q).exp()
+    return (log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5).sum(-1)
+
+
+def run_steps_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the steps one task's episodes ran ([H, E])."""
+    return (values * mask).sum() / mask.sum()
+
+
+def behaviour_terms(named, episodes: Episodes, task: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task ``task``'s importance ratios pi(a|s) / pi_o(a|s), KL(pi_o || pi) per step, and advantages."""
+    mean, log_std = gaussian(named, episodes.observations[task])
+    old_mean, old_log_std = episodes.behaviour[task].chunk(2, -1)
+    actions = episodes.actions[task]
+    ratio = torch.exp(log_density(mean, log_std, actions) - log_density(old_mean, old_log_std, actions))
+    return ratio, kl_gaussians(old_mean, old_log_std, mean, log_std), episodes.advantages[task]
+
+
+def adapted_by_hand(named, train: list[Episodes], task: int, lr: float, lvc: bool, create_graph=False) -> list[dict]:
+    """One task's parameters before each inner step and after the last: steps of ``lr`` on
+    REINFORCE's loss (-log pi(a|s) A) or ProMP's LVC (-pi(a|s) / pi_o(a|s) A), each a mean over the
+    steps run."""
+    visited = [named]
+    for episodes in train:
+        ratio, _, advantages = behaviour_terms(named, episodes, task)
+        weight = ratio if lvc else torch.log(ratio)  # log pi - log pi_o: the same gradient as log pi
+        loss = -run_steps_mean(weight * advantages, episodes.mask[task])
+        grads = torch.autograd.grad(loss, list(named.values()), create_graph=create_graph)
+        named = {n: p - lr * g for (n, p), g in zip(named.items(), grads)}
+        visited.append(named)
+    return visited
+
+
+def frozen_inner_gradient(adapted_at: dict, at: dict, point: dict) -> dict:
+    """First order: the adapted parameters as ``point`` plus the inner steps' displacement held at its
+    value at ``at`` (U(theta) = theta + (U(at) - at))."""
+    return {n: point[n] + (adapted_at[n] - at[n]).detach() for n in point}
+
+
 # --- the surrogate and the trust-region step on 2-D navigation ----------------------------------
 
 
-def navigation_problem(first_order=False, seed=0) -> tuple[MamlTrpo, ParamLayout, torch.Tensor, MetaRLBatch]:
+def navigation_problem(
+    first_order=False, seed=0, inner_lr=0.1, inner_steps=1
+) -> tuple[MamlTrpo, ParamLayout, torch.Tensor, MetaRLBatch]:
     """A small MAML-TRPO batch on 2-D navigation in float64: 3 tasks, 4 episodes of 20 steps each."""
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(2, 2, (6,), "tanh").to(F64)
-    learner = MamlTrpo(MamlTrpoConfig(episodes_per_task=4, first_order=first_order), policy, SHORT)
+    cfg = MamlTrpoConfig(episodes_per_task=4, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps)
+    learner = MamlTrpo(cfg, policy, SHORT)
     theta = {n: p.detach() for n, p in policy.named_parameters()}
     tasks = Navigation2D.sample_tasks(np.random.default_rng(seed), 3)
     batch = learner.collect(theta, tasks, generators(seed + 1, 3))
     return learner, ParamLayout.of(theta), flat_parameters(theta, F64), batch
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_surrogate_gradient_matches_finite_differences(first_order):
-    """The meta-gradient through the inner step (or around it, first order) is the derivative of the
-    surrogate it claims: central differences of the surrogate recomputed from scratch."""
-    learner, layout, flat, batch = navigation_problem(first_order)
-    _, gradient = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)]).gradient()
+REFERENCE_LR = 0.3  # not the configs' default: an inner step that ignored its setting would show
 
-    def surrogate(point: torch.Tensor) -> torch.Tensor:
-        named = {n: p.requires_grad_() for n, p in layout.unflatten(point.clone()).items()}
-        adapted = learner.adapt(named, batch.train, create_graph=False)
-        if first_order:  # the inner gradient held at its value at flat: U(theta) = theta - alpha g(flat)
-            at_flat = learner.adapt(layout.unflatten(flat.clone().requires_grad_()), batch.train, False)
-            shift = {n: at_flat[n] - layout.unflatten(flat)[n] for n in at_flat}
-            adapted = {n: p.expand_as(shift[n]) + shift[n] for n, p in layout.unflatten(point).items()}
-        output = policy_output(learner.policy, adapted, batch.valid.observations)
-        new, old = learner.policy.distribution(output), learner.policy.distribution(batch.valid.behaviour)
-        ratio = torch.exp(new.log_prob(batch.valid.actions) - old.log_prob(batch.valid.actions))
-        return -batch.valid.step_mean(ratio * batch.valid.advantages).mean().detach()
+
+def surrogate_by_hand(layout, batch: MetaRLBatch, point: torch.Tensor, first_order: bool, at: torch.Tensor) -> float:
+    """MAML-TRPO's mean surrogate over the tasks, -mean(pi_U(a|s) / pi_o(a|s) A) on the later episodes,
+    U the inner steps from ``point`` (first order: their displacement held at ``at``)."""
+    total = 0.0
+    for task in range(len(batch.tasks)):
+        with torch.enable_grad():
+            named = {n: p.clone().requires_grad_() for n, p in layout.unflatten(point).items()}
+            adapted = adapted_by_hand(named, batch.train, task, REFERENCE_LR, lvc=False)[-1]
+            if first_order:
+                start = {n: p.clone().requires_grad_() for n, p in layout.unflatten(at).items()}
+                adapted = frozen_inner_gradient(
+                    adapted_by_hand(start, batch.train, task, REFERENCE_LR, False)[-1], start, named
+                )
+        ratio, _, advantages = behaviour_terms(adapted, batch.valid, task)
+        total += float(-run_steps_mean(ratio * advantages, batch.valid.mask[task]))
+    return total / len(batch.tasks)
+
+
+@pytest.mark.parametrize("first_order,inner_steps", [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_surrogate_gradient_matches_finite_differences(first_order, inner_steps):
+    """The meta-gradient through the inner steps (or around them, first order) is the derivative of
+    the surrogate written out by hand here (the policy, its log-density, REINFORCE's inner step of
+    the configured size), by central differences."""
+    learner, layout, flat, batch = navigation_problem(first_order, inner_lr=REFERENCE_LR, inner_steps=inner_steps)
+    assert len(batch.train) == inner_steps
+    _, gradient = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)]).gradient()
 
     eps = 1e-6
     basis = torch.eye(len(flat), dtype=F64)
-    reference = torch.stack([(surrogate(flat + eps * e) - surrogate(flat - eps * e)) / (2 * eps) for e in basis])
+    reference = torch.tensor(
+        [
+            (
+                surrogate_by_hand(layout, batch, flat + eps * e, first_order, flat)
+                - surrogate_by_hand(layout, batch, flat - eps * e, first_order, flat)
+            )
+            / (2 * eps)
+            for e in basis
+        ],
+        dtype=F64,
+    )
+    assert reference.abs().max() > 1e-3  # a gradient to compare, not zeros
     torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-8)
 
 
@@ -298,8 +383,13 @@ def test_fisher_product_is_the_kl_hessian_and_cg_solves_it():
     learner, layout, flat, batch = navigation_problem()
     problem = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)])
 
-    def mean_kl(point):
-        return learner.surrogate(layout.unflatten(point), batch, create_graph=True)[1].mean()
+    def mean_kl(point):  # KL(pi_o || pi_U) in closed form, U the inner step differentiated through
+        named = layout.unflatten(point)
+        kls = []
+        for task in range(len(batch.tasks)):
+            adapted = adapted_by_hand(named, batch.train, task, learner.cfg.inner_lr, lvc=False, create_graph=True)[-1]
+            kls.append(run_steps_mean(behaviour_terms(adapted, batch.valid, task)[1], batch.valid.mask[task]))
+        return torch.stack(kls).mean()
 
     fisher = dense_fisher(problem, len(flat))
     torch.testing.assert_close(fisher, torch.autograd.functional.hessian(mean_kl, flat.clone()), rtol=1e-7, atol=1e-10)
@@ -525,10 +615,13 @@ def test_lvc_against_dice_and_the_exact_derivatives(horizon, capsys):
         assert variance_ratio > 1.5
 
 
-def promp_problem(seed=0) -> tuple[ProMP, ParamLayout, torch.Tensor, MetaRLBatch]:
+def promp_problem(
+    seed=0, first_order=False, inner_lr=0.1, inner_steps=1
+) -> tuple[ProMP, ParamLayout, torch.Tensor, MetaRLBatch]:
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(2, 2, (6,), "tanh").to(F64)
-    learner = ProMP(ProMPConfig(episodes_per_task=4), policy, SHORT)
+    cfg = ProMPConfig(episodes_per_task=4, first_order=first_order, inner_lr=inner_lr, inner_steps=inner_steps)
+    learner = ProMP(cfg, policy, SHORT)
     theta = {n: p.detach() for n, p in policy.named_parameters()}
     batch = learner.collect(theta, SHORT.sample_tasks(np.random.default_rng(seed), 3), generators(seed + 1, 3))
     return learner, ParamLayout.of(theta), flat_parameters(theta, F64), batch
@@ -544,21 +637,65 @@ def test_promp_adapts_as_maml_where_the_episodes_were_collected():
         torch.testing.assert_close(lvc[name], reinforce[name], rtol=1e-12, atol=1e-14)
 
 
-def test_promp_meta_gradient_matches_finite_differences_away_from_the_sampling_parameters():
-    """ProMP's gradient (through the LVC inner step, the clipped ratio and the KL penalty) at a theta
-    its Adam steps reach, where the ratios are no longer 1 and some are clipped."""
-    learner, layout, flat, batch = promp_problem()
-    share = ProMPShare(learner, layout, batch)
-    moved = flat + 0.05 * torch.randn(flat.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
-    _, gradient = share.gradient_sum(moved)
+def promp_objective_by_hand(
+    layout, batch: MetaRLBatch, point: torch.Tensor, first_order: bool, at: torch.Tensor
+) -> float:
+    """ProMP's objective summed over the tasks, written out: PPO's clipped surrogate
+    -mean(min(r A, clip(r, 1 -+ 0.3) A)) of the policy after LVC inner steps on its later episodes,
+    plus 5e-4 times the mean over the inner steps of KL(pi_o || pi) before each (first order: the
+    inner steps' displacements held at their values at ``at``)."""
+    total = 0.0
+    for task in range(len(batch.tasks)):
+        with torch.enable_grad():
+            named = {n: p.clone().requires_grad_() for n, p in layout.unflatten(point).items()}
+            visited = adapted_by_hand(named, batch.train, task, REFERENCE_LR, lvc=True)
+            if first_order:
+                start = {n: p.clone().requires_grad_() for n, p in layout.unflatten(at).items()}
+                held = adapted_by_hand(start, batch.train, task, REFERENCE_LR, lvc=True)
+                visited = [frozen_inner_gradient(h, start, named) for h in held]
+        kls = [run_steps_mean(behaviour_terms(v, e, task)[1], e.mask[task]) for v, e in zip(visited, batch.train)]
+        ratio, _, advantages = behaviour_terms(visited[-1], batch.valid, task)
+        clipped = torch.minimum(ratio * advantages, ratio.clamp(0.7, 1.3) * advantages)
+        total += float(-run_steps_mean(clipped, batch.valid.mask[task]) + 5e-4 * torch.stack(kls).mean())
+    return total
 
-    def objective(point):
-        return share.evaluate_sum(point)[0]
+
+@pytest.mark.parametrize("first_order,inner_steps", [(False, 1), (True, 1), (False, 2)])
+def test_promp_meta_gradient_matches_finite_differences_away_from_the_sampling_parameters(first_order, inner_steps):
+    """ProMP's gradient (through the LVC inner steps, the clipped ratio and the KL penalty) at a theta
+    its Adam steps reach, where the ratios are no longer 1 and some are clipped, against the
+    objective written out by hand here, by central differences."""
+    learner, layout, flat, batch = promp_problem(
+        first_order=first_order, inner_lr=REFERENCE_LR, inner_steps=inner_steps
+    )
+    assert (learner.cfg.clip_eps, learner.cfg.inner_kl_penalty) == (0.3, 5e-4)  # the reference's constants
+    share = ProMPShare(learner, layout, batch)
+    moved = flat + 0.2 * torch.randn(flat.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+    _, gradient = share.gradient_sum(moved)
+    clipped = []  # where the clip decides the minimum, and so the gradient
+    for task in range(len(batch.tasks)):
+        with torch.enable_grad():
+            named = {n: p.clone().requires_grad_() for n, p in layout.unflatten(moved).items()}
+            adapted = adapted_by_hand(named, batch.train, task, REFERENCE_LR, lvc=True)[-1]
+        ratio, _, advantages = behaviour_terms(adapted, batch.valid, task)
+        active = ((ratio > 1.3) & (advantages > 0)) | ((ratio < 0.7) & (advantages < 0))
+        clipped.append(active[batch.valid.mask[task] > 0])
+    assert 0.02 < torch.cat(clipped).double().mean() < 0.5  # both sides of the clip are checked
 
     eps = 1e-6
     basis = torch.eye(len(flat), dtype=F64)
-    reference = torch.tensor([(objective(moved + eps * e) - objective(moved - eps * e)) / (2 * eps) for e in basis])
-    torch.testing.assert_close(gradient, reference.to(F64), rtol=1e-5, atol=1e-8)
+    reference = torch.tensor(
+        [
+            (
+                promp_objective_by_hand(layout, batch, moved + eps * e, first_order, moved)
+                - promp_objective_by_hand(layout, batch, moved - eps * e, first_order, moved)
+            )
+            / (2 * eps)
+            for e in basis
+        ],
+        dtype=F64,
+    )
+    torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-8)
 
 
 def test_promp_steps_lower_its_objective_and_do_not_depend_on_the_shares():
