@@ -407,6 +407,12 @@ def test_the_baseline_adapts_as_it_is_evaluated_and_takes_its_test_time_settings
     overridden = distmeta.adapt(zero, support, labels, steps=0, overrides=["algorithm.head_init=centroid"])
     expected = distmeta.adapt(centroid, support, labels, steps=0)  # the same parameters, written so
     np.testing.assert_array_equal(overridden.probabilities(query), expected.probabilities(query))
+    from_centroids = distmeta.adapt(centroid, support, labels)  # its config's head, then its 4 steps
+    told = distmeta.adapt(zero, support, labels, overrides=["algorithm.head_init=centroid"])
+    np.testing.assert_array_equal(from_centroids.probabilities(query), told.probabilities(query))
+    assert not np.allclose(
+        from_centroids.probabilities(query), distmeta.adapt(zero, support, labels).probabilities(query)
+    )
     with pytest.raises(AdaptError, match=r"test-time algorithm.finetune, algorithm.head_init, got \['eval.ways=3'\]"):
         distmeta.adapt(zero, support, labels, overrides=["eval.ways=3"])
     maml = conv4_checkpoint(tmp_path / "maml", "algorithm.name=maml", ways=4)

@@ -200,6 +200,10 @@ def test_a_killed_asynchronous_worker_costs_only_its_update(ray_local, tmp_path,
         int, re.search(r"fault at step (\d+) .*continuing at step (\d+)", capsys.readouterr().out).groups()
     )
     assert resumed >= failed >= 50
+    events = EventAccumulator(str(result.run_dir))
+    events.Reload()
+    applied = [events.Scalars(tag)[-1] for tag in events.Tags()["scalars"] if tag.endswith("/updates")]
+    assert {e.step for e in applied} == {300} and sum(e.value for e in applied) == 300  # none applied twice
 
 
 def test_the_worker_result_carries_what_the_server_needs():

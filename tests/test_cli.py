@@ -197,7 +197,7 @@ def test_tensorboard_flag_serves_the_scalars_over_http(tmp_path, cli_env):
                 break
             time.sleep(1)
         assert sorted(served) == [50, 100, 150, 200]
-        assert all(served[s] == pytest.approx(expected[s], rel=1e-6) for s in expected)
+        assert served == pytest.approx(expected, rel=1e-6)
     finally:
         process.send_signal(signal.SIGINT)
         try:

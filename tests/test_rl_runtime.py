@@ -34,6 +34,7 @@ def test_workers_take_the_steps_of_one_process(ray_local, cfg):
         finally:
             system.close()
         torch.testing.assert_close(theta, local.theta, rtol=1e-10, atol=1e-12)
+        assert len(metrics) == len(expected) == 2
         for got, want in zip(metrics, expected):
             assert got.return_after == pytest.approx(want.return_after, rel=1e-12)
             assert got.environment_steps == want.environment_steps

@@ -99,7 +99,8 @@ def test_a_tensor_file_gives_back_exactly_what_was_stored_and_safetensors_reads_
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
     np.random.set_state(back["rng"]["numpy"])
     random.setstate(back["rng"]["python"])
-    safetensors = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors  # a dev dependency: missing, the test fails
+
     assert torch.equal(safetensors.load(data)["params"], state["params"])
 
 
