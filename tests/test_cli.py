@@ -330,3 +330,21 @@ def test_evaluate_reads_a_checkpoint_in_a_read_only_folder_and_says_what_it_did_
     assert "mse" in out.out and out.out.splitlines()[-1].split()[-1] == "20"  # the results, for all 20 tasks
     assert f"note: {run_dir} is not writable (" in out.err and "no eval_only_test TensorBoard events" in out.err
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_the_readmes_training_from_python_runs_as_written(ray_local, tmp_path, monkeypatch, capsys):
+    """README, "Training from Python": its block, run as a user's script from a checkout's folder."""
+    section = (ROOT / "README.md").read_text().split("### Training from Python\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    final = tmp_path / "runs" / "maml_from_python" / "checkpoints" / "final.pt"
+    (scores,) = [
+        line
+        for line in printed
+        if line.startswith(f"{final} [(1, ") or line.startswith(f"{final.relative_to(tmp_path)} [(1, ")
+    ]
+    assert final.is_file() and "(10, " in scores  # the test rows after 1 / 5 / 10 steps
+    assert "loss_after" in printed[-1]
