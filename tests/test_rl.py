@@ -345,7 +345,7 @@ def surrogate_by_hand(layout, batch: MetaRLBatch, point: torch.Tensor, first_ord
                     adapted_by_hand(start, batch.train, task, REFERENCE_LR, False)[-1], start, named
                 )
         ratio, _, advantages = behaviour_terms(adapted, batch.valid, task)
-        total += float(-run_steps_mean(ratio * advantages, batch.valid.mask[task]))
+        total += float(-run_steps_mean(ratio * advantages, batch.valid.mask[task]).detach())
     return total / len(batch.tasks)
 
 
@@ -656,7 +656,7 @@ def promp_objective_by_hand(
         kls = [run_steps_mean(behaviour_terms(v, e, task)[1], e.mask[task]) for v, e in zip(visited, batch.train)]
         ratio, _, advantages = behaviour_terms(visited[-1], batch.valid, task)
         clipped = torch.minimum(ratio * advantages, ratio.clamp(0.7, 1.3) * advantages)
-        total += float(-run_steps_mean(clipped, batch.valid.mask[task]) + 5e-4 * torch.stack(kls).mean())
+        total += float((-run_steps_mean(clipped, batch.valid.mask[task]) + 5e-4 * torch.stack(kls).mean()).detach())
     return total
 
 
