@@ -328,6 +328,12 @@ def navigation_problem(
     return learner, ParamLayout.of(theta), flat_parameters(theta, F64), batch
 
 
+def central_differences(function, point: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The gradient of a scalar ``function`` at ``point`` by central differences along each axis."""
+    basis = torch.eye(len(point), dtype=F64)
+    return torch.tensor([(function(point + eps * e) - function(point - eps * e)) / (2 * eps) for e in basis], dtype=F64)
+
+
 REFERENCE_LR = 0.3  # not the configs' default: an inner step that ignored its setting would show
 
 
@@ -358,19 +364,7 @@ def test_surrogate_gradient_matches_finite_differences(first_order, inner_steps)
     assert len(batch.train) == inner_steps
     _, gradient = MeanOverShares.local([MamlTrpoShare(learner, layout, flat, batch)]).gradient()
 
-    eps = 1e-6
-    basis = torch.eye(len(flat), dtype=F64)
-    reference = torch.tensor(
-        [
-            (
-                surrogate_by_hand(layout, batch, flat + eps * e, first_order, flat)
-                - surrogate_by_hand(layout, batch, flat - eps * e, first_order, flat)
-            )
-            / (2 * eps)
-            for e in basis
-        ],
-        dtype=F64,
-    )
+    reference = central_differences(lambda point: surrogate_by_hand(layout, batch, point, first_order, flat), flat)
     assert reference.abs().max() > 1e-3  # a gradient to compare, not zeros
     torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-8)
 
@@ -682,18 +676,8 @@ def test_promp_meta_gradient_matches_finite_differences_away_from_the_sampling_p
         clipped.append(active[batch.valid.mask[task] > 0])
     assert 0.02 < torch.cat(clipped).double().mean() < 0.5  # both sides of the clip are checked
 
-    eps = 1e-6
-    basis = torch.eye(len(flat), dtype=F64)
-    reference = torch.tensor(
-        [
-            (
-                promp_objective_by_hand(layout, batch, moved + eps * e, first_order, moved)
-                - promp_objective_by_hand(layout, batch, moved - eps * e, first_order, moved)
-            )
-            / (2 * eps)
-            for e in basis
-        ],
-        dtype=F64,
+    reference = central_differences(
+        lambda point: promp_objective_by_hand(layout, batch, point, first_order, moved), moved
     )
     torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-8)
 
