@@ -246,7 +246,7 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_path, cli_env):
+def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_path, cli_env, monkeypatch):
     # trained with one step, evaluated after up to two: adapt takes as many as the evaluation
     checkpoint = conv4_checkpoint(tmp_path, "algorithm.name=maml", "eval.inner_steps=[0,2]")
     support_dir, query_dir = tmp_path / "support", tmp_path / "query"
@@ -259,7 +259,7 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     paths = [write_png(query_dir / f"q{i}.png", pixels) for i, pixels in enumerate(query)]
     (query_dir / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 not a picture")  # what a folder of photos holds
     (support_dir / "dog" / "notes.txt").write_text("the dogs")
-    out = tmp_path / "out"
+    out = tmp_path / "adapted"  # the default --out, which the README's loading block reads
     command = [sys.executable, "-m", "distmeta", "adapt", "--checkpoint", str(checkpoint)]
     command += ["--support", str(support_dir), "--query", str(query_dir), "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)
@@ -281,10 +281,16 @@ def test_command_line_writes_predictions_and_a_model_a_plain_module_loads(tmp_pa
     record = json.loads((out / "adapted.json").read_text())
     assert record["classes"] == ["cat, tabby", "dog"] and record["steps"] == 2
     assert record["image_format"]["height"] == SIZE
-    model = conv4(2)
-    model.load_state_dict(torch.load(out / "adapted.pt", weights_only=True))
-    for name, value in predictor.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name].double(), value)
+    section = (ROOT / "README.md").read_text().split("### Adapting a trained model to your own images\n", 1)[1]
+    loading = section.split("```python\n", 1)[1].split("```", 1)[0]  # README: adapted.pt in a plain module
+    assert "adapted.pt" in loading
+    monkeypatch.chdir(tmp_path)
+    user = {}
+    exec(compile(loading, "README.md", "exec"), user)
+    model = user["model"]
+    assert type(model) is type(conv4(2)) and model.state_dict().keys() == predictor.state_dict().keys()
+    for name, value in predictor.state_dict().items():  # float64 adapted, loaded into float32
+        torch.testing.assert_close(model.state_dict()[name], value.float())
 
     inverted = [*command[:-1], str(tmp_path / "inverted"), "--invert"]  # drawn the other way round
     run = subprocess.run(inverted, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=120)

@@ -2,7 +2,7 @@
 
 ``build_folder`` writes ``ROOT/<split>/<class>/<image>`` (or ``ROOT/<class>/<image>`` with a JSON
 splits file) as shards with the splits ``default/train``, ``default/val`` and ``default/test``
-(README, "Data: Arrow shards").
+(docs/data.md: what a build writes and refuses).
 """
 
 from __future__ import annotations

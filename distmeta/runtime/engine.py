@@ -10,7 +10,7 @@ their results.
   auto      (default) compiled for GPU workers and single-threaded CPU workers; tasks for CPU
             workers with several threads, whose OpenMP barriers the spinning actors would stall,
             and for GPU workers allowed to fall back to the CPU (``cluster.cpu_fallback``).
-            The measurements behind the choice: README, "How it works", "Engines".
+            The measurements behind the choice: docs/architecture.md, "Engines".
 
 While a compiled graph is live its actors run nothing else, so checkpoints and parameter snapshots
 for evaluation ride on the step's control message instead of separate calls.
