@@ -49,6 +49,7 @@ case "$command" in
       WORKERS=$workers CPUS=$cpus GPUS=$gpus setsid --wait bash -c '
         set -euo pipefail
         ps -o sid= -p $$ | tr -d " " > "$STATE/sid"
+        export RAY_actor_scheduling_queue_max_reorder_wait_seconds=5  # as the embedded Ray: a stuck worker costs 5 s, not 30
         ray start --head --port="$PORT" --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources="{\"head\": 1000}" \
           --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
           --ray-client-server-port=$((PORT + 10)) --dashboard-agent-listen-port=$((PORT + 20)) \

@@ -233,6 +233,10 @@ def test_the_cluster_launcher_configs_follow_rays_schema(name):
     config = yaml.safe_load((ROOT / "cluster" / name).read_text())
     jsonschema.validate(config, schema)
     assert config["available_node_types"]["head"]["resources"]["head"] > 0  # cluster.server_resource=head
+    # every node holds the shards (generators on the head, evaluations on the workers' nodes), and the
+    # submitted job, whose working directory has no data/, names them by an absolute path
+    assert any("data fetch omniglot --out ~/data/omniglot" in command for command in config["setup_commands"])
+    assert "task.shards=/home/ubuntu/data/omniglot" in (ROOT / "cluster" / name).read_text()
 
 
 def test_the_kuberay_manifests_run_launch_on_gpu_workers_with_the_head_resource():
@@ -242,6 +246,7 @@ def test_the_kuberay_manifests_run_launch_on_gpu_workers_with_the_head_resource(
     (job,) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     assert (cluster["kind"], claim["kind"], job["kind"]) == ("RayCluster", "PersistentVolumeClaim", "RayJob")
     assert job["spec"]["entrypoint"].startswith("python launch.py --address auto")
+    assert "task.shards=/shared/data/omniglot" in job["spec"]["entrypoint"]  # on the volume every pod mounts
     for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
         assert '\\"head\\"' in spec["headGroupSpec"]["rayStartParams"]["resources"]
         (workers,) = spec["workerGroupSpecs"]
