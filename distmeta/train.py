@@ -53,7 +53,13 @@ from distmeta.rl.setup import is_meta_rl
 from distmeta.rl.train import train_meta_rl
 from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_in_a_row, run_name
 from distmeta.runfolder import claim, release
-from distmeta.runtime.cluster import SPLIT_ABOVE_S, connect, describe_layout, plan_layout
+from distmeta.runtime.cluster import (
+    SPLIT_ABOVE_S,
+    check_data_where_actors_run,
+    connect,
+    describe_layout,
+    plan_layout,
+)
 from distmeta.runtime.control import Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.monitor import Monitor
@@ -221,7 +227,9 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
         f"run {run_dir} | {describe_layout(c, placed)} | {supervisor.engine_name} engine | {tasks} | {t.steps} steps",
         flush=True,
     )
-    _report_placement(cfg, run_dir, supervisor.where())  # before the engine starts: its actors run nothing else
+    placement = supervisor.where()  # before the engine starts: its actors run nothing else
+    check_data_where_actors_run(cfg, supervisor.data_readers(), c.step_timeout_s)  # before a generator reads it
+    _report_placement(cfg, run_dir, placement)
     start_step = supervisor.start()
     status = supervisor.status()  # a resumed run's: its counts of rejected steps go on
     if start_step:

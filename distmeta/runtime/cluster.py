@@ -15,6 +15,8 @@ from collections.abc import Callable
 import ray
 
 from distmeta.config import AUTO, ClusterConfig, Config, ConfigError
+from distmeta.data.shards import ShardError
+from distmeta.tasks import SOURCES
 
 log = logging.getLogger(__name__)
 ACTOR_NICENESS = 15  # what Ray gives its worker processes
@@ -190,6 +192,47 @@ def check_resources(cluster: ClusterConfig) -> None:
                 f"cluster has {have:g} (resources: {_describe(total)}). Lower cluster.num_workers or "
                 f"cluster.{resource.lower()}s_per_worker, or add nodes."
             )
+
+
+def check_data_where_actors_run(cfg: Config, actors: dict[str, ray.actor.ActorHandle], timeout_s: float) -> None:
+    """The run's data, checked in the actors of each node that reads it, before any step. The task
+    generators read the shards on the parameter server's node (the same placement options), the
+    evaluations on the workers' nodes, each in its own process: on a cluster started with `ray
+    start`, that process runs in the folder the command ran in, not the driver's, so a relative
+    ``task.shards`` may name nothing there, or other data. Unchecked, a generator would fail at its
+    construction with a traceback, or the first validation would stop the run. ``actors``: a name
+    for the error (``worker 0``) -> an actor on the node to check."""
+    source = SOURCES[cfg.task.source]
+    if not source.fingerprinted:
+        return
+
+    def check_here(_actor) -> str:  # runs in the actor: "" when the data there is the run's
+        try:
+            found, expected = source.data_fingerprint(cfg.task), cfg.task.shards_fingerprint
+            same = found == expected or not expected  # a config without a fingerprint has nothing to compare
+            problem = "" if same else f"other data (fingerprint {found[:12]}..., the run's {expected[:12]}...)"
+        except (ConfigError, ShardError, OSError) as err:
+            problem = str(err)
+        return problem and f"on node {ray.util.get_node_ip_address()}, working folder {os.getcwd()}: {problem}"
+
+    answers = ray.get([actor.__ray_call__.remote(check_here) for actor in actors.values()], timeout=timeout_s)
+    where: dict[str, list[str]] = {}  # a problem -> the actors that have it (one line per node)
+    for name, answer in zip(actors, answers):
+        if answer:
+            where.setdefault(answer, []).append(name)
+    if not where:
+        return
+    problems = "; ".join(f"{', '.join(names)}: {problem}" for problem, names in where.items())
+    relative = (
+        f" task.shards={cfg.task.shards} is relative: the driver read it from {os.getcwd()}, and each Ray process "
+        "reads it from its own working folder (on a cluster started with `ray start`, the folder that command ran in)."
+    )
+    raise ConfigError(
+        f"the run's shards are not where its actors read them. {problems}."
+        + ("" if os.path.isabs(cfg.task.shards) else relative)
+        + " Give task.shards an absolute path that holds the same shards on every node (task generators read them "
+        "on the parameter server's node, evaluations on the workers' nodes), or a volume every node mounts"
+    )
 
 
 def _describe(resources: dict) -> str:
