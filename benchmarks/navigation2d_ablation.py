@@ -1,5 +1,5 @@
-"""What brings 2-D navigation to the MAML paper's Table 4 (docs/meta_rl.md, "2-D navigation"): the shipped
-config (the paper's code, cbfinn/maml_rl) against it with one of tristandeleu/pytorch-maml-rl's
+"""What brings 2-D navigation to the MAML paper's Table 4 (docs/meta_rl.md, "What closed the gap"):
+the shipped config (the paper's code, cbfinn/maml_rl) against it with one of tristandeleu/pytorch-maml-rl's
 choices put back at a time, each trained from the same seed for ``--steps`` meta-steps in one
 process (``LocalMetaRL``, one torch thread) and scored on the 40 test goals with its own test
 protocol (40 episodes per update; the config's step sizes, or 0.1 then 0.05 for the raw velocity):
