@@ -63,7 +63,7 @@ from distmeta.runtime.cluster import (
 from distmeta.runtime.control import Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
 from distmeta.runtime.monitor import Monitor
-from distmeta.runtime.supervisor import ActorLost, Supervisor
+from distmeta.runtime.supervisor import ActorLost, Supervisor, explain
 from distmeta.runtime.task_generator import split_evenly
 from distmeta.runtime.watchdog import StepClock, StopOnSignal
 from distmeta.runtime.worker import step_seconds
@@ -188,7 +188,7 @@ def _train(
         if done == t.steps:  # a stop in the last logging window still finished training
             checkpoint = store.write(FINAL_NAME, state)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-        raise ActorLost(f"training stopped: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise ActorLost(f"training stopped: {explain(err)}") from err  # a constructor's error, whole
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
         supervisor.close()
         supervisor.kill_all()
@@ -228,7 +228,7 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
         flush=True,
     )
     placement = supervisor.where()  # before the engine starts: its actors run nothing else
-    check_data_where_actors_run(cfg, supervisor.data_readers(), c.step_timeout_s)  # before a generator reads it
+    check_data_where_actors_run(cfg, supervisor.data_readers(), c.step_timeout_s)  # where the final evaluation reads it
     _report_placement(cfg, run_dir, placement)
     start_step = supervisor.start()
     status = supervisor.status()  # a resumed run's: its counts of rejected steps go on

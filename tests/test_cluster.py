@@ -122,7 +122,7 @@ def test_a_gpu_torch_cannot_see_stops_the_run_with_the_reason(local_cluster, tmp
 def test_shards_the_clusters_processes_cannot_find_stop_the_run_before_it_starts(
     local_cluster, omniglot_shards, tmp_path, cli_env
 ):
-    """A relative task.shards is read from each process's working folder: the driver's folder here,
+    """A relative task.shards is read in each process's working folder: the driver's folder here,
     and in the cluster's actors the folder its `ray start` ran in, which holds no such shards. The
     run stops before any step, naming the nodes and folders, and leaves no run folder behind."""
     (tmp_path / "shards_here").symlink_to(omniglot_shards)  # found by the driver alone
@@ -133,9 +133,11 @@ def test_shards_the_clusters_processes_cannot_find_stop_the_run_before_it_starts
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
     (error,) = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert "the run's shards are not where its actors read them. worker 0, worker 1, the parameter server" in error
-    assert "working folder " in error and "shards_here/manifest.json does not exist" in error
-    assert f"task.shards=shards_here is relative: the driver read it from {tmp_path}" in error
+    assert "the run's shards are not on its workers' nodes, where its final evaluation reads them." in error
+    workers = [part.split(": on node")[0] for part in error.split("reads them. ")[1].split("; ")]
+    assert sorted(", ".join(workers).split(", ")) == ["worker 0", "worker 1"], error  # both, whatever their nodes
+    assert "working folder " in error and "/shards_here" in error and ": no shards at /" in error
+    assert f"task.shards=shards_here is relative: the driver read it in {tmp_path}" in error
     assert "Give task.shards an absolute path that holds the same shards on every node" in error
     assert "Traceback" not in run.stderr and "TaskGenerator" not in run.stderr  # no generator started
     assert not any((tmp_path / "runs").glob("*")), list((tmp_path / "runs").glob("*"))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import ray
 
 from distmeta.config import AUTO, ClusterConfig, Config, ConfigError
-from distmeta.data.shards import ShardError
+from distmeta.data.shards import MANIFEST, ShardError
 from distmeta.tasks import SOURCES
 
 log = logging.getLogger(__name__)
@@ -195,27 +195,33 @@ def check_resources(cluster: ClusterConfig) -> None:
 
 
 def check_data_where_actors_run(cfg: Config, actors: dict[str, ray.actor.ActorHandle], timeout_s: float) -> None:
-    """The run's data, checked in the actors of each node that reads it, before any step. The task
-    generators read the shards on the parameter server's node (the same placement options), the
-    evaluations on the workers' nodes, each in its own process: on a cluster started with `ray
-    start`, that process runs in the folder the command ran in, not the driver's, so a relative
-    ``task.shards`` may name nothing there, or other data. Unchecked, a generator would fail at its
-    construction with a traceback, or the first validation would stop the run. ``actors``: a name
-    for the error (``worker 0``) -> an actor on the node to check."""
+    """The run's data, checked in ``actors`` (a name for the error, ``worker 0``, -> an actor on a
+    node to check) before any step: the final evaluation reads the shards on the workers' nodes, in
+    processes of their own, and on a cluster started with `ray start` those run in the folder the
+    command ran in, not the driver's, so a relative ``task.shards`` may name nothing there, or other
+    data. Unchecked, the run would train to its end and fail there. (The driver checked its own
+    node, where validations run; a task generator without the data fails at its construction.)"""
     source = SOURCES[cfg.task.source]
     if not source.fingerprinted:
         return
 
     def check_here(_actor) -> str:  # runs in the actor: "" when the data there is the run's
+        where = os.path.abspath(cfg.task.shards)
         try:
             found, expected = source.data_fingerprint(cfg.task), cfg.task.shards_fingerprint
             same = found == expected or not expected  # a config without a fingerprint has nothing to compare
-            problem = "" if same else f"other data (fingerprint {found[:12]}..., the run's {expected[:12]}...)"
+            problem = (
+                "" if same else f"other data at {where} (fingerprint {found[:12]}..., the run's {expected[:12]}...)"
+            )
         except (ConfigError, ShardError, OSError) as err:
-            problem = str(err)
-        return problem and f"on node {ray.util.get_node_ip_address()}, working folder {os.getcwd()}: {problem}"
+            problem = f"no shards at {where}" if not os.path.isfile(os.path.join(where, MANIFEST)) else str(err)
+        node = ray.get_runtime_context().get_node_id()[:8]
+        return problem and f"on node {ray.util.get_node_ip_address()} ({node}), working folder {os.getcwd()}: {problem}"
 
-    answers = ray.get([actor.__ray_call__.remote(check_here) for actor in actors.values()], timeout=timeout_s)
+    try:
+        answers = ray.get([actor.__ray_call__.remote(check_here) for actor in actors.values()], timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        raise ClusterError(f"the check of the run's data on its workers' nodes got no answer: {err}") from None
     where: dict[str, list[str]] = {}  # a problem -> the actors that have it (one line per node)
     for name, answer in zip(actors, answers):
         if answer:
@@ -224,14 +230,13 @@ def check_data_where_actors_run(cfg: Config, actors: dict[str, ray.actor.ActorHa
         return
     problems = "; ".join(f"{', '.join(names)}: {problem}" for problem, names in where.items())
     relative = (
-        f" task.shards={cfg.task.shards} is relative: the driver read it from {os.getcwd()}, and each Ray process "
-        "reads it from its own working folder (on a cluster started with `ray start`, the folder that command ran in)."
+        f" task.shards={cfg.task.shards} is relative: the driver read it in {os.getcwd()}, and each Ray process "
+        "reads it in its own working folder (on a cluster started with `ray start`, the folder that command ran in)."
     )
     raise ConfigError(
-        f"the run's shards are not where its actors read them. {problems}."
+        f"the run's shards are not on its workers' nodes, where its final evaluation reads them. {problems}."
         + ("" if os.path.isabs(cfg.task.shards) else relative)
-        + " Give task.shards an absolute path that holds the same shards on every node (task generators read them "
-        "on the parameter server's node, evaluations on the workers' nodes), or a volume every node mounts"
+        + " Give task.shards an absolute path that holds the same shards on every node, or a volume every node mounts"
     )
 
 

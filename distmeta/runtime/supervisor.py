@@ -314,12 +314,8 @@ class Supervisor:
         return {"server": servers[0] if servers else None, "server_shards": servers, "workers": workers}
 
     def data_readers(self) -> dict:
-        """An actor on each node that reads the run's data, by name: the workers (evaluations run on
-        their nodes) and the first server (the task generators share its placement)."""
-        readers = {f"worker {rank}": worker for rank, worker in enumerate(self.workers)}
-        if self.servers:  # none in all-reduce mode
-            readers["the parameter server (where the task generators run)"] = self.servers[0]
-        return readers
+        """The workers by name, one on each node where the final evaluation reads the run's data."""
+        return {f"worker {rank}": worker for rank, worker in enumerate(self.workers)}
 
     def checkpoint_state(self) -> dict:
         """The run's state now, as one checkpoint (from every shard, or the first worker's copy)."""
