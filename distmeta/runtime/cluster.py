@@ -210,10 +210,9 @@ def check_data_where_actors_run(cfg: Config, actors: dict[str, ray.actor.ActorHa
     def check_here(_actor) -> str:  # runs in the actor: "" when the data there is the run's
         where = os.path.abspath(cfg.task.shards)
         try:
-            found, expected = source.data_fingerprint(cfg.task), cfg.task.shards_fingerprint
-            same = found == expected or not expected  # a config without a fingerprint has nothing to compare
+            found, expected = source.data_fingerprint(cfg.task), cfg.task.shards_fingerprint  # train() records it
             problem = (
-                "" if same else f"other data at {where} (fingerprint {found[:12]}..., the run's {expected[:12]}...)"
+                "" if found == expected else f"other data at {where} ({found[:12]}..., the run's {expected[:12]}...)"
             )
         except (ConfigError, ShardError, OSError) as err:
             problem = f"no shards at {where}" if not os.path.isfile(os.path.join(where, MANIFEST)) else str(err)
