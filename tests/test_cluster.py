@@ -266,8 +266,10 @@ def test_the_cluster_launcher_configs_follow_rays_schema(name):
 def test_the_kuberay_manifests_run_launch_on_gpu_workers_with_the_head_resource():
     import yaml
 
-    (cluster, claim) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
+    (cluster,) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text())
     (job,) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    # the volume in a file of its own: deleting a cluster's objects keeps it
+    (claim,) = yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "volume.yaml").read_text())
     assert (cluster["kind"], claim["kind"], job["kind"]) == ("RayCluster", "PersistentVolumeClaim", "RayJob")
     assert job["spec"]["entrypoint"].startswith("python launch.py --address auto")
     assert "task.shards=/shared/data/omniglot" in job["spec"]["entrypoint"]  # on the volume every pod mounts
@@ -276,6 +278,16 @@ def test_the_kuberay_manifests_run_launch_on_gpu_workers_with_the_head_resource(
         (workers,) = spec["workerGroupSpecs"]
         (container,) = workers["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        # the operator's token reaches every container and a RayJob's submitter pod; one set by hand
+        # in the containers' env would not reach the submitter, and the job server refuses it
+        assert spec["authOptions"] == {"mode": "token"}
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert not any("RAY_AUTH" in str(c.get("env")) for c in head["containers"] + [container])
+        (owner, shards) = head["initContainers"]  # the new volume's root to the image's ray user, then the data
+        assert "chown 1000:100 /shared" in owner["command"][-1]
+        assert shards["command"][-4:] == ["fetch", "omniglot", "--out", "/shared/data/omniglot"]
+        for init in (owner, shards):
+            assert init["volumeMounts"] == [{"name": "shared", "mountPath": "/shared"}]
 
 
 @pytest.fixture(scope="module")
