@@ -62,7 +62,7 @@ from distmeta.runtime.cluster import (
 )
 from distmeta.runtime.control import Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
-from distmeta.runtime.monitor import Monitor
+from distmeta.runtime.monitor import Monitor, validation_logged
 from distmeta.runtime.supervisor import ActorLost, Supervisor, explain
 from distmeta.runtime.task_generator import split_evenly
 from distmeta.runtime.watchdog import StepClock, StopOnSignal
@@ -183,6 +183,7 @@ def _train(
         train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
         state = supervisor.checkpoint_state()
         done, final_params = state["step"], state["params"].numpy()
+        monitor.flush()
         checkpoint = store.write(step_name(done), state)
         store.prune(t.checkpoint_keep)
         if done == t.steps:  # a stop in the last logging window still finished training
@@ -237,6 +238,9 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     monitor = Monitor(run_dir, cfg, start_step, rejected_before=len(status.rejected_steps))
     in_a_row = rejected_in_a_row(status.rejected_steps, start_step)
     results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), in_a_row)
+    if start_step and Schedule.of(t).publishes(start_step) and not validation_logged(run_dir, start_step):
+        # the earlier part was killed (SIGKILL, the OOM killer) before this validation reached the disk
+        results.validate(start_step, supervisor.checkpoint_state()["params"].numpy())
     started = time.time()
     with StopOnSignal() as stop:
         loop = _async_loop if t.mode == "async" else _sync_loop
@@ -342,11 +346,12 @@ class StepResults:
             # one they write): a resumed run computes as this one did, where timing again could pick
             # another implementation, which rounds differently
             self.cfg.algorithm.implementation = metrics.implementation
+        self.monitor.record(metrics)
         if metrics.state is not None:  # a CheckpointError (say, a full disk) stops the run; earlier ones stand
+            self.monitor.flush()  # a run killed from here on resumes at this checkpoint, with what is on disk
             metrics.checkpoint = self.store.write(metrics.checkpoint, checkpoint_state(self.cfg, metrics.state))
             metrics.state = None
             self.store.prune(t.checkpoint_keep)
-        self.monitor.record(metrics)
         self.rejected_in_a_row = self.rejected_in_a_row + 1 if metrics.rejected else 0
         for bad in metrics.rejected:
             first, last = bad.tasks
@@ -391,6 +396,7 @@ class StepResults:
         state = supervisor.checkpoint_state()
         at = state["step"]
         if checkpoint:
+            self.monitor.flush()
             self.store.write(step_name(at), state)
             self.store.prune(t.checkpoint_keep)
         if validate:

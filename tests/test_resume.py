@@ -101,6 +101,42 @@ def test_a_run_stopped_by_a_signal_and_resumed_ends_bit_identical(tmp_path, cli_
         assert scalars(runs["stopped"], tag) == scalars(straight, tag), tag  # each step once
 
 
+def _ray_services() -> set[int]:
+    """The pids of every Ray head service on this machine (the tests' own Ray's included)."""
+    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    return {int(pid) for pid in found.split()}
+
+
+def test_a_killed_driver_takes_its_embedded_ray_along_and_resume_latest_ends_bit_identical(tmp_path, cli_env, straight):
+    """SIGKILL to the driver alone (the OOM killer, kill -9): no handler runs, so nothing is saved
+    past the last checkpoint. The embedded Ray it started must not outlive it, holding memory and
+    cores, and `--resume latest` must end where the run left alone ends, each logged step once."""
+    before = _ray_services()
+    killed = launch(["--logdir", str(tmp_path), "run_name=killed", *RUN], cli_env)
+    first = tmp_path / "killed" / "checkpoints" / step_name(100)
+    deadline = time.time() + 240
+    while not first.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # past the checkpoint, into steps that the kill loses
+    killed.kill()
+    assert killed.wait(timeout=30) == -signal.SIGKILL, killed.stdout.read()[-3000:]
+    at = read_checkpoint(_newest(tmp_path / "killed"))["step"]
+    assert 100 <= at < 400, "killed too late to test anything"
+    deadline = time.time() + 60
+    while _ray_services() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_services() - before, "the killed driver's embedded Ray is still running"
+
+    resumed = launch(["--resume", "latest", "--logdir", str(tmp_path)], cli_env)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming at step {at} from" in out
+    final = [read_checkpoint(run / "checkpoints" / "final.pt") for run in (straight, tmp_path / "killed")]
+    assert np.array_equal(final[0]["params"].numpy(), final[1]["params"].numpy())
+    for tag in ("train/loss_after", "val/mse_shots10_steps1", "test/mse_shots10_steps1"):
+        assert scalars(tmp_path / "killed", tag) == scalars(straight, tag), tag  # each step once, none lost
+
+
 def test_a_stop_in_the_last_logging_window_still_writes_final_pt(tmp_path, cli_env):
     """After step 50 the next logging step is the last: a SIGTERM there lets training finish, so
     final.pt is written and the command says how to test it (only the test evaluation is skipped)."""

@@ -208,6 +208,7 @@ def _train(
         first_step, train_started = state.step, time.time()
         stopped, state = _run_steps(cfg, actors, monitor, store, best, state)
         train_s = time.time() - train_started
+        monitor.writer.flush()
         checkpoint = store.write(step_name(state.step), checkpoint_of(cfg, state))
         store.prune(t.checkpoint_keep)
         if state.step == t.steps:  # a stop in the last logging window still finished training
@@ -281,13 +282,16 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
                     f"{in_a_row} meta-steps in a row came out non-finite (the last at step {metrics.step}). "
                     "Start a new run with a lower algorithm.inner_lr, rl.max_kl or meta_optimizer.lr"
                 )
-            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps:
-                store.write(step_name(state.step), checkpoint_of(cfg, state))
-                store.prune(t.checkpoint_keep)
+            # the validation before the checkpoint, whose step a killed run (SIGKILL, the OOM killer)
+            # resumes from with only the events on disk: it must find this step's validation there
             if t.eval_every and state.step % t.eval_every == 0:
                 validate = functools.partial(
                     evaluate_returns, cfg=cfg, theta=state.theta, split="val", num_tasks=t.eval_tasks
                 )
                 rows = actors.run(validate, state, recovered)
                 best.offer(state.step, state.theta, monitor.log_eval(state.step, "val", rows))
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps:
+                monitor.writer.flush()
+                store.write(step_name(state.step), checkpoint_of(cfg, state))
+                store.prune(t.checkpoint_keep)
     return stop.signum, state

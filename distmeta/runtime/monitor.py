@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -216,6 +217,12 @@ class Monitor:
         self.prev_apply_end = None  # the time since the last step includes the recovery: not a step time
         self.recent_steps.clear()
 
+    def flush(self) -> None:
+        """What was logged so far, onto the disk. Called before each checkpoint: a run killed without
+        a chance to close its writer (SIGKILL, the OOM killer) resumes from the checkpoint with the
+        events the disk holds, and the writer would keep up to 2 minutes of them in memory."""
+        self.writer.flush()
+
     def log_eval(self, step: int, prefix: str, rows: list) -> list:
         """Write evaluation rows as scalars; returns the rows."""
         write_eval_scalars(self.writer, step, prefix, rows)
@@ -223,6 +230,15 @@ class Monitor:
 
     def close(self, final_rows=None) -> None:
         close_with_hparams(self.writer, self.cfg, final_rows or [], self.latest.get("step", 0))
+
+
+def validation_logged(run_dir: Path, step: int) -> bool:
+    """Whether the run's events hold a validation at ``step``, read as TensorBoard reads them
+    (events at or past a resumed part's purge step, written before it, do not count)."""
+    events = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})  # 0: every event, not a sample
+    events.Reload()
+    tags = [tag for tag in events.Tags()[SCALARS] if tag.startswith("val/")]
+    return any(event.step == step for tag in tags for event in events.Scalars(tag))
 
 
 def close_with_hparams(writer: CheckedWriter, cfg: Config, final_rows: list, step: int) -> None:
