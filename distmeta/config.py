@@ -209,7 +209,8 @@ class TrainConfig:
     # fastest kernels, some of which sum in a different order each run (atomics).
     tf32: bool = False
     deterministic: bool = True
-    log_every: int = bounded(20, at_least=1)  # TensorBoard scalars, averaged over this many steps
+    # TensorBoard scalars, averaged over this many steps (a window also ends at each checkpoint)
+    log_every: int = bounded(20, at_least=1)
     print_every_s: float = bounded(5.0, above=0)
     checkpoint_every: int = bounded(1000, at_least=0)  # steps between checkpoints (0: only the final one)
     checkpoint_keep: int = bounded(3, at_least=0)  # periodic checkpoints kept, newest first (0: all)

@@ -296,8 +296,9 @@ def test_a_resumed_runs_best_checkpoint_competes_only_under_the_same_protocol(tm
 
 
 def test_the_schedule_names_each_step_s_extras():
-    """One schedule for the driver, the asynchronous server and the monitor: windows end every
-    log_every steps and at the run's end; checkpoints and published parameters on their own intervals."""
+    """One schedule for the driver, the asynchronous server and the monitors: windows end every
+    log_every steps, at each checkpoint and at the run's end; checkpoints and published parameters
+    on their own intervals."""
     from distmeta.runtime.control import Schedule
 
     schedule = Schedule.of(small("train.steps=10", "train.checkpoint_every=4", "train.eval_every=6").train)
@@ -306,6 +307,9 @@ def test_the_schedule_names_each_step_s_extras():
     assert [done for done in range(1, 11) if schedule.publishes(done)] == [6]
     assert schedule.control(7, generation=2) == StepControl(7, 2, "step_00000008.pt", publish=False, score_before=True)
     assert schedule.control(4) == StepControl(4, 0, None, publish=False, score_before=False)
+    # a checkpoint ends a window too: a run resumed from it starts one there, as the run left alone does
+    apart = Schedule.of(small("train.steps=10", "train.log_every=4", "train.checkpoint_every=6").train)
+    assert [done for done in range(1, 11) if apart.logs(done)] == [4, 6, 8, 10]
     never = Schedule.of(small("train.checkpoint_every=0", "train.eval_every=0").train)
     assert not any(never.checkpoint(done) or never.publishes(done) for done in range(1, 13))
     # a call of several steps (cluster.steps_per_call) ends at a logging step at the latest

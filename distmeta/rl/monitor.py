@@ -24,13 +24,14 @@ from pathlib import Path
 from distmeta.config import Config
 from distmeta.report import duration
 from distmeta.rl.local import MetaRLMetrics
+from distmeta.runtime.control import Schedule
 from distmeta.runtime.monitor import close_with_hparams, run_writer, write_eval_scalars
 
 
 class MetaRLMonitor:
     def __init__(self, run_dir: Path, cfg: Config, start_step: int = 0, out=sys.stdout, rejected_before: int = 0):
         """``rejected_before``: steps a resumed run's earlier part rejected (its count goes on from there)."""
-        self.cfg, self.out = cfg, out
+        self.cfg, self.out, self.schedule = cfg, out, Schedule.of(cfg.train)
         self.writer = run_writer(run_dir, cfg, start_step)
         self.sums: dict[str, float] = defaultdict(float)
         self.window = 0
@@ -68,7 +69,7 @@ class MetaRLMonitor:
         self.recent.append(step_s)
         self.environment_steps += m.environment_steps
         self.total_s += step_s
-        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:
+        if self.schedule.logs(step):
             self._flush(step)
         if time.time() - self.last_print >= self.cfg.train.print_every_s or step == self.cfg.train.steps:
             self._print(step)

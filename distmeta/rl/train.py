@@ -47,6 +47,7 @@ from distmeta.rl.setup import MetaRLSetup, is_meta_rl
 from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_in_a_row
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import connect, describe_layout, plan_layout
+from distmeta.runtime.control import Schedule
 from distmeta.runtime.supervisor import (
     MAX_RETRIES_OF_ONE_STEP,
     ActorFailed,
@@ -254,7 +255,7 @@ def _train(
 
 def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best, state: LearnerState):
     """The loop proper: (the signal that stopped it or 0, the state after the last step)."""
-    t, c = cfg.train, cfg.cluster
+    t, c, schedule = cfg.train, cfg.cluster, Schedule.of(cfg.train)
     in_a_row = rejected_in_a_row(state.rejected_steps, state.step)  # a resumed run's count goes on
 
     def recovered(err: Exception, recoveries: int) -> None:
@@ -266,7 +267,7 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
         )
 
     with StopOnSignal() as stop:
-        while state.step < t.steps and not (stop.requested() and state.step % t.log_every == 0):
+        while state.step < t.steps and not (stop.requested() and schedule.logs(state.step)):
             began = time.time()
             step = functools.partial(RayMetaRL.step, step=state.step, timeout_s=c.step_timeout_s)
             metrics, state = actors.run(step, state, recovered)
@@ -284,13 +285,13 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
                 )
             # the validation before the checkpoint, whose step a killed run (SIGKILL, the OOM killer)
             # resumes from with only the events on disk: it must find this step's validation there
-            if t.eval_every and state.step % t.eval_every == 0:
+            if schedule.publishes(state.step):
                 validate = functools.partial(
                     evaluate_returns, cfg=cfg, theta=state.theta, split="val", num_tasks=t.eval_tasks
                 )
                 rows = actors.run(validate, state, recovered)
                 best.offer(state.step, state.theta, monitor.log_eval(state.step, "val", rows))
-            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < t.steps:
+            if schedule.checkpoint(state.step) and state.step < t.steps:
                 monitor.writer.flush()
                 store.write(step_name(state.step), checkpoint_of(cfg, state))
                 store.prune(t.checkpoint_keep)

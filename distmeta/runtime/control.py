@@ -48,9 +48,10 @@ class Schedule:
         return cls(train.steps, train.log_every, train.checkpoint_every, train.eval_every)
 
     def logs(self, done: int) -> bool:
-        """A TensorBoard window ends here (every ``log_every`` steps, and at the run's end). A stop
-        lands on one, so a resumed run's windows are whole."""
-        return done % self.log_every == 0 or done == self.steps
+        """A TensorBoard window ends here: every ``log_every`` steps, at each checkpoint and at the
+        run's end. A stop lands on one, and a run resumed from a checkpoint starts a window there,
+        so a resumed run's windows (and their averages) are the run left alone's."""
+        return done % self.log_every == 0 or done == self.steps or self.checkpoint(done) is not None
 
     def checkpoint(self, done: int) -> str | None:
         """The checkpoint written after ``done`` steps, if one is."""
