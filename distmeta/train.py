@@ -180,10 +180,10 @@ def _train(
     t = cfg.train
     supervisor = Supervisor(cfg, initial, store.location, placed, (source.spec, source.kind))
     try:
-        train_s, monitor, best, evaluations, stopped = _run_steps(cfg, run_dir, supervisor, store)
+        train_s, results, stopped = _run_steps(cfg, run_dir, supervisor, store)
         state = supervisor.checkpoint_state()
         done, final_params = state["step"], state["params"].numpy()
-        monitor.flush()
+        results.logged_before_checkpoint(done + 1)  # the last step's validation too: training is over
         checkpoint = store.write(step_name(done), state)
         store.prune(t.checkpoint_keep)
         if done == t.steps:  # a stop in the last logging window still finished training
@@ -193,8 +193,7 @@ def _train(
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next
         supervisor.close()
         supervisor.kill_all()
-    for at, params, pending in evaluations:
-        best.offer(at, params, monitor.log_eval(at, "val", collect_evaluation(cfg, pending)))
+    monitor, best = results.monitor, results.best
     if stopped:
         monitor.close()
         raise RunInterrupted(stopped, done, checkpoint, run_dir, finished=done == t.steps)
@@ -216,8 +215,8 @@ def _train(
 
 
 def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: CheckpointStore):
-    """The training loop proper; returns (seconds, monitor, best checkpoint, validations still
-    running, the signal that stopped it or 0)."""
+    """The training loop proper; returns (seconds, the results it logged, the signal that stopped
+    it or 0)."""
     c, t = cfg.cluster, cfg.train
     placed = supervisor.placed.cluster
     if t.mode == "async":
@@ -239,14 +238,14 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     in_a_row = rejected_in_a_row(status.rejected_steps, start_step)
     results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), in_a_row)
     if start_step and Schedule.of(t).publishes(start_step) and not validation_logged(run_dir, start_step):
-        # the earlier part was killed (SIGKILL, the OOM killer) before this validation reached the disk
+        print(f"validating step {start_step} again: the earlier part ended before its validation was on disk")
         results.validate(start_step, supervisor.checkpoint_state()["params"].numpy())
     started = time.time()
     with StopOnSignal() as stop:
         loop = _async_loop if t.mode == "async" else _sync_loop
         loop(cfg, supervisor, results, stop, start_step)
         supervisor.close()
-    return time.time() - started, results.monitor, results.best, results.evaluations, stop.signum
+    return time.time() - started, results, stop.signum
 
 
 def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: StopOnSignal, next_step: int):
@@ -346,12 +345,15 @@ class StepResults:
             # one they write): a resumed run computes as this one did, where timing again could pick
             # another implementation, which rounds differently
             self.cfg.algorithm.implementation = metrics.implementation
-        self.monitor.record(metrics)
-        if metrics.state is not None:  # a CheckpointError (say, a full disk) stops the run; earlier ones stand
-            self.monitor.flush()  # a run killed from here on resumes at this checkpoint, with what is on disk
-            metrics.checkpoint = self.store.write(metrics.checkpoint, checkpoint_state(self.cfg, metrics.state))
-            metrics.state = None
-            self.store.prune(t.checkpoint_keep)
+        try:
+            self.monitor.record(metrics)
+            if metrics.state is not None:
+                self.logged_before_checkpoint(metrics.step + 1)
+        finally:  # a failed events write (a full local disk) still leaves this step's checkpoint
+            if metrics.state is not None:  # a CheckpointError (a full disk) stops the run; earlier ones stand
+                metrics.checkpoint = self.store.write(metrics.checkpoint, checkpoint_state(self.cfg, metrics.state))
+                metrics.state = None
+                self.store.prune(t.checkpoint_keep)
         self.rejected_in_a_row = self.rejected_in_a_row + 1 if metrics.rejected else 0
         for bad in metrics.rejected:
             first, last = bad.tasks
@@ -377,11 +379,22 @@ class StepResults:
         pending = submit_evaluation(self.cfg, params, "val", self.cfg.train.eval_tasks)
         self.evaluations.append(PendingValidation(at, params, pending))
 
-    def collect_evaluations(self) -> None:
-        """Log the validations that have finished, in order."""
-        while self.evaluations and evaluation_ready(self.evaluations[0].pending):
+    def collect_evaluations(self, waiting_before: int = 0) -> None:
+        """Log the validations that have finished, in order, and wait for those of the steps before
+        ``waiting_before``."""
+        while self.evaluations and (
+            self.evaluations[0].at < waiting_before or evaluation_ready(self.evaluations[0].pending)
+        ):
             at, params, pending = self.evaluations.popleft()
             self.best.offer(at, params, self.monitor.log_eval(at, "val", collect_evaluation(self.cfg, pending)))
+
+    def logged_before_checkpoint(self, step: int) -> None:
+        """Put on disk what a checkpoint after ``step`` steps follows: a run killed once it is written
+        (SIGKILL, the OOM killer) resumes from it with the events on disk alone, and the writer holds
+        up to 2 minutes of them in memory. The validation at ``step`` itself runs on: a resumed run
+        repeats it if it never reached the disk."""
+        self.collect_evaluations(waiting_before=step)  # rarely waits: a validation takes fewer than eval_every steps
+        self.monitor.flush()
 
     def catch_up(self, supervisor: Supervisor, applied: range) -> None:
         """Steps the servers applied whose results a fault dropped (``applied``: their counts of
@@ -396,7 +409,7 @@ class StepResults:
         state = supervisor.checkpoint_state()
         at = state["step"]
         if checkpoint:
-            self.monitor.flush()
+            self.logged_before_checkpoint(at)
             self.store.write(step_name(at), state)
             self.store.prune(t.checkpoint_keep)
         if validate:

@@ -48,6 +48,13 @@ def test_fetch_downloads_verifies_and_builds(omniglot_src, mirror, tmp_path):
     assert sum("already downloaded, md5 ok" in line for line in lines) == 2
     assert "already holds the Omniglot shards: kept" in lines[-1]  # nor built twice
     assert (tmp_path / "manifest.json").stat().st_mtime_ns == built
+    # a build killed before its manifest (SIGKILL, the OOM killer: no handler removes its shards) is
+    # done again, where `data build` would refuse the folder: the fetch is what a pod's init runs
+    (tmp_path / "manifest.json").unlink()
+    lines.clear()
+    fetch_omniglot(tmp_path, url=mirror, md5=md5, progress=lines.append)
+    assert any("removed 1 shard(s) of an earlier build that did not finish" in line for line in lines), lines
+    assert len(ShardedDataset(tmp_path).classes) == 1623
 
 
 def test_a_checksum_mismatch_keeps_nothing(mirror, tmp_path):

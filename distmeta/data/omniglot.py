@@ -113,4 +113,10 @@ def fetch_omniglot(
     if (out / MANIFEST).exists() and read_manifest(out).get("dataset") == "omniglot":
         progress(f"{out} already holds the Omniglot shards: kept (remove {out / MANIFEST} and the shards to rebuild)")
         return out / MANIFEST
+    if not (out / MANIFEST).exists():  # the manifest comes last: these are a build killed mid-way (SIGKILL, OOM)
+        orphans = sorted(out.glob("shard-*.arrow"))
+        for shard in orphans:
+            shard.unlink()
+        if orphans:
+            progress(f"removed {len(orphans)} shard(s) of an earlier build that did not finish (no {MANIFEST})")
     return build_omniglot(out / "downloads", out, progress)

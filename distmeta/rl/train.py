@@ -285,14 +285,16 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
                 )
             # the validation before the checkpoint, whose step a killed run (SIGKILL, the OOM killer)
             # resumes from with only the events on disk: it must find this step's validation there
-            if schedule.publishes(state.step):
-                validate = functools.partial(
-                    evaluate_returns, cfg=cfg, theta=state.theta, split="val", num_tasks=t.eval_tasks
-                )
-                rows = actors.run(validate, state, recovered)
-                best.offer(state.step, state.theta, monitor.log_eval(state.step, "val", rows))
-            if schedule.checkpoint(state.step) and state.step < t.steps:
-                monitor.writer.flush()
-                store.write(step_name(state.step), checkpoint_of(cfg, state))
-                store.prune(t.checkpoint_keep)
+            try:
+                if schedule.publishes(state.step):
+                    validate = functools.partial(
+                        evaluate_returns, cfg=cfg, theta=state.theta, split="val", num_tasks=t.eval_tasks
+                    )
+                    rows = actors.run(validate, state, recovered)
+                    best.offer(state.step, state.theta, monitor.log_eval(state.step, "val", rows))
+            finally:  # a validation that stops the run still leaves the checkpoint of its step
+                if schedule.checkpoint(state.step) and state.step < t.steps:
+                    monitor.writer.flush()
+                    store.write(step_name(state.step), checkpoint_of(cfg, state))
+                    store.prune(t.checkpoint_keep)
     return stop.signum, state

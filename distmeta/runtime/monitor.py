@@ -218,14 +218,14 @@ class Monitor:
         self.recent_steps.clear()
 
     def flush(self) -> None:
-        """What was logged so far, onto the disk. Called before each checkpoint: a run killed without
-        a chance to close its writer (SIGKILL, the OOM killer) resumes from the checkpoint with the
-        events the disk holds, and the writer would keep up to 2 minutes of them in memory."""
+        """What was logged so far, onto the disk (before each checkpoint: ``StepResults``)."""
         self.writer.flush()
 
     def log_eval(self, step: int, prefix: str, rows: list) -> list:
-        """Write evaluation rows as scalars; returns the rows."""
+        """Write evaluation rows as scalars, onto the disk at once (a validation whole, or none of
+        it: ``validation_logged``); returns the rows."""
         write_eval_scalars(self.writer, step, prefix, rows)
+        self.writer.flush()
         return rows
 
     def close(self, final_rows=None) -> None:
