@@ -238,7 +238,7 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     in_a_row = rejected_in_a_row(status.rejected_steps, start_step)
     results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), in_a_row)
     if start_step and Schedule.of(t).publishes(start_step) and not validation_logged(run_dir, start_step):
-        print(f"validating step {start_step} again: the earlier part ended before its validation was on disk")
+        print(f"validating step {start_step} again: the earlier part ended before it was on disk", flush=True)
         results.validate(start_step, supervisor.checkpoint_state()["params"].numpy())
     started = time.time()
     with StopOnSignal() as stop:
