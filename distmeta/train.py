@@ -394,7 +394,7 @@ class StepResults:
         up to 2 minutes of them in memory. The validation at ``step`` itself runs on: a resumed run
         repeats it if it never reached the disk."""
         self.collect_evaluations(waiting_before=step)  # rarely waits: a validation takes fewer than eval_every steps
-        self.monitor.flush()
+        self.monitor.writer.flush()
 
     def catch_up(self, supervisor: Supervisor, applied: range) -> None:
         """Steps the servers applied whose results a fault dropped (``applied``: their counts of

@@ -51,7 +51,8 @@ class Schedule:
         """A TensorBoard window ends here: every ``log_every`` steps, at each checkpoint and at the
         run's end. A stop lands on one, and a run resumed from a checkpoint starts a window there,
         so a resumed run's windows (and their averages) are the run left alone's."""
-        return done % self.log_every == 0 or done == self.steps or self.checkpoint(done) is not None
+        checkpoints = self.checkpoint_every and done % self.checkpoint_every == 0
+        return done % self.log_every == 0 or done == self.steps or bool(checkpoints)
 
     def checkpoint(self, done: int) -> str | None:
         """The checkpoint written after ``done`` steps, if one is."""

@@ -217,10 +217,6 @@ class Monitor:
         self.prev_apply_end = None  # the time since the last step includes the recovery: not a step time
         self.recent_steps.clear()
 
-    def flush(self) -> None:
-        """What was logged so far, onto the disk (before each checkpoint: ``StepResults``)."""
-        self.writer.flush()
-
     def log_eval(self, step: int, prefix: str, rows: list) -> list:
         """Write evaluation rows as scalars, onto the disk at once (a validation whole, or none of
         it: ``validation_logged``); returns the rows."""
