@@ -41,7 +41,9 @@ def score(cfg, params, steps: int, shots: int, episodes: int, shards: str | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--row", action="append", required=True, help="NAME=CHECKPOINT[@STEPS]")
+    parser.add_argument(
+        "--row", action="append", required=True, help="NAME=CHECKPOINT[@STEPS[@algorithm.FIELD=VALUE...]]"
+    )
     parser.add_argument("--dataset", action="append", default=[], help="NAME=SHARDS (other domains' columns)")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: beside a training run)")

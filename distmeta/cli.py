@@ -138,7 +138,12 @@ def evaluate_parser(prog: str) -> argparse.ArgumentParser:
     )
     _add_flags(parser, EVAL_FLAGS)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="other eval.* fields")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="eval.* fields, task.shards, algorithm.finetune or algorithm.head_init",
+    )
     return parser
 
 

@@ -31,19 +31,25 @@ ROOT = Path(__file__).resolve().parent.parent
 NAVIGATION = ROOT / "configs" / "navigation2d_maml_trpo.yaml"
 
 
+# The shipped navigation config at test size, in float64. The damping: at the paper's 1e-5 conjugate
+# gradient amplifies the last bits of the workers' sums (test_rl.py), so the system and one process
+# are compared at 0.1.
+TEST_SIZE = [
+    "model.hidden=[8]",
+    "train.dtype=float64",
+    "train.meta_batch_size=4",
+    "rl.episodes_per_task=3",
+    "rl.cg_damping=0.1",
+]
+
+
 def small(tmp_path, *overrides, config=NAVIGATION):
-    """The shipped navigation config at test size, in float64. The damping: at the paper's 1e-5
-    conjugate gradient amplifies the last bits of the workers' sums (test_rl.py), so the system and
-    one process are compared at 0.1."""
+    """The shipped navigation config at test size (``TEST_SIZE``), 4 steps on 2 workers."""
     return load_config(
         config,
         [
             f"logdir={tmp_path}",
-            "model.hidden=[8]",
-            "train.dtype=float64",
-            "train.meta_batch_size=4",
-            "rl.episodes_per_task=3",
-            "rl.cg_damping=0.1",
+            *TEST_SIZE,
             "train.steps=4",
             "train.checkpoint_every=2",
             "train.eval_every=2",
@@ -272,11 +278,7 @@ def test_sigterm_stops_a_meta_rl_run_with_a_checkpoint_and_resume_finishes_it(ra
     overrides = [
         f"logdir={tmp_path}",
         "run_name=stopped",
-        "model.hidden=[8]",
-        "train.dtype=float64",
-        "train.meta_batch_size=4",
-        "rl.episodes_per_task=3",
-        "rl.cg_damping=0.1",
+        *TEST_SIZE,
         "train.steps=200",
         "train.eval_every=0",
         "eval.num_tasks=2",
@@ -304,6 +306,49 @@ def test_sigterm_stops_a_meta_rl_run_with_a_checkpoint_and_resume_finishes_it(ra
     straight = load_config(NAVIGATION, [*overrides, "run_name=straight", f"train.steps={stopped_at + 2}"])
     train(straight, tmp_path / "straight")  # the same run left alone
     assert torch.equal(final_params(tmp_path / "stopped"), final_params(tmp_path / "straight"))
+
+
+def test_a_killed_meta_rl_driver_resumes_latest_bit_identical_with_each_step_logged_once(ray_local, tmp_path, cli_env):
+    """SIGKILL (the OOM killer, kill -9) two steps past the checkpoint at step 6: no handler runs.
+    Meta-RL validates a step before it checkpoints it, so `--resume latest` finds the validation of
+    step 6 on disk, re-runs steps 7 and 8 (whose logged events it purges) and ends where the run left
+    alone ends."""
+    overrides = [
+        f"logdir={tmp_path}",
+        *TEST_SIZE,
+        "train.steps=14",
+        "train.log_every=2",
+        "train.print_every_s=0.001",  # a line a step
+        "train.checkpoint_every=6",
+        "train.eval_every=6",
+        "train.eval_tasks=2",
+        "eval.num_tasks=2",
+        "eval.shots=[2]",
+        "cluster.num_workers=2",
+        "cluster.cpus_per_worker=1",
+    ]
+    command = [sys.executable, "launch.py", "--config", str(NAVIGATION), *overrides, "run_name=killed"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env, cwd=ROOT)
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if line.startswith("step 8/"):
+            run.kill()
+            break
+    assert run.wait(timeout=30) == -signal.SIGKILL, "".join(lines) + run.stdout.read()
+    killed = tmp_path / "killed"
+    assert [p.name for p in sorted((killed / "checkpoints").glob("step_*.pt"))] == ["step_00000006.pt"]
+
+    resumed = [sys.executable, "launch.py", "--resume", "latest", "--logdir", str(tmp_path)]
+    done = subprocess.run(resumed, capture_output=True, text=True, env=cli_env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming at step 6" in done.stdout and "validating step 6 again" not in done.stdout
+    train(load_config(NAVIGATION, [*overrides, "run_name=straight"]), tmp_path / "straight")
+    assert torch.equal(final_params(killed), final_params(tmp_path / "straight"))
+    for tag in ("return/after_adaptation", "meta_step/kl", "val/return_shots2_steps1", "test/return_shots2_steps1"):
+        runs = [EventAccumulator(str(run)) for run in (killed, tmp_path / "straight")]
+        got, want = ([(e.step, e.value) for e in events.Reload().Scalars(tag)] for events in runs)
+        assert got == want, tag  # each step once, none lost
 
 
 def test_an_actor_whose_constructor_raises_stops_the_run_with_its_error(ray_local, tmp_path):
