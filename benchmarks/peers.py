@@ -194,17 +194,23 @@ def higher_loop(cfg: Config, theta: list[torch.Tensor]):
     plain.opt = type(plain.opt)(plain.w, lr=cfg.meta_optimizer.lr)
     inner = torch.optim.SGD(plain.w, lr=cfg.algorithm.inner_lr)
 
+    second_order = cfg.algorithm.name == "maml"
+
     def maml(tasks) -> None:
         for sx, sy, qx, qy in zip(*tasks):
             # copy_initial_weights=False: the meta-gradient reaches net's own parameters (MAML with higher)
-            second_order = cfg.algorithm.name == "maml"
             with higher.innerloop_ctx(net, inner, copy_initial_weights=False, track_higher_grads=second_order) as (
                 fnet,
                 diffopt,
             ):
                 for _ in range(cfg.algorithm.inner_steps):
                     diffopt.step(plain.loss(fnet(sx), sy))
-                (plain.loss(fnet(qx), qy) / len(tasks[0])).backward()
+                query = plain.loss(fnet(qx), qy) / len(tasks[0])
+                if second_order:
+                    query.backward()
+                else:  # higher detaches the adapted weights: their gradient is passed to θ by hand
+                    for p, g in zip(plain.w, torch.autograd.grad(query, list(fnet.parameters())), strict=True):
+                        p.grad = g if p.grad is None else p.grad + g
 
     plain.step_fn = maml
     return plain
