@@ -43,6 +43,8 @@ from distmeta.config import Config, ConfigError
 from distmeta.evaluate import (
     check_evaluation,
     collect_evaluation,
+    eval_shots,
+    eval_steps,
     evaluation_ready,
     protocol,
     submit_evaluation,
@@ -237,7 +239,12 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     monitor = Monitor(run_dir, cfg, start_step, rejected_before=len(status.rejected_steps))
     in_a_row = rejected_in_a_row(status.rejected_steps, start_step)
     results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), in_a_row)
-    if start_step and Schedule.of(t).publishes(start_step) and not validation_logged(run_dir, start_step):
+    rows_per_validation = len(eval_shots(cfg)) * len(eval_steps(cfg))
+    if (
+        start_step
+        and Schedule.of(t).publishes(start_step)
+        and not validation_logged(run_dir, start_step, rows_per_validation)
+    ):
         print(f"validating step {start_step} again: the earlier part ended before it was on disk", flush=True)
         results.validate(start_step, supervisor.checkpoint_state()["params"].numpy())
     started = time.time()
@@ -386,7 +393,11 @@ class StepResults:
             self.evaluations[0].at < waiting_before or evaluation_ready(self.evaluations[0].pending)
         ):
             at, params, pending = self.evaluations.popleft()
-            self.best.offer(at, params, self.monitor.log_eval(at, "val", collect_evaluation(self.cfg, pending)))
+            rows = collect_evaluation(self.cfg, pending)
+            # best.pt first: a run killed between the two repeats the validation on resume (the
+            # events lack it), where killed the other way round it would resume with best.pt short of it
+            self.best.offer(at, params, rows)
+            self.monitor.log_eval(at, "val", rows)
 
     def logged_before_checkpoint(self, step: int) -> None:
         """Put on disk what a checkpoint after ``step`` steps follows: a run killed once it is written

@@ -16,12 +16,15 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_faults import MODELS
 from test_runtime import saved_params, small
+from torch.utils.tensorboard import SummaryWriter
 
 from distmeta.algorithms import initial_parameters
 from distmeta.checkpoint import CheckpointStore, checkpoint_location, read_checkpoint, step_name
 from distmeta.config import ConfigError, load_config
+from distmeta.report import EvalRow
 from distmeta.resume import prepare_resume
 from distmeta.runfolder import release
+from distmeta.runtime.monitor import validation_logged, write_eval_scalars
 from distmeta.tasks import build_source
 from distmeta.train import train
 
@@ -132,6 +135,23 @@ def test_a_killed_driver_takes_its_embedded_ray_along_and_resume_latest_ends_bit
     assert np.array_equal(final[0]["params"].numpy(), final[1]["params"].numpy())
     for tag in ("train/loss_after", "val/mse_shots10_steps1", "test/mse_shots10_steps1"):
         assert scalars(tmp_path / "killed", tag) == scalars(straight, tag), tag  # each step once, none lost
+
+
+def test_a_validation_counts_as_logged_only_whole(tmp_path):
+    """The writer appends each scalar as it goes: a run killed while logging a validation leaves
+    part of it on disk, and its resume must repeat it."""
+    rows = [
+        EvalRow(ways=5, shots=1, steps=k, metric="accuracy", mean=0.5, ci95=0.1, median=0.5, diverged=0, tasks=10)
+        for k in (1, 3)
+    ]
+    writer = SummaryWriter(str(tmp_path))
+    write_eval_scalars(writer, 100, "val", rows)  # a whole one at step 100
+    for tag in ("val/accuracy_5way_shots1_steps1", "val/accuracy_5way_shots1_steps1_ci95"):
+        writer.add_scalar(tag, 0.5, 200)  # the first two of eight scalars at step 200
+    writer.close()
+    assert validation_logged(tmp_path, 100, rows=2)
+    assert not validation_logged(tmp_path, 200, rows=2)
+    assert not validation_logged(tmp_path, 300, rows=2)
 
 
 def test_a_stop_in_the_last_logging_window_still_writes_final_pt(tmp_path, cli_env):

@@ -351,6 +351,21 @@ def test_a_killed_meta_rl_driver_resumes_latest_bit_identical_with_each_step_log
         assert got == want, tag  # each step once, none lost
 
 
+def test_a_resume_whose_checkpoint_step_has_no_validation_on_disk_validates_it_first(ray_local, tmp_path, capsys):
+    """As after a validation that failed (its checkpoint is still written) or a kill while it was
+    being logged: the resumed run validates its start step before the next, and best.pt has it."""
+    train(small(tmp_path, "run_name=run", "train.steps=2", "train.eval_every=0"), tmp_path / "run")
+    assert "val/return_shots3_steps1" not in EventAccumulator(str(tmp_path / "run")).Reload().Tags()["scalars"]
+    cfg, run_dir = prepare_resume(
+        str(tmp_path / "run" / "checkpoints" / "step_00000002.pt"), ["train.steps=4", "train.eval_every=2"], {}
+    )
+    train(cfg, run_dir, resume=True)
+    assert "validating step 2 again" in capsys.readouterr().out
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [e.step for e in events.Scalars("val/return_shots3_steps1")] == [2, 4]
+    assert read_checkpoint(run_dir / "checkpoints" / "best.pt")["step"] in (2, 4)
+
+
 def test_an_actor_whose_constructor_raises_stops_the_run_with_its_error(ray_local, tmp_path):
     """Not retried on fewer workers, and not reported as a cluster without room."""
     from distmeta.rl.envs import Navigation2D

@@ -43,11 +43,12 @@ from distmeta.rl.distributed import RayMetaRL
 from distmeta.rl.evaluate import evaluate_returns, protocol
 from distmeta.rl.local import LearnerState
 from distmeta.rl.monitor import MetaRLMonitor
-from distmeta.rl.setup import MetaRLSetup, is_meta_rl
+from distmeta.rl.setup import MetaRLSetup, eval_episodes, eval_steps, is_meta_rl
 from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_in_a_row
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import connect, describe_layout, plan_layout
 from distmeta.runtime.control import Schedule
+from distmeta.runtime.monitor import validation_logged
 from distmeta.runtime.supervisor import (
     MAX_RETRIES_OF_ONE_STEP,
     ActorFailed,
@@ -207,7 +208,7 @@ def _train(
         monitor = MetaRLMonitor(run_dir, cfg, state.step, rejected_before=len(state.rejected_steps))
         best = BestCheckpoint(cfg, store)
         first_step, train_started = state.step, time.time()
-        stopped, state = _run_steps(cfg, actors, monitor, store, best, state)
+        stopped, state = _run_steps(cfg, actors, monitor, store, best, state, run_dir)
         train_s = time.time() - train_started
         monitor.writer.flush()
         checkpoint = store.write(step_name(state.step), checkpoint_of(cfg, state))
@@ -253,7 +254,7 @@ def _train(
     )
 
 
-def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best, state: LearnerState):
+def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best, state: LearnerState, run_dir: Path):
     """The loop proper: (the signal that stopped it or 0, the state after the last step)."""
     t, c, schedule = cfg.train, cfg.cluster, Schedule.of(cfg.train)
     in_a_row = rejected_in_a_row(state.rejected_steps, state.step)  # a resumed run's count goes on
@@ -265,6 +266,26 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
             f"{len(actors.group.workers)} worker(s), tasks {actors.group.shares}",
             flush=True,
         )
+
+    def validate() -> None:
+        validation = functools.partial(
+            evaluate_returns, cfg=cfg, theta=state.theta, split="val", num_tasks=t.eval_tasks
+        )
+        rows = actors.run(validation, state, recovered)
+        # best.pt first: a run killed between the two repeats the validation on resume (the events
+        # lack it), where killed the other way round it would resume with best.pt short of it
+        best.offer(state.step, state.theta, rows)
+        monitor.log_eval(state.step, "val", rows)
+
+    rows_per_validation = len(eval_episodes(cfg)) * len(eval_steps(cfg))
+    if (
+        state.step
+        and schedule.publishes(state.step)
+        and not validation_logged(run_dir, state.step, rows_per_validation)
+    ):
+        # its checkpoint was written after a validation that failed, or was cut short by a kill
+        print(f"validating step {state.step} again: the earlier part ended before it was on disk", flush=True)
+        validate()
 
     with StopOnSignal() as stop:
         while state.step < t.steps and not (stop.requested() and schedule.logs(state.step)):
@@ -285,16 +306,14 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
                 )
             # the validation before the checkpoint, whose step a killed run (SIGKILL, the OOM killer)
             # resumes from with only the events on disk: it must find this step's validation there
+            checkpoint = schedule.checkpoint(state.step) and state.step < t.steps
             try:
                 if schedule.publishes(state.step):
-                    validate = functools.partial(
-                        evaluate_returns, cfg=cfg, theta=state.theta, split="val", num_tasks=t.eval_tasks
-                    )
-                    rows = actors.run(validate, state, recovered)
-                    best.offer(state.step, state.theta, monitor.log_eval(state.step, "val", rows))
-            finally:  # a validation that stops the run still leaves the checkpoint of its step
-                if schedule.checkpoint(state.step) and state.step < t.steps:
+                    validate()
+                if checkpoint:
                     monitor.writer.flush()
+            finally:  # a validation or events write that stops the run still leaves the checkpoint of its step
+                if checkpoint:
                     store.write(step_name(state.step), checkpoint_of(cfg, state))
                     store.prune(t.checkpoint_keep)
     return stop.signum, state

@@ -218,23 +218,24 @@ class Monitor:
         self.recent_steps.clear()
 
     def log_eval(self, step: int, prefix: str, rows: list) -> list:
-        """Write evaluation rows as scalars, onto the disk at once (a validation whole, or none of
-        it: ``validation_logged``); returns the rows."""
+        """Write evaluation rows as scalars, onto the disk at once (``write_eval_scalars`` flushes);
+        returns the rows."""
         write_eval_scalars(self.writer, step, prefix, rows)
-        self.writer.flush()
         return rows
 
     def close(self, final_rows=None) -> None:
         close_with_hparams(self.writer, self.cfg, final_rows or [], self.latest.get("step", 0))
 
 
-def validation_logged(run_dir: Path, step: int) -> bool:
-    """Whether the run's events hold a validation at ``step``, read as TensorBoard reads them
-    (events at or past a resumed part's purge step, written before it, do not count)."""
+def validation_logged(run_dir: Path, step: int, rows: int) -> bool:
+    """Whether the run's events hold a whole validation of ``rows`` rows at ``step``, read as
+    TensorBoard reads them (events at or past a resumed part's purge step, written before it, do
+    not count). The writer appends each scalar as it goes, so a run killed while logging one leaves
+    part of it: that counts as none (four scalars a row, ``write_eval_scalars``)."""
     events = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})  # 0: every event, not a sample
     events.Reload()
     tags = [tag for tag in events.Tags()[SCALARS] if tag.startswith("val/")]
-    return any(event.step == step for tag in tags for event in events.Scalars(tag))
+    return sum(any(event.step == step for event in events.Scalars(tag)) for tag in tags) >= 4 * rows
 
 
 def close_with_hparams(writer: CheckedWriter, cfg: Config, final_rows: list, step: int) -> None:
