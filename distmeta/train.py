@@ -419,12 +419,14 @@ class StepResults:
             return
         state = supervisor.checkpoint_state()
         at = state["step"]
-        if checkpoint:
-            self.logged_before_checkpoint(at)
-            self.store.write(step_name(at), state)
-            self.store.prune(t.checkpoint_keep)
         if validate:
             self.validate(at, state["params"].numpy())
+        if checkpoint:
+            # its validation too (at + 1): ``at`` may be off the schedule, and a resume from it would
+            # not know to repeat a validation lost with the run
+            self.logged_before_checkpoint(at + 1)
+            self.store.write(step_name(at), state)
+            self.store.prune(t.checkpoint_keep)
 
     def recover(self, supervisor: Supervisor, err: Exception, failed: int) -> int:
         """Recover from a fault at step ``failed`` (``Supervisor.recover``); returns the step to go on from."""

@@ -190,8 +190,9 @@ def test_steps_applied_before_a_fault_dropped_their_results_still_get_their_chec
     after applying some: the servers are then past the failed step, and what those steps were due
     (here step 5's checkpoint and validation) is made from the state the servers hold."""
     from distmeta.checkpoint import BestCheckpoint
+    from distmeta.evaluate import eval_shots, eval_steps
     from distmeta.runtime.control import Schedule
-    from distmeta.runtime.monitor import Monitor
+    from distmeta.runtime.monitor import Monitor, validation_logged
     from distmeta.runtime.supervisor import Supervisor
     from distmeta.train import StepResults
 
@@ -215,13 +216,15 @@ def test_steps_applied_before_a_fault_dropped_their_results_still_get_their_chec
         seven = LocalLoop(cfg)  # the parameters after 7 steps, made again without Ray
         seven.run(7)
         np.testing.assert_allclose(written["params"].numpy(), seven.parameters(), rtol=1e-10, atol=1e-12)
-        while results.evaluations:
-            results.collect_evaluations()
+        # validated and logged before the checkpoint was written: a resume from step 7, off the
+        # schedule, would not know to repeat a validation lost with the run
+        assert not results.evaluations
+        assert validation_logged(tmp_path, 7, rows=len(eval_shots(cfg)) * len(eval_steps(cfg)))
+        assert read_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 7  # and the only one
     finally:
         supervisor.close()
         supervisor.kill_all()
         results.monitor.close()
-    assert read_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 7  # validated, and the only one
 
 
 def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
