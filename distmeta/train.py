@@ -185,11 +185,13 @@ def _train(
         train_s, results, stopped = _run_steps(cfg, run_dir, supervisor, store)
         state = supervisor.checkpoint_state()
         done, final_params = state["step"], state["params"].numpy()
-        results.logged_before_checkpoint(done + 1)  # the last step's validation too: training is over
-        checkpoint = store.write(step_name(done), state)
-        store.prune(t.checkpoint_keep)
-        if done == t.steps:  # a stop in the last logging window still finished training
-            checkpoint = store.write(FINAL_NAME, state)
+        try:
+            results.logged_before_checkpoint(done + 1)  # the last step's validation too: training is over
+        finally:  # a failed validation or events write still leaves the last step's checkpoint
+            checkpoint = store.write(step_name(done), state)
+            store.prune(t.checkpoint_keep)
+            if done == t.steps:  # a stop in the last logging window still finished training
+                checkpoint = store.write(FINAL_NAME, state)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
         raise ActorLost(f"training stopped: {explain(err)}") from err  # a constructor's error, whole
     finally:  # also on failure or Ctrl-C: free the workers' resources for whatever runs next

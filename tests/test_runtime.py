@@ -227,6 +227,26 @@ def test_steps_applied_before_a_fault_dropped_their_results_still_get_their_chec
         results.monitor.close()
 
 
+def test_a_failure_while_logging_the_last_steps_still_leaves_their_checkpoint(ray_local, tmp_path, monkeypatch):
+    """The events of the last steps fail to write (the events folder full, the checkpoints elsewhere)
+    or their validation fails: the run stops with that error, its last step checkpointed."""
+    from distmeta.runtime.monitor import EventWriteError
+    from distmeta.train import StepResults
+
+    logged_before_checkpoint = StepResults.logged_before_checkpoint
+
+    def fails_at_the_end(self, step):
+        if step == 6 + 1:  # after the last step, its validation included
+            raise EventWriteError("the events folder is full")
+        logged_before_checkpoint(self, step)
+
+    cfg = small("train.steps=6", "train.checkpoint_every=4")
+    monkeypatch.setattr(StepResults, "logged_before_checkpoint", fails_at_the_end)
+    with pytest.raises(EventWriteError, match="the events folder is full"):
+        train(cfg, tmp_path / "run")
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")["step"] == 6
+
+
 def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"1 GPUs, but the Ray cluster has 0 .*CPU=4"):
         train(small("cluster.gpus_per_worker=1"), tmp_path / "run")

@@ -210,11 +210,13 @@ def _train(
         first_step, train_started = state.step, time.time()
         stopped, state = _run_steps(cfg, actors, monitor, store, best, state, run_dir)
         train_s = time.time() - train_started
-        monitor.writer.flush()
-        checkpoint = store.write(step_name(state.step), checkpoint_of(cfg, state))
-        store.prune(t.checkpoint_keep)
-        if state.step == t.steps:  # a stop in the last logging window still finished training
-            checkpoint = store.write(FINAL_NAME, checkpoint_of(cfg, state))
+        try:
+            monitor.writer.flush()
+        finally:  # a failed events write still leaves the last step's checkpoint
+            checkpoint = store.write(step_name(state.step), checkpoint_of(cfg, state))
+            store.prune(t.checkpoint_keep)
+            if state.step == t.steps:  # a stop in the last logging window still finished training
+                checkpoint = store.write(FINAL_NAME, checkpoint_of(cfg, state))
         if stopped:
             monitor.close()
             raise RunInterrupted(stopped, state.step, checkpoint, run_dir, finished=state.step == t.steps)
