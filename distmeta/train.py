@@ -64,7 +64,7 @@ from distmeta.runtime.cluster import (
 )
 from distmeta.runtime.control import Schedule, StepControl, StepMetrics
 from distmeta.runtime.meta_optimizer import checkpoint_state
-from distmeta.runtime.monitor import Monitor, validation_logged
+from distmeta.runtime.monitor import Monitor, validation_missing_on_resume
 from distmeta.runtime.supervisor import ActorLost, Supervisor, explain
 from distmeta.runtime.task_generator import split_evenly
 from distmeta.runtime.watchdog import StepClock, StopOnSignal
@@ -242,12 +242,7 @@ def _run_steps(cfg: Config, run_dir: Path, supervisor: Supervisor, store: Checkp
     in_a_row = rejected_in_a_row(status.rejected_steps, start_step)
     results = StepResults(cfg, monitor, store, BestCheckpoint(cfg, store), in_a_row)
     rows_per_validation = len(eval_shots(cfg)) * len(eval_steps(cfg))
-    if (
-        start_step
-        and Schedule.of(t).publishes(start_step)
-        and not validation_logged(run_dir, start_step, rows_per_validation)
-    ):
-        print(f"validating step {start_step} again: the earlier part ended before it was on disk", flush=True)
+    if validation_missing_on_resume(run_dir, Schedule.of(t), start_step, rows_per_validation):
         results.validate(start_step, supervisor.checkpoint_state()["params"].numpy())
     started = time.time()
     with StopOnSignal() as stop:

@@ -48,7 +48,7 @@ from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import connect, describe_layout, plan_layout
 from distmeta.runtime.control import Schedule
-from distmeta.runtime.monitor import validation_logged
+from distmeta.runtime.monitor import validation_missing_on_resume
 from distmeta.runtime.supervisor import (
     MAX_RETRIES_OF_ONE_STEP,
     ActorFailed,
@@ -279,14 +279,7 @@ def _run_steps(cfg: Config, actors: Actors, monitor: MetaRLMonitor, store, best,
         best.offer(state.step, state.theta, rows)
         monitor.log_eval(state.step, "val", rows)
 
-    rows_per_validation = len(eval_episodes(cfg)) * len(eval_steps(cfg))
-    if (
-        state.step
-        and schedule.publishes(state.step)
-        and not validation_logged(run_dir, state.step, rows_per_validation)
-    ):
-        # its checkpoint was written after a validation that failed, or was cut short by a kill
-        print(f"validating step {state.step} again: the earlier part ended before it was on disk", flush=True)
+    if validation_missing_on_resume(run_dir, schedule, state.step, len(eval_episodes(cfg)) * len(eval_steps(cfg))):
         validate()
 
     with StopOnSignal() as stop:

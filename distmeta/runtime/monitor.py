@@ -238,6 +238,15 @@ def validation_logged(run_dir: Path, step: int, rows: int) -> bool:
     return sum(any(event.step == step for event in events.Scalars(tag)) for tag in tags) >= 4 * rows
 
 
+def validation_missing_on_resume(run_dir: Path, schedule: Schedule, step: int, rows: int) -> bool:
+    """Whether a run resumed at ``step`` must validate it again: a validation step whose validation
+    failed after its checkpoint was written, or was cut short by a kill (says so when it must)."""
+    if not step or not schedule.publishes(step) or validation_logged(run_dir, step, rows):
+        return False
+    print(f"validating step {step} again: the earlier part ended before it was on disk", flush=True)
+    return True
+
+
 def close_with_hparams(writer: CheckedWriter, cfg: Config, final_rows: list, step: int) -> None:
     """Write the hyperparameters with the final evaluation as their metrics, then close ``writer``."""
     flat = _flatten(cfg.to_dict())
