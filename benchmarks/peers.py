@@ -6,12 +6,14 @@ same episodes and the same cores, every figure a ratio to that plain loop.
                   optimizer, torch on all cores. It stands in for learn2learn, higher and the
                   torch.func MAML example, which are within 10% of each other on this math.
   higher          the same loop through ``higher.innerloop_ctx``, where ``higher`` is installed.
-  core loop/vmap/batched  distmeta's Worker + ParameterServer in this process, no Ray, torch on
-                  all cores, scoring before adaptation on logging steps only, as training does
-                  (batched: the MLP only, its linear layers as batched matrix products).
+  core loop/vmap/batched/threads  distmeta's Worker + ParameterServer in this process, no Ray,
+                  torch on all cores, scoring before adaptation on logging steps only, as training
+                  does (batched: the MLP only, its linear layers as batched matrix products;
+                  threads: the tasks split over the cores, one torch thread each).
   core ... bf16   the same under ``train.autocast=bf16`` (bfloat16 autocast: not the same math).
-  system          ``train()``: Ray, the layout ``auto`` picks, TensorBoard; its steady-state rate
-                  (and with ``--bf16`` once more under ``train.autocast=bf16``).
+  system          ``train()``: Ray, the layout ``auto`` picks (or ``--system-overrides``),
+                  TensorBoard; its steady-state rate (and with ``--bf16`` once more under
+                  ``train.autocast=bf16``).
 
 The in-process rows run interleaved, step by step, so a drift of the machine's speed hits all
 alike. Before timing, each case checks that the plain loop and distmeta's core compute the same
@@ -328,10 +330,11 @@ def run_case(name: str, case: Case, args) -> dict:
         # The system runs apart from the interleaved rows, so it is compared with the plain loop
         # timed just before and just after it: this VM's speed drifts by 10-20% within minutes.
         before = time_plain(rows["plain loop"], tensors, size)
-        gpu = GPU_SYSTEM if device.type == "cuda" else []
-        rates["system"], layout = system(case_config(case, args, *gpu), steps, args.logdir)
+        chosen = [*(GPU_SYSTEM if device.type == "cuda" else []), *args.system_overrides]
+        rates["system"], layout = system(case_config(case, args, *chosen), steps, args.logdir)
         if args.bf16:
-            rates["system bf16"], _ = system(case_config(case, args, *gpu, "train.autocast=bf16"), steps, args.logdir)
+            bf16_system = case_config(case, args, *chosen, "train.autocast=bf16")
+            rates["system bf16"], _ = system(bf16_system, steps, args.logdir)
         plain_around = (before + time_plain(rows["plain loop"], tensors, size)) / 2
     plain = rates["plain loop"]
     print(f"\n{name} ({case.config} {' '.join(case.overrides)}; meta-batch {size}, {steps} steps)", flush=True)
@@ -374,11 +377,17 @@ def main() -> None:
     parser.add_argument("--case", action="append", choices=list(CASES), help="default: all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--implementations", nargs="+", default=["loop", "vmap", "batched"], help="each where the case's model has it"
+        "--implementations",
+        nargs="+",
+        default=["loop", "vmap", "batched", "threads"],
+        help="each where the case's model and device have it",
     )
     parser.add_argument("--bf16", action="store_true", help="also distmeta's core under train.autocast=bf16")
     parser.add_argument("--synthetic", action="store_true", help="Omniglot-shaped synthetic images, no shards")
     parser.add_argument("--no-system", dest="system", action="store_false", help="in-process rows only (no Ray)")
+    parser.add_argument(
+        "--system-overrides", nargs="*", default=[], help="config overrides for the system rows (a layout to compare)"
+    )
     parser.add_argument("--logdir", default="runs/benchmarks")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

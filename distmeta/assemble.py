@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from distmeta.algorithms import ALGORITHMS
-from distmeta.config import AlgorithmConfig, Config, ConfigError, registered
+from distmeta.config import AUTO, AlgorithmConfig, Config, ConfigError, registered
 from distmeta.models import MODELS
 from distmeta.rl.envs import ENVIRONMENTS
 from distmeta.rl.setup import META_RL_ALGORITHMS, check_meta_rl, is_meta_rl
@@ -48,6 +48,11 @@ def check_run(cfg: Config) -> Config:
         raise ConfigError(
             f"algorithm.implementation=batched runs linear layers as batched matrix products; "
             f"{cfg.model.name}'s convolutions have none (vmap runs them): use auto, vmap or loop"
+        )
+    if cfg.algorithm.implementation == "threads" and cfg.cluster.gpus_per_worker not in (0, AUTO):
+        raise ConfigError(
+            "algorithm.implementation=threads splits a worker's tasks over CPU cores; with "
+            f"cluster.gpus_per_worker={cfg.cluster.gpus_per_worker:g} use auto, vmap or loop"
         )
     if cfg.eval.ways and kind == "regression":
         raise ConfigError(f"eval.ways applies to classification; task.source={cfg.task.source} is regression")

@@ -112,8 +112,9 @@ class AlgorithmConfig:
     # examples per inner step, cycling through the support set (one shot of every class before the
     # next, as Reptile's mini-batches); 0: the whole support set every step
     inner_batch_size: int = bounded(0, at_least=0)
-    # auto: the fastest of those the model has, measured per device; batched: linear layers only (mlp)
-    implementation: Literal["auto", "vmap", "loop", "batched"] = "auto"
+    # auto: the fastest of those the model has, measured per device; batched: linear layers only (mlp);
+    # threads: CPU workers only, the tasks split over the worker's cores
+    implementation: Literal["auto", "vmap", "loop", "batched", "threads"] = "auto"
     fce: bool = False  # matchingnet: full context embeddings (LSTMs over the support set)
     fce_steps: int = bounded(5, at_least=1)  # matchingnet with fce: the attention LSTM's processing steps
     # baseline, at test only (so `distmeta evaluate` may change them): what its steps train (a new head,

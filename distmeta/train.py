@@ -349,6 +349,7 @@ class StepResults:
             # one they write): a resumed run computes as this one did, where timing again could pick
             # another implementation, which rounds differently
             self.cfg.algorithm.implementation = metrics.implementation
+            print(f"implementation (auto, timed at the first step): {metrics.implementation}", flush=True)
         try:
             self.monitor.record(metrics)
             if metrics.state is not None:

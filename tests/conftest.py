@@ -13,6 +13,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture
+def two_torch_threads():
+    """At least two torch threads, so the ``threads`` implementation splits its tasks over threads
+    (with one it is the loop) on any machine; the count before restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the in-process runtime tests (train() reuses it instead of starting its own)."""

@@ -79,6 +79,12 @@ def test_the_batched_implementation_is_for_linear_layers_only():
         checked("task.source=synthetic", "model.name=conv4", "algorithm.implementation=batched")
 
 
+def test_the_threads_implementation_is_for_cpu_workers_only():
+    assert checked("algorithm.implementation=threads").algorithm.implementation == "threads"
+    with pytest.raises(ConfigError, match="threads splits a worker's tasks over CPU cores; with cluster.gpus_per"):
+        checked("algorithm.implementation=threads", "cluster.gpus_per_worker=1", "cluster.cpu_fallback=true")
+
+
 def test_allreduce_mode_refuses_what_needs_a_server_or_a_compiled_graph():
     with pytest.raises(ConfigError, match=r"cannot go with cluster.server_shards=2, cluster.engine=compiled"):
         load_config(None, ["cluster.reduce=allreduce", "cluster.server_shards=2", "cluster.engine=compiled"])

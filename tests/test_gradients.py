@@ -4,18 +4,26 @@ algorithms: plain per-task ``torch.autograd.grad`` loops, central finite differe
 BatchNorm on batch statistics, where vmapped second-order gradients are easy to get wrong; batched,
 for linear layers only, on the MLP)."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from distmeta.algorithms import build_algorithm
+from distmeta.algorithms.maml import MAML
 from distmeta.config import AlgorithmConfig, ModelConfig
 from distmeta.models import DataSpec, build_model
 
 TOL = 1e-10  # relative; float64 agreement is ~1e-13
-# batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it)
-KIND_IMPLEMENTATIONS = [("mlp", "vmap"), ("mlp", "loop"), ("mlp", "batched"), ("conv4", "vmap"), ("conv4", "loop")]
+# batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it); threads
+# splits a chunk's tasks over torch threads (with one it is the loop): two at least, in every test here
+KIND_IMPLEMENTATIONS = [
+    *[("mlp", i) for i in ("vmap", "loop", "batched", "threads")],
+    *[("conv4", i) for i in ("vmap", "loop", "threads")],
+]
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def setup(kind: str, num_tasks: int = 3, seed: int = 0):
@@ -128,10 +136,59 @@ def test_every_implementation_and_plain_autograd_agree(kind, name, batch):
     assert ("batched" in algorithm.implementations()) == (kind == "mlp")
 
 
+class ThreadRecordingMAML(MAML):
+    """MAML that notes which thread computed how many tasks (a real learner, its math untouched)."""
+
+    def chunk_update(self, theta, tasks, score_before=True):
+        self.seen.append((threading.current_thread().name, len(tasks.support_x)))
+        return super().chunk_update(theta, tasks, score_before)
+
+
+def test_threads_computes_uneven_shares_of_the_tasks_on_threads_of_their_own():
+    """Five tasks on three torch threads: shares of 1, 2 and 2 tasks, each on a thread of its own with
+    a copy of the algorithm, summed to the plain per-task reference; the caller's thread count
+    back after it."""
+    model, theta, tasks, loss_fn, task_kind = setup("conv4", num_tasks=5)
+    algorithm = ThreadRecordingMAML(AlgorithmConfig(name="maml", inner_lr=0.1, inner_steps=2), model, task_kind)
+    algorithm.seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        update, metrics = algorithm.batch_update(theta, tasks, "threads")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    reference = reference_meta_gradient(model, theta, tasks, loss_fn, 2, 0.1, first_order=False)
+    assert rel(update, reference) < TOL
+    assert metrics == pytest.approx(algorithm.batch_update(theta, tasks, "loop")[1], rel=TOL)
+    assert algorithm.seen[-5:] == [(threading.current_thread().name, 1)] * 5  # the loop, just now, here
+    replicas = algorithm.task_threads.replicas
+    assert len(replicas) == 3 and all(r.model is not model for r in replicas)
+    shares = [replica.seen for replica in replicas]  # each copy's list: deepcopy gave each its own
+    assert [len(share) for share in shares] == [1, 2, 2]
+    names = {name for share in shares for name, tasks_in_call in share}
+    assert len(names) == 3 and all(name.startswith("distmeta-tasks") for name in names)
+
+
+def test_threads_runs_each_share_under_the_callers_autocast():
+    """Autocast is per thread: the shares must run under the caller's, else a bf16 run computes its
+    tasks in float32 on the threads (the update would equal float32's)."""
+    model, theta, tasks, _, task_kind = setup("conv4", num_tasks=4)
+    model, theta = model.float(), {n: p.float() for n, p in theta.items()}
+    tasks = tuple(t.float() if t.is_floating_point() else t for t in tasks)
+    algorithm = build_algorithm(AlgorithmConfig(name="maml", inner_lr=0.1, inner_steps=1), model, task_kind)
+    full = algorithm.batch_update(theta, tasks, "threads")[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = algorithm.batch_update(theta, tasks, "threads")[0]
+        low_loop = algorithm.batch_update(theta, tasks, "loop")[0]
+    assert rel(low, full) > 1e-4  # bf16 was used on the threads
+    assert rel(low, low_loop) < 2e-2  # and is the loop's bf16 math
+
+
 def test_batched_is_refused_where_it_would_be_vmap_under_another_name():
     model, theta, tasks, _, task_kind = setup("conv4")
     algorithm = build_algorithm(AlgorithmConfig(name="maml"), model, task_kind)
-    assert algorithm.implementations() == ("vmap", "loop")
+    assert algorithm.implementations() == ("vmap", "loop", "threads")
     with pytest.raises(ValueError, match="got 'batched'"):
         algorithm.batch_update(theta, tasks, "batched")
 
@@ -165,7 +222,7 @@ def test_reptile_sgd_delta_by_hand(kind, implementation):
     assert rel(update, expected) < TOL
 
 
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("implementation", ["vmap", "loop", "threads"])
 @pytest.mark.parametrize("batch", [0, 4])  # Reptile's own setting: Adam on mini-batches of the support set
 def test_reptile_adam_matches_torch_adam_with_beta1_zero(implementation, batch):
     model, theta, tasks, loss_fn, task_kind = setup("conv4")
@@ -219,7 +276,7 @@ def test_maml_metrics_are_query_losses_before_and_after_adaptation():
 
 
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile", "anil", "metasgd"])
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("implementation", ["vmap", "loop", "threads"])
 def test_without_the_score_before_adaptation_the_update_is_the_same(name, implementation):
     """Training scores the query set before adaptation on logging steps only: leaving that forward
     pass out must not change the update, only drop the ``*_before`` metrics."""

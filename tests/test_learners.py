@@ -16,8 +16,13 @@ from distmeta.config import AlgorithmConfig, ModelConfig
 from distmeta.models import DataSpec, build_model
 
 WAYS, SHOTS, QUERIES = 3, 2, 3
-# batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it)
-MODEL_IMPLEMENTATIONS = [("mlp", "vmap"), ("mlp", "loop"), ("mlp", "batched"), ("conv4", "vmap"), ("conv4", "loop")]
+# batched runs linear layers as batched matrix products: the MLP only (conv4 rejects it); threads
+# splits a chunk's tasks over torch threads (with one it is the loop): two at least, in every test here
+MODEL_IMPLEMENTATIONS = [
+    *[("mlp", i) for i in ("vmap", "loop", "batched", "threads")],
+    *[("conv4", i) for i in ("vmap", "loop", "threads")],
+]
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def setup(model_name="conv4", num_tasks=3, head=True, seed=0):
@@ -200,7 +205,7 @@ def protonet_reference(model, theta, tasks, ways=WAYS):
     return total_loss, total_accuracy
 
 
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("implementation", ["vmap", "loop", "threads"])
 def test_protonet_loss_and_gradient_match_a_hand_loop(implementation):
     model, tasks, _, kind = setup(head=False)
     theta = named(model)
@@ -270,7 +275,7 @@ def matchingnet_reference(model, theta, tasks, fce_steps):
 
 
 @pytest.mark.parametrize("fce", [False, True])
-@pytest.mark.parametrize("implementation", ["vmap", "loop"])
+@pytest.mark.parametrize("implementation", ["vmap", "loop", "threads"])
 def test_matchingnet_loss_and_gradient_match_a_hand_loop(fce, implementation):
     model, tasks, _, kind = setup(head=False)
     algorithm = build_algorithm(AlgorithmConfig(name="matchingnet", fce=fce, fce_steps=3), model, kind)

@@ -217,7 +217,8 @@ def test_auto_implementation_is_the_measured_faster_one_and_stays_chosen():
     chosen, timings = fastest_implementation(
         worker.algorithm, worker._params(flat), tasks.to_torch(worker.device, torch.float32)
     )
-    assert set(timings) == {"vmap", "loop", "batched"} and chosen == min(timings, key=timings.get)
+    assert set(timings) == set(worker.algorithm.implementations()) >= {"vmap", "loop", "batched"}
+    assert chosen == min(timings, key=timings.get)
     assert worker.implementation == "auto"
     first = worker.compute(StepControl(0), tasks, flat)
     assert worker.implementation in timings and first.implementation == worker.implementation

@@ -245,7 +245,7 @@ def test_checkpoints_record_the_implementation_auto_chose(ray_local, tmp_path):
     assert cfg.algorithm.implementation == "auto"  # the run's copy records the choice, not the caller's config
     for name in (step_name(2), "final.pt"):
         chosen = read_checkpoint(tmp_path / "a" / "checkpoints" / name)["config"]["algorithm"]["implementation"]
-        assert chosen in ("vmap", "loop", "batched")
+        assert chosen in ("vmap", "loop", "batched", "threads")
     cfg, run_dir = prepare_resume(str(tmp_path / "a"), ["train.steps=6"], {})
     release(run_dir)
     assert cfg.algorithm.implementation == chosen  # resumed: computes as the run did

@@ -68,21 +68,24 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
     expected, _ = in_process(cfg)
     assert not np.allclose(expected, initial_parameters(cfg, build_source(cfg.task)))
     layouts = [
-        (1, "compiled", "vmap", 1, 1, "server", 1),
-        (2, "compiled", "vmap", 1, 1, "server", 1),
-        (3, "compiled", "loop", 2, 2, "server", 1),  # the parameters split across 2 server shards
-        (3, "tasks", "vmap", 2, 3, "server", 1),
+        # one worker on 2 CPUs splitting its 7 tasks over 2 threads (shares of 3 and 4), inside a Ray
+        # actor whose steps run on a compiled-graph thread of Ray's
+        (1, 2, "compiled", "threads", 1, 1, "server", 1),
+        (2, 1, "compiled", "vmap", 1, 1, "server", 1),
+        (3, 1, "compiled", "loop", 2, 2, "server", 1),  # the parameters split across 2 server shards
+        (3, 1, "tasks", "vmap", 2, 3, "server", 1),
         # no server: the workers sum over gloo, each steps a copy, three steps a call (calls of 3
         # and 1 steps, as calls end at logging steps; one step a call: test_faults.py)
-        (3, "auto", "vmap", 1, 1, "allreduce", 3),
+        (3, 1, "auto", "vmap", 1, 1, "allreduce", 3),
     ]
     if algorithm != "maml":  # what is the algorithm's own in a layout: its parameters sharded, or all-reduced
         layouts = [layouts[2], layouts[4]]
-    for workers, engine, implementation, generators, shards, reduce, steps_per_call in layouts:
-        layout = f"{workers} workers, {engine}, {shards} shards, reduce={reduce}, {steps_per_call} steps a call"
+    for workers, cpus, engine, implementation, generators, shards, reduce, steps_per_call in layouts:
+        layout = f"{workers} workers x {cpus} CPUs, {engine}, {implementation}, {shards} shards, reduce={reduce}"
         cfg = small(
             *ALGORITHMS[algorithm],
             f"cluster.num_workers={workers}",
+            f"cluster.cpus_per_worker={cpus}",
             f"cluster.engine={engine}",
             f"algorithm.implementation={implementation}",
             f"cluster.num_task_generators={generators}",
@@ -90,7 +93,7 @@ def test_workers_and_engines_give_the_parameters_of_a_plain_loop(ray_local, tmp_
             f"cluster.reduce={reduce}",
             f"cluster.steps_per_call={steps_per_call}",
         )
-        result = train(cfg, tmp_path / f"{workers}-{engine}-{shards}-{reduce}")
+        result = train(cfg, tmp_path / f"{workers}-{engine}-{implementation}-{shards}-{reduce}")
         np.testing.assert_allclose(saved_params(result), expected, rtol=1e-10, atol=1e-12, err_msg=layout)
 
 

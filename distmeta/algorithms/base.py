@@ -10,8 +10,9 @@ on all of them at once with ``torch.func.vmap`` over ``functional_call``, and gr
 ``torch.autograd.grad``: tasks are independent, so the gradient of the SUM of the task losses with
 respect to task t's parameters is task t's own gradient. ``batch_update`` runs the whole batch as
 one chunk (``vmap``), as one chunk through batched matrix products where the model is made of linear
-layers (``batched``, batched.py: an MLP), or task by task without vmap (``loop``); all are exact,
-and ``fastest_implementation`` measures which is quicker on the device at hand.
+layers (``batched``, batched.py: an MLP), task by task without vmap (``loop``), or on a CPU with
+the tasks split over its cores, one thread each (``threads``, threads.py); all are exact, and
+``fastest_implementation`` measures which is quicker on the device at hand.
 
 Gradient-based learners describe their inner loop with ``inner_loop``, an ``InnerLoop``: which
 parameters are adapted, on which inputs, with which step sizes. MAML, first-order MAML and Reptile
@@ -35,11 +36,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from distmeta.algorithms import batched
+from distmeta.algorithms.threads import TaskThreads
 from distmeta.config import AlgorithmConfig, Config, ConfigError
 from distmeta.tasks.batch import TaskTensors
 
 Params = dict[str, Tensor]
-IMPLEMENTATIONS = ("vmap", "loop", "batched")
+IMPLEMENTATIONS = ("vmap", "loop", "batched", "threads")
 
 
 @dataclass
@@ -67,6 +69,12 @@ class MetaAlgorithm:
         self.cfg, self.model, self.kind = cfg, model, kind
         self.model_names = [name for name, _ in model.named_parameters()]
         self.batched_layers = False  # run: batched matrix products instead of vmap (the batched implementation)
+        self.device = next(model.parameters()).device
+        self.task_threads: TaskThreads | None = None  # the threads implementation's, made at its first use
+
+    def __getstate__(self) -> dict:
+        """What a copy takes (``copy.deepcopy``: the threads implementation's own copies): not the threads."""
+        return self.__dict__ | {"task_threads": None}
 
     @classmethod
     def check(cls, cfg: Config, kind: str) -> None:
@@ -195,9 +203,13 @@ class MetaAlgorithm:
     # --- a batch of tasks --------------------------------------------------------------------
 
     def implementations(self) -> tuple[str, ...]:
-        """The implementations that differ for this model: ``batched`` only where its body is made
-        of linear layers (elsewhere it would be vmap under another name)."""
-        return IMPLEMENTATIONS if batched.supports(self.model.features) else ("vmap", "loop")
+        """The implementations that differ for this model here: ``batched`` only where its body is
+        made of linear layers (elsewhere it would be vmap under another name), ``threads`` only on
+        a CPU with more than one torch thread (with one it is the loop)."""
+        names = ["vmap", "loop"]
+        names += ["batched"] if batched.supports(self.model.features) else []
+        names += ["threads"] if self.device.type == "cpu" and torch.get_num_threads() > 1 else []
+        return tuple(names)
 
     def batch_update(
         self, params: Params, tasks: TaskTensors, implementation: str, score_before: bool = True
@@ -212,11 +224,16 @@ class MetaAlgorithm:
         self, params: Params, tasks: TaskTensors, implementation: str, score_before: bool = True
     ) -> tuple[Params, dict[str, Tensor]]:
         """``batch_update`` with the metric sums left on the device, as 0-dim tensors (no sync)."""
-        if implementation not in self.implementations():
-            raise ValueError(f"implementation must be one of {self.implementations()} here, got {implementation!r}")
-        theta = {n: p.detach().requires_grad_() for n, p in params.items()}
+        runnable = self.implementations()
+        if self.device.type == "cpu" and "threads" not in runnable:
+            runnable += ("threads",)  # on one torch thread: the loop
+        if implementation not in runnable:
+            raise ValueError(f"implementation must be one of {runnable} here, got {implementation!r}")
         tasks = TaskTensors(*tasks)
-        one_chunk = implementation != "loop"
+        if implementation == "threads" and torch.get_num_threads() > 1 and len(tasks.support_x) > 1:
+            return self._task_threads(torch.get_num_threads()).batch_sums(params, tasks, score_before)
+        theta = {n: p.detach().requires_grad_() for n, p in params.items()}
+        one_chunk = implementation not in ("loop", "threads")  # threads on one thread or task: the loop
         chunks = [tasks] if one_chunk else [tasks.task(i) for i in range(len(tasks.support_x))]
         update_sum: Params = {}
         metric_sums: dict[str, Tensor] = {}
@@ -227,6 +244,15 @@ class MetaAlgorithm:
                     for name, value in new.items():
                         sums[name] = sums[name] + value if name in sums else value
         return update_sum, metric_sums
+
+    def _task_threads(self, count: int) -> TaskThreads:
+        """The threads implementation's ``count`` threads, made at its first use (or anew when the
+        process's torch thread count changed)."""
+        if self.task_threads is None or self.task_threads.count != count:
+            if self.task_threads is not None:
+                self.task_threads.pool.shutdown(wait=False)
+            self.task_threads = TaskThreads(self, count)
+        return self.task_threads
 
     @contextlib.contextmanager
     def _batched_layers(self, on: bool):
@@ -280,16 +306,20 @@ def fastest_implementation(
     algorithm: MetaAlgorithm, params: Params, tasks: TaskTensors, repeats: int = 2, implementations=None
 ) -> tuple[str, dict]:
     """Time ``implementations`` (default: all that differ for the algorithm's model) on this batch and
-    device; return the fastest and the timings (s)."""
-    timings = {}
-    for implementation in implementations or algorithm.implementations():
+    device; return the fastest and the timings (s): each one's quickest of ``repeats`` runs, the
+    runs interleaved (forward, then backward order), so a drift or a burst of other work on the
+    machine (the other workers timing at the same moment) does not fall on one implementation alone."""
+    names = list(implementations or algorithm.implementations())
+    for implementation in names:
         algorithm.batch_update(params, tasks, implementation)  # warm-up: allocator, kernels, caches
-        _synchronize(tasks.support_x.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
+    timings = dict.fromkeys(names, float("inf"))
+    for run in range(repeats):
+        for implementation in names if run % 2 == 0 else reversed(names):
+            _synchronize(tasks.support_x.device)
+            start = time.perf_counter()
             algorithm.batch_update(params, tasks, implementation)
-        _synchronize(tasks.support_x.device)
-        timings[implementation] = (time.perf_counter() - start) / repeats
+            _synchronize(tasks.support_x.device)
+            timings[implementation] = min(timings[implementation], time.perf_counter() - start)
     return min(timings, key=timings.get), timings
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from distmeta.algorithms import build_learner, fastest_implementation
-from distmeta.config import Config, TrainConfig
+from distmeta.config import Config, ConfigError, TrainConfig
 from distmeta.models import DataSpec
 from distmeta.params import DTYPES, ParamLayout, shard_bounds
 from distmeta.runtime.allreduce import GroupMember
@@ -180,6 +180,11 @@ class Worker(GroupMember):
         self.cfg, self.rank = cfg, rank
         c = cfg.cluster
         self.device = device or worker_device(c.gpus_per_worker, c.cpus_per_worker, c.cpu_fallback)
+        if cfg.algorithm.implementation == "threads" and self.device.type != "cpu":  # gpus_per_worker=auto found a GPU
+            raise ConfigError(
+                f"algorithm.implementation=threads splits a worker's tasks over CPU cores; this worker "
+                f"computes on {self.device}: use auto, vmap or loop, or cluster.gpus_per_worker=0"
+            )
         if self.device.type == "cpu":
             keep_freed_memory()
         elif self.device.type == "cuda":
