@@ -534,13 +534,14 @@ def _start_tensorboard(logdir: str) -> str:
 
 def _guard(run) -> int:
     from distmeta.data.shards import ShardError
+    from distmeta.run import EvaluationFailed
     from distmeta.runtime.cluster import ClusterError
     from distmeta.runtime.supervisor import ActorLost
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run()
-    except (ConfigError, ClusterError, ShardError, ActorLost, FloatingPointError) as err:
+    except (ConfigError, ClusterError, ShardError, ActorLost, FloatingPointError, EvaluationFailed) as err:
         return _fail(str(err))
 
 

@@ -161,7 +161,8 @@ class ClusterConfig:
     # since it (re)started
     actor_restarts: int = bounded(-1, at_least=-1)
     rejoin_timeout_s: float = bounded(60.0, above=0)  # after a fault, how long to wait for a worker before re-splitting
-    step_timeout_s: float = bounded(600.0, above=0)  # the longest any step may take
+    # the longest a step may take; also how long a checkpoint waits for an earlier validation
+    step_timeout_s: float = bounded(600.0, above=0)
     # a step slower than this many times the recent mean step time is a straggler's: the late workers
     # are restarted and the step re-run without them (0: only step_timeout_s)
     straggler_factor: float = 10.0

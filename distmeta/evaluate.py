@@ -298,9 +298,12 @@ def submit_evaluation(cfg: Config, params, split: str, num_tasks: int | None = N
     return [(group, remote.remote(cfg, params_ref, split, group, device)) for group in groups]
 
 
-def collect_evaluation(cfg: Config, pending: list, progress: TextIO | None = None) -> list[EvalRow]:
+def collect_evaluation(
+    cfg: Config, pending: list, progress: TextIO | None = None, timeout_s: float | None = None
+) -> list[EvalRow]:
     """The rows of the evaluation ``submit_evaluation`` started (waiting for it); with ``progress``,
-    a progress line there as its chunks finish (``report_progress``)."""
+    a progress line there as its chunks finish (``report_progress``). Past ``timeout_s`` the chunks
+    still running are cancelled and ``GetTimeoutError`` raised."""
     import ray
 
     refs = [ref for _, ref in pending]
@@ -311,7 +314,14 @@ def collect_evaluation(cfg: Config, pending: list, progress: TextIO | None = Non
         done += sum(chunk.num_tasks for group, ref in pending if ref in finished for chunk in group)
         report_progress(progress, done, total, started)
     chunks = [chunk for group, _ in pending for chunk in group]
-    results = [r for part in ray.get(refs) for r in part]
+    try:
+        results = [r for part in ray.get(refs, timeout=timeout_s) for r in part]
+    except ray.exceptions.GetTimeoutError:
+        for ref in refs:  # a finished one is left as it is
+            ray.cancel(ref, force=True)
+        raise ray.exceptions.GetTimeoutError(
+            f"the evaluation did not finish within {timeout_s:g} s; its tasks were cancelled"
+        ) from None
     return summarize(cfg, group_by_shots(chunks, results))
 
 

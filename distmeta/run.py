@@ -1,5 +1,5 @@
 """What a training run is, supervised or meta-RL alike: its name, its outputs checked before it
-starts, its result, and the exception that says a signal stopped it."""
+starts, its result, and the exceptions that say a signal or a failing evaluation stopped it."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ class RunInterrupted(Exception):
         if self.finished:
             return f"test with: distmeta evaluate --checkpoint {self.checkpoint}"
         return f"resume with: python launch.py --resume {self.run_dir}"
+
+
+class EvaluationFailed(RuntimeError):
+    """Validation failed ``StepResults.MAX_FAILED_VALIDATIONS`` times in a row, or the test evaluation
+    failed: training stopped with a checkpoint, which the message names with what to do next."""
 
 
 def run_name(cfg: Config) -> str:

@@ -53,7 +53,14 @@ from distmeta.report import format_rows
 from distmeta.resume import check_same_data
 from distmeta.rl.setup import is_meta_rl
 from distmeta.rl.train import train_meta_rl
-from distmeta.run import RunInterrupted, TrainResult, checked_outputs, rejected_in_a_row, run_name
+from distmeta.run import (
+    EvaluationFailed,
+    RunInterrupted,
+    TrainResult,
+    checked_outputs,
+    rejected_in_a_row,
+    run_name,
+)
 from distmeta.runfolder import claim, release
 from distmeta.runtime.cluster import (
     SPLIT_ABOVE_S,
@@ -201,12 +208,25 @@ def _train(
     if stopped:
         monitor.close()
         raise RunInterrupted(stopped, done, checkpoint, run_dir, finished=done == t.steps)
+    if results.failure and done < t.steps:  # finished: the test evaluation still runs
+        monitor.close()
+        raise EvaluationFailed(
+            f"training stopped at step {done}: {results.failure}. Checkpoint {checkpoint}; once the validation "
+            f"can run, resume with: python launch.py --resume {run_dir}"
+        )
     if best.row:
         print(f"best validation {best.row.tag} {best.row.mean:.4f} at step {best.step}: {best.location}", flush=True)
     print(f"checkpoint {checkpoint}; evaluating on {cfg.eval.num_tasks} held-out tasks", flush=True)
     print(protocol(cfg, "test", cfg.eval.num_tasks), flush=True)
     pending = submit_evaluation(placed, final_params, "test", final=True)
-    rows = collect_evaluation(cfg, pending, progress=sys.stdout)  # the run's log, beside the training progress line
+    try:
+        rows = collect_evaluation(cfg, pending, progress=sys.stdout)  # the run's log, beside the training progress line
+    except ray.exceptions.RayError as err:
+        monitor.close()
+        raise EvaluationFailed(
+            f"training finished, but its test evaluation failed: {explain(err)}. The trained parameters are in "
+            f"{checkpoint}: test them with distmeta evaluate --checkpoint {checkpoint}"
+        ) from err
     monitor.log_eval(t.steps, "test", rows)
     print(format_rows(rows), flush=True)
     monitor.close(rows)
@@ -266,7 +286,7 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
                 next_step = supervisor.start()
                 clock.restart()
             # a stop lands on a logging boundary, so the resumed run's TensorBoard windows are whole
-            stopping = stop.requested() and schedule.logs(next_step)
+            stopping = (stop.requested() or results.failure) and schedule.logs(next_step)
             while next_step < t.steps and len(in_flight) <= c.max_inflight_steps and not stopping:
                 chosen = results.cfg.algorithm.implementation  # auto's choice, once the first step made it
                 controls = schedule.controls(
@@ -274,7 +294,7 @@ def _sync_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop: 
                 )
                 in_flight.append(InFlightCall(controls, supervisor.engine.submit(controls)))
                 next_step += len(controls)
-                stopping = stop.requested() and schedule.logs(next_step)
+                stopping = (stop.requested() or results.failure) and schedule.logs(next_step)
             if not in_flight:
                 return
             controls, handle = in_flight[0]
@@ -307,7 +327,7 @@ def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop:
     """Push each worker's update as it comes (runtime/engine.py's AsyncEngine) until the parameters
     reach version ``train.steps``. No straggler timeout: a slow worker holds back no one."""
     t, schedule = cfg.train, Schedule.of(cfg.train)
-    while step < t.steps and not (stop.requested() and schedule.logs(step)):
+    while step < t.steps and not ((stop.requested() or results.failure) and schedule.logs(step)):
         try:
             if supervisor.rejoin_ready():  # the updates in the making are dropped: async loses nothing else
                 supervisor.close()
@@ -324,7 +344,10 @@ def _async_loop(cfg: Config, supervisor: Supervisor, results: StepResults, stop:
 class StepResults:
     """What the driver does with each step's metrics: log them, write the checkpoint the servers
     sent, report non-finite updates (and stop after too many in a row), and validate published
-    parameters in the background."""
+    parameters in the background (a validation that fails is reported and skipped; too many in a
+    row set ``failure``, and the loop stops at the next logging step, with a checkpoint)."""
+
+    MAX_FAILED_VALIDATIONS = 3  # in a row
 
     def __init__(
         self, cfg: Config, monitor: Monitor, store: CheckpointStore, best: BestCheckpoint, rejected_in_a_row: int = 0
@@ -333,6 +356,8 @@ class StepResults:
         self.evaluations: deque[PendingValidation] = deque()
         self.evaluated: set[int] = set()
         self.rejected_in_a_row = rejected_in_a_row
+        self.failed_validations: list[int] = []  # the steps of the latest failed validations, in a row
+        self.failure = ""  # why training must stop, once validation failed too often
 
     def handle_all(self, steps: list[StepMetrics]) -> None:
         """The metrics of one call's steps, in order. All are owned (``_owned``) before any is
@@ -386,16 +411,36 @@ class StepResults:
 
     def collect_evaluations(self, waiting_before: int = 0) -> None:
         """Log the validations that have finished, in order, and wait for those of the steps before
-        ``waiting_before``."""
+        ``waiting_before``, each up to ``cluster.step_timeout_s`` (a validation stuck on a read
+        must not hold training up for ever: it is cancelled and counts as failed)."""
         while self.evaluations and (
             self.evaluations[0].at < waiting_before or evaluation_ready(self.evaluations[0].pending)
         ):
             at, params, pending = self.evaluations.popleft()
-            rows = collect_evaluation(self.cfg, pending)
+            try:
+                rows = collect_evaluation(self.cfg, pending, timeout_s=self.cfg.cluster.step_timeout_s)
+            except ray.exceptions.RayError as err:  # the validation's own (a val shard unreadable, memory)
+                self.validation_failed(at, err)
+                continue
+            if self.failed_validations:  # the count back to 0 on TensorBoard
+                self.failed_validations.clear()
+                self.monitor.log_failed_validation(at, 0)
             # best.pt first: a run killed between the two repeats the validation on resume (the
             # events lack it), where killed the other way round it would resume with best.pt short of it
             self.best.offer(at, params, rows)
             self.monitor.log_eval(at, "val", rows)
+
+    def validation_failed(self, at: int, err: Exception) -> None:
+        """A long run is not lost to one failed validation (a read of remote storage that failed, the
+        validation task killed for memory): it is reported, and best.pt keeps its earlier choice. One
+        that fails every time (a bad val split) stops the run after a few, where it would otherwise
+        train on unmonitored."""
+        self.failed_validations.append(at)
+        print(f"validation after {at} steps failed; training goes on without it: {explain(err)}", flush=True)
+        self.monitor.log_failed_validation(at, len(self.failed_validations))
+        if len(self.failed_validations) >= self.MAX_FAILED_VALIDATIONS and not self.failure:
+            steps = ", ".join(map(str, self.failed_validations))
+            self.failure = f"validation failed after steps {steps}, in a row; the last: {explain(err)}"
 
     def logged_before_checkpoint(self, step: int) -> None:
         """Put on disk what a checkpoint after ``step`` steps follows: a run killed once it is written

@@ -366,6 +366,34 @@ def test_a_resume_whose_checkpoint_step_has_no_validation_on_disk_validates_it_f
     assert read_checkpoint(run_dir / "checkpoints" / "best.pt")["step"] in (2, 4)
 
 
+def test_a_failure_while_logging_the_last_meta_rl_steps_still_leaves_their_checkpoint(ray_local, tmp_path, monkeypatch):
+    """The events of the last steps fail to reach the disk (the events folder full, the checkpoints
+    elsewhere): the run stops with that error, and the last step is checkpointed all the same."""
+    import distmeta.rl.train
+    from distmeta.runtime.monitor import EventWriteError
+
+    run_steps = distmeta.rl.train._run_steps
+
+    def then_the_events_folder_fills(cfg, actors, monitor, *rest):
+        outcome = run_steps(cfg, actors, monitor, *rest)
+
+        def full():
+            raise EventWriteError("the events folder is full")
+
+        monitor.writer.flush = full
+        return outcome
+
+    monkeypatch.setattr(distmeta.rl.train, "_run_steps", then_the_events_folder_fills)
+    with pytest.raises(EventWriteError, match="the events folder is full"):
+        train(small(tmp_path, "run_name=run", "train.steps=3"), tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (
+        read_checkpoint(checkpoints / "final.pt")["step"]
+        == read_checkpoint(checkpoints / "step_00000003.pt")["step"]
+        == 3
+    )
+
+
 def test_an_actor_whose_constructor_raises_stops_the_run_with_its_error(ray_local, tmp_path):
     """Not retried on fewer workers, and not reported as a cluster without room."""
     from distmeta.rl.envs import Navigation2D

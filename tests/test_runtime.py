@@ -2,6 +2,8 @@
 equal to the same math in one process; TensorBoard holds the run; bad updates and impossible
 resource requests stop the run with a clear error."""
 
+import re
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -248,6 +250,108 @@ def test_a_failure_while_logging_the_last_steps_still_leaves_their_checkpoint(ra
     with pytest.raises(EventWriteError, match="the events folder is full"):
         train(cfg, tmp_path / "run")
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")["step"] == 6
+
+
+def test_a_failed_validation_is_skipped_and_a_run_of_them_stops_training(ray_local, tmp_path, capsys):
+    """Each validation here is a real Ray task; the failing ones get a parameter vector too short
+    for the model."""
+    from distmeta.checkpoint import BestCheckpoint
+    from distmeta.runtime.monitor import Monitor
+    from distmeta.train import StepResults
+
+    cfg = small("train.eval_tasks=4")
+    store = CheckpointStore(tmp_path / "checkpoints")
+    results = StepResults(cfg, Monitor(tmp_path, cfg), store, BestCheckpoint(cfg, store))
+    good = initial_parameters(cfg, build_source(cfg.task))
+    try:
+        for at, params in [(4, good[:3]), (8, good), (12, good[:3]), (16, good[:3])]:
+            results.validate(at, params)
+        results.collect_evaluations(waiting_before=17)
+        out = capsys.readouterr().out
+        assert "validation after 4 steps failed; training goes on without it: " in out
+        assert results.failed_validations == [12, 16] and not results.failure  # 8's success reset the count
+        assert read_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 8
+        results.validate(20, good[:3])
+        results.collect_evaluations(waiting_before=21)
+        assert results.failure.startswith("validation failed after steps 12, 16, 20, in a row; the last: ")
+    finally:
+        results.monitor.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    counted = {e.step: e.value for e in events.Scalars("faults/failed_validations_in_a_row")}
+    assert counted == {4: 1, 8: 0, 12: 1, 16: 2, 20: 3}
+
+
+def test_a_validation_stuck_past_the_step_timeout_is_cancelled_and_counts_as_failed(ray_local, tmp_path, capsys):
+    """A checkpoint waits for the validations before it; one stuck (on a read that never returns)
+    must not hold training up for ever."""
+    import time
+
+    import ray
+
+    from distmeta.checkpoint import BestCheckpoint
+    from distmeta.evaluate import evaluation_chunks
+    from distmeta.runtime.monitor import Monitor
+    from distmeta.train import PendingValidation, StepResults
+
+    @ray.remote(num_cpus=0)
+    def stuck():
+        time.sleep(600)
+
+    cfg = small("cluster.step_timeout_s=3")
+    store = CheckpointStore(tmp_path / "checkpoints")
+    results = StepResults(cfg, Monitor(tmp_path, cfg), store, BestCheckpoint(cfg, store))
+    validation = stuck.remote()
+    results.evaluations.append(PendingValidation(4, np.zeros(3), [(evaluation_chunks(cfg, 4), validation)]))
+    began = time.time()
+    try:
+        results.collect_evaluations(waiting_before=5)
+    finally:
+        results.monitor.close()
+    assert time.time() - began < 30 and results.failed_validations == [4] and not results.evaluations
+    assert (
+        "validation after 4 steps failed; training goes on without it: GetTimeoutError: the evaluation did not "
+        "finish within 3 s; its tasks were cancelled" in capsys.readouterr().out
+    )
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+        ray.get(validation, timeout=30)  # cancelled, not left running
+
+
+def test_failing_validations_stop_the_run_at_a_logging_step_with_a_checkpoint(ray_local, tmp_path, monkeypatch):
+    from distmeta.resume import prepare_resume
+    from distmeta.run import EvaluationFailed
+    from distmeta.train import StepResults
+
+    validate = StepResults.validate
+    monkeypatch.setattr(StepResults, "validate", lambda self, at, p: validate(self, at, p[:3] if at >= 4 else p))
+    # a checkpoint waits for the validations before it: the stop comes soon after step 12's, whatever the timing
+    cfg = small("train.steps=40", "train.eval_every=2", "train.eval_tasks=4", "train.checkpoint_every=4")
+    cfg = load_config(None, [f"logdir={tmp_path}", "run_name=run"], base=cfg.to_dict())
+    stop = r"training stopped at step (\d+): validation failed after steps 4, 6, 8, in a row; the last: .*--resume"
+    with pytest.raises(EvaluationFailed, match=stop) as stopped:
+        train(cfg, tmp_path / "run")
+    at = int(re.match(stop, str(stopped.value)).group(1))
+    assert 8 < at <= 24 and at % cfg.train.log_every == 0  # a logging boundary: the resumed run's windows are whole
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{at:08d}.pt")["step"] == at
+    monkeypatch.setattr(StepResults, "validate", validate)  # the validation fixed: the run goes on
+    cfg, run_dir = prepare_resume(str(tmp_path / "run"), [], {})
+    assert read_checkpoint(train(cfg, run_dir, resume=True).checkpoint)["step"] == 40
+
+
+def test_a_failed_test_evaluation_names_the_trained_checkpoint(ray_local, tmp_path, monkeypatch):
+    import distmeta.train
+    from distmeta.run import EvaluationFailed
+
+    submit = distmeta.train.submit_evaluation
+    monkeypatch.setattr(
+        distmeta.train,
+        "submit_evaluation",
+        lambda cfg, p, split, **kw: submit(cfg, p[:3] if split == "test" else p, split, **kw),
+    )
+    final = tmp_path / "run" / "checkpoints" / "final.pt"
+    with pytest.raises(EvaluationFailed, match=f"its test evaluation failed: .*distmeta evaluate --checkpoint {final}"):
+        train(small("train.steps=4"), tmp_path / "run")
+    assert read_checkpoint(final)["step"] == 4
 
 
 def test_resources_the_cluster_lacks_fail_at_once(ray_local, tmp_path):

@@ -217,6 +217,9 @@ class Monitor:
         self.prev_apply_end = None  # the time since the last step includes the recovery: not a step time
         self.recent_steps.clear()
 
+    def log_failed_validation(self, step: int, in_a_row: int) -> None:
+        self.writer.add_scalar("faults/failed_validations_in_a_row", in_a_row, step)
+
     def log_eval(self, step: int, prefix: str, rows: list) -> list:
         """Write evaluation rows as scalars, onto the disk at once (``write_eval_scalars`` flushes);
         returns the rows."""
